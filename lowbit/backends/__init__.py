@@ -1,0 +1,153 @@
+"""Matmul kernels for affine-coded weights, and the choice between them.
+
+Every kernel takes the same canonical weight: unsigned codes [N, K] (uint8), and float32 scale and
+zero point [N, K // G], meaning W = (codes - zero) * scale. `prepare` turns that into the kernel's own
+layout once (at quantize or load time); `run` computes x @ W.T (+ bias) for x [M, K].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import lowbit_cpu
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    n: int  # output features
+    k: int  # input features, already padded to a multiple of group_size
+    bits: int
+    group_size: int  # K for per-channel
+    symmetric: bool
+
+
+class Kernel:
+    name = "?"
+    act_dtype = torch.float32  # activations are cast to this before the kernel runs
+    simulated = False  # True: weights are dequantized to float and a float matmul runs
+
+    def supports(self, spec: LayerSpec) -> bool:
+        raise NotImplementedError
+
+    def prepare(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                spec: LayerSpec) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def run(self, x: torch.Tensor, prep: dict[str, torch.Tensor], spec: LayerSpec,
+            bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _expand(p: torch.Tensor, group_size: int) -> torch.Tensor:
+    # [N, K/G] -> [N, K] without a Python loop; small next to the codes themselves.
+    return p.repeat_interleave(group_size, dim=1)
+
+
+class Dequant(Kernel):
+    """No low-bit kernel: dequantize to float32 on every call, then a float matmul."""
+
+    name = "dequant"
+    simulated = True
+
+    def supports(self, spec: LayerSpec) -> bool:
+        return True
+
+    def prepare(self, codes, scale, zero, spec):
+        return {"codes": codes.contiguous(), "scale": scale.float(), "zero": zero.float()}
+
+    def run(self, x, prep, spec, bias):
+        w = (prep["codes"].float() - _expand(prep["zero"], spec.group_size)) * _expand(prep["scale"], spec.group_size)
+        return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+
+
+class TorchInt8(Kernel):
+    """PyTorch's int8 weight-only matmul (per-channel symmetric); fast only with bf16 activations."""
+
+    name = "torch_int8pack"
+    act_dtype = torch.bfloat16
+
+    def supports(self, spec):
+        # K % 8 != 0 crashes the process inside the op (seen with torch 2.13), so refuse it here.
+        return spec.bits == 8 and spec.symmetric and spec.group_size == spec.k and spec.k % 8 == 0
+
+    def prepare(self, codes, scale, zero, spec):
+        w = (codes.to(torch.int16) - zero.to(torch.int16)).to(torch.int8)
+        return {"w": w.contiguous(), "scale": scale.reshape(-1).to(torch.bfloat16)}
+
+    def run(self, x, prep, spec, bias):
+        y = torch._weight_int8pack_mm(x.to(torch.bfloat16), prep["w"], prep["scale"])
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y.to(x.dtype)
+
+
+class TorchInt4(Kernel):
+    """PyTorch's grouped int4 matmul; takes any codes < 16, so int2/int3 can run on it at 4-bit cost."""
+
+    name = "torch_int4pack"
+    act_dtype = torch.bfloat16
+
+    def supports(self, spec):
+        return (spec.bits <= 4 and spec.group_size in (32, 64, 128, 256) and spec.k % spec.group_size == 0
+                and spec.n % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+
+    def prepare(self, codes, scale, zero, spec):
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+        # The op computes (q - 8) * s + z; ours is (q - zero) * s, so z = (8 - zero) * s.
+        sz = torch.stack([scale.float(), (8.0 - zero.float()) * scale.float()], dim=-1)
+        return {"w": packed, "scales_zeros": sz.transpose(0, 1).contiguous().to(torch.bfloat16)}
+
+    def run(self, x, prep, spec, bias):
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.to(torch.bfloat16).contiguous(), prep["w"], spec.group_size, prep["scales_zeros"])
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y.to(x.dtype)
+
+
+class LowbitCPU(Kernel):
+    """lowbit's own AVX2 kernel (lowbit._C): packed 2/3/4/8-bit weights, float32 activations."""
+
+    name = "lowbit_cpu"
+
+    def supports(self, spec):
+        return lowbit_cpu.available() and lowbit_cpu.supports(spec.n, spec.k, spec.bits, spec.group_size)
+
+    def prepare(self, codes, scale, zero, spec):
+        return lowbit_cpu.prepack(codes.contiguous(), scale.float().contiguous(), zero.float().contiguous(),
+                                  spec.bits, spec.group_size)
+
+    def run(self, x, prep, spec, bias):
+        y = lowbit_cpu.linear(x.float().contiguous(), prep, spec.bits, spec.group_size, spec.n, spec.k,
+                              None if bias is None else bias.float())
+        return y.to(x.dtype)
+
+
+KERNELS: dict[str, Kernel] = {k.name: k for k in (LowbitCPU(), TorchInt4(), TorchInt8(), Dequant())}
+AUTO_ORDER = ("lowbit_cpu", "torch_int4pack", "torch_int8pack", "dequant")
+
+
+def select_kernel(spec: LayerSpec, prefer: str = "auto") -> Kernel:
+    """The kernel for one layer: `prefer` names one, or "auto" takes the first that supports it."""
+    if prefer == "auto":
+        return next(KERNELS[n] for n in AUTO_ORDER if KERNELS[n].supports(spec))
+    if prefer not in KERNELS:
+        raise ValueError(f"unknown kernel {prefer!r}; valid: auto, {', '.join(KERNELS)}")
+    kernel = KERNELS[prefer]
+    if not kernel.supports(spec):
+        raise ValueError(f"kernel {prefer!r} cannot run a layer of {spec}")
+    return kernel
+
+
+def available_kernels() -> dict[str, bool]:
+    """Which kernels this machine and build can run at all."""
+    probe = {
+        "lowbit_cpu": lowbit_cpu.available(),
+        "torch_int4pack": hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"),
+        "torch_int8pack": hasattr(torch, "_weight_int8pack_mm"),
+        "dequant": True,
+    }
+    return probe

@@ -1,0 +1,86 @@
+"""Measure what quantization bought and cost: size, latency against the float model in the same run,
+and output fidelity as cosine similarity to the float model's outputs."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from . import checkpoint, hf
+
+
+def load_any(src: str) -> tuple[nn.Module, object, str]:
+    """A lowbit checkpoint directory, a Hugging Face folder or the `minilm` alias -> (model, tokenizer, label)."""
+    from transformers import AutoTokenizer
+
+    path = Path(src)
+    if (path / checkpoint.MANIFEST).is_file():
+        model = checkpoint.load(path)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return model, tokenizer, checkpoint.read_manifest(path).get("recipe") or path.name
+    model, tokenizer = hf.load_hf_model(hf.resolve_model_path(src))
+    return model, tokenizer, "fp32"
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor the model would save (parameters and persistent buffers)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def sample_batch(tokenizer, batch: int, seq: int) -> dict[str, torch.Tensor]:
+    """Real STS-B sentences, padded or cut to exactly `seq` tokens (a fixed shape to time)."""
+    from .evaluate import load_stsb
+
+    s1, s2, _ = load_stsb("dev")
+    text = [" ".join(s1[i: i + 8] + s2[i: i + 8]) for i in range(0, 8 * batch, 8)]
+    return dict(tokenizer(text, padding="max_length", truncation=True, max_length=seq, return_tensors="pt"))
+
+
+def mean_pool(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(**batch).last_hidden_state.float()
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    return (out * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2, iters: int = 10,
+                     max_seconds: float = 60.0) -> dict[str, float]:
+    """Median seconds per call of each function, measured round-robin so drift hits all alike."""
+    with torch.inference_mode():
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        start = time.perf_counter()
+        for i in range(iters):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+            if i >= 2 and time.perf_counter() - start > max_seconds:
+                break
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def cosine_to(reference: torch.Tensor, other: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(reference.float(), other.float(), dim=-1).mean().item()
+
+
+def compare(models: dict[str, nn.Module], tokenizer, *, batch: int, seq: int = 128, iters: int = 10,
+            reference: str | None = None) -> list[dict]:
+    """Latency, speed-up and cosine of each model against `reference` (the first one by default)."""
+    reference = reference or next(iter(models))
+    inputs = sample_batch(tokenizer, batch, seq)
+    with torch.inference_mode():
+        outs = {name: mean_pool(m, inputs) for name, m in models.items()}
+    times = time_interleaved({name: (lambda m=m: m(**inputs)) for name, m in models.items()}, iters=iters)
+    rows = []
+    for name, m in models.items():
+        rows.append({"model": name, "batch": batch, "seq": seq, "latency_ms": times[name] * 1e3,
+                     "speedup": times[reference] / times[name], "cosine": cosine_to(outs[reference], outs[name]),
+                     "state_mb": state_bytes(m) / 1e6})
+    return rows

@@ -1,0 +1,196 @@
+"""The checkpoint: one safetensors file of tensors plus a JSON manifest that says how to rebuild.
+
+Layout of a checkpoint directory:
+    lowbit.json         manifest: format version, recipe, per-layer spec, model class and config,
+                        sha256 and size of the tensor file
+    model.safetensors   packed codes, scales, zero points, codebooks, and every float tensor left
+    (tokenizer files)   when the model came with a tokenizer
+
+Writes go to a temporary directory beside the target, renamed into place at the end, so a crash never
+leaves a half-written checkpoint. Loading reads JSON and safetensors only: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .modules import QuantEmbedding, QuantLinear
+from .quantize import _set_child
+from .recipes import QuantConfig
+
+FORMAT_VERSION = 1
+MANIFEST = "lowbit.json"
+TENSORS = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded as it is."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _layer_entry(mod: nn.Module) -> dict:
+    if isinstance(mod, QuantLinear):
+        return {"type": "linear", "in_features": mod.in_features, "out_features": mod.out_features,
+                "bias": mod.bias is not None, "config": mod.config.to_dict(), "kernel": mod.kernel_name}
+    return {"type": "embedding", "num_embeddings": mod.num_embeddings, "embedding_dim": mod.embedding_dim,
+            "padding_idx": mod.padding_idx, "config": mod.config.to_dict()}
+
+
+def _model_entry(model: nn.Module) -> dict:
+    entry = {"class": type(model).__name__, "module": type(model).__module__}
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        entry["hf_config"] = config.to_dict()
+        entry["hf_config_class"] = type(config).__name__
+    return entry
+
+
+def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None) -> Path:
+    """Write `model` (quantized by lowbit.quantize, or partly float) to `directory`, atomically."""
+    target = Path(directory)
+    layers = {name: _layer_entry(m) for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
+    tensors = {}
+    seen: dict[int, str] = {}
+    for name, t in model.state_dict().items():
+        t = t.detach()
+        if t.device.type == "meta":
+            raise ValueError(f"tensor {name!r} is on the meta device; nothing to save")
+        key = t.untyped_storage().data_ptr() if t.numel() else -len(tensors) - 1
+        # safetensors refuses shared storage (tied weights): each name gets its own copy.
+        tensors[name] = t.clone().contiguous() if key in seen else t.contiguous()
+        seen[key] = name
+    recipe = getattr(model, "lowbit_recipe", None)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        save_file(tensors, str(tmp / TENSORS), metadata={"format": "lowbit"})
+        manifest = {
+            "format": "lowbit",
+            "format_version": FORMAT_VERSION,
+            "recipe": recipe.name if isinstance(recipe, QuantConfig) else None,
+            "config": recipe.to_dict() if isinstance(recipe, QuantConfig) else None,
+            "model": _model_entry(model),
+            "layers": layers,
+            "tensors": {"file": TENSORS, "bytes": (tmp / TENSORS).stat().st_size, "sha256": _sha256(tmp / TENSORS)},
+        }
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        with open(tmp / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=1)
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a lowbit checkpoint: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "lowbit":
+        raise CheckpointError(f"{path} is not a lowbit manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {manifest.get('format_version')}; "
+                              f"this lowbit reads version {FORMAT_VERSION}")
+    return manifest
+
+
+def _read_tensors(directory: Path, manifest: dict, verify: bool) -> dict[str, torch.Tensor]:
+    info = manifest["tensors"]
+    path = directory / info["file"]
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    size = path.stat().st_size
+    if size != info["bytes"]:
+        raise CheckpointError(f"{path} is truncated or altered: {size} bytes, the manifest says {info['bytes']}")
+    if verify and _sha256(path) != info["sha256"]:
+        raise CheckpointError(f"{path} is corrupt or was modified: its sha256 does not match the manifest")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} cannot be read as safetensors: {e}") from None
+
+
+def _skeleton(entry: dict) -> nn.Module:
+    """An empty model of the saved class, built from the saved Hugging Face config."""
+    if "hf_config" not in entry:
+        raise CheckpointError(f"the checkpoint holds a {entry['class']}, not a Hugging Face model: "
+                              "pass the float model as lowbit.load(directory, model=...)")
+    import transformers  # only named attributes of transformers are looked up: no arbitrary import
+
+    config_cls = getattr(transformers, entry["hf_config_class"], None)
+    model_cls = getattr(transformers, entry["class"], None)
+    if config_cls is None or model_cls is None:
+        raise CheckpointError(f"transformers {transformers.__version__} has no {entry['class']}")
+    config = config_cls.from_dict(entry["hf_config"])
+    return model_cls(config)
+
+
+def load(directory: str | os.PathLike, model: nn.Module | None = None, *, verify: bool = True) -> nn.Module:
+    """Rebuild a quantized model saved by lowbit.save.
+
+    For a Hugging Face model the saved config is enough; for any other model pass a float instance of
+    the same architecture as `model` (its weights are replaced). `verify` checks the tensor file's sha256.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    tensors = _read_tensors(directory, manifest, verify)
+    if model is None:
+        model = _skeleton(manifest["model"])
+    for name, entry in manifest["layers"].items():
+        config = QuantConfig.from_dict(entry["config"])
+        prefix = name + "."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+        try:
+            if entry["type"] == "linear":
+                bias = state.pop("bias", None)
+                args = (entry["in_features"], entry["out_features"], config, state, bias)
+                try:
+                    new = QuantLinear(*args, kernel=entry["kernel"])
+                except ValueError:
+                    # Saved with a kernel this machine lacks: same weights, another kernel's rounding.
+                    warnings.warn(f"layer {name!r}: kernel {entry['kernel']!r} is not available here; "
+                                  "outputs may differ in the last bits from the saved model", stacklevel=2)
+                    new = QuantLinear(*args, kernel="auto")
+            else:
+                new = QuantEmbedding(entry["num_embeddings"], entry["embedding_dim"], config, state,
+                                     entry["padding_idx"])
+            _set_child(model, name, new)
+        except (KeyError, RuntimeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"layer {name!r} cannot be rebuilt from {directory}: {e}") from None
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{directory} does not match the model: {e}") from None
+    if manifest.get("config"):
+        model.lowbit_recipe = QuantConfig.from_dict(manifest["config"])
+    return model.eval()

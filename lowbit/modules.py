@@ -1,0 +1,217 @@
+"""Quantized replacements for nn.Linear and nn.Embedding.
+
+A quantized weight is held twice over: the canonical form that the checkpoint stores (packed codes,
+scales, zero points, codebooks) and the form the chosen kernel runs on, derived from the canonical one
+deterministically, so a model that was saved and loaded again computes bit-identical outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import core
+from .backends import KERNELS, LayerSpec, select_kernel
+from .recipes import QuantConfig
+
+FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16,
+                "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def group_of(config: QuantConfig, k: int) -> int:
+    """Effective group size along the input dim; per-channel means the whole (padded) row."""
+    return k if config.group_size is None else config.group_size
+
+
+def padded(k: int, g: int) -> int:
+    return -(-k // g) * g
+
+
+def encode_weight(w: torch.Tensor, config: QuantConfig) -> dict[str, torch.Tensor]:
+    """Quantize a 2-D float weight [N, K] into the canonical tensors the checkpoint stores."""
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    w = w.detach().float()
+    if not torch.isfinite(w).all():
+        raise ValueError("weight contains NaN or inf; refusing to quantize it")
+    n, k = w.shape
+    if config.kind == "float":
+        block = (1, k) if config.float_format.startswith("fp8") else None
+        values, scale = core.quantize_float(w, config.float_format, block)
+        out = {"weight": values}
+        if scale is not None:
+            out["scale"] = scale
+        return out
+    g = group_of(config, k)
+    kp = padded(k, g)
+    if kp != k:  # zero columns: the activations are zero-padded too, so they add nothing
+        w = F.pad(w, (0, kp - k))
+    block = (1, g)
+    if config.kind == "kmeans":
+        codes, centroids = core.kmeans_quantize(w, config.bits, block)
+        return {"qweight": core.pack_bits(codes, config.bits), "codebook": centroids}
+    if config.kind == "ternary":
+        codes, scale, zero = core.quantize_ternary(w, block)
+    elif config.kind == "binary":
+        codes, scale, zero = core.quantize_binary(w, block)
+    else:
+        scale, zero = core.choose_qparams_affine(w, config.bits, block, config.symmetric)
+        codes = core.quantize_affine(w, scale, zero, config.bits, block, symmetric=config.symmetric)
+    return {"qweight": core.pack_bits(codes, config.bits), "scale": scale.float(), "zero_point": zero.float()}
+
+
+def dequantize_weight(state: dict[str, torch.Tensor], config: QuantConfig, n: int, k: int) -> torch.Tensor:
+    """Float32 weight [N, K] back from canonical tensors (reference path, not the kernels)."""
+    if config.kind == "float":
+        block = (1, k) if "scale" in state else None
+        return core.dequantize_float(state["weight"], state.get("scale"), block)
+    g = group_of(config, k)
+    kp = padded(k, g)
+    codes = core.unpack_bits(state["qweight"], config.bits, n * kp).reshape(n, kp)
+    if config.kind == "kmeans":
+        w = core.kmeans_dequantize(codes, state["codebook"], (1, g))
+    else:
+        w = core.dequantize_affine(codes, state["scale"], state["zero_point"], (1, g))
+    return w[:, :k]
+
+
+class _QuantWeight(nn.Module):
+    """Shared state handling of QuantLinear and QuantEmbedding."""
+
+    def _init_state(self, n: int, k: int, config: QuantConfig, state: dict[str, torch.Tensor]) -> None:
+        self.config = config
+        self._n, self._k = n, k
+        for name, t in state.items():
+            self.register_buffer(name, t)
+
+    def canonical_state(self) -> dict[str, torch.Tensor]:
+        return {name: b for name, b in self.named_buffers(recurse=False)}
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize_weight(self.canonical_state(), self.config, self._n, self._k)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.canonical_state().values())
+
+
+class QuantLinear(_QuantWeight):
+    """y = x @ W.T + b with W stored quantized; the kernel is chosen per layer."""
+
+    def __init__(self, in_features: int, out_features: int, config: QuantConfig,
+                 state: dict[str, torch.Tensor], bias: torch.Tensor | None = None, kernel: str = "auto"):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_state(out_features, in_features, config, state)
+        if bias is not None:
+            self.register_buffer("bias", bias.detach().float().clone())
+        else:
+            self.bias = None
+        self._setup_kernel(kernel)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, config: QuantConfig, kernel: str = "auto") -> QuantLinear:
+        state = encode_weight(linear.weight, config)
+        return cls(linear.in_features, linear.out_features, config, state, linear.bias, kernel)
+
+    def _setup_kernel(self, prefer: str) -> None:
+        """Derive the runtime form of the weight from the canonical buffers."""
+        cfg, n, k = self.config, self.out_features, self.in_features
+        self._prep: dict[str, torch.Tensor] = {}
+        self.spec = None
+        if cfg.kind == "float":
+            # bf16 has a real bf16 GEMM; fp16 and fp8 are upcast per call (simulated).
+            self.kernel_name = "bf16_mm" if cfg.float_format == "bf16" else "dequant"
+            if prefer not in ("auto", self.kernel_name):
+                raise ValueError(f"kernel {prefer!r} cannot run {cfg.name} weights")
+            return
+        if cfg.kind == "kmeans":
+            self.kernel_name = "dequant"
+            if prefer not in ("auto", "dequant"):
+                raise ValueError(f"kernel {prefer!r} cannot run codebook weights")
+            return
+        g = group_of(cfg, k)
+        kp = padded(k, g)
+        self.spec = LayerSpec(n=n, k=kp, bits=cfg.bits, group_size=g, symmetric=cfg.symmetric)
+        kernel = select_kernel(self.spec, prefer)
+        codes = core.unpack_bits(self.qweight, cfg.bits, n * kp).reshape(n, kp)
+        self._prep = kernel.prepare(codes, self.scale, self.zero_point, self.spec)
+        self.kernel_name = kernel.name
+
+    @property
+    def kernel(self) -> str:
+        return self.kernel_name
+
+    @property
+    def act_dtype(self) -> torch.dtype:
+        if self.kernel_name == "bf16_mm":
+            return torch.bfloat16
+        return KERNELS[self.kernel_name].act_dtype if self.kernel_name in KERNELS else torch.float32
+
+    @property
+    def simulated(self) -> bool:
+        return self.kernel_name == "dequant"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec is None:
+            if self.kernel_name == "bf16_mm":
+                b = None if self.bias is None else self.bias.to(torch.bfloat16)
+                return F.linear(x.to(torch.bfloat16), self.weight, b).to(x.dtype)
+            return F.linear(x, self.dequantized_weight().to(x.dtype),
+                            None if self.bias is None else self.bias.to(x.dtype))
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.spec.k != self.in_features:
+            x2 = F.pad(x2, (0, self.spec.k - self.in_features))
+        y = KERNELS[self.kernel_name].run(x2, self._prep, self.spec, self.bias)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        act = str(self.act_dtype).replace("torch.", "")
+        sim = ", simulated" if self.simulated else ""
+        return (f"in={self.in_features}, out={self.out_features}, recipe={self.config.name}, "
+                f"kernel={self.kernel_name}, act={act}{sim}")
+
+
+class QuantEmbedding(_QuantWeight):
+    """Embedding table quantized row-wise; a lookup dequantizes only the rows it gathers."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, config: QuantConfig,
+                 state: dict[str, torch.Tensor], padding_idx: int | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self._init_state(num_embeddings, embedding_dim, config, state)
+        self.kernel_name = "gather"
+        self._codes = None
+        if config.kind != "float":
+            g = group_of(config, embedding_dim)
+            self._g, self._kp = g, padded(embedding_dim, g)
+            self._codes = core.unpack_bits(self.qweight, config.bits, num_embeddings * self._kp).reshape(
+                num_embeddings, self._kp)
+
+    @classmethod
+    def from_float(cls, emb: nn.Embedding, config: QuantConfig) -> QuantEmbedding:
+        state = encode_weight(emb.weight, config)
+        return cls(emb.num_embeddings, emb.embedding_dim, config, state, emb.padding_idx)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if cfg.kind == "float":
+            rows = self.weight[idx].float()
+            if "scale" in self._buffers:
+                rows = rows * self.scale[idx]
+            return rows
+        codes = self._codes[idx].float()  # [..., Kp]
+        g = self._g
+        shape = codes.shape
+        codes = codes.reshape(*shape[:-1], self._kp // g, g)
+        if cfg.kind == "kmeans":
+            book = self.codebook[idx]  # [..., Kp/g, 2^b]
+            rows = torch.gather(book, -1, codes.long()).reshape(shape)
+        else:
+            rows = ((codes - self.zero_point[idx].unsqueeze(-1)) * self.scale[idx].unsqueeze(-1)).reshape(shape)
+        return rows[..., : self.embedding_dim]
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, recipe={self.config.name}, kernel=gather"

@@ -1,0 +1,108 @@
+"""Recipes: the strings users type (`int4-g128`) and the config objects they stand for.
+
+Grammar: FORMAT[-gGROUP][-METHOD], e.g. `int8`, `int4-g128`, `int3-g64-rtn`, `kmeans4-g64`, `ternary`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, replace
+
+FLOAT_FORMATS = ("fp16", "bf16", "fp8", "fp8_e5m2")
+METHODS = ("rtn",)
+
+# The recipes lowbit documents and tests; the grammar accepts more (any int2..int8, any group).
+RECIPES = (
+    "fp16", "bf16", "fp8", "int8", "int4-g32", "int4-g64", "int4-g128", "int3-g64", "int2-g32",
+    "kmeans4-g64", "ternary", "binary",
+)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to do to a model's weights.
+
+    kind: "int" (affine integers), "float" (fp16/bf16/fp8 casts), "kmeans" (codebook),
+    "ternary" or "binary". group_size None means one scale per output channel (per row).
+    """
+
+    kind: str
+    bits: int
+    group_size: int | None = None
+    symmetric: bool = False
+    float_format: str | None = None
+    method: str = "rtn"
+    embeddings: bool = True  # quantize nn.Embedding tables too (row-wise)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("int", "float", "kmeans", "ternary", "binary"):
+            raise ValueError(f"unknown quantization kind {self.kind!r}")
+        if self.kind in ("int", "kmeans") and not 2 <= self.bits <= 8:
+            raise ValueError(f"{self.kind} weights take 2..8 bits, got {self.bits}")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group size must be positive, got {self.group_size}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
+
+    @property
+    def name(self) -> str:
+        if self.kind == "float":
+            return "fp8" if self.float_format == "fp8_e4m3" else str(self.float_format)
+        base = {"int": f"int{self.bits}", "kmeans": f"kmeans{self.bits}"}.get(self.kind, self.kind)
+        if self.group_size is not None:
+            base += f"-g{self.group_size}"
+        if self.method != "rtn":
+            base += f"-{self.method}"
+        return base
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantConfig:
+        return cls(**d)
+
+
+_PATTERN = re.compile(r"^(?P<fmt>[a-z0-9_]+?)(?:-g(?P<group>\d+))?(?:-(?P<method>[a-z]+))?$")
+
+
+def valid_recipes_message() -> str:
+    return (
+        "valid recipes: " + ", ".join(RECIPES)
+        + " (grammar FORMAT[-gGROUP][-METHOD]: FORMAT is fp16, bf16, fp8, fp8_e5m2, int2..int8, "
+        + "kmeans2..kmeans8, ternary or binary; METHOD is " + "/".join(METHODS) + ")"
+    )
+
+
+def parse_recipe(recipe: str | QuantConfig) -> QuantConfig:
+    """Turn a recipe string into a QuantConfig; a config passes through unchanged."""
+    if isinstance(recipe, QuantConfig):
+        return recipe
+    if not isinstance(recipe, str):
+        raise TypeError(f"recipe must be a string or QuantConfig, got {type(recipe).__name__}")
+    m = _PATTERN.match(recipe.strip().lower())
+    if not m:
+        raise ValueError(f"unknown recipe {recipe!r}; {valid_recipes_message()}")
+    fmt, group, method = m["fmt"], m["group"], m["method"] or "rtn"
+    group_size = int(group) if group else None
+    try:
+        if fmt in FLOAT_FORMATS:
+            if group_size is not None:
+                raise ValueError("float formats take no group size")
+            bits = 16 if fmt in ("fp16", "bf16") else 8
+            return QuantConfig("float", bits, None, True, "fp8_e4m3" if fmt == "fp8" else fmt, method)
+        if fmt in ("ternary", "binary"):
+            return QuantConfig(fmt, 2 if fmt == "ternary" else 1, group_size, True, None, method)
+        im = re.fullmatch(r"(int|kmeans)([2-8])", fmt)
+        if im:
+            kind, bits = im[1], int(im[2])
+            # int8 is symmetric: that is what the int8 kernels take, and 8 bits leave room to spare.
+            symmetric = kind == "int" and bits == 8
+            return QuantConfig(kind, bits, group_size, symmetric, None, method)
+    except ValueError as e:
+        raise ValueError(f"bad recipe {recipe!r}: {e}; {valid_recipes_message()}") from None
+    raise ValueError(f"unknown recipe {recipe!r}; {valid_recipes_message()}")
+
+
+def with_options(config: QuantConfig, **changes) -> QuantConfig:
+    return replace(config, **changes)

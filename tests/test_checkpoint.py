@@ -1,0 +1,120 @@
+"""save -> load is bit-exact for every recipe; damaged checkpoints fail loudly; writes are atomic."""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from transformers import BertConfig, BertModel
+
+import lowbit
+from lowbit import checkpoint
+from lowbit.recipes import RECIPES
+
+
+def tiny_bert(seed=0):
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=96, max_position_embeddings=32)
+    return BertModel(cfg).eval()
+
+
+def bert_inputs():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 120, (3, 16), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_hf_round_trip_is_bit_exact(recipe, tmp_path):
+    model = lowbit.quantize(tiny_bert(), recipe)
+    inputs = bert_inputs()
+    with torch.inference_mode():
+        before = model(**inputs).last_hidden_state
+    lowbit.save(model, tmp_path / "ckpt")
+    loaded = lowbit.load(tmp_path / "ckpt")  # rebuilt from the saved config alone
+    with torch.inference_mode():
+        after = loaded(**inputs).last_hidden_state
+    assert torch.equal(before, after)
+    assert [r["kernel"] for r in lowbit.summary(loaded)] == [r["kernel"] for r in lowbit.summary(model)]
+    manifest = json.loads((tmp_path / "ckpt" / "lowbit.json").read_text())
+    assert manifest["recipe"] == recipe and manifest["format_version"] == 1
+
+
+def test_plain_module_round_trip_needs_the_skeleton(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 30), nn.GELU(), nn.Linear(30, 5))
+    q = lowbit.quantize(model, "int4-g32")
+    x = torch.randn(4, 40)
+    lowbit.save(q, tmp_path / "m")
+    with pytest.raises(lowbit.CheckpointError, match="pass the float model"):
+        lowbit.load(tmp_path / "m")
+    skeleton = nn.Sequential(nn.Linear(40, 30), nn.GELU(), nn.Linear(30, 5))
+    assert torch.equal(lowbit.load(tmp_path / "m", model=skeleton)(x), q(x))
+
+
+@pytest.fixture
+def saved(tmp_path):
+    path = lowbit.save(lowbit.quantize(tiny_bert(), "int4-g32"), tmp_path / "ckpt")
+    return path
+
+
+def test_truncated_file_is_refused(saved):
+    f = saved / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(lowbit.CheckpointError, match="truncated"):
+        lowbit.load(saved)
+
+
+def test_edited_byte_is_refused(saved):
+    f = saved / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-10] ^= 0x01
+    f.write_bytes(bytes(data))
+    with pytest.raises(lowbit.CheckpointError, match="sha256"):
+        lowbit.load(saved)
+
+
+def test_edited_file_without_verification_still_fails_on_bad_header(saved):
+    f = saved / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[0:8] = (10**12).to_bytes(8, "little")  # header length far past the end of the file
+    f.write_bytes(bytes(data))
+    with pytest.raises(lowbit.CheckpointError, match="safetensors"):
+        lowbit.load(saved, verify=False)
+
+
+def test_bad_manifest(saved):
+    (saved / "lowbit.json").write_text("{not json")
+    with pytest.raises(lowbit.CheckpointError, match="not valid JSON"):
+        lowbit.load(saved)
+    os.remove(saved / "lowbit.json")
+    with pytest.raises(lowbit.CheckpointError, match="missing"):
+        lowbit.load(saved)
+
+
+def test_failed_save_leaves_no_files(tmp_path, monkeypatch):
+    model = lowbit.quantize(tiny_bert(), "int8")
+    lowbit.save(model, tmp_path / "ckpt")
+    before = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        lowbit.save(lowbit.quantize(tiny_bert(1), "int4-g32"), tmp_path / "ckpt")
+    # the old checkpoint is untouched and no temporary directory is left behind
+    assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_overwrite_replaces_whole_checkpoint(tmp_path):
+    lowbit.save(lowbit.quantize(tiny_bert(), "int8"), tmp_path / "ckpt")
+    lowbit.save(lowbit.quantize(tiny_bert(), "int2-g32"), tmp_path / "ckpt")
+    assert lowbit.load(tmp_path / "ckpt").lowbit_recipe.name == "int2-g32"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

@@ -1,0 +1,160 @@
+"""lowbit.quantize on small models: every recipe, every kernel, odd shapes, bad input."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lowbit
+from lowbit.backends import KERNELS, LayerSpec, available_kernels
+from lowbit.modules import QuantEmbedding, QuantLinear
+from lowbit.recipes import RECIPES, QuantConfig, parse_recipe
+
+
+def mlp(k=96, h=160, n=37, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(k, h), nn.ReLU(), nn.Linear(h, n, bias=False)).eval()
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_names_round_trip(recipe):
+    assert parse_recipe(recipe).name == recipe
+    assert parse_recipe(parse_recipe(recipe).name) == parse_recipe(recipe)
+
+
+def test_wrong_recipe_lists_valid_ones():
+    with pytest.raises(ValueError, match="valid recipes: .*int4-g128"):
+        parse_recipe("int4-g128-fancy")
+    with pytest.raises(ValueError, match="valid recipes"):
+        parse_recipe("int9")
+    with pytest.raises(ValueError, match="valid recipes"):
+        parse_recipe("bf16-g32")
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_matches_its_dequantized_weights(recipe):
+    """The kernel computes x @ dequant(W).T: checked against the float reference of the stored weights."""
+    model = mlp()
+    x = torch.randn(5, 96)
+    q = lowbit.quantize(mlp(), recipe)
+    for name, mod in q.named_modules():
+        if isinstance(mod, QuantLinear):
+            xin = x if name == "0" else torch.relu(q[0](x))
+            ref = F.linear(xin, mod.dequantized_weight(), mod.bias)
+            tol = 2e-2 if mod.act_dtype == torch.bfloat16 else 1e-5
+            assert rel_err(mod(xin), ref) < tol, (recipe, name, mod.kernel_name)
+    # and the quantized model stays near the float one (loosely: 1-2 bit formats lose a lot)
+    bound = {"int8": 0.01, "bf16": 0.01, "fp16": 0.001, "fp8": 0.08}.get(recipe, 1.0)
+    assert rel_err(q(x), model(x)) < bound
+
+
+def test_error_falls_with_bits():
+    x = torch.randn(64, 96)
+    ref = mlp()(x)
+    errs = [rel_err(lowbit.quantize(mlp(), r)(x), ref) for r in ("int2-g32", "int3-g64", "int4-g32", "int8")]
+    assert errs == sorted(errs, reverse=True), errs
+    assert errs[-1] < 0.01
+
+
+@pytest.mark.parametrize("kernel", [k for k, ok in available_kernels().items() if ok])
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, 128), (3, 64), (2, 32)])
+def test_each_kernel_agrees_with_reference(kernel, bits, group):
+    config = QuantConfig("int", bits, group, symmetric=bits == 8)
+    torch.manual_seed(1)
+    lin = nn.Linear(256, 64)
+    n, k = lin.out_features, lin.in_features
+    spec = LayerSpec(n, k, bits, group or k, bits == 8)
+    if not KERNELS[kernel].supports(spec):
+        pytest.skip(f"{kernel} does not take {spec}")
+    q = QuantLinear.from_float(lin, config, kernel=kernel)
+    assert q.kernel_name == kernel
+    x = torch.randn(3, 7, 256)
+    ref = F.linear(x, q.dequantized_weight(), q.bias)
+    out = q(x)
+    assert out.shape == (3, 7, 64) and out.dtype == x.dtype
+    assert rel_err(out, ref) < (2e-2 if q.act_dtype == torch.bfloat16 else 1e-5)
+
+
+def test_odd_shapes_and_non_dividing_groups_still_work():
+    torch.manual_seed(2)
+    lin = nn.Linear(100, 37)  # 100 is not a multiple of 32 or 64; 37 suits no kernel's tiling
+    for recipe in ("int4-g32", "int3-g64", "int2-g32", "int8", "kmeans4-g64", "ternary", "binary"):
+        q = QuantLinear.from_float(lin, parse_recipe(recipe))
+        x = torch.randn(4, 100)
+        assert q(x).shape == (4, 37)
+        assert rel_err(q(x), F.linear(x, q.dequantized_weight(), q.bias)) < 2e-2
+    # padding is zero columns: the int8 model of an odd layer stays close to the float layer
+    assert rel_err(QuantLinear.from_float(lin, parse_recipe("int8"))(x), lin(x)) < 0.01
+
+
+def test_real_kernels_chosen_for_llama_shapes():
+    """On a 2048x2048 layer int4 and int8 must run on a low-bit kernel, not the simulated path."""
+    for recipe in ("int4-g128", "int8"):
+        q = lowbit.quantize(nn.Sequential(nn.Linear(2048, 2048)), recipe)
+        row = lowbit.summary(q)[0]
+        assert not row["simulated"], row
+        assert row["kernel"] in ("lowbit_cpu", "torch_int4pack", "torch_int8pack")
+
+
+def test_simulated_formats_say_so():
+    q = lowbit.quantize(nn.Sequential(nn.Linear(64, 64)), "kmeans4-g64")
+    assert lowbit.summary(q)[0]["simulated"] is True
+    assert "simulated" in repr(q)
+
+
+def test_embeddings_quantized_and_gathered():
+    torch.manual_seed(3)
+    emb = nn.Embedding(50, 40, padding_idx=0)
+    for recipe in ("int8", "int4-g32", "kmeans4-g64", "fp8", "bf16", "ternary"):
+        q = QuantEmbedding.from_float(emb, parse_recipe(recipe))
+        idx = torch.tensor([[1, 5, 49], [0, 2, 2]])
+        assert torch.equal(q(idx), q.dequantized_weight()[idx])
+    model = nn.Sequential(nn.Embedding(50, 40), nn.Linear(40, 8))
+    lowbit.quantize(model, "int8")
+    assert isinstance(model[0], QuantEmbedding)
+    model = nn.Sequential(nn.Embedding(50, 40), nn.Linear(40, 8))
+    lowbit.quantize(model, QuantConfig("int", 8, None, True, embeddings=False))
+    assert isinstance(model[0], nn.Embedding)
+
+
+def test_exclude_patterns():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)))
+    lowbit.quantize(model, "int8", exclude=["1.0", "*.1"])
+    assert isinstance(model[0], QuantLinear)
+    assert type(model[1][0]) is nn.Linear and type(model[1][1]) is nn.Linear
+
+
+def test_nan_weights_name_the_layer():
+    model = mlp()
+    with torch.no_grad():
+        model[2].weight[3, 4] = float("nan")
+    with pytest.raises(ValueError, match="layer '2'.*NaN"):
+        lowbit.quantize(model, "int4-g32")
+
+
+def test_nothing_to_quantize_and_wrong_kernel():
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        lowbit.quantize(nn.Sequential(nn.ReLU()), "int8")
+    with pytest.raises(ValueError, match="unknown kernel"):
+        lowbit.quantize(mlp(), "int8", kernel="magic")
+
+
+def test_output_dtype_follows_input():
+    q = lowbit.quantize(nn.Sequential(nn.Linear(128, 64)), "int4-g32")
+    assert q(torch.randn(2, 128, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    assert q(torch.randn(2, 128)).dtype == torch.float32
+
+
+def test_sizes_follow_bits():
+    lin = nn.Linear(1024, 256)
+    nbytes = {r: QuantLinear.from_float(lin, parse_recipe(r)).nbytes for r in ("int8", "int4-g128", "int3-g64",
+                                                                              "int2-g32", "binary")}
+    w = 1024 * 256
+    assert nbytes["int8"] < 1.05 * w + 4 * 1024
+    assert nbytes["int4-g128"] < 0.5 * w + 8 * w / 128 + 4 * 1024 + 64
+    assert nbytes["int3-g64"] < 0.375 * w + 8 * w / 64 + 4 * 1024 + 64
+    assert nbytes["binary"] < w / 8 + 8 * 256 + 4 * 1024 + 64
