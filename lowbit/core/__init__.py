@@ -2,6 +2,7 @@
 
 from .affine import (
     SCALE_EPS,
+    affine_qparams_from_range,
     blocked_shape,
     blocks_shape,
     broadcast_param,
@@ -22,6 +23,7 @@ from .pack import pack_bits, packed_nbytes, unpack_bits
 __all__ = [
     "FLOAT_DTYPES",
     "SCALE_EPS",
+    "affine_qparams_from_range",
     "blocked_shape",
     "blocks_shape",
     "broadcast_param",

@@ -113,9 +113,20 @@ def choose_qparams_affine(x: torch.Tensor, bits: int, block_size: Sequence[int],
         scale = (amax / qmax).clamp_min(SCALE_EPS)
         zero_point = torch.full_like(scale, float(2 ** (bits - 1)))
         return scale, zero_point
+    return affine_qparams_from_range(_block_reduce(x, block_size, "amin"),
+                                     _block_reduce(x, block_size, "amax"), bits)
+
+
+def affine_qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor,
+                              bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric (scale, zero_point) for observed per-block minima and maxima, bits in 1..8.
+
+    The range is widened to include 0 and the zero point rounded to an integer, so 0.0 is exact.
+    """
+    _check_bits(bits, 1, 8)
     qmax = 2 ** bits - 1
-    lo = _block_reduce(x, block_size, "amin").clamp_max(0.0)
-    hi = _block_reduce(x, block_size, "amax").clamp_min(0.0)
+    lo = xmin.float().clamp_max(0.0)
+    hi = xmax.float().clamp_min(0.0)
     scale = ((hi - lo) / qmax).clamp_min(SCALE_EPS)
     zero_point = torch.round(-lo / scale).clamp_(0, qmax).abs_()  # abs_ turns -0.0 into 0.0
     return scale, zero_point
@@ -139,7 +150,7 @@ def quantize_affine(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     if symmetric:
         if bits < 2:
             raise ValueError("symmetric quantization needs bits >= 2")
-        default_qmin = 2 ** (bits - 1) - (2 ** (bits - 1) - 1)
+        default_qmin = 1  # zero_point - qmax_sym = 2**(bits-1) - (2**(bits-1) - 1): code 0 stays unused
     else:
         default_qmin = 0
     qmin = default_qmin if qmin is None else int(qmin)

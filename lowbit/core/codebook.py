@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
-from .affine import blocked_shape, blocks_shape, check_input
+from .affine import affine_qparams_from_range, blocked_shape, blocks_shape, check_input
 
 
 def _to_rows(x: torch.Tensor, block_size: Sequence[int]) -> torch.Tensor:
@@ -42,42 +43,15 @@ def _assign(values: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(mids.contiguous(), values.contiguous(), side="left")
 
 
-def kmeans_quantize(x: torch.Tensor, bits: int, block_size: Sequence[int],
-                    iters: int = 25) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-block Lloyd k-means with 2**bits centroids (bits in 1..8).
-
-    Returns (codes uint8 shaped like x, centroids float32 of shape blocks_shape + (2**bits,)), the
-    centroids of each block sorted ascending. Deterministic: centroids start at evenly spaced quantiles
-    of the block, a value equidistant from two centroids goes to the lower one, and an empty cluster
-    keeps its previous centroid. Blocks with fewer distinct values than centroids get duplicates.
-    """
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
-        raise ValueError(f"bits must be an integer in [1, 8], got {bits!r}")
-    if iters < 0:
-        raise ValueError(f"iters must be >= 0, got {iters}")
-    x = check_input(x)
-    k = 2 ** bits
-    rows = _to_rows(x, block_size)
-    n_blocks, bsz = rows.shape
-    # float64 for the iteration: prefix sums over a block must not lose the small values.
-    xs = torch.sort(rows, dim=1).values.double()
-    prefix = torch.nn.functional.pad(torch.cumsum(xs, dim=1), (1, 0))
-
-    # Quantile init: centroid j at the (j + 0.5) / k quantile, linearly interpolated.
-    pos = ((torch.arange(k, dtype=torch.float64, device=x.device) + 0.5) * bsz / k - 0.5).clamp(0, bsz - 1)
-    lo = pos.floor().long()
-    hi = (lo + 1).clamp_max(bsz - 1)
-    frac = pos - lo
-    cent = xs[:, lo] * (1 - frac) + xs[:, hi] * frac
-
+def _lloyd(xs: torch.Tensor, prefix: torch.Tensor, cent: torch.Tensor, iters: int) -> torch.Tensor:
+    """Lloyd iterations on sorted rows `xs` (float64) from sorted initial centroids `cent`."""
+    bsz = xs.shape[1]
     for _ in range(iters):
         mids = (cent[:, :-1] + cent[:, 1:]) / 2
         # ends[:, j] = number of sorted values <= mid j, i.e. where cluster j stops.
         ends = torch.searchsorted(xs, mids.contiguous(), side="right")
-        zeros = torch.zeros(n_blocks, 1, dtype=ends.dtype, device=x.device)
-        full = torch.full((n_blocks, 1), bsz, dtype=ends.dtype, device=x.device)
-        starts = torch.cat([zeros, ends], dim=1)
-        stops = torch.cat([ends, full], dim=1)
+        starts = F.pad(ends, (1, 0), value=0)
+        stops = F.pad(ends, (0, 1), value=bsz)
         count = stops - starts
         total = prefix.gather(1, stops) - prefix.gather(1, starts)
         new = torch.where(count > 0, total / count.clamp_min(1), cent)
@@ -86,9 +60,65 @@ def kmeans_quantize(x: torch.Tensor, bits: int, block_size: Sequence[int],
         if torch.equal(new, cent):
             break
         cent = new
+    return cent
 
-    centroids = cent.float()
-    codes = _assign(rows, centroids).to(torch.uint8)
+
+def _fit(rows: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest-centroid codes for float32 centroids and each block's squared error (float64)."""
+    codes = _assign(rows, centroids)
+    err = (rows.double() - centroids.gather(1, codes).double()).pow(2).sum(dim=1)
+    return codes, err
+
+
+def kmeans_quantize(x: torch.Tensor, bits: int, block_size: Sequence[int],
+                    iters: int = 25) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block Lloyd k-means with 2**bits centroids (bits in 1..8).
+
+    Returns (codes uint8 shaped like x, centroids float32 of shape blocks_shape + (2**bits,)), the
+    centroids of each block sorted ascending. Two deterministic starts are run for every block, evenly
+    spaced quantiles and the uniform asymmetric grid of choose_qparams_affine, and the one with the
+    lower squared error is kept; Lloyd never increases the error, so the result is never worse than
+    round-to-nearest on that grid (up to float rounding). A value equidistant from two centroids goes
+    to the lower one and an empty cluster keeps its previous centroid, so blocks with fewer distinct
+    values than centroids just get duplicate centroids.
+    """
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an integer in [1, 8], got {bits!r}")
+    if iters < 0:
+        raise ValueError(f"iters must be >= 0, got {iters}")
+    x = check_input(x)
+    k = 2 ** bits
+    rows = _to_rows(x, block_size)
+    bsz = rows.shape[1]
+    sorted_rows = torch.sort(rows, dim=1).values
+    if k >= bsz:
+        # A centroid per value is exact; the spare centroids repeat the block maximum.
+        centroids = F.pad(sorted_rows, (0, k - bsz), mode="replicate")
+        codes = _from_rows(_assign(rows, centroids).to(torch.uint8), x.shape, block_size)
+        return codes, centroids.reshape(blocks_shape(x.shape, block_size) + (k,))
+    # float64 for the iteration: prefix sums over a block must not lose the small values.
+    xs = sorted_rows.double().contiguous()  # searchsorted copies non-contiguous boundaries
+    prefix = F.pad(torch.cumsum(xs, dim=1), (1, 0))
+
+    # Quantile start: centroid j at the (j + 0.5) / k quantile, linearly interpolated.
+    pos = ((torch.arange(k, dtype=torch.float64, device=x.device) + 0.5) * bsz / k - 0.5).clamp(0, bsz - 1)
+    lo = pos.floor().long()
+    hi = (lo + 1).clamp_max(bsz - 1)
+    frac = pos - lo
+    quantile = xs[:, lo] * (1 - frac) + xs[:, hi] * frac
+
+    # Uniform start: exactly the grid (q - zero_point) * scale that affine round-to-nearest uses.
+    scale, zero_point = affine_qparams_from_range(rows.amin(dim=1), rows.amax(dim=1), bits)
+    levels = torch.arange(k, dtype=torch.float32, device=x.device)
+    uniform = ((levels - zero_point[:, None]) * scale[:, None]).double()
+
+    cent_q = _lloyd(xs, prefix, quantile, iters).float()
+    cent_u = _lloyd(xs, prefix, uniform, iters).float()
+    codes_q, err_q = _fit(rows, cent_q)
+    codes_u, err_u = _fit(rows, cent_u)
+    use_u = (err_u < err_q)[:, None]  # ties keep the quantile start
+    centroids = torch.where(use_u, cent_u, cent_q)
+    codes = torch.where(use_u, codes_u, codes_q).to(torch.uint8)
     codes = _from_rows(codes, x.shape, block_size)
     return codes, centroids.reshape(blocks_shape(x.shape, block_size) + (k,))
 

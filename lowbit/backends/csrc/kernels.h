@@ -1,0 +1,394 @@
+// AVX2/FMA kernels for packed low-bit weights x float32 activations. No torch dependency: the
+// binding (lowbit_cpu.cpp) owns threading, tensors and argument checks.
+//
+// Canonical weight: codes uint8 [N, K] in [0, 2^bits), scale and zero float32 [N, K/G],
+// W[n, k] = (codes[n, k] - zero[n, k/G]) * scale[n, k/G].
+//
+// Packed layout, one byte buffer:
+//   * rows are taken 32 at a time (a "tile"), as four "row vectors" of 8 rows; 32-bit lane i of a
+//     row vector belongs to row i, and holds P consecutive codes of that row (P = 32/bits; int3:
+//     8 codes in a 24-bit lane), code s at bit bits*s;
+//   * a "chunk" is P columns of the tile: its four row vectors back to back (32 bytes each, int3 24);
+//   * a tile is its groups in order; a group is its chunks followed by 64 floats: the scale of
+//     the tile's 32 rows, then their -scale*zero. So each tile is one sequential stream.
+//
+// GEMV, per step s of a chunk (one column k): w = the 8 rows' codes at k as floats, acc += w * x[k]
+// (x broadcast), with a fused multiply-add per row vector. Per group and row vector:
+// tot += acc * scale + (-scale*zero) * sum(x over the group), lanes staying rows, so no horizontal
+// sums and one FMA per group folds 8 rows.
+//
+// The codes are never shifted down to bit 0: masking code s in place gives the exact float
+// code * 2^(bits*s) after int->float conversion (at most 8 significant bits), and the matching
+// activation was multiplied by 2^-(bits*s) beforehand, so every product equals code * x exactly
+// (both scalings are powers of two). That saves an instruction per 8 weights. A code at the top
+// of a lane is shifted down instead, since masking it in place would set the sign bit.
+
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+
+namespace lowbit {
+
+constexpr int VR = 8;         // rows per row vector (lanes)
+constexpr int NVT = 4;        // row vectors per tile
+constexpr int TR = VR * NVT;  // rows per tile
+
+// Codes per lane, bytes per row vector.
+constexpr int codes_per_lane(int bits) { return bits == 3 ? 8 : 32 / bits; }
+constexpr int vec_bytes(int bits) { return bits == 3 ? 24 : 32; }
+// Step s of a lane: at which bit, and whether it sits at the top (shifted instead of masked).
+constexpr int pos_of(int bits, int s) { return bits * s; }
+constexpr bool top_of(int bits, int s) { return bits * s + bits == 32; }
+// Exponent the activation of step s is scaled down by.
+constexpr int xexp_of(int bits, int s) { return top_of(bits, s) ? 0 : pos_of(bits, s); }
+
+struct Layout {
+  int bits = 0, P = 0, vb = 0;
+  int64_t n = 0, k = 0, g = 0;  // canonical shape and group size
+  int64_t np = 0, ntile = 0, kp = 0;
+  int64_t ng = 0;     // groups per row (canonical)
+  int64_t ngp = 0;    // groups per row in the packed stream (1 for per-channel)
+  int64_t geff = 0;   // group length along the padded K
+  int64_t cpg = 0;    // chunks per group
+  int64_t chunk_bytes() const { return (int64_t)NVT * vb; }
+  int64_t group_bytes() const { return cpg * chunk_bytes() + 2 * TR * (int64_t)sizeof(float); }
+  int64_t tile_bytes() const { return ngp * group_bytes(); }
+  // +32: the int3 loader reads 4 bytes past a row vector.
+  int64_t total_bytes() const { return ntile * tile_bytes() + 32; }
+};
+
+inline bool shape_ok(int64_t n, int64_t k, int64_t bits, int64_t g) {
+  if (!(bits == 1 || bits == 2 || bits == 3 || bits == 4 || bits == 8)) return false;
+  if (n < 1 || k < 1 || g < 1 || k % g != 0) return false;
+  return g == k || g % 32 == 0;  // per-channel takes any K (padded with zero codes)
+}
+
+// Call only when shape_ok.
+inline Layout make_layout(int64_t n, int64_t k, int64_t bits, int64_t g) {
+  Layout L;
+  L.bits = (int)bits;
+  L.P = codes_per_lane(L.bits);
+  L.vb = vec_bytes(L.bits);
+  L.n = n;
+  L.k = k;
+  L.g = g;
+  L.np = (n + TR - 1) / TR * TR;
+  L.ntile = L.np / TR;
+  L.kp = (k + L.P - 1) / L.P * L.P;
+  L.ng = k / g;
+  if (g == k) {
+    L.ngp = 1;
+    L.geff = L.kp;
+  } else {
+    L.ngp = L.ng;
+    L.geff = g;
+  }
+  L.cpg = L.geff / L.P;
+  return L;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packing: tiles [t0, t1) into a zero-initialised buffer. Returns false if a code needs more bits.
+
+inline bool pack_tiles(const Layout& L, const uint8_t* codes, const float* scale, const float* zero,
+                       int64_t t0, int64_t t1, uint8_t* out) {
+  const int P = L.P, bits = L.bits, lane_bytes = L.bits == 3 ? 3 : 4;
+  const uint32_t cmax = (1u << bits) - 1;
+  bool ok = true;
+  for (int64_t t = t0; t < t1; ++t) {
+    uint8_t* tp = out + t * L.tile_bytes();
+    for (int64_t g = 0; g < L.ngp; ++g) {
+      uint8_t* gp = tp + g * L.group_bytes();
+      for (int row = 0; row < TR; ++row) {
+        const int64_t n = t * TR + row;
+        if (n >= L.n) break;  // padding rows keep zero codes and zero scales
+        const int v = row / VR, lane = row % VR;
+        const uint8_t* crow = codes + n * L.k;
+        for (int64_t c = 0; c < L.cpg; ++c) {
+          uint32_t word = 0;
+          for (int s = 0; s < P; ++s) {
+            const int64_t kk = g * L.geff + c * P + s;
+            if (kk >= L.k) break;
+            const uint32_t q = crow[kk];
+            ok &= q <= cmax;
+            word |= (q & cmax) << (bits * s);
+          }
+          std::memcpy(gp + c * L.chunk_bytes() + v * L.vb + lane * lane_bytes, &word, lane_bytes);
+        }
+        float sz[2] = {0.f, 0.f};
+        if (g < L.ng) {
+          const float s = scale[n * L.ng + g], z = zero[n * L.ng + g];
+          sz[0] = s;
+          sz[1] = -(s * z);
+        }
+        float* sp = (float*)(gp + L.cpg * L.chunk_bytes());
+        std::memcpy(sp + row, &sz[0], sizeof(float));
+        std::memcpy(sp + TR + row, &sz[1], sizeof(float));
+      }
+    }
+  }
+  return ok;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activations: copies scaled to match the in-place codes, and per-group sums of the raw values.
+
+inline float x_mult(int bits, int s) {
+  int e = 0;
+  switch (bits) {
+    case 8: e = xexp_of(8, s); break;
+    case 4: e = xexp_of(4, s); break;
+    case 3: e = xexp_of(3, s); break;
+    case 2: e = xexp_of(2, s); break;
+    case 1: e = xexp_of(1, s); break;
+  }
+  return std::ldexp(1.0f, -e);
+}
+
+// Rows [m0, m1) of x [M, k] -> xp [M, kp], xs [M, ngp].
+inline void prep_x_rows(const Layout& L, const float* x, int64_t m0, int64_t m1, float* xp, float* xs) {
+  float mult[32];
+  for (int s = 0; s < L.P; ++s) mult[s] = x_mult(L.bits, s);
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xr = x + m * L.k;
+    float* xpr = xp + m * L.kp;
+    for (int64_t kb = 0; kb < L.k; kb += L.P) {
+      const int64_t len = std::min<int64_t>(L.P, L.k - kb);
+      for (int64_t j = 0; j < len; ++j) xpr[kb + j] = xr[kb + j] * mult[j];
+    }
+    for (int64_t kk = L.k; kk < L.kp; ++kk) xpr[kk] = 0.f;
+    for (int64_t g = 0; g < L.ngp; ++g) {
+      const int64_t k0 = g * L.geff, k1 = std::min(L.k, k0 + L.geff);
+      double acc = 0.0;  // double: this sum multiplies the zero point, keep it tight
+      for (int64_t kk = k0; kk < k1; ++kk) acc += xr[kk];
+      xs[m * L.ngp + g] = (float)acc;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel pieces
+
+#define LOWBIT_INLINE inline __attribute__((always_inline))
+#define LOWBIT_LAMBDA_INLINE __attribute__((always_inline))
+
+template <typename Fn, int... I>
+LOWBIT_INLINE void static_for_impl(Fn&& fn, std::integer_sequence<int, I...>) {
+  (fn(std::integral_constant<int, I>{}), ...);
+}
+template <int N, typename Fn>
+LOWBIT_INLINE void static_for(Fn&& fn) {
+  static_for_impl(fn, std::make_integer_sequence<int, N>{});
+}
+
+template <int BITS>
+LOWBIT_INLINE __m256i load_vec(const uint8_t* p) {
+  if constexpr (BITS == 3) {
+    // Lanes 0-3 come from bytes 0..11, lanes 4-7 from bytes 12..23, three bytes per lane.
+    const __m128i lo = _mm_loadu_si128((const __m128i*)p);
+    const __m128i hi = _mm_loadu_si128((const __m128i*)(p + 12));
+    const __m256i raw = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+    const __m256i shuf = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,
+                                          0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
+    return _mm256_shuffle_epi8(raw, shuf);
+  } else {
+    return _mm256_loadu_si256((const __m256i*)p);
+  }
+}
+
+// Code of step s as float, times 2^xexp_of(BITS, s).
+template <int BITS, int s>
+LOWBIT_INLINE __m256 decode_scaled(__m256i v) {
+  if constexpr (top_of(BITS, s)) {
+    return _mm256_cvtepi32_ps(_mm256_srli_epi32(v, pos_of(BITS, s)));
+  } else {
+    return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)(((1u << BITS) - 1) << pos_of(BITS, s)))));
+  }
+}
+
+// Code of step s as float (for dequantization).
+template <int BITS, int s>
+LOWBIT_INLINE __m256 decode_plain(__m256i v) {
+  __m256i q = _mm256_srli_epi32(v, pos_of(BITS, s));
+  if constexpr (!top_of(BITS, s)) q = _mm256_and_si256(q, _mm256_set1_epi32((1 << BITS) - 1));
+  return _mm256_cvtepi32_ps(q);
+}
+
+// Bytes ahead of the current chunk that the GEMV prefetches (0: rely on the hardware prefetcher).
+#ifndef LOWBIT_PF
+#define LOWBIT_PF 2048
+#endif
+
+struct GemvArgs {
+  const uint8_t* tile;  // this tile's stream
+  const float* xp;      // scaled activations, first row of this pass, row stride kp
+  const float* xs;      // per-group activation sums, first row of this pass, row stride ngp
+  float* y;             // output, first row of this pass, at the tile's first column; row stride n
+  const float* bias;    // at the tile's first column, or null
+  int nvalid;           // rows of the tile that exist
+};
+
+// MT activation rows against row vectors [v0, v0 + NV) of one tile. NACC accumulators per
+// (row vector, activation row) hide the FMA latency when NV * MT chains alone are too few.
+template <int BITS, int NV, int MT>
+void gemv_tile(const Layout& L, const GemvArgs& a, int v0) {
+  constexpr int P = codes_per_lane(BITS), VB = vec_bytes(BITS);
+  constexpr int NACC = NV * MT >= 8 ? 1 : 2;
+  __m256 acc[MT][NV][NACC], tot[MT][NV];
+  for (int m = 0; m < MT; ++m)
+    for (int v = 0; v < NV; ++v) tot[m][v] = _mm256_setzero_ps();
+
+  const uint8_t* p = a.tile;
+  const float* xk = a.xp;
+  for (int64_t g = 0; g < L.ngp; ++g) {
+    for (int m = 0; m < MT; ++m)
+      for (int v = 0; v < NV; ++v)
+        for (int c = 0; c < NACC; ++c) acc[m][v][c] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < L.cpg; ++c, p += NVT * VB, xk += P) {
+      if constexpr (LOWBIT_PF > 0) {
+        _mm_prefetch((const char*)(p + LOWBIT_PF), _MM_HINT_T0);
+        _mm_prefetch((const char*)(p + LOWBIT_PF + 64), _MM_HINT_T0);
+      }
+      __m256i w[NV];
+      for (int v = 0; v < NV; ++v) w[v] = load_vec<BITS>(p + (v0 + v) * VB);
+      static_for<P>([&](auto sc) LOWBIT_LAMBDA_INLINE {
+        constexpr int s = decltype(sc)::value;
+        __m256 xb[MT];
+        for (int m = 0; m < MT; ++m) xb[m] = _mm256_broadcast_ss(xk + m * L.kp + s);
+        for (int v = 0; v < NV; ++v) {
+          const __m256 q = decode_scaled<BITS, s>(w[v]);
+          for (int m = 0; m < MT; ++m) acc[m][v][s % NACC] = _mm256_fmadd_ps(q, xb[m], acc[m][v][s % NACC]);
+        }
+      });
+    }
+    // Fold the group: tot += acc * scale + bias * sum(x in group), 8 rows per instruction.
+    const float* sp = (const float*)p;
+    for (int v = 0; v < NV; ++v) {
+      const __m256 sc = _mm256_loadu_ps(sp + (v0 + v) * VR);
+      const __m256 bz = _mm256_loadu_ps(sp + TR + (v0 + v) * VR);
+      for (int m = 0; m < MT; ++m) {
+        __m256 sum = acc[m][v][0];
+        for (int c = 1; c < NACC; ++c) sum = _mm256_add_ps(sum, acc[m][v][c]);
+        tot[m][v] = _mm256_fmadd_ps(sum, sc, tot[m][v]);
+        tot[m][v] = _mm256_fmadd_ps(bz, _mm256_broadcast_ss(a.xs + m * L.ngp + g), tot[m][v]);
+      }
+    }
+    p += 2 * TR * sizeof(float);
+  }
+
+  for (int m = 0; m < MT; ++m) {
+    float* yr = a.y + m * L.n;
+    for (int v = 0; v < NV; ++v) {
+      const int r0 = (v0 + v) * VR;
+      __m256 out = tot[m][v];
+      if (a.bias && r0 + VR <= a.nvalid) out = _mm256_add_ps(out, _mm256_loadu_ps(a.bias + r0));
+      if (r0 + VR <= a.nvalid) {
+        _mm256_storeu_ps(yr + r0, out);
+      } else {
+        alignas(32) float o[VR];
+        _mm256_store_ps(o, out);
+        for (int i = 0; r0 + i < a.nvalid; ++i) yr[r0 + i] = a.bias ? o[i] + a.bias[r0 + i] : o[i];
+      }
+    }
+  }
+}
+
+// One pass shape per number of activation rows: MT rows over NV row vectors at a time.
+template <int BITS, int MT>
+LOWBIT_INLINE void gemv_pass(const Layout& L, const GemvArgs& a) {
+  if constexpr (MT <= 2) {
+    gemv_tile<BITS, NVT, MT>(L, a, 0);
+  } else {
+    // More activation rows: half the row vectors per pass keeps the accumulators in registers;
+    // the second pass re-reads the tile from L1/L2.
+    gemv_tile<BITS, NVT / 2, MT>(L, a, 0);
+    gemv_tile<BITS, NVT / 2, MT>(L, a, NVT / 2);
+  }
+}
+
+// Activation rows per pass over a tile.
+constexpr int MT_MAX = 4;
+
+template <int BITS>
+void gemv_tiles_t(const Layout& L, const uint8_t* qw, const float* xp, const float* xs, int64_t M,
+                  const float* bias, float* y, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
+    GemvArgs a;
+    a.tile = qw + t * L.tile_bytes();
+    a.bias = bias ? bias + t * TR : nullptr;
+    a.nvalid = (int)std::min<int64_t>(TR, L.n - t * TR);
+    for (int64_t m0 = 0; m0 < M; m0 += MT_MAX) {
+      a.xp = xp + m0 * L.kp;
+      a.xs = xs + m0 * L.ngp;
+      a.y = y + m0 * L.n + t * TR;
+      switch (std::min<int64_t>(MT_MAX, M - m0)) {
+        case 1: gemv_pass<BITS, 1>(L, a); break;
+        case 2: gemv_pass<BITS, 2>(L, a); break;
+        case 3: gemv_pass<BITS, 3>(L, a); break;
+        case 4: gemv_pass<BITS, 4>(L, a); break;
+      }
+    }
+  }
+}
+
+// GEMV over tiles [t0, t1) for all M rows (xp/xs prepared by prep_x_rows); y is [M, n].
+inline void gemv_tiles(const Layout& L, const uint8_t* qw, const float* xp, const float* xs, int64_t M,
+                       const float* bias, float* y, int64_t t0, int64_t t1) {
+  switch (L.bits) {
+    case 8: gemv_tiles_t<8>(L, qw, xp, xs, M, bias, y, t0, t1); break;
+    case 4: gemv_tiles_t<4>(L, qw, xp, xs, M, bias, y, t0, t1); break;
+    case 3: gemv_tiles_t<3>(L, qw, xp, xs, M, bias, y, t0, t1); break;
+    case 2: gemv_tiles_t<2>(L, qw, xp, xs, M, bias, y, t0, t1); break;
+    case 1: gemv_tiles_t<1>(L, qw, xp, xs, M, bias, y, t0, t1); break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dequantization of tiles [t0, t1) into W transposed: wt[k][(t - t0) * 32 + row], k < kp, row
+// stride ldw (floats). Each value is code * scale + (-scale * zero), one rounding.
+
+template <int BITS>
+void dequant_t_tiles_t(const Layout& L, const uint8_t* qw, int64_t t0, int64_t t1, float* wt, int64_t ldw) {
+  constexpr int P = codes_per_lane(BITS), VB = vec_bytes(BITS);
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* p = qw + t * L.tile_bytes();
+    float* wc = wt + (t - t0) * TR;
+    for (int64_t g = 0; g < L.ngp; ++g) {
+      const float* sp = (const float*)(p + L.cpg * NVT * VB);
+      __m256 sc[NVT], bz[NVT];
+      for (int v = 0; v < NVT; ++v) {
+        sc[v] = _mm256_loadu_ps(sp + v * VR);
+        bz[v] = _mm256_loadu_ps(sp + TR + v * VR);
+      }
+      for (int64_t c = 0; c < L.cpg; ++c, p += NVT * VB) {
+        float* wk = wc + (g * L.geff + c * P) * ldw;
+        for (int v = 0; v < NVT; ++v) {
+          const __m256i w = load_vec<BITS>(p + v * VB);
+          static_for<P>([&](auto sci) LOWBIT_LAMBDA_INLINE {
+            constexpr int s = decltype(sci)::value;
+            _mm256_storeu_ps(wk + s * ldw + v * VR, _mm256_fmadd_ps(decode_plain<BITS, s>(w), sc[v], bz[v]));
+          });
+        }
+      }
+      p += 2 * TR * sizeof(float);
+    }
+  }
+}
+
+inline void dequant_t_tiles(const Layout& L, const uint8_t* qw, int64_t t0, int64_t t1, float* wt, int64_t ldw) {
+  switch (L.bits) {
+    case 8: dequant_t_tiles_t<8>(L, qw, t0, t1, wt, ldw); break;
+    case 4: dequant_t_tiles_t<4>(L, qw, t0, t1, wt, ldw); break;
+    case 3: dequant_t_tiles_t<3>(L, qw, t0, t1, wt, ldw); break;
+    case 2: dequant_t_tiles_t<2>(L, qw, t0, t1, wt, ldw); break;
+    case 1: dequant_t_tiles_t<1>(L, qw, t0, t1, wt, ldw); break;
+  }
+}
+
+}  // namespace lowbit
