@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from . import checkpoint, hf
 
@@ -48,7 +49,7 @@ def mean_pool(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2, iters: int = 10,
-                     max_seconds: float = 60.0) -> dict[str, float]:
+                     max_seconds: float = 60.0, progress: bool = False) -> dict[str, float]:
     """Median seconds per call of each function, measured round-robin so drift hits all alike."""
     with torch.inference_mode():
         for fn in fns.values():
@@ -56,7 +57,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2, i
                 fn()
         times: dict[str, list[float]] = {name: [] for name in fns}
         start = time.perf_counter()
-        for i in range(iters):
+        for i in tqdm(range(iters), desc="timing", unit="round", disable=not progress):
             for name, fn in fns.items():
                 t0 = time.perf_counter()
                 fn()
@@ -71,13 +72,14 @@ def cosine_to(reference: torch.Tensor, other: torch.Tensor) -> float:
 
 
 def compare(models: dict[str, nn.Module], tokenizer, *, batch: int, seq: int = 128, iters: int = 10,
-            reference: str | None = None) -> list[dict]:
+            reference: str | None = None, progress: bool = False) -> list[dict]:
     """Latency, speed-up and cosine of each model against `reference` (the first one by default)."""
     reference = reference or next(iter(models))
     inputs = sample_batch(tokenizer, batch, seq)
     with torch.inference_mode():
         outs = {name: mean_pool(m, inputs) for name, m in models.items()}
-    times = time_interleaved({name: (lambda m=m: m(**inputs)) for name, m in models.items()}, iters=iters)
+    times = time_interleaved({name: (lambda m=m: m(**inputs)) for name, m in models.items()}, iters=iters,
+                             progress=progress)
     rows = []
     for name, m in models.items():
         rows.append({"model": name, "batch": batch, "seq": seq, "latency_ms": times[name] * 1e3,

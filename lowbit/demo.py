@@ -45,9 +45,9 @@ def run_demo(out: str | os.PathLike = "lowbit-demo", recipes: tuple[str, ...] = 
         models[recipe] = checkpoint.load(path)
         rows.append({"recipe": recipe, "size_mb": size / 1e6, "kernel": kernel_note(models[recipe]),
                      "quantize_s": time.perf_counter() - t0})
-    for row in tqdm(rows, desc="STS-B dev", unit="model"):
-        row["spearman"] = eval_stsb(models[row["recipe"]], tokenizer)
-    timing = {r["model"]: r for r in bench.compare(models, tokenizer, batch=batch, seq=seq, iters=iters)}
+    for row in rows:
+        row["spearman"] = eval_stsb(models[row["recipe"]], tokenizer, progress=True)
+    timing = {r["model"]: r for r in bench.compare(models, tokenizer, batch=batch, seq=seq, iters=iters, progress=True)}
     ref = rows[0]["spearman"]
     for row in rows:
         t = timing[row["recipe"]]
