@@ -14,7 +14,7 @@ import argparse
 import copy
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 import lowbit
 from lowbit.bench import time_interleaved

@@ -5,4 +5,4 @@ from .quantize import quantize, summary
 from .recipes import RECIPES, QuantConfig, parse_recipe
 
 __version__ = "0.1.0"
-__all__ = ["quantize", "summary", "save", "load", "CheckpointError", "QuantConfig", "parse_recipe", "RECIPES"]
+__all__ = ["RECIPES", "CheckpointError", "QuantConfig", "load", "parse_recipe", "quantize", "save", "summary"]

@@ -21,9 +21,9 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from .modules import QuantEmbedding, QuantLinear
 from .quantize import _set_child

@@ -100,8 +100,16 @@ def info_cmd() -> None:
                f"torch cpu capability {torch.backends.cpu.get_cpu_capability()}, threads {torch.get_num_threads()}")
     click.echo("features: " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in feats.items()))
     click.echo("kernels:")
-    for name, ok in available_kernels().items():
+    kernels = available_kernels()
+    for name, ok in kernels.items():
         click.echo(f"  {name:16s} {'available' if ok else 'not available'}")
+    if not (feats.get("avx512_bf16") or feats.get("amx_bf16")):
+        click.echo("warning: this CPU has no native bf16 arithmetic: bf16 GEMMs and PyTorch's int8/int4 "
+                   "weight-only kernels (which need bf16 activations) run emulated; with many rows a bf16 "
+                   "GEMM was ~6x slower than fp32 on such a CPU, so bf16 weights are upcast beyond 16 rows")
+    if not kernels["lowbit_cpu"]:
+        click.echo("warning: lowbit's own kernel is not built or this CPU lacks AVX2/FMA: int formats fall "
+                   "back to PyTorch's kernels (bf16 activations) or the simulated path")
     click.echo("formats:")
     for line in format_kernel_lines():
         click.echo("  " + line)
@@ -109,7 +117,7 @@ def info_cmd() -> None:
 
 def format_kernel_lines() -> list[str]:
     """Which kernel each documented recipe gets on a typical layer here, and whether it is simulated."""
-    import torch.nn as nn
+    from torch import nn
 
     from .quantize import quantize, summary
 

@@ -46,6 +46,7 @@ def run_demo(out: str | os.PathLike = "lowbit-demo", recipes: tuple[str, ...] = 
         rows.append({"recipe": recipe, "size_mb": size / 1e6, "kernel": kernel_note(models[recipe]),
                      "quantize_s": time.perf_counter() - t0})
     for row in rows:
+        tqdm.write(f"STS-B dev: {row['recipe']}")
         row["spearman"] = eval_stsb(models[row["recipe"]], tokenizer, progress=True)
     timing = {r["model"]: r for r in bench.compare(models, tokenizer, batch=batch, seq=seq, iters=iters, progress=True)}
     ref = rows[0]["spearman"]

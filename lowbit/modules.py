@@ -8,14 +8,12 @@ deterministically, so a model that was saved and loaded again computes bit-ident
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from . import core
 from .backends import KERNELS, LayerSpec, select_kernel
 from .recipes import QuantConfig
-
-
 
 # bf16 weights: a bf16 GEMM wins while the matmul is memory-bound (few rows); beyond that, on CPUs
 # without native bf16 arithmetic (AVX2), upcasting the weight and running fp32 GEMM was ~6x faster at
@@ -39,7 +37,7 @@ def encode_weight(w: torch.Tensor, config: QuantConfig) -> dict[str, torch.Tenso
     w = w.detach().float()
     if not torch.isfinite(w).all():
         raise ValueError("weight contains NaN or inf; refusing to quantize it")
-    n, k = w.shape
+    k = w.shape[1]
     if config.kind == "float":
         block = (1, k) if config.float_format.startswith("fp8") else None
         values, scale = core.quantize_float(w, config.float_format, block)

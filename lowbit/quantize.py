@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable
 
-import torch.nn as nn
+from torch import nn
 from tqdm.auto import tqdm
 
 from .modules import QuantEmbedding, QuantLinear

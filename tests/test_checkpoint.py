@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 from transformers import BertConfig, BertModel
 
 import lowbit
