@@ -52,7 +52,12 @@ def encode_weight(w: torch.Tensor, config: QuantConfig) -> dict[str, torch.Tenso
     block = (1, g)
     if config.kind == "kmeans":
         codes, centroids = core.kmeans_quantize(w, config.bits, block)
-        return {"qweight": core.pack_bits(codes, config.bits), "codebook": centroids}
+        # fp16 centroids halve the codebook (16 per group of 64 would cost 1 byte per weight in fp32);
+        # a table that does not fit fp16 stays fp32.
+        book = centroids.to(torch.float16)
+        if not torch.isfinite(book).all():
+            book = centroids
+        return {"qweight": core.pack_bits(codes, config.bits), "codebook": book}
     if config.kind == "ternary":
         codes, scale, zero = core.quantize_ternary(w, block)
     elif config.kind == "binary":
@@ -209,7 +214,7 @@ class QuantEmbedding(_QuantWeight):
         shape = codes.shape
         codes = codes.reshape(*shape[:-1], self._kp // g, g)
         if cfg.kind == "kmeans":
-            book = self.codebook[idx]  # [..., Kp/g, 2^b]
+            book = self.codebook[idx].float()  # [..., Kp/g, 2^b]
             rows = torch.gather(book, -1, codes.long()).reshape(shape)
         else:
             rows = ((codes - self.zero_point[idx].unsqueeze(-1)) * self.scale[idx].unsqueeze(-1)).reshape(shape)
