@@ -1,17 +1,28 @@
-"""Builds lowbit._C, the AVX2/FMA CPU kernel. Package metadata lives in pyproject.toml."""
+"""Builds lowbit._C, the AVX2/FMA CPU kernel. Package metadata lives in pyproject.toml.
+
+    pip install --no-build-isolation -e .       # needs torch installed first
+    python setup.py build_ext --inplace         # rebuild the kernel only
+
+On non-x86 machines nothing is compiled and lowbit falls back to its other kernels; on x86 CPUs
+without AVX2/FMA the module builds but lowbit.backends.lowbit_cpu.available() reports False.
+"""
+
+import platform
 
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-setup(
-    ext_modules=[
+ext_modules = []
+if platform.machine().lower() in ("x86_64", "amd64", "x64"):
+    ext_modules.append(
         CppExtension(
             name="lowbit._C",
             sources=["lowbit/backends/csrc/lowbit_cpu.cpp"],
+            depends=["lowbit/backends/csrc/kernels.h"],
             # -fopenmp: at::parallel_for is a header template that needs it to run on several threads.
             extra_compile_args=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
             extra_link_args=["-fopenmp"],
         )
-    ],
-    cmdclass={"build_ext": BuildExtension},
-)
+    )
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExtension})

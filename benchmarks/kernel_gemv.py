@@ -1,11 +1,17 @@
 """Decode-time matmul speed of lowbit's CPU kernel against torch, on one Llama-3.2-1B decoder layer.
 
-One run prints, for batch 1: ms per token (the layer's seven linears), speed-up over float32 F.linear and
-achieved GB/s (packed weight + scale bytes read per token / time), next to the machine's read
-bandwidth measured in the same run; then batch 4, the GEMV vs dequant+GEMM crossover, and a large-M
-(M=512) correctness and timing line.
+One run prints:
+  * batch 1: ms per token for the layer's seven linears, speed-up over float32 F.linear, and achieved
+    GB/s (bytes of packed weights + scales read per token / time), next to the machine's read
+    bandwidth (torch.sum over 1 GiB, measured in the same run, before and after);
+  * batch 4: ms per forward of 4 tokens;
+  * GEMV vs dequantize+GEMM for growing M (the crossover linear() uses);
+  * M = 512: error against float32 x @ dequant(W).T, and timing.
 
-Four copies of the layer are cycled so the weights (60.8M) come from DRAM, not the 32 MB L3.
+Four copies of the layer are cycled so the 60.8M weights come from DRAM, not the 32 MB L3. The methods
+are timed round-robin (one layer pass of each in turn, for every iteration), so they all see the same
+machine conditions: on a shared or virtualised host the absolute numbers drift from minute to minute,
+the ratios much less.
 
     python benchmarks/kernel_gemv.py [--iters 40] [--threads N]
 """
@@ -43,18 +49,6 @@ def read_bandwidth() -> float:
     return 2**30 / best / 1e9
 
 
-def timeit(fn, copies, iters: int, warmup: int = 8) -> float:
-    """Median seconds of one layer pass, cycling through the copies."""
-    for i in range(warmup):
-        fn(copies[i % len(copies)])
-    times = []
-    for i in range(iters):
-        s = time.perf_counter()
-        fn(copies[i % len(copies)])
-        times.append(time.perf_counter() - s)
-    return statistics.median(times)
-
-
 def rand_canonical(n, k, bits, g, gen):
     codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8, generator=gen)
     scale = torch.rand(n, k // g, generator=gen) * 0.02 + 0.001
@@ -70,20 +64,17 @@ def nbytes(*ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
 
 
-class Method:
-    def __init__(self, name, build, run):
-        self.name, self.build, self.run = name, build, run
-
+# Each method: build(gen) -> (layer dict, bytes read per token); run(xs, layer) with xs = {K: x}.
 
 def fp_method(dtype):
     def build(gen):
         layer = {nm: torch.randn(n, k, generator=gen).to(dtype) for nm, (n, k) in SHAPES.items()}
         return layer, sum(nbytes(w) for w in layer.values())
 
-    def run(x, layer):
-        xx = x.to(dtype)
-        return [F.linear(xx, w) for w in layer.values()]
-    return build, run
+    def run(xs, layer):
+        for w in layer.values():
+            F.linear(xs[dtype][w.shape[1]], w)
+    return build, run, dtype
 
 
 def torch_int8():
@@ -95,10 +86,10 @@ def torch_int8():
             layer[nm] = (w, s)
         return layer, sum(nbytes(*v) for v in layer.values())
 
-    def run(x, layer):
-        xx = x.to(torch.bfloat16)
-        return [torch._weight_int8pack_mm(xx, w, s) for w, s in layer.values()]
-    return build, run
+    def run(xs, layer):
+        for w, s in layer.values():
+            torch._weight_int8pack_mm(xs[torch.bfloat16][w.shape[1]], w, s)
+    return build, run, torch.bfloat16
 
 
 def torch_int4(g):
@@ -107,14 +98,15 @@ def torch_int4(g):
         for nm, (n, k) in SHAPES.items():
             codes, scale, zero = rand_canonical(n, k, 4, g, gen)
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+            # The op computes (q - 8) * s + z; canonical is (q - zero) * s, so z = (8 - zero) * s.
             sz = torch.stack([scale, (8.0 - zero) * scale], dim=-1).transpose(0, 1).contiguous()
-            layer[nm] = (packed, sz.to(torch.bfloat16))
-        return layer, sum(nbytes(*v) for v in layer.values())
+            layer[nm] = (packed, sz.to(torch.bfloat16), k)
+        return layer, sum(nbytes(p, sz) for p, sz, _ in layer.values())
 
-    def run(x, layer):
-        xx = x.to(torch.bfloat16)
-        return [torch.ops.aten._weight_int4pack_mm_for_cpu(xx, w, g, sz) for w, sz in layer.values()]
-    return build, run
+    def run(xs, layer):
+        for w, sz, k in layer.values():
+            torch.ops.aten._weight_int4pack_mm_for_cpu(xs[torch.bfloat16][k], w, g, sz)
+    return build, run, torch.bfloat16
 
 
 def ours(bits, g):
@@ -124,11 +116,12 @@ def ours(bits, g):
             gs = k if g is None else g
             codes, scale, zero = rand_canonical(n, k, bits, gs, gen)
             layer[nm] = (lowbit_cpu.prepack(codes, scale, zero, bits, gs), n, k, gs)
-        return layer, sum(nbytes(p["qweight"], p["sb"]) for p, *_ in layer.values())
+        return layer, sum(nbytes(*p.values()) for p, *_ in layer.values())
 
-    def run(x, layer):
-        return [lowbit_cpu.linear(x, p, bits, gs, n, k) for p, n, k, gs in layer.values()]
-    return build, run
+    def run(xs, layer):
+        for p, n, k, gs in layer.values():
+            lowbit_cpu.linear(xs[torch.float32][k], p, bits, gs, n, k)
+    return build, run, torch.float32
 
 
 def clone_layer(layer):
@@ -143,128 +136,134 @@ def clone_layer(layer):
     return {nm: cl(v) for nm, v in layer.items()}
 
 
+def round_robin(entries, iters, warmup):
+    """entries: {name: fn(i)}; one call of each per iteration, in turn. Returns {name: [seconds]}."""
+    times = {name: [] for name in entries}
+    for i in range(warmup + iters):
+        for name, fn in entries.items():
+            s = time.perf_counter()
+            fn(i)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - s)
+    return times
+
+
+def make_inputs(m, gen):
+    xs = {k: torch.randn(m, k, generator=gen) for k in (2048, 8192)}
+    return {dt: {k: x.to(dt) for k, x in xs.items()} for dt in (torch.float32, torch.bfloat16)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--iters", type=int, default=40)
+    ap.add_argument("--iters", type=int, default=40, help="timed iterations per method (>= 20)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if not lowbit_cpu.available():
         sys.exit("lowbit._C is not available (not built, or the CPU lacks AVX2/FMA)")
-    torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     nweights = sum(n * k for n, k in SHAPES.values())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"capability {torch.backends.cpu.get_cpu_capability()}; layer: {nweights / 1e6:.1f}M weights, "
-          f"{COPIES} copies cycled, median of {args.iters}")
-    bw = read_bandwidth()
-    print(f"read bandwidth (torch.sum over 1 GiB float32): {bw:.1f} GB/s")
+          f"{COPIES} copies cycled, median of {args.iters} round-robin iterations")
+    bw0 = read_bandwidth()
+    print(f"read bandwidth (torch.sum over 1 GiB float32, best of 5): {bw0:.1f} GB/s")
 
-    methods = [
-        ("fp32 F.linear", *fp_method(torch.float32)),
-        ("bf16 F.linear", *fp_method(torch.bfloat16)),
-        ("torch int8pack (bf16 act)", *torch_int8()),
-        ("torch int4pack g128 (bf16 act)", *torch_int4(128)),
-        ("lowbit int8 per-channel", *ours(8, None)),
-        ("lowbit int4-g128", *ours(4, 128)),
-        ("lowbit int4-g32", *ours(4, 32)),
-        ("lowbit int3-g64", *ours(3, 64)),
-        ("lowbit int2-g32", *ours(2, 32)),
-    ]
-    results = {}
-    print(f"\n{'batch 1':34s} {'ms/token':>9s} {'vs fp32':>8s} {'MB/token':>9s} {'GB/s':>6s} {'% of bw':>7s}")
-    x1 = torch.randn(1, 2048, generator=gen)
-    x1d = torch.randn(1, 8192, generator=gen)
-    x4 = torch.randn(4, 2048, generator=gen)
-    x4d = torch.randn(4, 8192, generator=gen)
+    methods = {
+        "fp32 F.linear": fp_method(torch.float32),
+        "bf16 F.linear": fp_method(torch.bfloat16),
+        "torch int8pack (bf16 act)": torch_int8(),
+        "torch int4pack g128 (bf16 act)": torch_int4(128),
+        "lowbit int8 per-channel": ours(8, None),
+        "lowbit int4-g128": ours(4, 128),
+        "lowbit int4-g32": ours(4, 32),
+        "lowbit int3-g64": ours(3, 64),
+        "lowbit int2-g32": ours(2, 32),
+    }
     built = {}
-    for name, build, run in methods:
+    for name, (build, run, _) in methods.items():
         layer, nb = build(gen)
-        copies = [layer] + [clone_layer(layer) for _ in range(COPIES - 1)]
-        built[name] = (copies, nb, run)
+        built[name] = ([layer] + [clone_layer(layer) for _ in range(COPIES - 1)], nb, run)
 
-        def one(layer, run=run, x=x1, xd=x1d):
-            # down takes the 8192-wide input; the other six the 2048-wide one.
-            items = list(layer.items())
-            sub_a = dict(items[:-1])
-            sub_b = dict(items[-1:])
-            run(x, sub_a)
-            run(xd, sub_b)
-        t = timeit(one, copies, args.iters)
-        results[name] = t
-        base = results["fp32 F.linear"]
-        print(f"{name:34s} {t * 1e3:9.3f} {base / t:7.2f}x {nb / 1e6:9.1f} {nb / t / 1e9:6.1f} "
-              f"{100 * nb / t / 1e9 / bw:6.0f}%")
+    def entries(names, xs):
+        return {nm: (lambda i, c=built[nm][0], r=built[nm][2]: r(xs, c[i % COPIES])) for nm in names}
 
-    print(f"\n{'batch 4 (per forward of 4 tokens)':34s} {'ms':>9s} {'vs fp32':>8s}")
-    res4 = {}
-    for name in ("fp32 F.linear", "torch int4pack g128 (bf16 act)", "torch int8pack (bf16 act)",
-                 "lowbit int8 per-channel", "lowbit int4-g128", "lowbit int3-g64", "lowbit int2-g32"):
-        copies, nb, run = built[name]
+    # ---- batch 1
+    x1 = make_inputs(1, gen)
+    t1 = round_robin(entries(list(built), x1), args.iters, warmup=5)
+    base = statistics.median(t1["fp32 F.linear"])
+    print(f"\n{'batch 1':32s} {'ms/token':>9s} {'(min)':>7s} {'vs fp32':>8s} {'MB/token':>9s} {'GB/s':>6s} "
+          f"{'of bw':>6s}")
+    for name, ts in t1.items():
+        t = statistics.median(ts)
+        nb = built[name][1]
+        print(f"{name:32s} {t * 1e3:9.3f} {min(ts) * 1e3:7.3f} {base / t:7.2f}x {nb / 1e6:9.1f} "
+              f"{nb / t / 1e9:6.1f} {100 * nb / t / 1e9 / bw0:5.0f}%")
 
-        def four(layer, run=run):
-            items = list(layer.items())
-            run(x4, dict(items[:-1]))
-            run(x4d, dict(items[-1:]))
-        t = timeit(four, copies, args.iters)
-        res4[name] = t
-        print(f"{name:34s} {t * 1e3:9.3f} {res4['fp32 F.linear'] / t:7.2f}x")
+    # ---- batch 4
+    x4 = make_inputs(4, gen)
+    names4 = ["fp32 F.linear", "torch int8pack (bf16 act)", "torch int4pack g128 (bf16 act)",
+              "lowbit int8 per-channel", "lowbit int4-g128", "lowbit int3-g64", "lowbit int2-g32"]
+    t4 = round_robin(entries(names4, x4), max(20, args.iters // 2), warmup=3)
+    base4 = statistics.median(t4["fp32 F.linear"])
+    print(f"\n{'batch 4 (one forward, 4 tokens)':32s} {'ms':>9s} {'ms/token':>9s} {'vs fp32':>8s}")
+    for name, ts in t4.items():
+        t = statistics.median(ts)
+        print(f"{name:32s} {t * 1e3:9.3f} {t * 250:9.3f} {base4 / t:7.2f}x")
 
-    # Crossover: streaming GEMV against dequantize-then-GEMM, int4-g128, the whole layer.
-    print("\nGEMV vs dequant+GEMM (lowbit int4-g128, ms per forward of M rows):")
-    copies, nb, _ = built["lowbit int4-g128"]
+    # ---- crossover: streaming GEMV against dequantize-then-GEMM (int4-g128, whole layer)
+    copies = built["lowbit int4-g128"][0]
     fp_copies = built["fp32 F.linear"][0]
-    saved = lowbit_cpu.gemv_max_m()
+    print(f"\nGEMV vs dequant+GEMM, lowbit int4-g128, ms per forward of M rows "
+          f"(linear() takes the GEMV for M <= {lowbit_cpu.gemv_max_m()}):")
     print(f"{'M':>5s} {'gemv':>9s} {'deq+mm':>9s} {'fp32':>9s}")
-    for M in (1, 2, 4, 8, 12, 16, 32, 64):
-        xm = torch.randn(M, 2048, generator=gen)
-        xmd = torch.randn(M, 8192, generator=gen)
-        row = []
-        for path_m in (10**9, 0):
-            lowbit_cpu.set_gemv_max_m(path_m)
+    for m in (1, 4, 8, 16, 32, 64, 128, 256, 512):
+        xm = make_inputs(m, gen)[torch.float32]
 
-            def f(layer, xm=xm, xmd=xmd):
-                for nm, (p, n, k, gs) in layer.items():
-                    lowbit_cpu.linear(xmd if nm == "down" else xm, p, 4, gs, n, k)
-            row.append(timeit(f, copies, max(10, args.iters // 4), warmup=3))
+        def ours_path(i, path, xm=xm):
+            for p, n, k, gs in copies[i % COPIES].values():
+                lowbit_cpu._C.linear(xm[k], p["qweight"], 4, gs, n, k, None, path)
 
-        def g(layer, xm=xm, xmd=xmd):
-            for nm, w in layer.items():
-                F.linear(xmd if nm == "down" else xm, w)
-        row.append(timeit(g, fp_copies, max(10, args.iters // 4), warmup=3))
-        print(f"{M:5d} " + " ".join(f"{t * 1e3:9.3f}" for t in row))
-    lowbit_cpu.set_gemv_max_m(saved)
-    print(f"(linear() uses the GEMV for M <= {saved})")
+        def fp(i, xm=xm):
+            for w in fp_copies[i % COPIES].values():
+                F.linear(xm[w.shape[1]], w)
+        n_it = 20 if m <= 16 else (8 if m <= 64 else 3)
+        tc = round_robin({"gemv": lambda i: ours_path(i, 1), "deq": lambda i: ours_path(i, 2), "fp32": fp},
+                         n_it, warmup=1)
+        print(f"{m:5d} " + " ".join(f"{statistics.median(tc[c]) * 1e3:9.2f}" for c in ("gemv", "deq", "fp32")))
 
-    # Large M: correctness against float32 dequant + matmul, and timing.
-    print("\nlarge M = 512 (one layer; error on the gate projection vs float32 x @ dequant(W).T):")
-    M = 512
+    # ---- large M: correctness and timing
+    m = 512
+    print(f"\nM = {m}: relative error ||y - y_ref|| / ||y_ref|| on the gate projection, y_ref = "
+          f"float32 x @ dequant(W).T")
     n, k = SHAPES["gate"]
-    xs = torch.randn(M, k, generator=gen)
-    for bits, g in ((8, None), (4, 128), (3, 64), (2, 32)):
+    xs = torch.randn(m, k, generator=gen)
+    for bits, g in ((8, None), (4, 128), (4, 32), (3, 64), (2, 32)):
         gs = k if g is None else g
         codes, scale, zero = rand_canonical(n, k, bits, gs, gen)
         p = lowbit_cpu.prepack(codes, scale, zero, bits, gs)
         ref = xs @ dequant_ref(codes, scale, zero, gs).T
         y = lowbit_cpu.linear(xs, p, bits, gs, n, k)
         err = ((y - ref).norm() / ref.norm()).item()
-        print(f"  int{bits}-{'pc' if g is None else 'g' + str(g)}: rel err {err:.2e}")
-    xm = torch.randn(M, 2048, generator=gen)
-    xmd = torch.randn(M, 8192, generator=gen)
-    copies = built["lowbit int4-g128"][0]
+        y1 = lowbit_cpu._C.linear(xs[:8], p["qweight"], bits, gs, n, k, None, 1)
+        err1 = ((y1 - ref[:8]).norm() / ref[:8].norm()).item()
+        print(f"  int{bits}-{'pc  ' if g is None else f'g{g:<3d}'}: {err:.2e} (auto path), {err1:.2e} (GEMV, 8 rows)")
+    xm = make_inputs(m, gen)[torch.float32]
 
-    def f(layer):
-        for nm, (p, n, k, gs) in layer.items():
-            lowbit_cpu.linear(xmd if nm == "down" else xm, p, 4, gs, n, k)
+    def ours_big(i):
+        for p, n, k, gs in copies[i % COPIES].values():
+            lowbit_cpu.linear(xm[k], p, 4, gs, n, k)
 
-    def g(layer):
-        for nm, w in layer.items():
-            F.linear(xmd if nm == "down" else xm, w)
-    t_ours = timeit(f, copies, 10, warmup=2)
-    t_fp = timeit(g, fp_copies, 10, warmup=2)
-    print(f"  M=512 layer: lowbit int4-g128 {t_ours * 1e3:.1f} ms, fp32 F.linear {t_fp * 1e3:.1f} ms "
-          f"({t_fp / t_ours:.2f}x)")
+    def fp_big(i):
+        for w in fp_copies[i % COPIES].values():
+            F.linear(xm[w.shape[1]], w)
+    tb = round_robin({"ours": ours_big, "fp32": fp_big}, 5, warmup=1)
+    to, tf = statistics.median(tb["ours"]), statistics.median(tb["fp32"])
+    print(f"  M={m} layer: lowbit int4-g128 {to * 1e3:.1f} ms, fp32 F.linear {tf * 1e3:.1f} ms ({tf / to:.2f}x)")
+
+    bw1 = read_bandwidth()
+    print(f"\nread bandwidth again at the end: {bw1:.1f} GB/s")
 
 
 if __name__ == "__main__":

@@ -59,8 +59,10 @@ struct Layout {
   int64_t chunk_bytes() const { return (int64_t)NVT * vb; }
   int64_t group_bytes() const { return cpg * chunk_bytes() + 2 * TR * (int64_t)sizeof(float); }
   int64_t tile_bytes() const { return ngp * group_bytes(); }
-  // +32: the int3 loader reads 4 bytes past a row vector.
-  int64_t total_bytes() const { return ntile * tile_bytes() + 32; }
+  // 32 bytes of padding on both ends: the int3 loader reads 4 bytes either side of a row vector.
+  static constexpr int64_t kPad = 32;
+  int64_t total_bytes() const { return kPad + ntile * tile_bytes() + kPad; }
+  int64_t tile_offset(int64_t t) const { return kPad + t * tile_bytes(); }
 };
 
 inline bool shape_ok(int64_t n, int64_t k, int64_t bits, int64_t g) {
@@ -102,7 +104,7 @@ inline bool pack_tiles(const Layout& L, const uint8_t* codes, const float* scale
   const uint32_t cmax = (1u << bits) - 1;
   bool ok = true;
   for (int64_t t = t0; t < t1; ++t) {
-    uint8_t* tp = out + t * L.tile_bytes();
+    uint8_t* tp = out + L.tile_offset(t);
     for (int64_t g = 0; g < L.ngp; ++g) {
       uint8_t* gp = tp + g * L.group_bytes();
       for (int row = 0; row < TR; ++row) {
@@ -151,23 +153,35 @@ inline float x_mult(int bits, int s) {
   return std::ldexp(1.0f, -e);
 }
 
-// Rows [m0, m1) of x [M, k] -> xp [M, kp], xs [M, ngp].
-inline void prep_x_rows(const Layout& L, const float* x, int64_t m0, int64_t m1, float* xp, float* xs) {
+// Activation rows per pass over a tile.
+constexpr int MT_MAX = 4;
+
+// Rows [m0, m1) of x [M, k] -> xp, xs. Rows are grouped MT_MAX at a time (the rows of one pass),
+// and within a group interleaved per column: xp[c][kk][j] for row c * MT_MAX + j, the same for xs
+// per group, so the kernel finds all its rows' activations of one column side by side.
+inline void prep_x_rows(const Layout& L, const float* x, int64_t M, int64_t m0, int64_t m1, float* xp, float* xs) {
   float mult[32];
   for (int s = 0; s < L.P; ++s) mult[s] = x_mult(L.bits, s);
   for (int64_t m = m0; m < m1; ++m) {
+    const int64_t c0 = m / MT_MAX * MT_MAX, j = m - c0, mt = std::min<int64_t>(MT_MAX, M - c0);
     const float* xr = x + m * L.k;
-    float* xpr = xp + m * L.kp;
+    float* xpr = xp + c0 * L.kp + j;
     for (int64_t kb = 0; kb < L.k; kb += L.P) {
       const int64_t len = std::min<int64_t>(L.P, L.k - kb);
-      for (int64_t j = 0; j < len; ++j) xpr[kb + j] = xr[kb + j] * mult[j];
+      for (int64_t i = 0; i < len; ++i) xpr[(kb + i) * mt] = xr[kb + i] * mult[i];
     }
-    for (int64_t kk = L.k; kk < L.kp; ++kk) xpr[kk] = 0.f;
+    for (int64_t kk = L.k; kk < L.kp; ++kk) xpr[kk * mt] = 0.f;
     for (int64_t g = 0; g < L.ngp; ++g) {
       const int64_t k0 = g * L.geff, k1 = std::min(L.k, k0 + L.geff);
-      double acc = 0.0;  // double: this sum multiplies the zero point, keep it tight
-      for (int64_t kk = k0; kk < k1; ++kk) acc += xr[kk];
-      xs[m * L.ngp + g] = (float)acc;
+      // Double, since this sum multiplies the zero point; eight fixed partial sums so the compiler
+      // can vectorise while the result stays the same on every call.
+      double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int64_t kk = k0;
+      for (; kk + 8 <= k1; kk += 8)
+        for (int i = 0; i < 8; ++i) part[i] += (double)xr[kk + i];
+      for (; kk < k1; ++kk) part[0] += (double)xr[kk];
+      const double acc = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+      xs[c0 * L.ngp + g * mt + j] = (float)acc;
     }
   }
 }
@@ -190,17 +204,30 @@ LOWBIT_INLINE void static_for(Fn&& fn) {
 template <int BITS>
 LOWBIT_INLINE __m256i load_vec(const uint8_t* p) {
   if constexpr (BITS == 3) {
-    // Lanes 0-3 come from bytes 0..11, lanes 4-7 from bytes 12..23, three bytes per lane.
-    const __m128i lo = _mm_loadu_si128((const __m128i*)p);
-    const __m128i hi = _mm_loadu_si128((const __m128i*)(p + 12));
-    const __m256i raw = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
-    const __m256i shuf = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,
-                                          0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
+    // Three bytes per lane. Loading from p - 4 puts bytes 0..11 (lanes 0-3) at 4..15 of the low
+    // half and bytes 12..23 (lanes 4-7) at 0..11 of the high half, so one in-lane shuffle spreads
+    // them out. The top byte of each lane is left as garbage: int3 masks never reach bit 24.
+    const __m256i raw = _mm256_loadu_si256((const __m256i*)(p - 4));
+    const __m256i shuf = _mm256_setr_epi8(4, 5, 6, 7, 7, 8, 9, 10, 10, 11, 12, 13, 13, 14, 15, 15,
+                                          0, 1, 2, 3, 3, 4, 5, 6, 6, 7, 8, 9, 9, 10, 11, 11);
     return _mm256_shuffle_epi8(raw, shuf);
   } else {
     return _mm256_loadu_si256((const __m256i*)p);
   }
 }
+
+// In-place masks per (bits, step), read from memory: keeping up to 31 of them in registers would
+// push the accumulators out to the stack.
+struct MaskTable {
+  alignas(32) uint32_t m[9][32][8];
+  constexpr MaskTable() : m() {
+    for (int b = 1; b <= 8; ++b)
+      for (int s = 0; s < 32; ++s)
+        for (int i = 0; i < 8; ++i)
+          m[b][s][i] = (b * s + b <= 32) ? ((1u << b) - 1) << (b * s) : 0u;
+  }
+};
+inline constexpr MaskTable kMasks{};
 
 // Code of step s as float, times 2^xexp_of(BITS, s).
 template <int BITS, int s>
@@ -208,7 +235,11 @@ LOWBIT_INLINE __m256 decode_scaled(__m256i v) {
   if constexpr (top_of(BITS, s)) {
     return _mm256_cvtepi32_ps(_mm256_srli_epi32(v, pos_of(BITS, s)));
   } else {
-    return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)(((1u << BITS) - 1) << pos_of(BITS, s)))));
+    // Inline asm pins the mask as a memory operand (the compiler would otherwise rebuild the
+    // constants in registers and spill accumulators to make room).
+    __m256i q;
+    asm("vpand %2, %1, %0" : "=x"(q) : "x"(v), "m"(*(const __m256i*)kMasks.m[BITS][s]));
+    return _mm256_cvtepi32_ps(q);
   }
 }
 
@@ -222,13 +253,13 @@ LOWBIT_INLINE __m256 decode_plain(__m256i v) {
 
 // Bytes ahead of the current chunk that the GEMV prefetches (0: rely on the hardware prefetcher).
 #ifndef LOWBIT_PF
-#define LOWBIT_PF 2048
+#define LOWBIT_PF 4096
 #endif
 
 struct GemvArgs {
   const uint8_t* tile;  // this tile's stream
-  const float* xp;      // scaled activations, first row of this pass, row stride kp
-  const float* xs;      // per-group activation sums, first row of this pass, row stride ngp
+  const float* xp;      // scaled activations of this pass's rows, [kp][MT] (see prep_x_rows)
+  const float* xs;      // per-group activation sums of this pass's rows, [ngp][MT]
   float* y;             // output, first row of this pass, at the tile's first column; row stride n
   const float* bias;    // at the tile's first column, or null
   int nvalid;           // rows of the tile that exist
@@ -239,7 +270,7 @@ struct GemvArgs {
 template <int BITS, int NV, int MT>
 void gemv_tile(const Layout& L, const GemvArgs& a, int v0) {
   constexpr int P = codes_per_lane(BITS), VB = vec_bytes(BITS);
-  constexpr int NACC = NV * MT >= 8 ? 1 : 2;
+  constexpr int NACC = NV * MT >= 6 ? 1 : 2;
   __m256 acc[MT][NV][NACC], tot[MT][NV];
   for (int m = 0; m < MT; ++m)
     for (int v = 0; v < NV; ++v) tot[m][v] = _mm256_setzero_ps();
@@ -250,24 +281,47 @@ void gemv_tile(const Layout& L, const GemvArgs& a, int v0) {
     for (int m = 0; m < MT; ++m)
       for (int v = 0; v < NV; ++v)
         for (int c = 0; c < NACC; ++c) acc[m][v][c] = _mm256_setzero_ps();
-    for (int64_t c = 0; c < L.cpg; ++c, p += NVT * VB, xk += P) {
+    // One chunk: P columns of the NV row vectors.
+    auto chunk = [&](const uint8_t* cp, const float* cx) LOWBIT_LAMBDA_INLINE {
       if constexpr (LOWBIT_PF > 0) {
-        _mm_prefetch((const char*)(p + LOWBIT_PF), _MM_HINT_T0);
-        _mm_prefetch((const char*)(p + LOWBIT_PF + 64), _MM_HINT_T0);
+        _mm_prefetch((const char*)(cp + LOWBIT_PF), _MM_HINT_T0);
+        _mm_prefetch((const char*)(cp + LOWBIT_PF + 64), _MM_HINT_T0);
       }
       __m256i w[NV];
-      for (int v = 0; v < NV; ++v) w[v] = load_vec<BITS>(p + (v0 + v) * VB);
+      for (int v = 0; v < NV; ++v) w[v] = load_vec<BITS>(cp + (v0 + v) * VB);
       static_for<P>([&](auto sc) LOWBIT_LAMBDA_INLINE {
         constexpr int s = decltype(sc)::value;
-        __m256 xb[MT];
-        for (int m = 0; m < MT; ++m) xb[m] = _mm256_broadcast_ss(xk + m * L.kp + s);
-        for (int v = 0; v < NV; ++v) {
-          const __m256 q = decode_scaled<BITS, s>(w[v]);
-          for (int m = 0; m < MT; ++m) acc[m][v][s % NACC] = _mm256_fmadd_ps(q, xb[m], acc[m][v][s % NACC]);
+        // Statement order matters to the register allocator (16 ymm): one activation row decodes
+        // and multiplies vector by vector; several rows decode once, then take one broadcast at a
+        // time, which keeps their accumulators out of the stack.
+        if constexpr (MT == 1) {
+          const __m256 xb = _mm256_broadcast_ss(cx + s);
+          for (int v = 0; v < NV; ++v)
+            acc[0][v][s % NACC] = _mm256_fmadd_ps(decode_scaled<BITS, s>(w[v]), xb, acc[0][v][s % NACC]);
+        } else {
+          __m256 q[NV];
+          for (int v = 0; v < NV; ++v) q[v] = decode_scaled<BITS, s>(w[v]);
+          for (int m = 0; m < MT; ++m) {
+            const __m256 xb = _mm256_broadcast_ss(cx + s * MT + m);
+            for (int v = 0; v < NV; ++v) acc[m][v][s % NACC] = _mm256_fmadd_ps(q[v], xb, acc[m][v][s % NACC]);
+          }
         }
       });
+    };
+    int64_t c = 0;
+    if constexpr (P < 8) {
+      // int8 has 4 columns per chunk: two chunks per iteration halve the loop overhead.
+      for (; c + 2 <= L.cpg; c += 2, p += 2 * NVT * VB, xk += 2 * P * MT) {
+        chunk(p, xk);
+        chunk(p + NVT * VB, xk + P * MT);
+      }
     }
+    for (; c < L.cpg; ++c, p += NVT * VB, xk += P * MT) chunk(p, xk);
     // Fold the group: tot += acc * scale + bias * sum(x in group), 8 rows per instruction.
+    if constexpr (LOWBIT_PF > 0) {
+      // The scales take 256 bytes of the stream that the chunk loop did not prefetch.
+      for (int l = 0; l < 4; ++l) _mm_prefetch((const char*)(p + LOWBIT_PF + 64 * l), _MM_HINT_T0);
+    }
     const float* sp = (const float*)p;
     for (int v = 0; v < NV; ++v) {
       const __m256 sc = _mm256_loadu_ps(sp + (v0 + v) * VR);
@@ -276,7 +330,7 @@ void gemv_tile(const Layout& L, const GemvArgs& a, int v0) {
         __m256 sum = acc[m][v][0];
         for (int c = 1; c < NACC; ++c) sum = _mm256_add_ps(sum, acc[m][v][c]);
         tot[m][v] = _mm256_fmadd_ps(sum, sc, tot[m][v]);
-        tot[m][v] = _mm256_fmadd_ps(bz, _mm256_broadcast_ss(a.xs + m * L.ngp + g), tot[m][v]);
+        tot[m][v] = _mm256_fmadd_ps(bz, _mm256_broadcast_ss(a.xs + g * MT + m), tot[m][v]);
       }
     }
     p += 2 * TR * sizeof(float);
@@ -299,28 +353,24 @@ void gemv_tile(const Layout& L, const GemvArgs& a, int v0) {
   }
 }
 
-// One pass shape per number of activation rows: MT rows over NV row vectors at a time.
+// One activation row takes all four row vectors of a tile at once (8 accumulators); more rows take
+// two row vectors per pass (up to 8 accumulators), the second pass finding the tile in L1/L2.
 template <int BITS, int MT>
 LOWBIT_INLINE void gemv_pass(const Layout& L, const GemvArgs& a) {
-  if constexpr (MT <= 2) {
-    gemv_tile<BITS, NVT, MT>(L, a, 0);
+  if constexpr (MT == 1) {
+    gemv_tile<BITS, NVT, 1>(L, a, 0);
   } else {
-    // More activation rows: half the row vectors per pass keeps the accumulators in registers;
-    // the second pass re-reads the tile from L1/L2.
     gemv_tile<BITS, NVT / 2, MT>(L, a, 0);
     gemv_tile<BITS, NVT / 2, MT>(L, a, NVT / 2);
   }
 }
-
-// Activation rows per pass over a tile.
-constexpr int MT_MAX = 4;
 
 template <int BITS>
 void gemv_tiles_t(const Layout& L, const uint8_t* qw, const float* xp, const float* xs, int64_t M,
                   const float* bias, float* y, int64_t t0, int64_t t1) {
   for (int64_t t = t0; t < t1; ++t) {
     GemvArgs a;
-    a.tile = qw + t * L.tile_bytes();
+    a.tile = qw + L.tile_offset(t);
     a.bias = bias ? bias + t * TR : nullptr;
     a.nvalid = (int)std::min<int64_t>(TR, L.n - t * TR);
     for (int64_t m0 = 0; m0 < M; m0 += MT_MAX) {
@@ -357,7 +407,7 @@ template <int BITS>
 void dequant_t_tiles_t(const Layout& L, const uint8_t* qw, int64_t t0, int64_t t1, float* wt, int64_t ldw) {
   constexpr int P = codes_per_lane(BITS), VB = vec_bytes(BITS);
   for (int64_t t = t0; t < t1; ++t) {
-    const uint8_t* p = qw + t * L.tile_bytes();
+    const uint8_t* p = qw + L.tile_offset(t);
     float* wc = wt + (t - t0) * TR;
     for (int64_t g = 0; g < L.ngp; ++g) {
       const float* sp = (const float*)(p + L.cpg * NVT * VB);
