@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lowbit.backends import lowbit_cpu  # noqa: E402
+from lowbit.backends import lowbit_cpu
 
 # Llama-3.2-1B decoder layer linears, [out, in].
 SHAPES = {

@@ -280,7 +280,7 @@ void gemv_tile(const Layout& L, const GemvArgs& a, int v0) {
   for (int64_t g = 0; g < L.ngp; ++g) {
     for (int m = 0; m < MT; ++m)
       for (int v = 0; v < NV; ++v)
-        for (int c = 0; c < NACC; ++c) acc[m][v][c] = _mm256_setzero_ps();
+        for (int j = 0; j < NACC; ++j) acc[m][v][j] = _mm256_setzero_ps();
     // One chunk: P columns of the NV row vectors.
     auto chunk = [&](const uint8_t* cp, const float* cx) LOWBIT_LAMBDA_INLINE {
       if constexpr (LOWBIT_PF > 0) {
@@ -328,7 +328,7 @@ void gemv_tile(const Layout& L, const GemvArgs& a, int v0) {
       const __m256 bz = _mm256_loadu_ps(sp + TR + (v0 + v) * VR);
       for (int m = 0; m < MT; ++m) {
         __m256 sum = acc[m][v][0];
-        for (int c = 1; c < NACC; ++c) sum = _mm256_add_ps(sum, acc[m][v][c]);
+        for (int j = 1; j < NACC; ++j) sum = _mm256_add_ps(sum, acc[m][v][j]);
         tot[m][v] = _mm256_fmadd_ps(sum, sc, tot[m][v]);
         tot[m][v] = _mm256_fmadd_ps(bz, _mm256_broadcast_ss(a.xs + g * MT + m), tot[m][v]);
       }
