@@ -9,9 +9,9 @@ One run prints:
   * M = 512: error against float32 x @ dequant(W).T, and timing.
 
 Four copies of the layer are cycled so the 60.8M weights come from DRAM, not the 32 MB L3. The methods
-are timed round-robin (one layer pass of each in turn, for every iteration), so they all see the same
-machine conditions: on a shared or virtualised host the absolute numbers drift from minute to minute,
-the ratios much less.
+are timed in rounds (a warm-up pass, then a few timed passes of each method in turn), so they all see
+the same machine conditions: on a shared or virtualised host the absolute numbers drift from minute to
+minute, the ratios much less. Reported: median per layer pass (and the fastest pass).
 
     python benchmarks/kernel_gemv.py [--iters 40] [--threads N]
 """
@@ -136,15 +136,26 @@ def clone_layer(layer):
     return {nm: cl(v) for nm, v in layer.items()}
 
 
-def round_robin(entries, iters, warmup):
-    """entries: {name: fn(i)}; one call of each per iteration, in turn. Returns {name: [seconds]}."""
+def round_robin(entries, iters, warmup, block=4):
+    """entries: {name: fn(i)}. Rounds of `block` timed calls of each method in turn, each run preceded
+    by `warmup` untimed calls, until every method has `iters` timings. Returns {name: [seconds]}.
+
+    Blocks give each method a warm start (the previous method may have left a core idle, and an idle
+    core takes milliseconds to get back to speed on this VM); rounds spread every method over the
+    same stretch of time, so drift in the machine's speed hits them all alike.
+    """
     times = {name: [] for name in entries}
-    for i in range(warmup + iters):
+    i = 0
+    while any(len(t) < iters for t in times.values()):
         for name, fn in entries.items():
-            s = time.perf_counter()
-            fn(i)
-            if i >= warmup:
+            for _ in range(warmup):
+                fn(i)
+                i += 1
+            for _ in range(min(block, iters - len(times[name]))):
+                s = time.perf_counter()
+                fn(i)
                 times[name].append(time.perf_counter() - s)
+                i += 1
     return times
 
 
@@ -166,7 +177,7 @@ def main() -> None:
     nweights = sum(n * k for n, k in SHAPES.values())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"capability {torch.backends.cpu.get_cpu_capability()}; layer: {nweights / 1e6:.1f}M weights, "
-          f"{COPIES} copies cycled, median of {args.iters} round-robin iterations")
+          f"{COPIES} copies cycled, median of {args.iters} timed passes per method")
     bw0 = read_bandwidth()
     print(f"read bandwidth (torch.sum over 1 GiB float32, best of 5): {bw0:.1f} GB/s")
 
@@ -191,7 +202,7 @@ def main() -> None:
 
     # ---- batch 1
     x1 = make_inputs(1, gen)
-    t1 = round_robin(entries(list(built), x1), args.iters, warmup=5)
+    t1 = round_robin(entries(list(built), x1), args.iters, warmup=2)
     base = statistics.median(t1["fp32 F.linear"])
     print(f"\n{'batch 1':32s} {'ms/token':>9s} {'(min)':>7s} {'vs fp32':>8s} {'MB/token':>9s} {'GB/s':>6s} "
           f"{'of bw':>6s}")
@@ -205,7 +216,7 @@ def main() -> None:
     x4 = make_inputs(4, gen)
     names4 = ["fp32 F.linear", "torch int8pack (bf16 act)", "torch int4pack g128 (bf16 act)",
               "lowbit int8 per-channel", "lowbit int4-g128", "lowbit int3-g64", "lowbit int2-g32"]
-    t4 = round_robin(entries(names4, x4), max(20, args.iters // 2), warmup=3)
+    t4 = round_robin(entries(names4, x4), max(20, args.iters // 2), warmup=2)
     base4 = statistics.median(t4["fp32 F.linear"])
     print(f"\n{'batch 4 (one forward, 4 tokens)':32s} {'ms':>9s} {'ms/token':>9s} {'vs fp32':>8s}")
     for name, ts in t4.items():
@@ -230,7 +241,7 @@ def main() -> None:
                 F.linear(xm[w.shape[1]], w)
         n_it = 20 if m <= 16 else (8 if m <= 64 else 3)
         tc = round_robin({"gemv": lambda i: ours_path(i, 1), "deq": lambda i: ours_path(i, 2), "fp32": fp},
-                         n_it, warmup=1)
+                         n_it, warmup=1, block=2)
         print(f"{m:5d} " + " ".join(f"{statistics.median(tc[c]) * 1e3:9.2f}" for c in ("gemv", "deq", "fp32")))
 
     # ---- large M: correctness and timing
@@ -258,7 +269,7 @@ def main() -> None:
     def fp_big(i):
         for w in fp_copies[i % COPIES].values():
             F.linear(xm[w.shape[1]], w)
-    tb = round_robin({"ours": ours_big, "fp32": fp_big}, 5, warmup=1)
+    tb = round_robin({"ours": ours_big, "fp32": fp_big}, 5, warmup=1, block=1)
     to, tf = statistics.median(tb["ours"]), statistics.median(tb["fp32"])
     print(f"  M={m} layer: lowbit int4-g128 {to * 1e3:.1f} ms, fp32 F.linear {tf * 1e3:.1f} ms ({tf / to:.2f}x)")
 

@@ -20,7 +20,7 @@ summation order only: ||y - y_ref|| / ||y_ref|| < 1e-5 (the tests' bound; typica
 
 Determinism: the GEMV gives the same bits on every call and for any thread count (each output is
 summed by one thread in a fixed order). The large-M path uses torch's GEMM: same bits for the same
-inputs and thread count (inputs are copied to 64-byte-aligned memory first so alignment cannot matter).
+inputs and thread count (an input off 64-byte alignment is copied first, so alignment cannot matter).
 """
 
 from __future__ import annotations
@@ -29,30 +29,31 @@ import os
 
 import torch
 
-try:
-    from .. import _C  # built by setup.py
-except (ImportError, OSError):  # not built, or built against another torch: callers fall back
-    _C = None
-
-_CPU_OK: bool | None = None
-
 
 def _cpu_has_avx2_fma() -> bool:
-    global _CPU_OK
-    if _CPU_OK is None:
-        ok = False
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("flags"):
-                        flags = set(line.split(":", 1)[1].split())
-                        ok = {"avx2", "fma"} <= flags
-                        break
-        except OSError:
-            # No /proc (not Linux): torch only reports AVX2 when AVX2 and FMA are both usable.
-            ok = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-        _CPU_OK = ok
-    return _CPU_OK
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return {"avx2", "fma"} <= set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    # No /proc (not Linux): torch reports AVX2 only when AVX2 and FMA are both usable.
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def _import_kernel():
+    # The whole module is compiled for AVX2/FMA, its import code included: check the CPU first.
+    if not _cpu_has_avx2_fma():
+        return None
+    try:
+        from .. import _C  # built by setup.py
+    except (ImportError, OSError):  # not built, or built against another torch: callers fall back
+        return None
+    return _C
+
+
+_C = _import_kernel()
 
 
 def available() -> bool:
@@ -60,9 +61,7 @@ def available() -> bool:
 
     Setting LOWBIT_DISABLE_CPU_KERNEL=1 turns the kernel off (to compare against the fallbacks).
     """
-    if _C is None or os.environ.get("LOWBIT_DISABLE_CPU_KERNEL", "") not in ("", "0"):
-        return False
-    return _cpu_has_avx2_fma()
+    return _C is not None and os.environ.get("LOWBIT_DISABLE_CPU_KERNEL", "") in ("", "0")
 
 
 def supports(n: int, k: int, bits: int, group_size: int) -> bool:
@@ -79,7 +78,8 @@ def supports(n: int, k: int, bits: int, group_size: int) -> bool:
 
 def _check(n: int, k: int, bits: int, group_size: int) -> None:
     if _C is None:
-        raise RuntimeError("lowbit._C is not built; run `pip install --no-build-isolation -e .`")
+        raise RuntimeError("lowbit._C is not available (not built, or the CPU lacks AVX2/FMA); "
+                           "build it with `pip install --no-build-isolation -e .`")
     if not supports(n, k, bits, group_size):
         raise ValueError(f"lowbit_cpu cannot take n={n} k={k} bits={bits} group_size={group_size}")
 
