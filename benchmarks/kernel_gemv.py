@@ -9,7 +9,7 @@ One run prints:
   * M = 512: error against float32 x @ dequant(W).T, and timing.
 
 Four copies of the layer are cycled so the 60.8M weights come from DRAM, not the 32 MB L3. The methods
-are timed in rounds (a warm-up pass, then a few timed passes of each method in turn), so they all see
+are timed in rounds (a few warm-up passes, then a few timed passes of each method in turn), so they all see
 the same machine conditions: on a shared or virtualised host the absolute numbers drift from minute to
 minute, the ratios much less. Reported: median per layer pass (and the fastest pass).
 
@@ -202,7 +202,7 @@ def main() -> None:
 
     # ---- batch 1
     x1 = make_inputs(1, gen)
-    t1 = round_robin(entries(list(built), x1), args.iters, warmup=2)
+    t1 = round_robin(entries(list(built), x1), args.iters, warmup=4)
     base = statistics.median(t1["fp32 F.linear"])
     print(f"\n{'batch 1':32s} {'ms/token':>9s} {'(min)':>7s} {'vs fp32':>8s} {'MB/token':>9s} {'GB/s':>6s} "
           f"{'of bw':>6s}")
@@ -216,7 +216,7 @@ def main() -> None:
     x4 = make_inputs(4, gen)
     names4 = ["fp32 F.linear", "torch int8pack (bf16 act)", "torch int4pack g128 (bf16 act)",
               "lowbit int8 per-channel", "lowbit int4-g128", "lowbit int3-g64", "lowbit int2-g32"]
-    t4 = round_robin(entries(names4, x4), max(20, args.iters // 2), warmup=2)
+    t4 = round_robin(entries(names4, x4), max(20, args.iters // 2), warmup=3)
     base4 = statistics.median(t4["fp32 F.linear"])
     print(f"\n{'batch 4 (one forward, 4 tokens)':32s} {'ms':>9s} {'ms/token':>9s} {'vs fp32':>8s}")
     for name, ts in t4.items():
@@ -242,7 +242,8 @@ def main() -> None:
         n_it = 20 if m <= 16 else (8 if m <= 64 else 3)
         tc = round_robin({"gemv": lambda i: ours_path(i, 1), "deq": lambda i: ours_path(i, 2), "fp32": fp},
                          n_it, warmup=1, block=2)
-        print(f"{m:5d} " + " ".join(f"{statistics.median(tc[c]) * 1e3:9.2f}" for c in ("gemv", "deq", "fp32")))
+        cols = (statistics.median(tc[c]) * 1e3 for c in ("gemv", "deq", "fp32"))
+        print(f"{m:5d} " + " ".join(f"{t:9.2f}" for t in cols))
 
     # ---- large M: correctness and timing
     m = 512
@@ -259,7 +260,8 @@ def main() -> None:
         err = ((y - ref).norm() / ref.norm()).item()
         y1 = lowbit_cpu._C.linear(xs[:8], p["qweight"], bits, gs, n, k, None, 1)
         err1 = ((y1 - ref[:8]).norm() / ref[:8].norm()).item()
-        print(f"  int{bits}-{'pc  ' if g is None else f'g{g:<3d}'}: {err:.2e} (auto path), {err1:.2e} (GEMV, 8 rows)")
+        fmt = "pc  " if g is None else f"g{g:<3d}"
+        print(f"  int{bits}-{fmt}: {err:.2e} (auto path), {err1:.2e} (GEMV, 8 rows)")
     xm = make_inputs(m, gen)[torch.float32]
 
     def ours_big(i):
@@ -271,7 +273,8 @@ def main() -> None:
             F.linear(xm[w.shape[1]], w)
     tb = round_robin({"ours": ours_big, "fp32": fp_big}, 5, warmup=1, block=1)
     to, tf = statistics.median(tb["ours"]), statistics.median(tb["fp32"])
-    print(f"  M={m} layer: lowbit int4-g128 {to * 1e3:.1f} ms, fp32 F.linear {tf * 1e3:.1f} ms ({tf / to:.2f}x)")
+    print(f"  M={m} layer: lowbit int4-g128 {to * 1e3:.1f} ms, fp32 F.linear {tf * 1e3:.1f} ms "
+          f"({tf / to:.2f}x)")
 
     bw1 = read_bandwidth()
     print(f"\nread bandwidth again at the end: {bw1:.1f} GB/s")

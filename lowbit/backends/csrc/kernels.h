@@ -159,7 +159,8 @@ constexpr int MT_MAX = 4;
 // Rows [m0, m1) of x [M, k] -> xp, xs. Rows are grouped MT_MAX at a time (the rows of one pass),
 // and within a group interleaved per column: xp[c][kk][j] for row c * MT_MAX + j, the same for xs
 // per group, so the kernel finds all its rows' activations of one column side by side.
-inline void prep_x_rows(const Layout& L, const float* x, int64_t M, int64_t m0, int64_t m1, float* xp, float* xs) {
+inline void prep_x_rows(const Layout& L, const float* x, int64_t M, int64_t m0, int64_t m1, float* xp,
+                        float* xs) {
   float mult[32];
   for (int s = 0; s < L.P; ++s) mult[s] = x_mult(L.bits, s);
   for (int64_t m = m0; m < m1; ++m) {
@@ -180,7 +181,8 @@ inline void prep_x_rows(const Layout& L, const float* x, int64_t M, int64_t m0, 
       for (; kk + 8 <= k1; kk += 8)
         for (int i = 0; i < 8; ++i) part[i] += (double)xr[kk + i];
       for (; kk < k1; ++kk) part[0] += (double)xr[kk];
-      const double acc = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+      const double acc =
+          ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
       xs[c0 * L.ngp + g * mt + j] = (float)acc;
     }
   }
@@ -431,7 +433,8 @@ void dequant_t_tiles_t(const Layout& L, const uint8_t* qw, int64_t t0, int64_t t
   }
 }
 
-inline void dequant_t_tiles(const Layout& L, const uint8_t* qw, int64_t t0, int64_t t1, float* wt, int64_t ldw) {
+inline void dequant_t_tiles(const Layout& L, const uint8_t* qw, int64_t t0, int64_t t1, float* wt,
+                            int64_t ldw) {
   switch (L.bits) {
     case 8: dequant_t_tiles_t<8>(L, qw, t0, t1, wt, ldw); break;
     case 4: dequant_t_tiles_t<4>(L, qw, t0, t1, wt, ldw); break;

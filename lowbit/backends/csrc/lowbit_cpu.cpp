@@ -5,8 +5,8 @@
 //     x [..., K] of any float dtype (computed in float32), y [..., N] in x's dtype
 //   dequant(qweight, bits, group_size, n, k) -> W (float32 [n, k])
 //
-// linear: M <= gemv_max_m rows take the streaming GEMV (weights read once, all threads split the
-// output rows); more rows dequantize W in slabs to float32 and use torch's GEMM.
+// linear: M <= gemv_max_m rows (256) take the streaming GEMV (weights read once per 128 rows of x,
+// all threads split the output rows); more rows dequantize W in slabs to float32 and use torch's GEMM.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -39,7 +39,8 @@ at::Tensor prepack(at::Tensor codes, at::Tensor scale, at::Tensor zero, int64_t 
               "lowbit: codes must be a CPU uint8 [N, K] tensor");
   const int64_t n = codes.size(0), k = codes.size(1);
   const Layout L = checked_layout(n, k, bits, group_size);
-  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == n && scale.size(1) == L.ng, "lowbit: scale must be [N, K/G]");
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == n && scale.size(1) == L.ng,
+              "lowbit: scale must be [N, K/G]");
   TORCH_CHECK(zero.dim() == 2 && zero.size(0) == n && zero.size(1) == L.ng, "lowbit: zero must be [N, K/G]");
   codes = codes.contiguous();
   scale = scale.to(at::kFloat).contiguous();
@@ -85,8 +86,10 @@ void dequant_mm(const Layout& L, at::Tensor x, const uint8_t* qw, const at::Tens
   }
 }
 
-// Largest M that takes the GEMV (see benchmarks/kernel_gemv.py for the crossover).
-std::atomic<int64_t> g_gemv_max_m{128};
+// Largest M that takes the GEMV (see benchmarks/kernel_gemv.py for the crossover), and the rows
+// of x the GEMV takes per pass over the weights.
+std::atomic<int64_t> g_gemv_max_m{256};
+constexpr int64_t kGemvRowBlock = 128;
 
 void run_linear(const Layout& L, const at::Tensor& x, const at::Tensor& qw, const at::Tensor& b, int64_t path,
                 at::Tensor& y);
@@ -95,7 +98,8 @@ at::Tensor linear(at::Tensor x, at::Tensor qw, int64_t bits, int64_t group_size,
                   c10::optional<at::Tensor> bias, int64_t path) {
   const Layout L = checked_layout(n, k, bits, group_size);
   check_qweight(L, qw);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k && x.device().is_cpu(), "lowbit: x must be a CPU [..., K] tensor");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k && x.device().is_cpu(),
+              "lowbit: x must be a CPU [..., K] tensor");
   TORCH_CHECK(path >= 0 && path <= 2, "lowbit: path is 0 (auto), 1 (gemv) or 2 (dequant + mm)");
   const auto in_dtype = x.scalar_type();
   auto out_sizes = x.sizes().vec();
@@ -118,18 +122,25 @@ void run_linear(const Layout& L, const at::Tensor& x, const at::Tensor& qw, cons
   const int64_t M = x.size(0);
   const uint8_t* q = qw.data_ptr<uint8_t>();
   if (path == 1 || (path == 0 && M <= g_gemv_max_m.load())) {
-    auto xp = at::empty({M, L.kp}, x.options());
-    auto xs = at::empty({M, L.ngp}, x.options());
-    const float* xptr = x.data_ptr<float>();
+    // Blocks of rows: every tile re-reads its block's activations, which then stay in L2/L3.
+    const int64_t mb = std::min<int64_t>(M, kGemvRowBlock);
+    auto xp = at::empty({mb, L.kp}, x.options());
+    auto xs = at::empty({mb, L.ngp}, x.options());
     float* xpp = xp.data_ptr<float>();
     float* xsp = xs.data_ptr<float>();
-    at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) { lowbit::prep_x_rows(L, xptr, M, m0, m1, xpp, xsp); });
     const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-    float* yp = y.data_ptr<float>();
-    // Each output comes from one thread in a fixed order: results do not depend on the thread count.
-    at::parallel_for(0, L.ntile, 1, [&](int64_t t0, int64_t t1) {
-      lowbit::gemv_tiles(L, q, xpp, xsp, M, bp, yp, t0, t1);
-    });
+    for (int64_t m0 = 0; m0 < M; m0 += mb) {
+      const int64_t rows = std::min(mb, M - m0);
+      const float* xptr = x.data_ptr<float>() + m0 * L.k;
+      float* yp = y.data_ptr<float>() + m0 * L.n;
+      at::parallel_for(0, rows, 32, [&](int64_t r0, int64_t r1) {
+        lowbit::prep_x_rows(L, xptr, rows, r0, r1, xpp, xsp);
+      });
+      // Each output comes from one thread in a fixed order: results do not depend on the thread count.
+      at::parallel_for(0, L.ntile, 1, [&](int64_t t0, int64_t t1) {
+        lowbit::gemv_tiles(L, q, xpp, xsp, rows, bp, yp, t0, t1);
+      });
+    }
   } else {
     dequant_mm(L, x, q, b, y);
   }
