@@ -55,7 +55,7 @@ def main() -> None:
     for recipe in args.recipes:
         for kernel in args.kernels:
             try:
-                q = lowbit.quantize(copy.deepcopy(base[0]), recipe, kernel=kernel)
+                q = lowbit.quantize(copy.deepcopy(base[0]), recipe, backend=kernel)
             except ValueError:
                 continue  # this kernel does not take this recipe
             kname = lowbit.summary(q)[0]["kernel"]

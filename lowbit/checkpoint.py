@@ -25,9 +25,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .modules import QuantEmbedding, QuantLinear
+from .modules import QuantEmbedding, QuantLinear, QuantModule
 from .quantize import _set_child
 from .recipes import QuantConfig
+from .w8a8 import FusedReLU, W8A8Conv, W8A8Linear
 
 FORMAT_VERSION = 1
 MANIFEST = "lowbit.json"
@@ -47,6 +48,15 @@ def _sha256(path: Path) -> str:
 
 
 def _layer_entry(mod: nn.Module) -> dict:
+    if isinstance(mod, W8A8Linear):
+        return {"type": "w8a8_linear", "in_features": mod.in_features, "out_features": mod.out_features,
+                "bias": mod.bias is not None, "relu": mod.relu, "config": mod.config.to_dict(),
+                "kernel": mod.kernel_name}
+    if isinstance(mod, W8A8Conv):
+        return {"type": "w8a8_conv", **mod.geometry(), "bias": mod.bias is not None, "relu": mod.relu,
+                "config": mod.config.to_dict(), "kernel": mod.kernel_name}
+    if isinstance(mod, FusedReLU):
+        return {"type": "fused_relu"}
     if isinstance(mod, QuantLinear):
         return {"type": "linear", "in_features": mod.in_features, "out_features": mod.out_features,
                 "bias": mod.bias is not None, "config": mod.config.to_dict(), "kernel": mod.kernel_name}
@@ -66,7 +76,7 @@ def _model_entry(model: nn.Module) -> dict:
 def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None) -> Path:
     """Write `model` (quantized by lowbit.quantize, or partly float) to `directory`, atomically."""
     target = Path(directory)
-    layers = {name: _layer_entry(m) for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
+    layers = {name: _layer_entry(m) for name, m in model.named_modules() if isinstance(m, (QuantModule, FusedReLU))}
     tensors = {}
     seen: dict[int, str] = {}
     for name, t in model.state_dict().items():
@@ -89,6 +99,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None) -> P
             "config": recipe.to_dict() if isinstance(recipe, QuantConfig) else None,
             "model": _model_entry(model),
             "layers": layers,
+            "float_layers": list(getattr(model, "lowbit_float_layers", [])),
             "tensors": {"file": TENSORS, "bytes": (tmp / TENSORS).stat().st_size, "sha256": _sha256(tmp / TENSORS)},
         }
         if tokenizer is not None:
@@ -167,11 +178,29 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, verify
     if model is None:
         model = _skeleton(manifest["model"])
     for name, entry in manifest["layers"].items():
+        if entry.get("type") == "fused_relu":
+            _set_child(model, name, FusedReLU())
+            continue
         config = QuantConfig.from_dict(entry["config"])
         prefix = name + "."
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
         try:
-            if entry["type"] == "linear":
+            if entry["type"] in ("w8a8_linear", "w8a8_conv"):
+                bias = state.pop("bias", None)
+                if entry["type"] == "w8a8_linear":
+                    args = ((entry["in_features"], entry["out_features"], config, state, bias))
+                    cls = W8A8Linear
+                else:
+                    geo = {k: entry[k] for k in ("in_channels", "out_channels", "kernel_size", "stride",
+                                                 "padding", "dilation", "groups")}
+                    args, cls = (geo, config, state, bias), W8A8Conv
+                try:
+                    new = cls(*args, kernel=entry["kernel"], relu=entry["relu"])
+                except ValueError:
+                    warnings.warn(f"layer {name!r}: kernel {entry['kernel']!r} cannot run it here; using the "
+                                  "float reference of the same integer arithmetic (simulated, slower)", stacklevel=2)
+                    new = cls(*args, kernel="reference", relu=entry["relu"])
+            elif entry["type"] == "linear":
                 bias = state.pop("bias", None)
                 args = (entry["in_features"], entry["out_features"], config, state, bias)
                 try:
@@ -191,6 +220,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, verify
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{directory} does not match the model: {e}") from None
+    model.lowbit_float_layers = manifest.get("float_layers", [])
     if manifest.get("config"):
         model.lowbit_recipe = QuantConfig.from_dict(manifest["config"])
     return model.eval()

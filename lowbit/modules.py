@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import core
-from .backends import KERNELS, LayerSpec, select_kernel
+from .backends import AUTO_ORDER, KERNELS, LayerSpec, select_kernel
 from .recipes import QuantConfig
 
 # bf16 weights: a bf16 GEMM wins while the matmul is memory-bound (few rows); beyond that, on CPUs
@@ -83,8 +83,8 @@ def dequantize_weight(state: dict[str, torch.Tensor], config: QuantConfig, n: in
     return w[:, :k]
 
 
-class _QuantWeight(nn.Module):
-    """Shared state handling of QuantLinear and QuantEmbedding."""
+class QuantModule(nn.Module):
+    """Base of every lowbit quantized layer: canonical state buffers, recipe, size."""
 
     def _init_state(self, n: int, k: int, config: QuantConfig, state: dict[str, torch.Tensor]) -> None:
         self.config = config
@@ -103,7 +103,7 @@ class _QuantWeight(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.canonical_state().values())
 
 
-class QuantLinear(_QuantWeight):
+class QuantLinear(QuantModule):
     """y = x @ W.T + b with W stored quantized; the kernel is chosen per layer."""
 
     def __init__(self, in_features: int, out_features: int, config: QuantConfig,
@@ -146,6 +146,15 @@ class QuantLinear(_QuantWeight):
         self._prep = kernel.prepare(codes, self.scale, self.zero_point, self.spec)
         self.kernel_name = kernel.name
 
+    def candidate_kernels(self) -> list[str]:
+        """Kernels that can run this layer here, in the default order of preference."""
+        if self.spec is None:
+            return [self.kernel_name]
+        return [n for n in AUTO_ORDER if KERNELS[n].supports(self.spec)]
+
+    def set_kernel(self, name: str) -> None:
+        self._setup_kernel(name)
+
     @property
     def kernel(self) -> str:
         return self.kernel_name
@@ -181,7 +190,7 @@ class QuantLinear(_QuantWeight):
                 f"kernel={self.kernel_name}, act={act}{sim}")
 
 
-class QuantEmbedding(_QuantWeight):
+class QuantEmbedding(QuantModule):
     """Embedding table quantized row-wise; a lookup dequantizes only the rows it gathers."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, config: QuantConfig,

@@ -1,6 +1,8 @@
 """Recipes: the strings users type (`int4-g128`) and the config objects they stand for.
 
-Grammar: FORMAT[-gGROUP][-METHOD], e.g. `int8`, `int4-g128`, `int3-g64-rtn`, `kmeans4-g64`, `ternary`.
+Grammar: FORMAT[-gGROUP][-METHOD], e.g. `int8`, `int4-g128`, `int3-g64-rtn`, `kmeans4-g64`, `ternary`;
+and for activations quantized too: `w8a8-dynamic`, `w8a8-static`, `w8a8-static-OBSERVER` (OBSERVER one
+of minmax, ema, percentile, mse, entropy; minmax by default).
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ from dataclasses import asdict, dataclass, replace
 
 FLOAT_FORMATS = ("fp16", "bf16", "fp8", "fp8_e5m2")
 METHODS = ("rtn",)
+ACT_MODES = ("dynamic", "static")
+OBSERVER_NAMES = ("minmax", "ema", "percentile", "mse", "entropy")  # lowbit.core.observers.OBSERVERS
 
 # The recipes lowbit documents and tests; the grammar accepts more (any int2..int8, any group).
 RECIPES = (
     "fp16", "bf16", "fp8", "int8", "int4-g32", "int4-g64", "int4-g128", "int3-g64", "int2-g32",
-    "kmeans4-g64", "ternary", "binary",
+    "kmeans4-g64", "ternary", "binary", "w8a8-dynamic", "w8a8-static",
 )
 
 
@@ -24,6 +28,8 @@ class QuantConfig:
 
     kind: "int" (affine integers), "float" (fp16/bf16/fp8 casts), "kmeans" (codebook),
     "ternary" or "binary". group_size None means one scale per output channel (per row).
+    act: None (weights only), "dynamic" (activations quantized per row at run time) or "static"
+    (per tensor, with ranges from calibration by `observer`).
     """
 
     kind: str
@@ -33,6 +39,8 @@ class QuantConfig:
     float_format: str | None = None
     method: str = "rtn"
     embeddings: bool = True  # quantize nn.Embedding tables too (row-wise)
+    act: str | None = None
+    observer: str = "minmax"
 
     def __post_init__(self) -> None:
         if self.kind not in ("int", "float", "kmeans", "ternary", "binary"):
@@ -43,9 +51,23 @@ class QuantConfig:
             raise ValueError(f"group size must be positive, got {self.group_size}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
+        if self.act is not None:
+            if self.act not in ACT_MODES:
+                raise ValueError(f"unknown activation mode {self.act!r}; valid: {', '.join(ACT_MODES)}")
+            if (self.kind, self.bits, self.group_size, self.symmetric) != ("int", 8, None, True):
+                raise ValueError("activation quantization takes int8 symmetric per-channel weights (w8a8)")
+        if self.observer not in OBSERVER_NAMES:
+            raise ValueError(f"unknown observer {self.observer!r}; valid: {', '.join(OBSERVER_NAMES)}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.act == "static"
 
     @property
     def name(self) -> str:
+        if self.act is not None:
+            suffix = f"-{self.observer}" if self.act == "static" and self.observer != "minmax" else ""
+            return f"w8a8-{self.act}{suffix}"
         if self.kind == "float":
             return "fp8" if self.float_format == "fp8_e4m3" else str(self.float_format)
         base = {"int": f"int{self.bits}", "kmeans": f"kmeans{self.bits}"}.get(self.kind, self.kind)
@@ -70,7 +92,8 @@ def valid_recipes_message() -> str:
     return (
         "valid recipes: " + ", ".join(RECIPES)
         + " (grammar FORMAT[-gGROUP][-METHOD]: FORMAT is fp16, bf16, fp8, fp8_e5m2, int2..int8, "
-        + "kmeans2..kmeans8, ternary or binary; METHOD is " + "/".join(METHODS) + ")"
+        + "kmeans2..kmeans8, ternary or binary; METHOD is " + "/".join(METHODS) + "; "
+        + "or w8a8-dynamic, w8a8-static[-OBSERVER] with OBSERVER in " + "/".join(OBSERVER_NAMES) + ")"
     )
 
 
@@ -80,7 +103,13 @@ def parse_recipe(recipe: str | QuantConfig) -> QuantConfig:
         return recipe
     if not isinstance(recipe, str):
         raise TypeError(f"recipe must be a string or QuantConfig, got {type(recipe).__name__}")
-    m = _PATTERN.match(recipe.strip().lower())
+    text = recipe.strip().lower()
+    act = re.fullmatch(r"w8a8-(dynamic|static)(?:-([a-z]+))?", text)
+    if act:
+        if act[2] is not None and (act[1] != "static" or act[2] not in OBSERVER_NAMES):
+            raise ValueError(f"unknown recipe {recipe!r}; {valid_recipes_message()}")
+        return QuantConfig("int", 8, None, True, None, "rtn", act=act[1], observer=act[2] or "minmax")
+    m = _PATTERN.match(text)
     if not m:
         raise ValueError(f"unknown recipe {recipe!r}; {valid_recipes_message()}")
     fmt, group, method = m["fmt"], m["group"], m["method"] or "rtn"

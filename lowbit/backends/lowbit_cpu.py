@@ -122,3 +122,10 @@ def gemv_max_m() -> int:
 def set_gemv_max_m(m: int) -> None:
     """Move the GEMV / dequant+GEMM crossover (process-wide; for benchmarking)."""
     _C.set_gemv_max_m(int(m))
+
+
+def ops():
+    """The compiled module itself, for the activation-quantization ops the int8 backends call."""
+    if _C is None:
+        raise RuntimeError("lowbit._C is not available (not built, or the CPU lacks AVX2/FMA)")
+    return _C

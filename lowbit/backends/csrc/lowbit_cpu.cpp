@@ -4,6 +4,10 @@
 //   linear(x, qweight, bits, group_size, n, k, bias=None, path=0) -> y = x @ W^T (+ bias)
 //     x [..., K] of any float dtype (computed in float32), y [..., N] in x's dtype
 //   dequant(qweight, bits, group_size, n, k) -> W (float32 [n, k])
+//   quantize_rows_u8(x [M, K] f32) -> (q uint8 [M, K], scale f32 [M], zero int32 [M])  (per row, asym)
+//   quantize_u8(x f32, inv_scale, zero) -> q uint8, same shape and memory layout (per tensor)
+//   row_epilogue_(y [M, N] f32, sx [M], sxz [M], csw [N], bias [N]?) in place:
+//       y = y * sx[m] - sxz[m] * csw[n] + bias[n]
 //
 // linear: M <= gemv_max_m rows (256) take the streaming GEMV (weights read once per 128 rows of x,
 // all threads split the output rows); more rows dequantize W in slabs to float32 and use torch's GEMM.
@@ -14,6 +18,7 @@
 #include <atomic>
 #include <cstdint>
 
+#include "act_quant.h"
 #include "kernels.h"
 
 namespace {
@@ -169,6 +174,68 @@ int64_t packed_bytes(int64_t n, int64_t k, int64_t bits, int64_t group_size) {
 void set_gemv_max_m(int64_t m) { g_gemv_max_m = m; }
 int64_t get_gemv_max_m() { return g_gemv_max_m.load(); }
 
+std::vector<at::Tensor> quantize_rows_u8(at::Tensor x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
+              "lowbit: quantize_rows_u8 takes a CPU float32 [M, K] tensor");
+  x = x.contiguous();
+  const int64_t m = x.size(0), k = x.size(1);
+  auto q = at::empty({m, k}, x.options().dtype(at::kByte));
+  auto scale = at::empty({m}, x.options());
+  auto zero = at::empty({m}, x.options().dtype(at::kInt));
+  const float* xp = x.data_ptr<float>();
+  uint8_t* qp = q.data_ptr<uint8_t>();
+  float* sp = scale.data_ptr<float>();
+  int32_t* zp = zero.data_ptr<int32_t>();
+  at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), [&](int64_t a, int64_t b) {
+    for (int64_t r = a; r < b; ++r) {
+      float lo, hi, inv;
+      lowbit::row_min_max(xp + r * k, k, lo, hi);
+      TORCH_CHECK(std::isfinite(lo) && std::isfinite(hi), "lowbit: activation row ", r, " is not finite");
+      lowbit::row_params_u8(lo, hi, sp[r], inv, zp[r]);
+      lowbit::quantize_span_u8(xp + r * k, k, inv, zp[r], qp + r * k);
+    }
+  });
+  return {q, scale, zero};
+}
+
+at::Tensor quantize_u8(at::Tensor x, double inv_scale, int64_t zero) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "lowbit: quantize_u8 takes CPU float32");
+  TORCH_CHECK(zero >= 0 && zero <= 255, "lowbit: zero point must be in 0..255");
+  // Keep the caller's memory format (channels_last stays channels_last): work on the dense storage.
+  if (!x.is_non_overlapping_and_dense()) x = x.contiguous();
+  auto q = at::empty_like(x, x.options().dtype(at::kByte));
+  TORCH_CHECK(q.strides() == x.strides(), "lowbit: quantize_u8 could not match the input layout");
+  const float* xp = x.data_ptr<float>();
+  uint8_t* qp = q.data_ptr<uint8_t>();
+  const float inv = static_cast<float>(inv_scale);
+  const int32_t z = static_cast<int32_t>(zero);
+  at::parallel_for(0, x.numel(), 65536, [&](int64_t a, int64_t b) {
+    lowbit::quantize_span_u8(xp + a, b - a, inv, z, qp + a);
+  });
+  return q;
+}
+
+void row_epilogue_(at::Tensor y, at::Tensor sx, at::Tensor sxz, at::Tensor csw, c10::optional<at::Tensor> bias) {
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.dim() == 2 && y.stride(1) == 1, "lowbit: y must be f32 [M, N]");
+  const int64_t m = y.size(0), n = y.size(1);
+  TORCH_CHECK(sx.numel() == m && sxz.numel() == m && csw.numel() == n && sx.is_contiguous() &&
+                  sxz.is_contiguous() && csw.is_contiguous() && sx.scalar_type() == at::kFloat &&
+                  sxz.scalar_type() == at::kFloat && csw.scalar_type() == at::kFloat,
+              "lowbit: row_epilogue_ vectors do not match y");
+  const float* bp = nullptr;
+  if (bias && bias->defined()) {
+    TORCH_CHECK(bias->numel() == n && bias->is_contiguous() && bias->scalar_type() == at::kFloat,
+                "lowbit: bias must be f32 [N]");
+    bp = bias->data_ptr<float>();
+  }
+  float* yp = y.data_ptr<float>();
+  const int64_t ld = y.stride(0);
+  const float *a = sx.data_ptr<float>(), *b = sxz.data_ptr<float>(), *c = csw.data_ptr<float>();
+  at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t r0, int64_t r1) {
+    lowbit::row_epilogue(yp, ld, n, a, b, c, bp, r0, r1);
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -180,6 +247,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qweight"), py::arg("bits"), py::arg("group_size"), py::arg("n"), py::arg("k"),
         py::arg("bias") = py::none(), py::arg("path") = 0);
   m.def("dequant", &dequant, "packed -> float32 W [N, K]");
+  m.def("quantize_rows_u8", &quantize_rows_u8, "per-row asymmetric uint8 quantization of float32 [M, K]");
+  m.def("quantize_u8", &quantize_u8, "per-tensor uint8 quantization, layout kept");
+  m.def("row_epilogue_", &row_epilogue_, "y = y*sx[m] - sxz[m]*csw[n] + bias[n], in place", py::arg("y"),
+        py::arg("sx"), py::arg("sxz"), py::arg("csw"), py::arg("bias") = py::none());
   m.def("set_gemv_max_m", &set_gemv_max_m);
   m.def("get_gemv_max_m", &get_gemv_max_m);
 }

@@ -1,0 +1,97 @@
+// Activation quantization for the int8 matmuls (W8A8): float32 -> uint8 in one pass, and the
+// per-row epilogue that turns the int32 dot products back into float32.
+//
+// Rounding is round-half-to-even (vcvtps2dq under the default MXCSR mode), the same as torch.round,
+// so Python references reproduce these codes exactly:  q = clamp(round(x * inv_scale) + zero, 0, 255).
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+namespace lowbit {
+
+// Smallest step we allow: a row of zeros (or denormals) gets this scale instead of 0 or inf.
+constexpr float kMinStep = 1e-12f;
+
+inline void row_min_max(const float* x, int64_t k, float& lo, float& hi) {
+  __m256 vlo = _mm256_setzero_ps(), vhi = _mm256_setzero_ps();  // 0 is always in range
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    vlo = _mm256_min_ps(vlo, v);
+    vhi = _mm256_max_ps(vhi, v);
+  }
+  alignas(32) float a[8], b[8];
+  _mm256_store_ps(a, vlo);
+  _mm256_store_ps(b, vhi);
+  lo = 0.f;
+  hi = 0.f;
+  for (int j = 0; j < 8; ++j) {
+    lo = std::min(lo, a[j]);
+    hi = std::max(hi, b[j]);
+  }
+  for (; i < k; ++i) {
+    lo = std::min(lo, x[i]);
+    hi = std::max(hi, x[i]);
+  }
+}
+
+// q[i] = clamp(round(x[i] * inv) + zero, 0, 255) for i < n.
+inline void quantize_span_u8(const float* x, int64_t n, float inv, int32_t zero, uint8_t* q) {
+  const __m256 vinv = _mm256_set1_ps(inv);
+  const __m256i vz = _mm256_set1_epi32(zero);
+  const __m256i v0 = _mm256_setzero_si256(), v255 = _mm256_set1_epi32(255);
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    __m256i r[4];
+    for (int j = 0; j < 4; ++j) {
+      __m256i c = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * j), vinv)), vz);
+      r[j] = _mm256_min_epi32(_mm256_max_epi32(c, v0), v255);
+    }
+    // Saturating packs keep the values (already in 0..255) and interleave 128-bit lanes; the
+    // permute restores element order.
+    const __m256i p16a = _mm256_packs_epi32(r[0], r[1]);
+    const __m256i p16b = _mm256_packs_epi32(r[2], r[3]);
+    const __m256i p8 = _mm256_packus_epi16(p16a, p16b);
+    const __m256i ordered = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), ordered);
+  }
+  for (; i < n; ++i) {
+    const int32_t c = static_cast<int32_t>(std::nearbyint(x[i] * inv)) + zero;
+    q[i] = static_cast<uint8_t>(std::min(255, std::max(0, c)));
+  }
+}
+
+// Asymmetric per-row parameters covering [min(row, 0), max(row, 0)] with 256 levels.
+inline void row_params_u8(float lo, float hi, float& scale, float& inv, int32_t& zero) {
+  scale = std::max((hi - lo) / 255.f, kMinStep);
+  inv = 1.f / scale;
+  const float z = std::nearbyint(-lo * inv);
+  zero = static_cast<int32_t>(std::min(255.f, std::max(0.f, z)));
+}
+
+// y[m, n] = y[m, n] * sx[m] - sxz[m] * csw[n] + bias[n]  (bias may be null), rows [r0, r1).
+inline void row_epilogue(float* y, int64_t ldy, int64_t ncol, const float* sx, const float* sxz,
+                         const float* csw, const float* bias, int64_t r0, int64_t r1) {
+  for (int64_t m = r0; m < r1; ++m) {
+    float* row = y + m * ldy;
+    const __m256 a = _mm256_set1_ps(sx[m]), b = _mm256_set1_ps(-sxz[m]);
+    int64_t n = 0;
+    for (; n + 8 <= ncol; n += 8) {
+      __m256 v = _mm256_mul_ps(_mm256_loadu_ps(row + n), a);
+      v = _mm256_fmadd_ps(b, _mm256_loadu_ps(csw + n), v);
+      if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + n));
+      _mm256_storeu_ps(row + n, v);
+    }
+    for (; n < ncol; ++n) {
+      float v = std::fma(-sxz[m], csw[n], row[n] * sx[m]);
+      if (bias) v += bias[n];
+      row[n] = v;
+    }
+  }
+}
+
+}  // namespace lowbit

@@ -1,0 +1,91 @@
+"""Integer matmul and convolution through oneDNN, as PyTorch exposes it (`torch.ops.onednn`).
+
+uint8 activations (with a zero point) times int8 weights (symmetric, one scale per output channel),
+int32 accumulation, float32 output. These ops take plain uint8/int8 tensors, not PyTorch's deprecated
+quantized dtypes.
+
+Saturation: on x86 CPUs without VNNI, oneDNN multiplies with vpmaddubsw, which adds two u8*s8 products
+into a saturating int16. With full-range int8 weights that overflows (seen here: errors of 30% of the
+output range); with weights in [-64, 63] the pair sum stays within int16 (2 * 255 * 64 = 32640), and
+results are exact. So on such CPUs lowbit quantizes W8A8 weights to 7 bits (symmetric, [-63, 63]) and
+keeps the activations at a full 8 bits: measured on all-MiniLM-L6-v2, that loses less than the other
+choice (8-bit weights, 7-bit activations, which is what fbgemm's reduce_range does). CPUs with VNNI
+(vpdpbusd accumulates in int32) get full 8-bit weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+
+import torch
+
+from ..hw import cpu_features
+from . import lowbit_cpu
+
+
+@functools.cache
+def available() -> bool:
+    """oneDNN int8 ops present (x86 build of torch with mkldnn) and lowbit's activation ops built."""
+    ops = getattr(torch.ops, "onednn", None)
+    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+            and ops is not None and hasattr(ops, "qlinear_pointwise") and hasattr(ops, "qconv_pointwise")
+            and lowbit_cpu.available())
+
+
+@functools.cache
+def weight_qmax() -> int:
+    """Largest int8 weight magnitude the int8 kernels multiply exactly on this CPU (see module doc)."""
+    f = cpu_features()
+    return 127 if (f.get("avx512_vnni") or f.get("avx_vnni") or f.get("amx_int8")) else 63
+
+
+def _zeros_i32(n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.int32)
+
+
+def prepack_linear(w: torch.Tensor) -> torch.Tensor:
+    """int8 weight [N, K] -> oneDNN's packed weight."""
+    return torch.ops.onednn.qlinear_prepack(w.contiguous(), None)
+
+
+def linear_static(x: torch.Tensor, packed: torch.Tensor, x_scale: float, x_zero: int, w_scale: torch.Tensor,
+                  bias: torch.Tensor | None, relu: bool = False) -> torch.Tensor:
+    """x [M, K] float32 quantized with fixed (x_scale, x_zero) -> float32 [M, N]."""
+    q = lowbit_cpu.ops().quantize_u8(x, 1.0 / x_scale, x_zero)
+    return torch.ops.onednn.qlinear_pointwise(q, x_scale, x_zero, packed, w_scale, _zeros_i32(w_scale.numel()),
+                                              bias, 1.0, 0, torch.float32, "relu" if relu else "none", [], "")
+
+
+def linear_dynamic(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, w_colsum_scaled: torch.Tensor,
+                   bias: torch.Tensor | None, relu: bool = False) -> torch.Tensor:
+    """x [M, K] float32, quantized per row at run time (asymmetric uint8) -> float32 [M, N].
+
+    oneDNN takes one activation scale per tensor, so it runs with scale 1 and zero point 0 and our
+    epilogue applies each row's scale and zero-point correction:
+        y[m, n] = sx[m] * (acc[m, n] * sw[n]) - sx[m] * zx[m] * (sw[n] * sum_k w[n, k]) + b[n]
+    """
+    C = lowbit_cpu.ops()
+    q, sx, zx = C.quantize_rows_u8(x)
+    y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, packed, w_scale, _zeros_i32(w_scale.numel()), None,
+                                           1.0, 0, torch.float32, "none", [], "")
+    C.row_epilogue_(y, sx, sx * zx.float(), w_colsum_scaled, bias)
+    return y.relu_() if relu else y
+
+
+def prepack_conv(w: torch.Tensor, w_scale: torch.Tensor, x_scale: float, x_zero: int, stride: list[int],
+                 padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
+    return torch.ops.onednn.qconv_prepack(w.contiguous(), w_scale, x_scale, x_zero, stride, padding, dilation,
+                                          groups, None)
+
+
+def conv_static(x: torch.Tensor, packed: torch.Tensor, x_scale: float, x_zero: int, w_scale: torch.Tensor,
+                bias: torch.Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
+                groups: int, relu: bool = False) -> torch.Tensor:
+    """Conv1d/2d on float32 x quantized with fixed (x_scale, x_zero); float32 output (channels_last
+    for 2-d, which the float ops after it accept as is)."""
+    q = lowbit_cpu.ops().quantize_u8(x, 1.0 / x_scale, x_zero)
+    return torch.ops.onednn.qconv_pointwise(q, x_scale, x_zero, packed, w_scale,
+                                            torch.zeros(w_scale.numel(), dtype=torch.int64), bias, stride,
+                                            padding, dilation, groups, 1.0, 0, torch.float32,
+                                            "relu" if relu else "none", [], "")
