@@ -123,13 +123,55 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], calibration
     return stats
 
 
+def _trace(model: nn.Module):
+    try:
+        return torch.fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 - a model that does not trace just gets no graph rewrites
+        return None
+
+
+def _skip_identity(node, modules: dict):
+    # Folded BatchNorms leave nn.Identity modules between a conv and its ReLU: look through them.
+    while (node.op == "call_module" and isinstance(modules.get(node.target), nn.Identity)
+           and len(node.users) == 1):
+        node = next(iter(node.users))
+    return node
+
+
+def fold_batchnorm_(model: nn.Module) -> int:
+    """Fold every eval-mode BatchNorm1d/2d whose input is a Conv1d/2d used only by it; in place.
+    Returns how many were folded. Found by FX tracing; a model that does not trace is left as it is."""
+    from .vision import fold_conv_bn
+
+    gm = _trace(model)
+    if gm is None or model.training:
+        return 0
+    modules = dict(gm.named_modules())
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    folded = 0
+    for node in gm.graph.nodes:
+        conv = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(conv, CONV_TYPES) or len(node.users) != 1 or calls[node.target] != 1:
+            continue
+        user = next(iter(node.users))
+        bn = modules.get(user.target) if user.op == "call_module" else None
+        if (isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) and calls[user.target] == 1
+                and bn.track_running_stats and bn.running_mean is not None):
+            fold_conv_bn(model.get_submodule(node.target), model.get_submodule(user.target))
+            _set_child(model, user.target, nn.Identity())
+            folded += 1
+    return folded
+
+
 def _relu_fusions(model: nn.Module, names: set[str]) -> tuple[set[str], dict[str, set[str]]]:
     """Layers whose only consumer is a ReLU (to fuse it), and for each ReLU module whose every call
     follows such a layer, the layers feeding it (it can become Identity if they all end up quantized).
     Found by FX-tracing the model; a model that does not trace gets no fusion."""
-    try:
-        gm = torch.fx.symbolic_trace(model)
-    except Exception:  # noqa: BLE001 - any failure to trace only means no fusion
+    gm = _trace(model)
+    if gm is None:
         return set(), {}
     modules = dict(gm.named_modules())
 
@@ -143,12 +185,15 @@ def _relu_fusions(model: nn.Module, names: set[str]) -> tuple[set[str], dict[str
     fuse = set()
     for node in gm.graph.nodes:
         if (node.op == "call_module" and node.target in names and len(node.users) == 1
-                and is_relu(next(iter(node.users)))):
+                and is_relu(_skip_identity(next(iter(node.users)), modules))):
             fuse.add(node.target)
     sources: dict[str, set[str] | None] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(modules.get(node.target), nn.ReLU):
             src = node.args[0] if node.args else None
+            while (getattr(src, "op", None) == "call_module" and isinstance(modules.get(src.target), nn.Identity)
+                   and src.args):
+                src = src.args[0]
             ok = getattr(src, "op", None) == "call_module" and src.target in fuse
             prev = sources.get(node.target, set())
             sources[node.target] = (prev | {src.target}) if (ok and prev is not None) else None
@@ -219,6 +264,8 @@ def quantize(model: nn.Module, recipe: str | QuantConfig, *, calibration: Iterab
     config = parse_recipe(recipe)
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if config.act == "static":
+        fold_batchnorm_(model)  # an eval-mode BN after a conv is part of its weights and bias
     todo = targets(model, config, exclude)
     if not todo:
         raise ValueError("found no layer to quantize (nn.Linear, nn.Embedding, or convolutions for static "

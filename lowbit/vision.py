@@ -311,7 +311,8 @@ def resnet18(num_classes: int = 1000, seed: int = 0) -> ResNet:
 
 
 @torch.no_grad()
-def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+def fold_conv_bn(conv: nn.Module, bn: nn.Module) -> None:
+    """Fold an eval-mode BatchNorm into the convolution before it, in place (float64 arithmetic)."""
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("cannot fold a BatchNorm2d without running statistics")
     if bn.num_features != conv.out_channels:
@@ -338,13 +339,13 @@ def _fold_module(module: nn.Module) -> int:
         children = list(module._modules.items())
         for (_, first), (name, second) in itertools.pairwise(children):
             if isinstance(first, nn.Conv2d) and isinstance(second, nn.BatchNorm2d):
-                _fold_pair(first, second)
+                fold_conv_bn(first, second)
                 module._modules[name] = nn.Identity()
                 folded += 1
     for conv_name, bn_name in getattr(module, "conv_bn_pairs", ()):
         conv, bn = getattr(module, conv_name), getattr(module, bn_name)
         if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-            _fold_pair(conv, bn)
+            fold_conv_bn(conv, bn)
             setattr(module, bn_name, nn.Identity())
             folded += 1
     for child in module.children():

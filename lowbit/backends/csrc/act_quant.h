@@ -16,14 +16,19 @@ namespace lowbit {
 // Smallest step we allow: a row of zeros (or denormals) gets this scale instead of 0 or inf.
 constexpr float kMinStep = 1e-12f;
 
-inline void row_min_max(const float* x, int64_t k, float& lo, float& hi) {
+// Row minimum and maximum, both including 0; returns false when the row holds a NaN or an infinity
+// (min/max instructions drop NaNs, so they are looked for separately).
+inline bool row_min_max(const float* x, int64_t k, float& lo, float& hi) {
   __m256 vlo = _mm256_setzero_ps(), vhi = _mm256_setzero_ps();  // 0 is always in range
+  __m256 vnan = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= k; i += 8) {
     const __m256 v = _mm256_loadu_ps(x + i);
     vlo = _mm256_min_ps(vlo, v);
     vhi = _mm256_max_ps(vhi, v);
+    vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
   }
+  bool finite = _mm256_movemask_ps(vnan) == 0;
   alignas(32) float a[8], b[8];
   _mm256_store_ps(a, vlo);
   _mm256_store_ps(b, vhi);
@@ -34,9 +39,11 @@ inline void row_min_max(const float* x, int64_t k, float& lo, float& hi) {
     hi = std::max(hi, b[j]);
   }
   for (; i < k; ++i) {
+    finite = finite && !std::isnan(x[i]);
     lo = std::min(lo, x[i]);
     hi = std::max(hi, x[i]);
   }
+  return finite && std::isfinite(lo) && std::isfinite(hi);
 }
 
 // q[i] = clamp(round(x[i] * inv) + zero, 0, 255) for i < n.

@@ -189,8 +189,8 @@ std::vector<at::Tensor> quantize_rows_u8(at::Tensor x) {
   at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), [&](int64_t a, int64_t b) {
     for (int64_t r = a; r < b; ++r) {
       float lo, hi, inv;
-      lowbit::row_min_max(xp + r * k, k, lo, hi);
-      TORCH_CHECK(std::isfinite(lo) && std::isfinite(hi), "lowbit: activation row ", r, " is not finite");
+      TORCH_CHECK(lowbit::row_min_max(xp + r * k, k, lo, hi), "lowbit: activation row ", r,
+                  " is not finite (NaN or inf)");
       lowbit::row_params_u8(lo, hi, sp[r], inv, zp[r]);
       lowbit::quantize_span_u8(xp + r * k, k, inv, zp[r], qp + r * k);
     }
