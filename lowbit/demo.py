@@ -12,18 +12,21 @@ import torch
 from tqdm.auto import tqdm
 
 from . import bench, checkpoint, hf
+from .calib import default_text_calibration
 from .evaluate import eval_stsb
 from .quantize import quantize, summary
 
-DEFAULT_RECIPES = ("bf16", "int8", "int4-g128", "int4-g32", "int3-g64", "kmeans4-g64", "int2-g32")
+DEFAULT_RECIPES = ("bf16", "int8", "int4-g128", "int4-g32", "int3-g64", "kmeans4-g64", "int2-g32", "w8a8-dynamic",
+                   "w8a8-static")
 
 
 def kernel_note(model: torch.nn.Module) -> str:
     """E.g. 'lowbit_cpu (fp32 act)' or 'dequant (simulated)': how the linears of a model run."""
     kinds = {}
     for row in summary(model):
-        if row["type"] == "linear":
-            label = f"{row['kernel']} ({'simulated' if row['simulated'] else row['act_dtype'] + ' act'})"
+        if row["type"] in ("linear", "kept float"):
+            act = "float" if row["type"] == "kept float" else row["act_dtype"] + " act"
+            label = f"{row['kernel']} ({'simulated' if row['simulated'] else act})"
             kinds[label] = kinds.get(label, 0) + 1
     return ", ".join(f"{k} x{v}" for k, v in kinds.items()) or "float"
 
@@ -37,9 +40,12 @@ def run_demo(out: str | os.PathLike = "lowbit-demo", recipes: tuple[str, ...] = 
     float_bytes = (src / "model.safetensors").stat().st_size
     rows = [{"recipe": "fp32", "size_mb": float_bytes / 1e6, "kernel": "torch F.linear (fp32)"}]
     models = {"fp32": float_model}
+    # STS-B train sentences (never dev, which is scored): activation ranges for static recipes, and the
+    # input shapes the kernels are timed at for all of them.
+    calibration = default_text_calibration(tokenizer, n=64, batch_size=16, max_length=seq)
     for recipe in tqdm(recipes, desc="quantize + save", unit="recipe"):
         t0 = time.perf_counter()
-        qmodel = quantize(copy.deepcopy(float_model), recipe)
+        qmodel = quantize(copy.deepcopy(float_model), recipe, calibration=calibration)
         path = checkpoint.save(qmodel, out / "models" / recipe, tokenizer=tokenizer)
         size = (path / checkpoint.TENSORS).stat().st_size
         models[recipe] = checkpoint.load(path)

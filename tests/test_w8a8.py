@@ -129,7 +129,7 @@ def test_weights_beyond_the_safe_range_never_reach_the_saturating_kernel(monkeyp
     """Codes in [-127, 127] (a VNNI machine's) on a CPU where int8 pairs saturate: reference path only."""
     torch.manual_seed(0)
     q = lowbit.quantize(nn.Sequential(nn.Linear(32, 16)), "w8a8-dynamic", backend="reference")[0]
-    codes, scale = lowbit.w8a8.encode_weight_int8(torch.randn(16, 32), qmax=127)
+    codes, _ = lowbit.w8a8.encode_weight_int8(torch.randn(16, 32), qmax=127)
     q.qweight.copy_(codes)
     monkeypatch.setattr(onednn, "weight_qmax", lambda: 63)
     assert q.candidate_kernels() == ["reference"]
