@@ -41,9 +41,12 @@ def weight_bytes(m: nn.Module) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=30)
-    ap.add_argument("--recipes", nargs="*", default=["int8", "int4-g128", "int4-g32", "int3-g64", "int2-g32"])
+    ap.add_argument("--recipes", nargs="*",
+                    default=["int8", "int4-g128", "int4-g32", "int3-g64", "int2-g32", "w8a8-dynamic"])
     ap.add_argument("--kernels", nargs="*", default=["auto", "torch_int4pack", "torch_int8pack"],
                     help="kernels to compare for each recipe (skipped where they do not apply)")
+    ap.add_argument("--per-layer", action="store_true",
+                    help="also time every layer of each backend=auto variant against its float layer")
     args = ap.parse_args()
     torch.manual_seed(0)
     base = [layer().eval() for _ in range(COPIES)]
@@ -51,6 +54,7 @@ def main() -> None:
         for lin in m.values():
             nn.init.normal_(lin.weight, std=0.02)
     variants: dict[str, tuple[list[nn.Module], torch.dtype, str]] = {"fp32 F.linear": (base, torch.float32, "-")}
+    autos: dict[str, nn.ModuleDict] = {}
     variants["bf16 F.linear"] = ([copy.deepcopy(m).to(torch.bfloat16) for m in base], torch.bfloat16, "-")
     for recipe in args.recipes:
         for kernel in args.kernels:
@@ -59,6 +63,10 @@ def main() -> None:
             except ValueError:
                 continue  # this kernel does not take this recipe
             kname = lowbit.summary(q)[0]["kernel"]
+            if kernel == "auto":
+                autos[recipe] = q
+                for note in q.lowbit_float_layers:
+                    print(f"{recipe}: {note['layer']} kept in float ({note['reason']})")
             label = f"{recipe} [{kname}]"
             if label in variants:
                 continue
@@ -81,6 +89,26 @@ def main() -> None:
         t = times[name] / COPIES
         mb = weight_bytes(ms[0]) / 1e6
         print(f"| {name} | {t * 1e3:.2f} | {ref / t:.2f}x | {mb:.1f} | {mb / 1e3 / t:.1f} | {100 * mb / 1e3 / t / bw:.0f}% |")
+    if args.per_layer:
+        per_layer(base[0], autos, x[torch.float32], args.iters)
+
+
+def per_layer(float_layer: nn.ModuleDict, autos: dict[str, nn.ModuleDict], xs, iters: int) -> None:
+    """Each layer of each backend=auto variant against the same float layer, timed round-robin."""
+    print("\n| recipe (backend=auto) | layer | module | speed-up vs its float layer |")
+    print("| --- | --- | --- | --- |")
+    worst = float("inf")
+    for recipe, q in autos.items():
+        for name in SHAPES:
+            xin = xs[1] if name == "down" else xs[0]
+            fl, ql = float_layer[name], q[name]
+            t = time_interleaved({"f": lambda fl=fl, xin=xin: fl(xin), "q": lambda ql=ql, xin=xin: ql(xin)},
+                                 warmup=3, iters=iters)
+            ratio = t["f"] / t["q"]
+            kept = isinstance(ql, nn.Linear)
+            worst = min(worst, ratio) if not kept else worst
+            print(f"| {recipe} | {name} | {'float (kept)' if kept else type(ql).__name__} | {ratio:.2f}x |")
+    print(f"slowest quantized layer: {worst:.2f}x of its float layer")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 from .checkpoint import CheckpointError, load, save
 from .quantize import quantize, summary
 from .recipes import RECIPES, QuantConfig, parse_recipe
+from .report import format_layer_report, layer_report, worst_layers
 
 __version__ = "0.1.0"
-__all__ = ["RECIPES", "CheckpointError", "QuantConfig", "load", "parse_recipe", "quantize", "save", "summary"]
+__all__ = ["RECIPES", "CheckpointError", "QuantConfig", "format_layer_report", "layer_report", "load",
+           "parse_recipe", "quantize", "save", "summary", "worst_layers"]

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .recipes import RECIPES
+
+if TYPE_CHECKING:  # for annotations only; commands import what they use when they run
+    from torch import nn
 
 
 def _fail(e: Exception) -> None:
@@ -20,21 +24,59 @@ def main() -> None:
     """Quantize PyTorch and Hugging Face models, run them on real low-bit kernels, measure the cost."""
 
 
+CALIB_HELP = "text file with one calibration text per line"
+CALIB_SIZE_HELP = "number of calibration texts: the first N lines of --calib, or N STS-B train sentences"
+
+
+def _needs_calibration(recipe: str) -> bool:
+    from .recipes import parse_recipe
+
+    # Static activation scales are fitted on data before any input is seen; every other recipe
+    # (weight-only, dynamic activations) quantizes from the weights alone.
+    return parse_recipe(recipe).needs_calibration
+
+
+def _calibration(tokenizer: Any, calib: str | None, size: int) -> tuple[list[dict], str]:
+    """Calibration batches from --calib (or the packaged STS-B train sentences) and a line saying which."""
+    from . import calib as calib_data
+
+    if calib is not None:
+        texts = calib_data.read_texts(calib)[:size]
+        return calib_data.text_batches(tokenizer, texts), f"calibration: {len(texts)} texts from {calib}"
+    batches = calib_data.default_text_calibration(tokenizer, size)
+    return batches, f"calibration: no --calib given, using {size} STS-B train sentences shipped with lowbit"
+
+
 @main.command("quantize")
 @click.argument("src")
 @click.option("--recipe", "-r", required=True, help=f"e.g. {', '.join(RECIPES)}")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="checkpoint directory")
 @click.option("--exclude", "-x", multiple=True, help="layer name or glob to keep in float (repeatable)")
-@click.option("--kernel", default="auto", show_default=True, help="matmul kernel: auto or a name from `lowbit info`")
-def quantize_cmd(src: str, recipe: str, out: str, exclude: tuple[str, ...], kernel: str) -> None:
+@click.option("--calib", type=click.Path(dir_okay=False), default=None,
+              help=CALIB_HELP + " (recipes with static activation scales use STS-B train sentences without it)")
+@click.option("--calib-size", type=click.IntRange(min=1), default=64, show_default=True, help=CALIB_SIZE_HELP)
+@click.option("--backend", default="auto", show_default=True,
+              help="matmul backend: auto or a name from `lowbit info`")
+@click.option("--kernel", "kernel_alias", default=None, hidden=True)  # the old name of --backend
+def quantize_cmd(src: str, recipe: str, out: str, exclude: tuple[str, ...], calib: str | None, calib_size: int,
+                 backend: str, kernel_alias: str | None) -> None:
     """Quantize SRC (a Hugging Face model folder, or `minilm`) and save it to OUT."""
     from . import checkpoint, hf
     from .quantize import quantize
 
+    if kernel_alias is not None:
+        if backend not in ("auto", kernel_alias):
+            _fail(ValueError("--kernel is the old name of --backend: give only --backend"))
+        backend = kernel_alias
     try:
+        needs_calib = _needs_calibration(recipe)  # first, so a bad recipe fails before the model loads
         path = hf.resolve_model_path(src)
         model, tokenizer = hf.load_hf_model(path)
-        quantize(model, recipe, exclude=exclude, kernel=kernel, progress=True)
+        calibration = None
+        if calib is not None or needs_calib:
+            calibration, note = _calibration(tokenizer, calib, calib_size)
+            click.echo(note, err=True)
+        quantize(model, recipe, calibration=calibration, exclude=exclude, backend=backend, progress=True)
         checkpoint.save(model, out, tokenizer=tokenizer)
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
@@ -66,25 +108,60 @@ def eval_cmd(model: str, task: str) -> None:
 @click.option("--batch", "-b", multiple=True, type=int, default=(1, 32), show_default=True)
 @click.option("--seq", default=128, show_default=True)
 @click.option("--iters", default=10, show_default=True)
-def bench_cmd(src: str, models: tuple[str, ...], batch: tuple[int, ...], seq: int, iters: int) -> None:
-    """Size, latency, speed-up and cosine of quantized MODELS against the float SRC, in one run."""
+@click.option("--layers", is_flag=True,
+              help="instead of timing, print each quantized layer's SQNR against SRC's layer, worst first")
+@click.option("--calib", type=click.Path(dir_okay=False), default=None,
+              help=CALIB_HELP + " for --layers (default: STS-B train sentences)")
+@click.option("--calib-size", type=click.IntRange(min=1), default=64, show_default=True, help=CALIB_SIZE_HELP)
+def bench_cmd(src: str, models: tuple[str, ...], batch: tuple[int, ...], seq: int, iters: int, layers: bool,
+              calib: str | None, calib_size: int) -> None:
+    """Size, latency, speed-up and cosine of quantized MODELS against the float SRC, in one run.
+
+    With --layers: the noise each quantized layer of MODELS adds, against SRC's layer on the same input.
+    """
     from . import bench
     from .demo import kernel_note
 
     try:
         ref, tokenizer, _ = bench.load_any(src)
         loaded = {"float": ref}
+        quantized = []  # (label, source, model) per MODELS argument, repeats included
         for m in models:
             model, _, label = bench.load_any(m)
             loaded[f"{label} ({m})" if label in loaded else label] = model
+            quantized.append((label, m, model))
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
+    if layers:
+        _print_layer_reports(ref, quantized, tokenizer, calib, calib_size)
+        return
     click.echo("| model | batch | seq | MB in memory | latency ms | speed-up | cosine | kernels |")
     click.echo("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for b in batch:
         for r in bench.compare(loaded, tokenizer, batch=b, seq=seq, iters=iters):
             click.echo(f"| {r['model']} | {b} | {seq} | {r['state_mb']:.1f} | {r['latency_ms']:.2f} | "
                        f"{r['speedup']:.2f}x | {r['cosine']:.5f} | {kernel_note(loaded[r['model']])} |")
+    for label, model in loaded.items():
+        for note in getattr(model, "lowbit_float_layers", []):
+            click.echo(f"{label}: {note['layer']} kept in float: {note['reason']}")
+
+
+def _print_layer_reports(ref: nn.Module, quantized: list[tuple[str, str, nn.Module]], tokenizer: Any,
+                         calib: str | None, calib_size: int) -> None:
+    from .report import format_layer_report, layer_report
+
+    try:
+        calibration, note = _calibration(tokenizer, calib, calib_size)
+    except ValueError as e:
+        _fail(e)
+    click.echo(note, err=True)
+    for label, src, model in quantized:
+        try:
+            rows = layer_report(ref, model, calibration)
+        except (ValueError, TypeError) as e:
+            _fail(ValueError(f"{src}: {e}"))
+        click.echo(f"\n{label} ({src}): {len(rows)} quantized layers, worst first")
+        click.echo(format_layer_report(rows))
 
 
 @main.command("info")
@@ -113,18 +190,42 @@ def info_cmd() -> None:
     click.echo("formats:")
     for line in format_kernel_lines():
         click.echo("  " + line)
+    from .autotune import cache_dir, survey
+
+    click.echo(f"measured speed-up over float32 on this machine (cached in {cache_dir()}; delete to re-measure):")
+    slow = []
+    for r in survey(progress=True):
+        click.echo(f"  {r['shape']:30s} {r['recipe']:13s} {r['kernel']:15s} act={r['act']:8s} {r['speedup']:5.2f}x")
+        if r["speedup"] < 1.0:
+            slow.append(f"{r['recipe']} on {r['shape']}")
+    if slow:
+        click.echo("warning: slower than float here (backend=auto keeps such W8A8 layers in float): "
+                   + "; ".join(slow))
 
 
 def format_kernel_lines() -> list[str]:
     """Which kernel each documented recipe gets on a typical layer here, and whether it is simulated."""
+    import warnings
+
+    import torch
     from torch import nn
 
     from .quantize import quantize, summary
+    from .recipes import parse_recipe
 
     lines = []
     for recipe in RECIPES:
-        row = summary(quantize(nn.Sequential(nn.Linear(2048, 2048)), recipe))[0]
-        what = "simulated (dequantize, then float matmul)" if row["simulated"] else f"{row['act_dtype']} activations"
+        # Static recipes need activation ranges: a random batch of 128 rows stands in for real inputs.
+        calibration = [torch.randn(128, 2048)] if parse_recipe(recipe).needs_calibration else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "slower than float" notes: the line below says what ran
+            row = summary(quantize(nn.Sequential(nn.Linear(2048, 2048)), recipe, calibration=calibration))[0]
+        if row["kernel"] == "float":
+            what = f"kept in float ({row.get('reason', 'no kernel beats float here')})"
+        elif row["simulated"]:
+            what = "simulated (dequantize, then float matmul)"
+        else:
+            what = f"{row['act_dtype']} activations"
         lines.append(f"{recipe:12s} -> {row['kernel']}: {what}")
     return lines
 

@@ -39,3 +39,145 @@ def test_info_lists_kernels_and_simulated_formats():
     assert r.exit_code == 0, r.output
     assert "avx2=" in r.output and "torch_int4pack" in r.output
     assert "kmeans4-g64  -> dequant: simulated" in r.output
+
+
+CALIB_TEXTS = ["A man is playing a guitar.", "", "The stock market fell sharply on Monday.",
+               "Two dogs are running through a field of snow.", "   ", "She read the letter twice.",
+               "A very long sentence " + "that keeps going " * 60, "Rain is expected tomorrow.",
+               "The committee approved the new budget.", "A child is eating an apple.",
+               "He fixed the bicycle in the garage.", "Prices rose for the third month in a row."]
+
+
+@pytest.fixture
+def quantize_spy(monkeypatch):
+    """Record the keyword arguments the CLI passes to lowbit.quantize, then run it for real."""
+    import sys
+
+    qmod = sys.modules["lowbit.quantize"]  # `lowbit.quantize` the attribute is the function
+    real, calls = qmod.quantize, []
+
+    def spy(model, recipe, **kw):
+        calls.append(kw)
+        return real(model, recipe, **kw)
+
+    monkeypatch.setattr(qmod, "quantize", spy)
+    return calls
+
+
+def calib_file(tmp_path):
+    f = tmp_path / "calib.txt"
+    f.write_text("\n".join(CALIB_TEXTS) + "\n", encoding="utf-8")
+    return f
+
+
+def test_quantize_with_calib_file(minilm, tmp_path, quantize_spy):
+    path = minilm[0]
+    out = tmp_path / "m-int8"
+    r = CliRunner().invoke(main, ["quantize", str(path), "--recipe", "int8", "--out", str(out),
+                                  "--calib", str(calib_file(tmp_path)), "--calib-size", "9"])
+    assert r.exit_code == 0, r.output
+    assert "9 texts from" in r.output and (out / "lowbit.json").is_file()
+    batches = quantize_spy[0]["calibration"]
+    assert sum(len(b["input_ids"]) for b in batches) == 9  # the first 9 non-blank lines
+    assert max(b["input_ids"].shape[1] for b in batches) == 128  # the long line is cut
+    assert all(b["input_ids"].shape == b["attention_mask"].shape for b in batches)
+    assert quantize_spy[0]["backend"] == "auto"
+
+
+def test_quantize_without_calib_for_weight_only_recipe(minilm, tmp_path, quantize_spy):
+    r = CliRunner().invoke(main, ["quantize", str(minilm[0]), "--recipe", "int4-g128",
+                                  "--out", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    assert quantize_spy[0]["calibration"] is None and "calibration" not in r.output
+
+
+def test_static_recipe_defaults_to_stsb_train(minilm, tmp_path, quantize_spy):
+    runner = CliRunner()
+    r = runner.invoke(main, ["quantize", str(minilm[0]), "--recipe", "w8a8-static", "--out", str(tmp_path / "a"),
+                             "--calib-size", "8", "--backend", "reference"])
+    assert r.exit_code == 0, r.output
+    assert "8 STS-B train sentences" in r.output
+    assert sum(len(b["input_ids"]) for b in quantize_spy[0]["calibration"]) == 8
+    assert quantize_spy[0]["backend"] == "reference"
+    r = runner.invoke(main, ["quantize", str(minilm[0]), "--recipe", "w8a8-static", "--out", str(tmp_path / "b"),
+                             "--calib", str(calib_file(tmp_path)), "--kernel", "reference"])
+    assert r.exit_code == 0, r.output
+    assert "10 texts from" in r.output and "STS-B" not in r.output
+    assert sum(len(b["input_ids"]) for b in quantize_spy[1]["calibration"]) == 10
+    assert quantize_spy[1]["backend"] == "reference"  # --kernel, the old name, still works
+
+
+def test_backend_option_and_kernel_alias(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(main, ["quantize", "--help"])
+    assert "--backend" in r.output and "--kernel" not in r.output
+    r = runner.invoke(main, ["quantize", "minilm", "--recipe", "int8", "--out", str(tmp_path / "x"),
+                             "--backend", "dequant", "--kernel", "lowbit_cpu"])
+    assert r.exit_code != 0 and "old name of --backend" in r.output
+    r = runner.invoke(main, ["quantize", "minilm", "--recipe", "int8", "--out", str(tmp_path / "x"),
+                             "--calib", str(tmp_path / "missing.txt")])
+    assert r.exit_code != 0 and "does not exist" in r.output
+    assert not (tmp_path / "x").exists()
+
+
+def report_sections(output: str) -> dict[str, list[list[str]]]:
+    """Rows (split into cells) of each per-layer table in `bench --layers` output, keyed by title line."""
+    sections: dict[str, list[list[str]]] = {}
+    title = None
+    for line in output.splitlines():
+        if "quantized layers, worst first" in line:
+            title = line
+            sections[title] = []
+        elif title and line.strip() and not line.startswith(("layer ", "-")):
+            sections[title].append(line.split())
+    return sections
+
+
+def test_bench_layers(minilm, tmp_path):
+    import copy
+
+    import lowbit
+    from lowbit.modules import QuantModule
+
+    path, model, tokenizer, _ = minilm
+    dirs = {}
+    for recipe in ("int8", "int2-g32"):
+        q = lowbit.quantize(copy.deepcopy(model), recipe)
+        dirs[recipe] = tmp_path / recipe
+        lowbit.save(q, dirs[recipe], tokenizer=tokenizer)
+    n_layers = sum(isinstance(m, QuantModule) for m in q.modules())
+    r = CliRunner().invoke(main, ["bench", str(path), str(dirs["int8"]), str(dirs["int2-g32"]), "--layers",
+                                  "--calib", str(calib_file(tmp_path)), "--calib-size", "3"])
+    assert r.exit_code == 0, r.output
+    assert "3 texts from" in r.output and "latency" not in r.output
+    sections = list(report_sections(r.output).items())
+    assert len(sections) == 2
+    worst = {}
+    for (title, rows), recipe in zip(sections, ("int8", "int2-g32")):
+        assert title.startswith(f"{recipe} (") and len(rows) == n_layers
+        assert {row[2] for row in rows} == {recipe}
+        sqnr = [float(row[4]) for row in rows]
+        assert sqnr == sorted(sqnr)
+        worst[recipe] = sqnr[0]
+    assert worst["int8"] > worst["int2-g32"]
+
+
+def test_bench_layers_default_calibration_and_errors(minilm, tmp_path):
+    import copy
+
+    import lowbit
+
+    path, model, tokenizer, _ = minilm
+    q = lowbit.quantize(copy.deepcopy(model), "int4-g128", exclude=["encoder.*"])
+    lowbit.save(q, tmp_path / "q", tokenizer=tokenizer)
+    runner = CliRunner()
+    r = runner.invoke(main, ["bench", str(path), str(tmp_path / "q"), "--layers", "--calib-size", "2"])
+    assert r.exit_code == 0, r.output
+    assert "2 STS-B train sentences" in r.output
+    rows = next(iter(report_sections(r.output).values()))
+    assert rows and not any(row[0].startswith("encoder.") for row in rows)
+    r = runner.invoke(main, ["bench", str(path), str(path), "--layers", "--calib-size", "1"])
+    assert r.exit_code != 0 and "no quantized layers" in r.output
+    r = runner.invoke(main, ["bench", str(path), str(tmp_path / "q"), "--layers", "--calib",
+                             str(tmp_path / "nothing.txt")])
+    assert r.exit_code != 0 and "does not exist" in r.output

@@ -1,0 +1,72 @@
+"""Calibration data from text: sentences read from a file (or the packaged STS-B train split), tokenized
+into padded batches that `lowbit.quantize(..., calibration=...)` and `lowbit.report` call the model on."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+
+def read_texts(path: str | os.PathLike) -> list[str]:
+    """One calibration text per line of a UTF-8 file; blank lines are skipped."""
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"calibration file {str(p)!r} does not exist")
+    if not p.is_file():
+        raise ValueError(f"calibration file {str(p)!r} is not a file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"calibration file {str(p)!r} is not UTF-8 text: {e}") from None
+    texts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not texts:
+        raise ValueError(f"calibration file {str(p)!r} holds no text (expected one text per line)")
+    return texts
+
+
+def text_batches(tokenizer: Any, texts: list[str], *, batch_size: int = 8,
+                 max_length: int = 128) -> list[dict[str, Tensor]]:
+    """Tokenize `texts` into batches of `batch_size`, each padded to its own longest text and cut at
+    `max_length` tokens; every batch is a dict a Hugging Face model takes as `model(**batch)`."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    texts = list(texts)
+    if not texts:
+        raise ValueError("no calibration texts to tokenize")
+    if not all(isinstance(t, str) for t in texts):
+        raise TypeError("calibration texts must be strings")
+    batches = []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[start: start + batch_size], padding=True, truncation=True,
+                        max_length=max_length, return_tensors="pt")
+        batches.append(dict(enc))
+    return batches
+
+
+def stsb_train_sentences(n: int) -> list[str]:
+    """`n` distinct sentences from the packaged STS-B train split, spread evenly over the file."""
+    from .evaluate import load_stsb
+
+    s1, s2, _ = load_stsb("train")
+    # dict.fromkeys: de-duplicate while keeping file order.
+    pool = list(dict.fromkeys(s.strip() for pair in zip(s1, s2) for s in pair if s.strip()))
+    if not 1 <= n <= len(pool):
+        raise ValueError(f"n must be in 1..{len(pool)} (distinct STS-B train sentences), got {n}")
+    # The file is grouped by source (captions, news, forums); even spacing samples all of them.
+    step = len(pool) / n
+    return [pool[int(i * step)] for i in range(n)]
+
+
+def default_text_calibration(tokenizer: Any, n: int = 64, *, batch_size: int = 8,
+                             max_length: int = 128) -> list[dict[str, Tensor]]:
+    """Calibration batches of `n` STS-B train sentences (shipped with lowbit, so nothing is downloaded).
+
+    The train split, not dev: dev is what `lowbit eval` scores, and calibrating on it would flatter the
+    score.
+    """
+    return text_batches(tokenizer, stsb_train_sentences(n), batch_size=batch_size, max_length=max_length)
