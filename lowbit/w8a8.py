@@ -4,6 +4,8 @@ Weights: symmetric, one scale per output channel, stored as int8 in [-qmax, qmax
 or 63 on CPUs whose int8 instructions would saturate at full range (see backends/onednn.py).
 Activations: asymmetric uint8, either per row at run time ("dynamic", Linear only) or per tensor with
 a scale and zero point fixed by calibration ("static", Linear and Conv1d/2d, depthwise and grouped).
+Dynamic layers called with at most GEMV_MAX_ROWS rows run lowbit's int8 weight-only GEMV on the same
+codes instead (float32 activations, not quantized: faster there, and more accurate).
 
 Kernels: "onednn" (torch.ops.onednn int8 ops + lowbit's fused quantize/epilogue ops), or "reference",
 the same arithmetic in float32 PyTorch ops (dequantize, then a float matmul: simulated, slower). Both
@@ -16,12 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import onednn
+from .backends import lowbit_cpu, onednn
 from .core import SCALE_EPS
 from .modules import QuantModule
 from .recipes import QuantConfig
 
 KERNELS = ("onednn", "reference")
+# Dynamic W8A8 with this many rows or fewer (decode, tiny batches) is memory-bound: lowbit's int8 GEMV
+# reads the same int8 weights once and skips quantizing the activations, which here beat the int8 GEMM
+# at 1 row by 4-8x (Llama-3.2-1B-shaped layers, benchmarks/llama_layer.py --per-layer).
+GEMV_MAX_ROWS = 4
 _MIN_STEP = 1e-12  # the C++ ops' smallest activation step (act_quant.h kMinStep)
 
 
@@ -101,6 +107,18 @@ class _W8A8(QuantModule):
         self._packed = self._pack() if name == "onednn" else None
         self.kernel_name = name
 
+    def __getstate__(self) -> dict:
+        # oneDNN's packed weight is an opaque tensor that cannot be copied or pickled: drop it, and
+        # rebuild it from the canonical int8 weight on the other side (copy.deepcopy goes through here).
+        state = self.__dict__.copy()
+        state["_packed"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if self.kernel_name == "onednn":
+            self._packed = self._pack()
+
     @property
     def kernel(self) -> str:
         return self.kernel_name
@@ -150,13 +168,24 @@ class W8A8Linear(_W8A8):
         prep = {"w": onednn.prepack_linear(self.qweight)}
         # sum_k w[n, k] * sw[n]: the dynamic kernel's zero-point correction term.
         prep["csw"] = (self.qweight.sum(1, dtype=torch.int64).float() * self.scale).contiguous()
+        if not self.static and lowbit_cpu.available():
+            # The same int8 codes for the few-row GEMV (unsigned codes with zero point 128).
+            k = self.in_features
+            codes = (self.qweight.to(torch.int16) + 128).to(torch.uint8)
+            prep["gemv"] = lowbit_cpu.prepack(codes, self.scale[:, None], torch.full((self.out_features, 1), 128.0),
+                                              8, k)["qweight"]
         return prep
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float().contiguous()
         if self.kernel_name == "onednn":
-            if self.static:
+            if "gemv" in self._packed and x2.shape[0] <= GEMV_MAX_ROWS:
+                y = lowbit_cpu.linear(x2, {"qweight": self._packed["gemv"]}, 8, self.in_features, self.out_features,
+                                      self.in_features, self.bias)
+                if self.relu:
+                    y = y.relu_()
+            elif self.static:
                 s, z = self.act_qparams
                 y = onednn.linear_static(x2, self._packed["w"], s, z, self.scale, self.bias, self.relu)
             else:

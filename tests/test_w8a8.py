@@ -104,6 +104,20 @@ def test_linear_int8_kernel_matches_reference(recipe, k, n, bias):
 
 
 @needs_onednn
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 4])
+def test_dynamic_few_rows_take_the_gemv_on_the_same_codes(rows):
+    torch.manual_seed(0)
+    lin = nn.Linear(200, 72)
+    q = lowbit.quantize(nn.Sequential(copy.deepcopy(lin)), "w8a8-dynamic", backend="onednn")[0]
+    x = torch.randn(rows, 200)
+    # activations stay float32 on this path: exactly x @ dequant(W).T up to summation order
+    assert rel_err(q(x), F.linear(x, q.dequantized_weight(), q.bias)) < 1e-5
+    xs = torch.randn(lowbit.w8a8.GEMV_MAX_ROWS + 1, 200)
+    assert rel_err(q(xs), F.linear(fake_quant_rows(xs), q.dequantized_weight(), q.bias)) < 1e-5
+
+
+@needs_onednn
 @pytest.mark.parametrize("conv", [
     nn.Conv2d(3, 16, 3, padding=1),
     nn.Conv2d(16, 16, 3, padding=2, dilation=2, groups=16, bias=False),  # depthwise
@@ -317,6 +331,8 @@ def test_checkpoint_round_trip_is_bit_exact(recipe, tmp_path):
     assert torch.equal(q(x), loaded(x))
     assert [type(m) for m in q.modules()] == [type(m) for m in loaded.modules()]
     assert lowbit.summary(q) == lowbit.summary(loaded)
+    twin = copy.deepcopy(loaded)  # the packed oneDNN weight is rebuilt, not copied
+    assert torch.equal(twin(x), q(x))
 
 
 # ---------------------------------------------------------------- real data
