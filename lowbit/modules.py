@@ -7,11 +7,14 @@ deterministically, so a model that was saved and loaded again computes bit-ident
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import core
+from .algorithms.gptq import gptq_quantize
 from .backends import AUTO_ORDER, KERNELS, LayerSpec, select_kernel
 from .recipes import QuantConfig
 
@@ -30,8 +33,10 @@ def padded(k: int, g: int) -> int:
     return -(-k // g) * g
 
 
-def encode_weight(w: torch.Tensor, config: QuantConfig) -> dict[str, torch.Tensor]:
-    """Quantize a 2-D float weight [N, K] into the canonical tensors the checkpoint stores."""
+def encode_weight(w: torch.Tensor, config: QuantConfig, hessian: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Quantize a 2-D float weight [N, K] into the canonical tensors the checkpoint stores.
+
+    `hessian` (X^T X of the layer's inputs, [K, K]) is what error-correcting methods (gptq) work from."""
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
     w = w.detach().float()
@@ -49,6 +54,8 @@ def encode_weight(w: torch.Tensor, config: QuantConfig) -> dict[str, torch.Tenso
     kp = padded(k, g)
     if kp != k:  # zero columns: the activations are zero-padded too, so they add nothing
         w = F.pad(w, (0, kp - k))
+        if hessian is not None:
+            hessian = F.pad(hessian, (0, kp - k, 0, kp - k))
     block = (1, g)
     if config.kind == "kmeans":
         codes, centroids = core.kmeans_quantize(w, config.bits, block)
@@ -62,6 +69,10 @@ def encode_weight(w: torch.Tensor, config: QuantConfig) -> dict[str, torch.Tenso
         codes, scale, zero = core.quantize_ternary(w, block)
     elif config.kind == "binary":
         codes, scale, zero = core.quantize_binary(w, block)
+    elif config.method == "gptq":
+        if hessian is None:
+            raise ValueError("gptq needs the layer's calibration Hessian (pass calibration= to quantize)")
+        codes, scale, zero = gptq_quantize(w, hessian, config.bits, g, config.symmetric)
     else:
         scale, zero = core.choose_qparams_affine(w, config.bits, block, config.symmetric)
         codes = core.quantize_affine(w, scale, zero, config.bits, block, symmetric=config.symmetric)
@@ -118,8 +129,9 @@ class QuantLinear(QuantModule):
         self._setup_kernel(kernel)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, config: QuantConfig, kernel: str = "auto") -> QuantLinear:
-        state = encode_weight(linear.weight, config)
+    def from_float(cls, linear: nn.Linear, config: QuantConfig, kernel: str = "auto",
+                   hessian: torch.Tensor | None = None) -> QuantLinear:
+        state = encode_weight(linear.weight, config, hessian)
         return cls(linear.in_features, linear.out_features, config, state, linear.bias, kernel)
 
     def _setup_kernel(self, prefer: str) -> None:
@@ -208,7 +220,8 @@ class QuantEmbedding(QuantModule):
 
     @classmethod
     def from_float(cls, emb: nn.Embedding, config: QuantConfig) -> QuantEmbedding:
-        state = encode_weight(emb.weight, config)
+        # A lookup table has no input activations for error-correcting methods to use: rows are rounded.
+        state = encode_weight(emb.weight, dataclasses.replace(config, method="rtn"))
         return cls(emb.num_embeddings, emb.embedding_dim, config, state, emb.padding_idx)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:

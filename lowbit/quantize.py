@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import autotune
+from .algorithms import gptq
 from .core.observers import make_observer
 from .modules import QuantEmbedding, QuantLinear, QuantModule
 from .recipes import QuantConfig, parse_recipe
@@ -200,11 +201,12 @@ def _relu_fusions(model: nn.Module, names: set[str]) -> tuple[set[str], dict[str
     return fuse, {name: src for name, src in sources.items() if src}
 
 
-def _build(mod: nn.Module, config: QuantConfig, st: _LayerStats | None, relu: bool, kernel: str) -> nn.Module:
+def _build(mod: nn.Module, config: QuantConfig, st: _LayerStats | None, relu: bool, kernel: str,
+           hessian: torch.Tensor | None = None) -> nn.Module:
     if isinstance(mod, nn.Embedding):
         return QuantEmbedding.from_float(mod, config)
     if config.act is None:
-        return QuantLinear.from_float(mod, config, kernel)
+        return QuantLinear.from_float(mod, config, kernel, hessian)
     act = None
     if config.act == "static":
         scale, zero = st.observer.qparams()
@@ -280,8 +282,10 @@ def quantize(model: nn.Module, recipe: str | QuantConfig, *, calibration: Iterab
                 raise ValueError(f"layer {name!r}: {e}; exclude it to keep it in float") from None
     stats: dict[str, _LayerStats] = {}
     if config.needs_calibration and calibration is None:
-        raise ValueError(f"recipe {config.name} fixes activation ranges from data: pass calibration= "
-                         "(an iterable of model inputs)")
+        what = "fits weights to the layers' inputs" if config.method == "gptq" else "fixes activation ranges from data"
+        raise ValueError(f"recipe {config.name} {what}: pass calibration= (an iterable of model inputs)")
+    if calibration is not None and not isinstance(calibration, (list, tuple, torch.Tensor, dict)):
+        calibration = list(calibration)  # it is read more than once (calibration, gptq's passes)
     if calibration is not None:
         layers = [(n, m) for n, m in todo if not isinstance(m, nn.Embedding)]
         stats = calibrate(model, layers, calibration, config.observer if config.needs_calibration else None,
@@ -292,7 +296,11 @@ def quantize(model: nn.Module, recipe: str | QuantConfig, *, calibration: Iterab
     for name, mod in tqdm(todo, desc=f"quantize {config.name}", disable=not progress, unit="layer"):
         try:
             first = "reference" if (tuner and config.act) else backend
-            new = _build(mod, config, stats.get(name), name in fuse, first)
+            hessian = None
+            if config.method == "gptq" and isinstance(mod, nn.Linear):
+                # Sequential: the inputs come through the layers already quantized before this one.
+                hessian = gptq.hessian(model, mod, calibration, call_model)
+            new = _build(mod, config, stats.get(name), name in fuse, first, hessian)
         except ValueError as e:
             raise ValueError(f"layer {name!r}: {e}") from None
         if tuner is not None and not isinstance(new, QuantEmbedding):

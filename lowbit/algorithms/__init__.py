@@ -1,0 +1,1 @@
+"""Error-correcting quantization algorithms: they choose integer codes better than round-to-nearest."""

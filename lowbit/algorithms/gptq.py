@@ -1,0 +1,94 @@
+"""GPTQ (Frantar et al., 2022): quantize a weight one input column at a time, and after each column push
+its rounding error onto the columns not yet quantized, weighted by the inverse Hessian of the layer's
+squared output error, H = X^T X over the calibration inputs X.
+
+Options: activation order (columns with the largest H diagonal go first), damping (a fraction of the mean
+H diagonal added to it, so the Cholesky factorization exists), and group-wise scales. Scales and zero
+points are chosen per group from the original weight before any column moves ("static groups"), which
+keeps groups in the input order the kernels expect whatever order the columns are processed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..core import choose_qparams_affine
+
+
+def hessian(model: nn.Module, layer: nn.Linear, calibration: Iterable, call) -> torch.Tensor:
+    """X^T X (float64, [K, K]) of everything `layer` receives while `model` runs over `calibration`."""
+    k = layer.in_features
+    acc = {"h": torch.zeros(k, k, dtype=torch.float64), "rows": 0}
+
+    def hook(mod, args):
+        x = args[0].detach().reshape(-1, k).double()
+        acc["h"] += x.T @ x
+        acc["rows"] += x.shape[0]
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        with torch.inference_mode():
+            for batch in calibration:
+                call(model, batch)
+    finally:
+        handle.remove()
+    if acc["rows"] == 0:
+        raise ValueError("the layer received no input during calibration")
+    return acc["h"] / acc["rows"]
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; more damping if H is too ill-conditioned."""
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    mean_diag = float(torch.diag(h).mean())
+    for attempt in range(6):
+        try:
+            chol = torch.linalg.cholesky(h + (damp * 10 ** attempt) * mean_diag * eye)
+            return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+    raise ValueError("GPTQ: the calibration Hessian is not positive definite even with heavy damping; "
+                     "use more (or more varied) calibration data")
+
+
+@torch.no_grad()
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, symmetric: bool, *,
+                  damp: float = 0.01, act_order: bool = True, block: int = 128
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes (uint8 [N, K]), scale and zero point ([N, K // group_size]) for weight w [N, K] given H [K, K].
+
+    The codes follow lowbit.core's affine convention: W ~ (codes - zero) * scale.
+    """
+    W = w.detach().float().clone()
+    n, k = W.shape
+    if k % group_size:
+        raise ValueError(f"input size {k} is not a multiple of group size {group_size}")
+    scale, zero = choose_qparams_affine(W, bits, (1, group_size), symmetric)
+    qmin, qmax = (1 if symmetric else 0), 2 ** bits - 1
+    H = h.double().clone()
+    dead = torch.diag(H) == 0  # inputs that were always zero: their weights cannot matter
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
+    W, H = W[:, perm], H[perm][:, perm]
+    U = _inverse_cholesky(H, damp).float()
+    cols = perm // group_size
+    S, Z = scale[:, cols], zero[:, cols]  # each processed column's own group parameters
+    Q = torch.empty(n, k)
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        Wb = W[:, b0:b1].clone()
+        Eb = torch.empty_like(Wb)
+        for j in range(b1 - b0):
+            i = b0 + j
+            q = torch.round(Wb[:, j] / S[:, i] + Z[:, i]).clamp_(qmin, qmax)
+            Q[:, i] = q
+            err = (Wb[:, j] - (q - Z[:, i]) * S[:, i]) / U[i, i]
+            Wb[:, j + 1:] -= err[:, None] * U[i, i + 1:b1][None, :]
+            Eb[:, j] = err
+        W[:, b1:] -= Eb @ U[b0:b1, b1:]
+    codes = Q[:, torch.argsort(perm)].to(torch.uint8)
+    return codes, scale, zero
