@@ -466,6 +466,14 @@ class EntropyObserver(_HistogramObserver):
             raise ValueError("EntropyObserver calibrates per tensor only; use axis=None "
                              "(per-channel observers: minmax, ema, percentile, mse)")
         super().__init__(bits, symmetric, axis, bins)
+        self._zeros = 0
+
+    def _observe(self, x: torch.Tensor, bmin: torch.Tensor, bmax: torch.Tensor) -> None:
+        # Exact zeros (every ReLU output below 0) are exact on any grid, whatever the range: counted in
+        # the histogram they form a spike that makes every window wider than one bin per level look
+        # costly, and the search then clips far too much (seen: MNIST CNN 99.25% -> 29%).
+        self._zeros += int((x == 0).sum())
+        super()._observe(x, bmin, bmax)
 
     def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
         hist = self.histogram
@@ -479,7 +487,9 @@ class EntropyObserver(_HistogramObserver):
         left = (2 * lengths * zero + end) // (2 * end)  # round(length * zero / end): keep the proportion
         starts = zero - left
         if len(lengths) > 1:
-            kl = _window_kl(hist.counts[0, :end].double(), starts, lengths, levels)
+            counts = hist.counts[0, :end].double()
+            counts[zero] -= self._zeros  # bin [0, w) holds the exact zeros (see _observe)
+            kl = _window_kl(counts, starts, lengths, levels)
             best = len(kl) - 1 - int(torch.argmin(kl.flip(0)))
         else:
             best = 0
