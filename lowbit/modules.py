@@ -15,6 +15,7 @@ from torch import nn
 
 from . import core
 from .algorithms.gptq import gptq_quantize
+from .algorithms.hqq import hqq_quantize
 from .backends import AUTO_ORDER, KERNELS, LayerSpec, select_kernel
 from .recipes import QuantConfig
 
@@ -73,6 +74,8 @@ def encode_weight(w: torch.Tensor, config: QuantConfig, hessian: torch.Tensor | 
         if hessian is None:
             raise ValueError("gptq needs the layer's calibration Hessian (pass calibration= to quantize)")
         codes, scale, zero = gptq_quantize(w, hessian, config.bits, g, config.symmetric)
+    elif config.method == "hqq":
+        codes, scale, zero = hqq_quantize(w, config.bits, g)
     else:
         scale, zero = core.choose_qparams_affine(w, config.bits, block, config.symmetric)
         codes = core.quantize_affine(w, scale, zero, config.bits, block, symmetric=config.symmetric)

@@ -11,7 +11,7 @@ import re
 from dataclasses import asdict, dataclass, replace
 
 FLOAT_FORMATS = ("fp16", "bf16", "fp8", "fp8_e5m2")
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "hqq")
 ACT_MODES = ("dynamic", "static")
 OBSERVER_NAMES = ("minmax", "ema", "percentile", "mse", "entropy")  # lowbit.core.observers.OBSERVERS
 
@@ -56,8 +56,10 @@ class QuantConfig:
                 raise ValueError(f"unknown activation mode {self.act!r}; valid: {', '.join(ACT_MODES)}")
             if (self.kind, self.bits, self.group_size, self.symmetric) != ("int", 8, None, True):
                 raise ValueError("activation quantization takes int8 symmetric per-channel weights (w8a8)")
-        if self.method == "gptq" and self.kind != "int":
-            raise ValueError("gptq takes integer formats (intB[-gG])")
+        if self.method in ("gptq", "hqq") and self.kind != "int":
+            raise ValueError(f"{self.method} takes integer formats (intB[-gG])")
+        if self.method == "hqq" and self.symmetric:
+            raise ValueError("hqq fits zero points: it takes asymmetric formats (int2..int7)")
         if self.observer not in OBSERVER_NAMES:
             raise ValueError(f"unknown observer {self.observer!r}; valid: {', '.join(OBSERVER_NAMES)}")
 
