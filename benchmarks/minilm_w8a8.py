@@ -227,10 +227,7 @@ def main() -> None:
     ap.add_argument("--user-autotune-cache", action="store_true",
                     help="let lowbit reuse its cached kernel timings instead of timing afresh in this run")
     args = ap.parse_args()
-    cache = None
-    if not args.user_autotune_cache:
-        cache = tempfile.TemporaryDirectory(prefix="minilm-w8a8-autotune-")
-        os.environ["LOWBIT_CACHE_DIR"] = cache.name
+    cache = peers.private_autotune_cache("minilm-w8a8-autotune-", args.user_autotune_cache)
     names = ["fp32"] + [n.strip() for n in args.variants.split(",") if n.strip() and n.strip() != "fp32"]
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
 

@@ -226,10 +226,7 @@ def main() -> None:
     ap.add_argument("--user-autotune-cache", action="store_true",
                     help="let lowbit reuse its cached kernel timings instead of timing afresh in this run")
     args = ap.parse_args()
-    cache = None
-    if not args.user_autotune_cache:
-        cache = tempfile.TemporaryDirectory(prefix="resnet18-autotune-")
-        os.environ["LOWBIT_CACHE_DIR"] = cache.name
+    cache = peers.private_autotune_cache("resnet18-autotune-", args.user_autotune_cache)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, capability "
           f"{torch.backends.cpu.get_cpu_capability()}; peers: "
           + ", ".join(f"{k} {v or 'missing'}" for k, v in peers.versions().items()))

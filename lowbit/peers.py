@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import os
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -293,3 +294,13 @@ def ort_quantize_static(src: str | Path, dst: str | Path, calibration: Iterable[
         finally:
             os.chdir(cwd)
     return dst
+
+
+def private_autotune_cache(prefix: str, keep_user_cache: bool) -> tempfile.TemporaryDirectory | None:
+    """Point lowbit's kernel-timing cache at a fresh temporary directory, so a benchmark times kernel
+    choices in its own run; returns it (call .cleanup() at the end), or None to keep the user's cache."""
+    if keep_user_cache:
+        return None
+    cache = tempfile.TemporaryDirectory(prefix=prefix)
+    os.environ["LOWBIT_CACHE_DIR"] = cache.name
+    return cache

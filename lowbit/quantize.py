@@ -71,6 +71,28 @@ def _batch_len(batch: Any) -> int:
     return 1
 
 
+def feed(model: nn.Module, calibration: Iterable, handles: list, *, max_batches: int | None = None,
+         progress: bool = False) -> tuple[int, int]:
+    """Run `calibration` through `model` in eval mode without autograd, then remove the hook `handles`
+    and restore the model's mode, whatever happens. Returns (batches, samples) seen."""
+    was_training = model.training
+    model.eval()  # the inputs layers see at inference: no dropout, BatchNorm running statistics
+    batches = samples = 0
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(calibration, desc="calibrate", unit="batch", disable=not progress):
+                if max_batches is not None and batches >= max_batches:
+                    break
+                call_model(model, batch)
+                batches += 1
+                samples += _batch_len(batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return batches, samples
+
+
 class _LayerStats:
     def __init__(self, observer) -> None:
         self.observer = observer
@@ -98,19 +120,7 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], calibration
         return hook
 
     handles = [mod.register_forward_pre_hook(hook_for(stats[name])) for name, mod in layers]
-    was_training = model.training
-    model.eval()
-    batches = samples = 0
-    try:
-        with torch.inference_mode():
-            for batch in tqdm(calibration, desc="calibrate", unit="batch", disable=not progress):
-                call_model(model, batch)
-                batches += 1
-                samples += _batch_len(batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    batches, samples = feed(model, calibration, handles, progress=progress)
     if batches == 0:
         raise ValueError("calibration data is empty: pass an iterable of model inputs (tensors, tuples or dicts)")
     if samples < MIN_CALIBRATION_SAMPLES:
@@ -299,7 +309,7 @@ def quantize(model: nn.Module, recipe: str | QuantConfig, *, calibration: Iterab
             hessian = None
             if config.method == "gptq" and isinstance(mod, nn.Linear):
                 # Sequential: the inputs come through the layers already quantized before this one.
-                hessian = gptq.hessian(model, mod, calibration, call_model)
+                hessian = gptq.hessian(model, mod, calibration, feed)
             new = _build(mod, config, stats.get(name), name in fuse, first, hessian)
         except ValueError as e:
             raise ValueError(f"layer {name!r}: {e}") from None

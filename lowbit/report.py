@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .modules import QuantModule
-from .quantize import call_model
+from .quantize import feed
 
 
 def _sqnr_db(signal: float, noise: float) -> float:
@@ -107,22 +107,9 @@ def layer_report(float_model: nn.Module, quantized_model: nn.Module, calibration
             raise TypeError(f"layer {name!r} of the float model is quantized too; pass the unquantized "
                              "original (lowbit.quantize works in place: quantize a copy.deepcopy)")
         accs.append((fmod, _Accumulator(name, qmod)))
-    batches = 0
-    was_training = float_model.training
-    float_model.eval()  # the inputs a layer sees at inference, without dropout
-    try:
-        for fmod, acc in accs:
-            hooks.append(fmod.register_forward_hook(acc, with_kwargs=True))
-        with torch.inference_mode():
-            for batch in calibration:
-                if max_batches is not None and batches >= max_batches:
-                    break
-                call_model(float_model, batch)
-                batches += 1
-    finally:
-        for h in hooks:
-            h.remove()
-        float_model.train(was_training)
+    for fmod, acc in accs:
+        hooks.append(fmod.register_forward_hook(acc, with_kwargs=True))
+    batches, _ = feed(float_model, calibration, hooks, max_batches=max_batches)
     if batches == 0:
         raise ValueError("calibration is empty: layer_report needs at least one batch of model inputs")
     rows = []

@@ -165,7 +165,9 @@ class W8A8Linear(_W8A8):
         return cls(linear.in_features, linear.out_features, config, state, linear.bias, kernel, relu)
 
     def _pack(self) -> dict[str, torch.Tensor]:
-        prep = {"w": onednn.prepack_linear(self.qweight)}
+        prep = {"w": onednn.prepack_linear(self.qweight), "wz": onednn.weight_zeros(self.out_features)}
+        if self.static:
+            prep["act"] = self.act_qparams  # Python numbers: no tensor-to-scalar sync per call
         # sum_k w[n, k] * sw[n]: the dynamic kernel's zero-point correction term.
         prep["csw"] = (self.qweight.sum(1, dtype=torch.int64).float() * self.scale).contiguous()
         if not self.static and lowbit_cpu.available():
@@ -186,11 +188,12 @@ class W8A8Linear(_W8A8):
                 if self.relu:
                     y = y.relu_()
             elif self.static:
-                s, z = self.act_qparams
-                y = onednn.linear_static(x2, self._packed["w"], s, z, self.scale, self.bias, self.relu)
+                s, z = self._packed["act"]
+                y = onednn.linear_static(x2, self._packed["w"], s, z, self.scale, self._packed["wz"], self.bias,
+                                         self.relu)
             else:
-                y = onednn.linear_dynamic(x2, self._packed["w"], self.scale, self._packed["csw"], self.bias,
-                                          self.relu)
+                y = onednn.linear_dynamic(x2, self._packed["w"], self.scale, self._packed["wz"], self._packed["csw"],
+                                          self.bias, self.relu)
         else:
             xq = fake_quant_tensor(x2, *self.act_qparams) if self.static else fake_quant_rows(x2)
             y = F.linear(xq, self.dequantized_weight(), self.bias)
@@ -251,15 +254,17 @@ class W8A8Conv(_W8A8):
     def _pack(self) -> dict[str, torch.Tensor]:
         s, z = self.act_qparams
         return {"w": onednn.prepack_conv(self.qweight, self.scale, s, z, self.stride, self.padding,
-                                         self.dilation, self.groups)}
+                                         self.dilation, self.groups),
+                "wz": onednn.weight_zeros(self.out_channels, conv=True), "act": (s, z)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s, z = self.act_qparams
         xf = x.float()
         if self.kernel_name == "onednn":
-            y = onednn.conv_static(xf, self._packed["w"], s, z, self.scale, self.bias, self.stride, self.padding,
-                                   self.dilation, self.groups, self.relu)
+            s, z = self._packed["act"]
+            y = onednn.conv_static(xf, self._packed["w"], s, z, self.scale, self._packed["wz"], self.bias,
+                                   self.stride, self.padding, self.dilation, self.groups, self.relu)
         else:
+            s, z = self.act_qparams
             conv = F.conv1d if self.qweight.dim() == 3 else F.conv2d
             y = conv(fake_quant_tensor(xf, s, z), self.dequantized_weight(), self.bias, self.stride, self.padding,
                      self.dilation, self.groups)

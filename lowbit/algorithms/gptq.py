@@ -18,8 +18,9 @@ from torch import nn
 from ..core import choose_qparams_affine
 
 
-def hessian(model: nn.Module, layer: nn.Linear, calibration: Iterable, call) -> torch.Tensor:
-    """X^T X (float64, [K, K]) of everything `layer` receives while `model` runs over `calibration`."""
+def hessian(model: nn.Module, layer: nn.Linear, calibration: Iterable, feed) -> torch.Tensor:
+    """X^T X (float64, [K, K]) of everything `layer` receives while `model` runs over `calibration`
+    (`feed` is lowbit.quantize.feed, passed in to keep this module free of the model-walking code)."""
     k = layer.in_features
     acc = {"h": torch.zeros(k, k, dtype=torch.float64), "rows": 0}
 
@@ -28,13 +29,7 @@ def hessian(model: nn.Module, layer: nn.Linear, calibration: Iterable, call) -> 
         acc["h"] += x.T @ x
         acc["rows"] += x.shape[0]
 
-    handle = layer.register_forward_pre_hook(hook)
-    try:
-        with torch.inference_mode():
-            for batch in calibration:
-                call(model, batch)
-    finally:
-        handle.remove()
+    feed(model, calibration, [layer.register_forward_pre_hook(hook)])
     if acc["rows"] == 0:
         raise ValueError("the layer received no input during calibration")
     return acc["h"] / acc["rows"]

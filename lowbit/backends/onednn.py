@@ -40,25 +40,26 @@ def weight_qmax() -> int:
     return 127 if (f.get("avx512_vnni") or f.get("avx_vnni") or f.get("amx_int8")) else 63
 
 
-def _zeros_i32(n: int) -> torch.Tensor:
-    return torch.zeros(n, dtype=torch.int32)
-
-
 def prepack_linear(w: torch.Tensor) -> torch.Tensor:
     """int8 weight [N, K] -> oneDNN's packed weight."""
     return torch.ops.onednn.qlinear_prepack(w.contiguous(), None)
 
 
+def weight_zeros(n: int, conv: bool = False) -> torch.Tensor:
+    """The (all-zero) weight zero points the ops take; made once per layer, not per call."""
+    return torch.zeros(n, dtype=torch.int64 if conv else torch.int32)
+
+
 def linear_static(x: torch.Tensor, packed: torch.Tensor, x_scale: float, x_zero: int, w_scale: torch.Tensor,
-                  bias: torch.Tensor | None, relu: bool = False) -> torch.Tensor:
+                  w_zero: torch.Tensor, bias: torch.Tensor | None, relu: bool = False) -> torch.Tensor:
     """x [M, K] float32 quantized with fixed (x_scale, x_zero) -> float32 [M, N]."""
     q = lowbit_cpu.ops().quantize_u8(x, 1.0 / x_scale, x_zero)
-    return torch.ops.onednn.qlinear_pointwise(q, x_scale, x_zero, packed, w_scale, _zeros_i32(w_scale.numel()),
+    return torch.ops.onednn.qlinear_pointwise(q, x_scale, x_zero, packed, w_scale, w_zero,
                                               bias, 1.0, 0, torch.float32, "relu" if relu else "none", [], "")
 
 
-def linear_dynamic(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, w_colsum_scaled: torch.Tensor,
-                   bias: torch.Tensor | None, relu: bool = False) -> torch.Tensor:
+def linear_dynamic(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
+                   w_colsum_scaled: torch.Tensor, bias: torch.Tensor | None, relu: bool = False) -> torch.Tensor:
     """x [M, K] float32, quantized per row at run time (asymmetric uint8) -> float32 [M, N].
 
     oneDNN takes one activation scale per tensor, so it runs with scale 1 and zero point 0 and our
@@ -67,7 +68,7 @@ def linear_dynamic(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor,
     """
     C = lowbit_cpu.ops()
     q, sx, zx = C.quantize_rows_u8(x)
-    y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, packed, w_scale, _zeros_i32(w_scale.numel()), None,
+    y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, packed, w_scale, w_zero, None,
                                            1.0, 0, torch.float32, "none", [], "")
     C.row_epilogue_(y, sx, sx * zx.float(), w_colsum_scaled, bias)
     return y.relu_() if relu else y
@@ -80,12 +81,11 @@ def prepack_conv(w: torch.Tensor, w_scale: torch.Tensor, x_scale: float, x_zero:
 
 
 def conv_static(x: torch.Tensor, packed: torch.Tensor, x_scale: float, x_zero: int, w_scale: torch.Tensor,
-                bias: torch.Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
+                w_zero: torch.Tensor, bias: torch.Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
                 groups: int, relu: bool = False) -> torch.Tensor:
     """Conv1d/2d on float32 x quantized with fixed (x_scale, x_zero); float32 output (channels_last
     for 2-d, which the float ops after it accept as is)."""
     q = lowbit_cpu.ops().quantize_u8(x, 1.0 / x_scale, x_zero)
-    return torch.ops.onednn.qconv_pointwise(q, x_scale, x_zero, packed, w_scale,
-                                            torch.zeros(w_scale.numel(), dtype=torch.int64), bias, stride,
+    return torch.ops.onednn.qconv_pointwise(q, x_scale, x_zero, packed, w_scale, w_zero, bias, stride,
                                             padding, dilation, groups, 1.0, 0, torch.float32,
                                             "relu" if relu else "none", [], "")
