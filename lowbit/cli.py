@@ -205,6 +205,7 @@ def info_cmd() -> None:
 
 def format_kernel_lines() -> list[str]:
     """Which kernel each documented recipe gets on a typical layer here, and whether it is simulated."""
+    import dataclasses
     import warnings
 
     import torch
@@ -215,6 +216,11 @@ def format_kernel_lines() -> list[str]:
 
     lines = []
     for recipe in RECIPES:
+        config = parse_recipe(recipe)
+        if config.method != "rtn" or config.smooth is not None:
+            base = dataclasses.replace(config, method="rtn", smooth=None).name
+            lines.append(f"{recipe:12s} -> the kernels of {base} (the method changes the weights, not the format)")
+            continue
         # Static recipes need activation ranges: a random batch of 128 rows stands in for real inputs.
         calibration = [torch.randn(128, 2048)] if parse_recipe(recipe).needs_calibration else None
         with warnings.catch_warnings():

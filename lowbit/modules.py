@@ -110,7 +110,11 @@ class QuantModule(nn.Module):
         return {name: b for name, b in self.named_buffers(recurse=False)}
 
     def dequantized_weight(self) -> torch.Tensor:
-        return dequantize_weight(self.canonical_state(), self.config, self._n, self._k)
+        """The float weight the layer computes with (an input scale, if any, folded into its columns)."""
+        w = dequantize_weight(self.canonical_state(), self.config, self._n, self._k)
+        if "input_scale" in self._buffers:
+            w = w * self.input_scale
+        return w
 
     @property
     def nbytes(self) -> int:
@@ -133,8 +137,13 @@ class QuantLinear(QuantModule):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, config: QuantConfig, kernel: str = "auto",
-                   hessian: torch.Tensor | None = None) -> QuantLinear:
-        state = encode_weight(linear.weight, config, hessian)
+                   hessian: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                   input_scale: torch.Tensor | None = None) -> QuantLinear:
+        """`weight` replaces the linear's own (a method's transformed weight); `input_scale` [K], when given,
+        multiplies every input first (a per-channel scale that could not be folded into the op before)."""
+        state = encode_weight(linear.weight if weight is None else weight, config, hessian)
+        if input_scale is not None:
+            state["input_scale"] = input_scale.detach().float().contiguous()
         return cls(linear.in_features, linear.out_features, config, state, linear.bias, kernel)
 
     def _setup_kernel(self, prefer: str) -> None:
@@ -191,6 +200,8 @@ class QuantLinear(QuantModule):
                 return F.linear(x.to(torch.bfloat16), self.weight, b).to(x.dtype)
             return F.linear(x, self.dequantized_weight().to(x.dtype),
                             None if self.bias is None else self.bias.to(x.dtype))
+        if "input_scale" in self._buffers:
+            x = x * self.input_scale
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.spec.k != self.in_features:
@@ -201,8 +212,9 @@ class QuantLinear(QuantModule):
     def extra_repr(self) -> str:
         act = str(self.act_dtype).replace("torch.", "")
         sim = ", simulated" if self.simulated else ""
+        scaled = ", input_scale" if "input_scale" in self._buffers else ""
         return (f"in={self.in_features}, out={self.out_features}, recipe={self.config.name}, "
-                f"kernel={self.kernel_name}, act={act}{sim}")
+                f"kernel={self.kernel_name}, act={act}{sim}{scaled}")
 
 
 class QuantEmbedding(QuantModule):

@@ -6,17 +6,16 @@ import copy
 import fnmatch
 import warnings
 from collections.abc import Iterable
-from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import autotune
-from .algorithms import gptq
+from . import autotune, fit
 from .core.observers import make_observer
 from .modules import QuantEmbedding, QuantLinear, QuantModule
 from .recipes import QuantConfig, parse_recipe
+from .sequential import call_model, feed, stages
 from .w8a8 import FusedReLU, W8A8Conv, W8A8Linear
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d)
@@ -52,45 +51,6 @@ def targets(model: nn.Module, config: QuantConfig, exclude: Iterable[str] = ()) 
                 or (config.act == "static" and isinstance(mod, CONV_TYPES))):
             found.append((name, mod))
     return found
-
-
-def call_model(model: nn.Module, batch: Any) -> Any:
-    """Run one calibration item: a dict as keyword arguments, a tuple/list as positional, else one input."""
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
-def _batch_len(batch: Any) -> int:
-    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else [batch]
-    for t in items:
-        if isinstance(t, torch.Tensor):
-            return int(t.shape[0]) if t.dim() else 1
-    return 1
-
-
-def feed(model: nn.Module, calibration: Iterable, handles: list, *, max_batches: int | None = None,
-         progress: bool = False) -> tuple[int, int]:
-    """Run `calibration` through `model` in eval mode without autograd, then remove the hook `handles`
-    and restore the model's mode, whatever happens. Returns (batches, samples) seen."""
-    was_training = model.training
-    model.eval()  # the inputs layers see at inference: no dropout, BatchNorm running statistics
-    batches = samples = 0
-    try:
-        with torch.inference_mode():
-            for batch in tqdm(calibration, desc="calibrate", unit="batch", disable=not progress):
-                if max_batches is not None and batches >= max_batches:
-                    break
-                call_model(model, batch)
-                batches += 1
-                samples += _batch_len(batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return batches, samples
 
 
 class _LayerStats:
@@ -212,11 +172,11 @@ def _relu_fusions(model: nn.Module, names: set[str]) -> tuple[set[str], dict[str
 
 
 def _build(mod: nn.Module, config: QuantConfig, st: _LayerStats | None, relu: bool, kernel: str,
-           hessian: torch.Tensor | None = None) -> nn.Module:
+           **encode) -> nn.Module:
     if isinstance(mod, nn.Embedding):
         return QuantEmbedding.from_float(mod, config)
     if config.act is None:
-        return QuantLinear.from_float(mod, config, kernel, hessian)
+        return QuantLinear.from_float(mod, config, kernel, **encode)
     act = None
     if config.act == "static":
         scale, zero = st.observer.qparams()
@@ -292,25 +252,48 @@ def quantize(model: nn.Module, recipe: str | QuantConfig, *, calibration: Iterab
                 raise ValueError(f"layer {name!r}: {e}; exclude it to keep it in float") from None
     stats: dict[str, _LayerStats] = {}
     if config.needs_calibration and calibration is None:
-        what = "fits weights to the layers' inputs" if config.method == "gptq" else "fixes activation ranges from data"
+        what = ("fits weights to the layers' inputs" if config.method in ("gptq", "awq")
+                else "fixes activation ranges from data" if config.act == "static"
+                else "measures activation outliers on data")
         raise ValueError(f"recipe {config.name} {what}: pass calibration= (an iterable of model inputs)")
     if calibration is not None and not isinstance(calibration, (list, tuple, torch.Tensor, dict)):
         calibration = list(calibration)  # it is read more than once (calibration, gptq's passes)
+    linears = [n for n, m in todo if isinstance(m, nn.Linear)]
     if calibration is not None:
         layers = [(n, m) for n, m in todo if not isinstance(m, nn.Embedding)]
-        stats = calibrate(model, layers, calibration, config.observer if config.needs_calibration else None,
-                          progress)
+        observer = config.observer if config.act == "static" and config.smooth is None else None
+        stats = calibrate(model, layers, calibration, observer, progress)
+        if config.smooth is not None:  # an exact float rewrite, before the activation ranges are observed
+            for stage, names in stages(model, linears, calibration, progress=progress, desc="smooth"):
+                fit.smooth_stage(stage, {n: model.get_submodule(n) for n in names}, config.smooth)
+            if config.act == "static":
+                stats = calibrate(model, layers, calibration, config.observer, progress)
     fuse, drop_relus = _relu_fusions(model, {n for n, _ in todo}) if config.act else (set(), {})
     tuner = autotune.Tuner() if backend == "auto" else None
+    first = "reference" if (tuner and config.act) else backend
+    built: dict[str, nn.Module] = {}
+    if config.method in ("gptq", "awq"):
+        # Sequential, block by block: each layer is fitted to the inputs the quantized layers before give it.
+        def build(name: str, mod: nn.Module, **encode) -> nn.Module:
+            try:
+                return _build(mod, config, None, False, first, **encode)
+            except ValueError as e:
+                raise ValueError(f"layer {name!r}: {e}") from None
+
+        def replace(name: str, new: nn.Module) -> None:
+            built[name] = new
+            _set_child(model, name, new)
+
+        for stage, names in stages(model, linears, calibration, progress=progress, desc=config.method):
+            layers = {n: model.get_submodule(n) for n in names}
+            if config.method == "gptq":
+                fit.gptq_stage(stage, layers, build, replace)
+            else:
+                fit.awq_stage(stage, layers, config, build, replace)
     kept, slower = [], []
     for name, mod in tqdm(todo, desc=f"quantize {config.name}", disable=not progress, unit="layer"):
         try:
-            first = "reference" if (tuner and config.act) else backend
-            hessian = None
-            if config.method == "gptq" and isinstance(mod, nn.Linear):
-                # Sequential: the inputs come through the layers already quantized before this one.
-                hessian = gptq.hessian(model, mod, calibration, feed)
-            new = _build(mod, config, stats.get(name), name in fuse, first, hessian)
+            new = built[name] if name in built else _build(mod, config, stats.get(name), name in fuse, first)
         except ValueError as e:
             raise ValueError(f"layer {name!r}: {e}") from None
         if tuner is not None and not isinstance(new, QuantEmbedding):
@@ -329,6 +312,8 @@ def quantize(model: nn.Module, recipe: str | QuantConfig, *, calibration: Iterab
                     "reason": f"fastest kernel {quant_best} runs at {ratio:.2f}x of float for input {list(shape)}"}
             if choice == autotune.FLOAT:
                 kept.append(note)
+                if name in built:
+                    _set_child(model, name, mod)
                 continue
             if ratio < 1.0:
                 slower.append(note)

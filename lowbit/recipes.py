@@ -2,7 +2,8 @@
 
 Grammar: FORMAT[-gGROUP][-METHOD], e.g. `int8`, `int4-g128`, `int3-g64-rtn`, `kmeans4-g64`, `ternary`;
 and for activations quantized too: `w8a8-dynamic`, `w8a8-static`, `w8a8-static-OBSERVER` (OBSERVER one
-of minmax, ema, percentile, mse, entropy; minmax by default).
+of minmax, ema, percentile, mse, entropy; minmax by default); with SmoothQuant's smoothing first:
+`w8a8-smooth` (dynamic), `w8a8-static-smooth`, either with `-ALPHA` (migration strength, default 0.5).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import re
 from dataclasses import asdict, dataclass, replace
 
 FLOAT_FORMATS = ("fp16", "bf16", "fp8", "fp8_e5m2")
-METHODS = ("rtn", "gptq", "hqq")
+METHODS = ("rtn", "gptq", "awq", "hqq")
+DEFAULT_SMOOTH_ALPHA = 0.5
 ACT_MODES = ("dynamic", "static")
 OBSERVER_NAMES = ("minmax", "ema", "percentile", "mse", "entropy")  # lowbit.core.observers.OBSERVERS
 
@@ -19,6 +21,7 @@ OBSERVER_NAMES = ("minmax", "ema", "percentile", "mse", "entropy")  # lowbit.cor
 RECIPES = (
     "fp16", "bf16", "fp8", "int8", "int4-g32", "int4-g64", "int4-g128", "int3-g64", "int2-g32",
     "kmeans4-g64", "ternary", "binary", "w8a8-dynamic", "w8a8-static",
+    "int4-g128-gptq", "int4-g128-awq", "int4-g128-hqq", "int3-g64-gptq", "w8a8-smooth",
 )
 
 
@@ -29,7 +32,8 @@ class QuantConfig:
     kind: "int" (affine integers), "float" (fp16/bf16/fp8 casts), "kmeans" (codebook),
     "ternary" or "binary". group_size None means one scale per output channel (per row).
     act: None (weights only), "dynamic" (activations quantized per row at run time) or "static"
-    (per tensor, with ranges from calibration by `observer`).
+    (per tensor, with ranges from calibration by `observer`). smooth: SmoothQuant's alpha, for w8a8
+    recipes that first move activation outliers into the weights; None for no smoothing.
     """
 
     kind: str
@@ -41,6 +45,7 @@ class QuantConfig:
     embeddings: bool = True  # quantize nn.Embedding tables too (row-wise)
     act: str | None = None
     observer: str = "minmax"
+    smooth: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("int", "float", "kmeans", "ternary", "binary"):
@@ -56,7 +61,9 @@ class QuantConfig:
                 raise ValueError(f"unknown activation mode {self.act!r}; valid: {', '.join(ACT_MODES)}")
             if (self.kind, self.bits, self.group_size, self.symmetric) != ("int", 8, None, True):
                 raise ValueError("activation quantization takes int8 symmetric per-channel weights (w8a8)")
-        if self.method in ("gptq", "hqq") and self.kind != "int":
+        if self.smooth is not None and (self.act is None or not 0.0 <= self.smooth <= 1.0):
+            raise ValueError(f"smoothing takes a w8a8 recipe and an alpha in [0, 1], got {self.smooth}")
+        if self.method in ("gptq", "awq", "hqq") and self.kind != "int":
             raise ValueError(f"{self.method} takes integer formats (intB[-gG])")
         if self.method == "hqq" and self.symmetric:
             raise ValueError("hqq fits zero points: it takes asymmetric formats (int2..int7)")
@@ -65,12 +72,15 @@ class QuantConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.act == "static" or self.method == "gptq"
+        return self.act == "static" or self.method in ("gptq", "awq") or self.smooth is not None
 
     @property
     def name(self) -> str:
         if self.act is not None:
             suffix = f"-{self.observer}" if self.act == "static" and self.observer != "minmax" else ""
+            if self.smooth is not None:
+                alpha = "" if self.smooth == DEFAULT_SMOOTH_ALPHA else f"-{self.smooth:g}"
+                return ("w8a8-static-smooth" if self.act == "static" else "w8a8-smooth") + alpha + suffix
             return f"w8a8-{self.act}{suffix}"
         if self.kind == "float":
             return "fp8" if self.float_format == "fp8_e4m3" else str(self.float_format)
@@ -97,7 +107,8 @@ def valid_recipes_message() -> str:
         "valid recipes: " + ", ".join(RECIPES)
         + " (grammar FORMAT[-gGROUP][-METHOD]: FORMAT is fp16, bf16, fp8, fp8_e5m2, int2..int8, "
         + "kmeans2..kmeans8, ternary or binary; METHOD is " + "/".join(METHODS) + "; "
-        + "or w8a8-dynamic, w8a8-static[-OBSERVER] with OBSERVER in " + "/".join(OBSERVER_NAMES) + ")"
+        + "or w8a8-dynamic, w8a8-static[-OBSERVER] with OBSERVER in " + "/".join(OBSERVER_NAMES)
+        + "; or w8a8-smooth[-ALPHA], w8a8-static-smooth[-ALPHA] with ALPHA in [0, 1])"
     )
 
 
@@ -108,6 +119,14 @@ def parse_recipe(recipe: str | QuantConfig) -> QuantConfig:
     if not isinstance(recipe, str):
         raise TypeError(f"recipe must be a string or QuantConfig, got {type(recipe).__name__}")
     text = recipe.strip().lower()
+    smooth = re.fullmatch(r"w8a8-(static-)?smooth(?:-([0-9.]+))?", text)
+    if smooth:
+        try:
+            alpha = float(smooth[2]) if smooth[2] else DEFAULT_SMOOTH_ALPHA
+            return QuantConfig("int", 8, None, True, None, "rtn", act="static" if smooth[1] else "dynamic",
+                               smooth=alpha)
+        except ValueError as e:
+            raise ValueError(f"bad recipe {recipe!r}: {e}; {valid_recipes_message()}") from None
     act = re.fullmatch(r"w8a8-(dynamic|static)(?:-([a-z]+))?", text)
     if act:
         if act[2] is not None and (act[1] != "static" or act[2] not in OBSERVER_NAMES):

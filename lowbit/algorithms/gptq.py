@@ -10,29 +10,9 @@ keeps groups in the input order the kernels expect whatever order the columns ar
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
-from torch import nn
 
 from ..core import choose_qparams_affine
-
-
-def hessian(model: nn.Module, layer: nn.Linear, calibration: Iterable, feed) -> torch.Tensor:
-    """X^T X (float64, [K, K]) of everything `layer` receives while `model` runs over `calibration`
-    (`feed` is lowbit.quantize.feed, passed in to keep this module free of the model-walking code)."""
-    k = layer.in_features
-    acc = {"h": torch.zeros(k, k, dtype=torch.float64), "rows": 0}
-
-    def hook(mod, args):
-        x = args[0].detach().reshape(-1, k).double()
-        acc["h"] += x.T @ x
-        acc["rows"] += x.shape[0]
-
-    feed(model, calibration, [layer.register_forward_pre_hook(hook)])
-    if acc["rows"] == 0:
-        raise ValueError("the layer received no input during calibration")
-    return acc["h"] / acc["rows"]
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:

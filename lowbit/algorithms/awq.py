@@ -1,0 +1,87 @@
+"""AWQ (Lin et al., 2023): activation-aware weight quantization.
+
+A few input channels carry much larger activations than the rest, and the weights they multiply matter
+most. Scaling those weight columns up by s (and the activations down by s, so the product is unchanged)
+gives them a finer share of the quantization grid. The scale is s = mean|x|^alpha per input channel,
+normalized, with alpha chosen by grid search to minimize the layers' output error on calibration data
+(alpha = 0 is plain round-to-nearest, so the search never does worse than RTN on that data). Then each
+group's range is shrunk, where that lowers the output error ("clipping"), searched per group.
+
+The 1/s on the activations is folded into the op that produces them when it can be (lowbit.sequential.
+fold_scale); otherwise the quantized layer multiplies its input by 1/s itself. The weights are then
+rounded to nearest: the format and kernels are the ordinary affine ones.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..core import choose_qparams_affine, dequantize_affine, quantize_affine
+
+GRID = 20  # alphas 0, 0.05, ..., 0.95; shrink ratios 1.0 down to 0.525
+SCALE_ROWS = 4096  # calibration rows the scale search evaluates the output error on
+CLIP_ROWS = 512  # and the clipping search
+MAX_SHRINK = 0.5
+
+
+def fake_quant(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
+    """Round-to-nearest quantize and dequantize w [N, K] by groups along K (zero-padded to whole groups)."""
+    k = w.shape[1]
+    kp = -(-k // group_size) * group_size
+    wp = F.pad(w, (0, kp - k)) if kp != k else w
+    block = (1, group_size)
+    scale, zero = choose_qparams_affine(wp, bits, block, symmetric)
+    codes = quantize_affine(wp, scale, zero, bits, block, symmetric=symmetric)
+    return dequantize_affine(codes, scale, zero, block)[:, :k]
+
+
+@torch.no_grad()
+def search_scale(weights: list[torch.Tensor], x: torch.Tensor, x_mean: torch.Tensor, bits: int, group_size: int,
+                 symmetric: bool, grid: int = GRID) -> tuple[torch.Tensor, float]:
+    """Per-input-channel scale s [K] for linears `weights` ([N_i, K]) that all read inputs like `x` [T, K]
+    (`x_mean`: mean |x| per channel over all calibration rows). Returns (s, alpha)."""
+    x = x.float()
+    ys = [x @ w.float().T for w in weights]
+    base = x_mean.float().clamp_min(1e-8)
+    best = (float("inf"), torch.ones_like(base), 0.0)
+    for i in range(grid):
+        alpha = i / grid
+        s = base.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()
+        err = 0.0
+        for w, y in zip(weights, ys):
+            wq = fake_quant(w.float() * s, bits, group_size, symmetric) / s
+            err += float((x @ wq.T - y).pow(2).mean())
+        if err < best[0]:
+            best = (err, s, alpha)
+    return best[1], best[2]
+
+
+@torch.no_grad()
+def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                grid: int = GRID, max_shrink: float = MAX_SHRINK) -> torch.Tensor:
+    """w [N, K] with each group's values clamped to the shrunk range (ratio searched per output row and
+    group) that minimizes that group's share of the output error on inputs x [T, K]."""
+    w = w.float()
+    n, k = w.shape
+    kp = -(-k // group_size) * group_size
+    wg = F.pad(w, (0, kp - k)).reshape(n, kp // group_size, group_size)
+    xg = F.pad(x.float(), (0, kp - k)).reshape(x.shape[0], kp // group_size, group_size)
+    best_w = wg.clone()
+    best_err = torch.full(wg.shape[:2], float("inf"))
+    chunk = max(1, (1 << 24) // max(1, x.shape[0] * wg.shape[1]))  # bound the [T, rows, groups] temporary
+    for i in range(grid):
+        r = 1.0 - max_shrink * i / grid
+        if symmetric:
+            m = wg.abs().amax(-1, keepdim=True) * r
+            wc = torch.maximum(torch.minimum(wg, m), -m)
+        else:
+            wc = torch.maximum(torch.minimum(wg, wg.amax(-1, keepdim=True) * r), wg.amin(-1, keepdim=True) * r)
+        d = wg - fake_quant(wc.reshape(n, kp), bits, group_size, symmetric).reshape(wg.shape)
+        err = torch.cat([torch.einsum("tgj,ngj->tng", xg, d[a:a + chunk]).pow(2).mean(0)
+                         for a in range(0, n, chunk)])
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_w[better] = wc[better]
+    return best_w.reshape(n, kp)[:, :k]
