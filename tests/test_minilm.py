@@ -36,3 +36,16 @@ def test_checkpoint_size_and_bit_exact_reload(minilm, tmp_path, recipe, limit):
     batch = bench.sample_batch(tokenizer, 4, 64)
     with torch.inference_mode():
         assert torch.equal(q(**batch).last_hidden_state, loaded(**batch).last_hidden_state)
+
+
+def test_awq_beats_rtn_on_real_outliers(minilm):
+    """MiniLM's weights and activations have real outlier channels; at 2 bits AWQ must beat plain rounding
+    clearly (measured: RTN 81.57, AWQ 84.51 against fp32 86.72; calibration: 128 STS-B train sentences)."""
+    from lowbit.calib import default_text_calibration
+
+    _, model, tokenizer, fp32 = minilm
+    calib = default_text_calibration(tokenizer, n=128, batch_size=16, max_length=128)
+    rtn = eval_stsb(lowbit.quantize(copy.deepcopy(model), "int2-g32"), tokenizer)
+    awq = eval_stsb(lowbit.quantize(copy.deepcopy(model), "int2-g32-awq", calibration=calib), tokenizer)
+    print(f"STS-B dev: fp32 {fp32:.2f}, int2-g32 RTN {rtn:.2f}, AWQ {awq:.2f}")
+    assert awq >= rtn + 1.5
