@@ -2,8 +2,9 @@
 
 Layout of a checkpoint directory:
     lowbit.json         manifest: format version, recipe, per-layer spec, model class and config,
-                        sha256 and size of the tensor file
+                        sha256 and size of each tensor file
     model.safetensors   packed codes, scales, zero points, codebooks, and every float tensor left
+                        (or model-00001.safetensors, ... when written block by block, see lowbit.stream)
     (tokenizer files)   when the model came with a tokenizer
 
 Writes go to a temporary directory beside the target, renamed into place at the end, so a crash never
@@ -73,37 +74,30 @@ def _model_entry(model: nn.Module) -> dict:
     return entry
 
 
-def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None) -> Path:
-    """Write `model` (quantized by lowbit.quantize, or partly float) to `directory`, atomically."""
-    target = Path(directory)
-    layers = {name: _layer_entry(m) for name, m in model.named_modules() if isinstance(m, (QuantModule, FusedReLU))}
-    tensors = {}
-    seen: dict[int, str] = {}
-    for name, t in model.state_dict().items():
-        t = t.detach()
-        if t.device.type == "meta":
-            raise ValueError(f"tensor {name!r} is on the meta device; nothing to save")
-        key = t.untyped_storage().data_ptr() if t.numel() else -len(tensors) - 1
-        # safetensors refuses shared storage (tied weights): each name gets its own copy.
-        tensors[name] = t.clone().contiguous() if key in seen else t.contiguous()
-        seen[key] = name
-    recipe = getattr(model, "lowbit_recipe", None)
+def layer_entries(model: nn.Module, prefix: str = "") -> dict[str, dict]:
+    """Manifest entries of the quantized layers (and fused ReLUs) in `model`, named under `prefix`."""
+    return {f"{prefix}{name}": _layer_entry(m) for name, m in model.named_modules()
+            if isinstance(m, (QuantModule, FusedReLU))}
+
+
+def file_entry(path: Path) -> dict:
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def tensor_bytes(manifest: dict) -> int:
+    """Total size of a checkpoint's tensor files."""
+    info = manifest["tensors"]
+    return sum(f["bytes"] for f in info["files"]) if "files" in info else info["bytes"]
+
+
+def commit(target: str | os.PathLike, fill) -> Path:
+    """Write a checkpoint directory atomically: `fill(tmp)` writes the tensor files into a temporary
+    directory beside `target` and returns the manifest; the directory is renamed into place at the end."""
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        save_file(tensors, str(tmp / TENSORS), metadata={"format": "lowbit"})
-        manifest = {
-            "format": "lowbit",
-            "format_version": FORMAT_VERSION,
-            "recipe": recipe.name if isinstance(recipe, QuantConfig) else None,
-            "config": recipe.to_dict() if isinstance(recipe, QuantConfig) else None,
-            "model": _model_entry(model),
-            "layers": layers,
-            "float_layers": list(getattr(model, "lowbit_float_layers", [])),
-            "tensors": {"file": TENSORS, "bytes": (tmp / TENSORS).stat().st_size, "sha256": _sha256(tmp / TENSORS)},
-        }
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+        manifest = fill(tmp)
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=1)
         old = None
@@ -117,6 +111,43 @@ def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None) -> P
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def manifest_for(model: nn.Module, layers: dict, tensors: dict, recipe=None) -> dict:
+    recipe = recipe if recipe is not None else getattr(model, "lowbit_recipe", None)
+    return {
+        "format": "lowbit",
+        "format_version": FORMAT_VERSION,
+        "recipe": recipe.name if isinstance(recipe, QuantConfig) else None,
+        "config": recipe.to_dict() if isinstance(recipe, QuantConfig) else None,
+        "model": _model_entry(model),
+        "layers": layers,
+        "float_layers": list(getattr(model, "lowbit_float_layers", [])),
+        "tensors": tensors,
+    }
+
+
+def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None) -> Path:
+    """Write `model` (quantized by lowbit.quantize, or partly float) to `directory`, atomically."""
+    layers = layer_entries(model)
+    tensors = {}
+    seen: dict[int, str] = {}
+    for name, t in model.state_dict().items():
+        t = t.detach()
+        if t.device.type == "meta":
+            raise ValueError(f"tensor {name!r} is on the meta device; nothing to save")
+        key = t.untyped_storage().data_ptr() if t.numel() else -len(tensors) - 1
+        # safetensors refuses shared storage (tied weights): each name gets its own copy.
+        tensors[name] = t.clone().contiguous() if key in seen else t.contiguous()
+        seen[key] = name
+
+    def fill(tmp: Path) -> dict:
+        save_file(tensors, str(tmp / TENSORS), metadata={"format": "lowbit"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        return manifest_for(model, layers, file_entry(tmp / TENSORS))
+
+    return commit(directory, fill)
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
@@ -137,22 +168,26 @@ def read_manifest(directory: str | os.PathLike) -> dict:
 
 def _read_tensors(directory: Path, manifest: dict, verify: bool) -> dict[str, torch.Tensor]:
     info = manifest["tensors"]
-    path = directory / info["file"]
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing")
-    size = path.stat().st_size
-    if size != info["bytes"]:
-        raise CheckpointError(f"{path} is truncated or altered: {size} bytes, the manifest says {info['bytes']}")
-    if verify and _sha256(path) != info["sha256"]:
-        raise CheckpointError(f"{path} is corrupt or was modified: its sha256 does not match the manifest")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} cannot be read as safetensors: {e}") from None
+    tensors: dict[str, torch.Tensor] = {}
+    for entry in info.get("files", [info]):
+        path = directory / entry["file"]
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise CheckpointError(f"{path} is truncated or altered: {size} bytes, the manifest says {entry['bytes']}")
+        if verify and _sha256(path) != entry["sha256"]:
+            raise CheckpointError(f"{path} is corrupt or was modified: its sha256 does not match the manifest")
+        try:
+            tensors.update(load_file(str(path)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path} cannot be read as safetensors: {e}") from None
+    return tensors
 
 
 def _skeleton(entry: dict) -> nn.Module:
-    """An empty model of the saved class, built from the saved Hugging Face config."""
+    """An empty model of the saved class, built from the saved Hugging Face config; its parameters are on
+    the meta device (no memory, no random init) until the saved tensors are assigned."""
     if "hf_config" not in entry:
         raise CheckpointError(f"the checkpoint holds a {entry['class']}, not a Hugging Face model: "
                               "pass the float model as lowbit.load(directory, model=...)")
@@ -163,7 +198,10 @@ def _skeleton(entry: dict) -> nn.Module:
     if config_cls is None or model_cls is None:
         raise CheckpointError(f"transformers {transformers.__version__} has no {entry['class']}")
     config = config_cls.from_dict(entry["hf_config"])
-    return model_cls(config)
+    from .hf import params_on_meta
+
+    with params_on_meta():
+        return model_cls(config)
 
 
 def load(directory: str | os.PathLike, model: nn.Module | None = None, *, verify: bool = True) -> nn.Module:
@@ -217,7 +255,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, verify
         except (KeyError, RuntimeError, ValueError, AttributeError) as e:
             raise CheckpointError(f"layer {name!r} cannot be rebuilt from {directory}: {e}") from None
     try:
-        model.load_state_dict(tensors, strict=True)
+        model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"{directory} does not match the model: {e}") from None
     model.lowbit_float_layers = manifest.get("float_layers", [])

@@ -80,7 +80,7 @@ def quantize_cmd(src: str, recipe: str, out: str, exclude: tuple[str, ...], cali
         checkpoint.save(model, out, tokenizer=tokenizer)
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
-    size = (checkpoint.read_manifest(out)["tensors"]["bytes"]) / 1e6
+    size = checkpoint.tensor_bytes(checkpoint.read_manifest(out)) / 1e6
     click.echo(f"saved {recipe} checkpoint to {out} ({size:.1f} MB)")
 
 

@@ -5,7 +5,10 @@ Everything here works offline: models are read from local folders only, never fr
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,16 +63,53 @@ def resolve_model_path(src: str | Path) -> Path:
     return path.resolve()
 
 
+def is_causal_lm(folder: str | Path) -> bool:
+    """Whether a model folder's config names a causal language model (`...ForCausalLM`)."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    return any(a.endswith("ForCausalLM") for a in config.get("architectures") or [])
+
+
 def load_hf_model(path: str | Path) -> tuple[nn.Module, Any]:
-    """Load ``(model, tokenizer)`` from a local folder (or the ``"minilm"`` alias), fp32, eval mode."""
+    """Load ``(model, tokenizer)`` from a local folder (or the ``"minilm"`` alias), fp32, eval mode.
+    A causal language model keeps its LM head (AutoModelForCausalLM); anything else loads as AutoModel."""
     # Imported lazily: transformers is slow to import and only needed here.
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve_model_path(str(path))
-    model = AutoModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+    auto = AutoModelForCausalLM if is_causal_lm(folder) else AutoModel
+    model = auto.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Build modules whose parameters live on the meta device (no memory, no init), buffers left real:
+    a skeleton whose weights are loaded later, tensor by tensor. (Buffers such as rotary frequencies are
+    computed at construction and not stored in checkpoints, so they must stay.)"""
+    register = nn.Module.register_parameter
+
+    def to_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = to_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def skeleton_from_config(config: Any, causal_lm: bool) -> nn.Module:
+    """An HF model of `config`'s architecture with parameters on the meta device, in eval mode."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    auto = AutoModelForCausalLM if causal_lm else AutoModel
+    with params_on_meta():
+        model = auto.from_config(config)
+    return model.eval()
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -1,0 +1,155 @@
+"""Quantizing a model larger than memory, one block at a time.
+
+The model is built with its parameters on the meta device. Everything outside the repeated blocks
+(embeddings, final norm, LM head) is loaded; the calibration data is run up to the first block and its
+inputs kept. Then, for each block: its weights are read from the safetensors shards, its linears are
+quantized (fitted to the block's inputs for GPTQ/AWQ), the block's outputs become the next block's inputs,
+and its quantized tensors are written to the output shards before the block is dropped. Peak memory is
+about one float block, its calibration activations and the layers outside the blocks, whatever the
+model's depth. The result is an ordinary lowbit checkpoint: lowbit.load reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import checkpoint, fit, hf
+from .modules import QuantEmbedding, QuantLinear
+from .quantize import targets
+from .recipes import parse_recipe
+from .safetensors_io import ShardWriter, Source
+from .sequential import Stage, capture_inputs, find_blocks
+
+
+def _materialize(root: nn.Module, source: Source, prefix: str, skip: str | None = None) -> None:
+    """Load every meta parameter of `root` (qualified names start with `prefix`) from `source`, as fp32;
+    tied parameters stay tied. Names under `skip` are left alone."""
+    loaded: dict[int, nn.Parameter] = {}
+    for name, param in list(root.named_parameters(remove_duplicate=False)):
+        full = prefix + name
+        if param.device.type != "meta" or (skip and full.startswith(skip)):
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = root.get_submodule(owner_name) if owner_name else root
+        if id(param) not in loaded:
+            if full not in source:
+                raise ValueError(f"the checkpoint has no tensor {full!r}")
+            t = source.get(full).float()
+            if tuple(t.shape) != tuple(param.shape):
+                raise ValueError(f"tensor {full!r} has shape {tuple(t.shape)}; the model expects {tuple(param.shape)}")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"tensor {full!r} contains NaN or inf")
+            loaded[id(param)] = nn.Parameter(t, requires_grad=False)
+        owner._parameters[attr] = loaded[id(param)]
+
+
+def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, recipe: str, *,
+                    calibration: Iterable | None = None, exclude: Iterable[str] = (), tokenizer=None,
+                    shard_bytes: int = 1 << 30, progress: bool = True) -> Path:
+    """Quantize the Hugging Face model in folder `src` by `recipe`, block by block, into checkpoint `out`.
+
+    Weight-only recipes (any method) and w8a8-dynamic. GPTQ and AWQ fit the layers inside the blocks to
+    `calibration`; layers outside the blocks (the LM head) are rounded to nearest, since fitting them would
+    need the whole model at once. Kernels are the default ones for each layer (no timing)."""
+    config = parse_recipe(recipe)
+    if config.act == "static" or config.smooth is not None:
+        raise ValueError(f"recipe {config.name} calibrates the whole model at once; block-at-a-time "
+                         "quantization takes weight-only recipes and w8a8-dynamic")
+    if config.needs_calibration and calibration is None:
+        raise ValueError(f"recipe {config.name} fits weights to the layers' inputs: pass calibration data")
+    from transformers import AutoConfig
+
+    folder = hf.resolve_model_path(src)
+    source = Source(folder)
+    model = hf.skeleton_from_config(AutoConfig.from_pretrained(folder, local_files_only=True),
+                                    hf.is_causal_lm(folder))
+    found = find_blocks(model)
+    if found is None:
+        raise ValueError(f"{type(model).__name__} has no repeated blocks to quantize one at a time")
+    prefix, blocks = found
+    inside = f"{prefix}."
+    _materialize(model, source, "", skip=inside)
+    exclude = tuple(exclude)
+    todo = targets(model, config, exclude)
+    block_todo = [[n for n, _ in todo if n.startswith(f"{prefix}.{i}.")] for i in range(len(blocks))]
+    fitted = config.method in ("gptq", "awq")
+    calls = capture_inputs(model, blocks[0], list(calibration)) if fitted else None
+
+    def build(name: str, mod: nn.Module, **encode) -> nn.Module:
+        try:
+            cfg = config if name.startswith(inside) or not fitted else dataclasses.replace(config, method="rtn")
+            if isinstance(mod, nn.Embedding):
+                return QuantEmbedding.from_float(mod, cfg)
+            if cfg.act is None:
+                return QuantLinear.from_float(mod, cfg, "auto", **encode)
+            from .w8a8 import W8A8Linear
+
+            return W8A8Linear.from_float(mod, cfg, None, "auto", False)
+        except ValueError as e:
+            raise ValueError(f"layer {name!r}: {e}") from None
+
+    def replace(name: str, new: nn.Module) -> None:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+    def fill(tmp: Path) -> dict:
+        writer = ShardWriter(tmp, shard_bytes)
+        layers: dict[str, dict] = {}
+        bar = tqdm(range(len(blocks)), desc=f"{config.name} block", unit="block", disable=not progress)
+        nonlocal calls
+        for i in bar:
+            block_name = f"{prefix}.{i}"
+            block = blocks[i]
+            _materialize(block, source, block_name + ".")
+            mods = {n: model.get_submodule(n) for n in block_todo[i]}
+            stage = Stage(block, calls, block_name) if calls is not None else None
+            if config.method == "gptq":
+                fit.gptq_stage(stage, mods, build, replace)
+            elif config.method == "awq":
+                fit.awq_stage(stage, mods, config, build, replace)
+            else:
+                for n, m in mods.items():
+                    replace(n, build(n, m))
+            if stage is not None and i + 1 < len(blocks):
+                calls = stage.next_calls()
+            for name, t in block.state_dict().items():
+                writer.add(f"{block_name}.{name}", t)
+            layers.update(checkpoint.layer_entries(block, block_name + "."))
+            blocks[i] = nn.Module()  # drop the block: its tensors are in the writer or on disk
+            del block, stage, mods
+        bar.close()
+        for name, mod in todo:
+            if not name.startswith(inside):
+                replace(name, build(name, mod))
+        for name, t in model.state_dict().items():
+            if not name.startswith(inside):
+                writer.add(name, t)
+        writer.flush()
+        layers.update({n: e for n, e in checkpoint.layer_entries(model).items() if not n.startswith(inside)})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        files = [checkpoint.file_entry(tmp / f) for f in writer.files]
+        manifest = checkpoint.manifest_for(model, layers, {"files": files}, recipe=config)
+        manifest["source"] = {"bytes": source.nbytes, "blocks": len(blocks), "block_at_a_time": True}
+        return manifest
+
+    return checkpoint.commit(out, fill)
+
+
+def checkpoint_bytes(folder: str | os.PathLike) -> int:
+    """Size of a Hugging Face folder's safetensors weights (0 if it has none)."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = set(json.loads(index.read_text())["weight_map"].values())
+        return sum((folder / f).stat().st_size for f in files if (folder / f).is_file())
+    single = folder / "model.safetensors"
+    return single.stat().st_size if single.is_file() else 0
