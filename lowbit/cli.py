@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -31,8 +32,8 @@ CALIB_SIZE_HELP = "number of calibration texts: the first N lines of --calib, or
 def _needs_calibration(recipe: str) -> bool:
     from .recipes import parse_recipe
 
-    # Static activation scales are fitted on data before any input is seen; every other recipe
-    # (weight-only, dynamic activations) quantizes from the weights alone.
+    # Static activation scales, GPTQ/AWQ weights and SmoothQuant's scales are fitted on data; the other
+    # recipes (round-to-nearest, HQQ, dynamic activations) quantize from the weights alone.
     return parse_recipe(recipe).needs_calibration
 
 
@@ -58,8 +59,11 @@ def _calibration(tokenizer: Any, calib: str | None, size: int) -> tuple[list[dic
 @click.option("--backend", default="auto", show_default=True,
               help="matmul backend: auto or a name from `lowbit info`")
 @click.option("--kernel", "kernel_alias", default=None, hidden=True)  # the old name of --backend
+@click.option("--low-memory/--in-memory", "low_memory", default=None,
+              help="read and quantize one block at a time from SRC's safetensors shards (peak memory about one "
+                   "block); default: only when the weights are over a quarter of this machine's memory")
 def quantize_cmd(src: str, recipe: str, out: str, exclude: tuple[str, ...], calib: str | None, calib_size: int,
-                 backend: str, kernel_alias: str | None) -> None:
+                 backend: str, kernel_alias: str | None, low_memory: bool | None) -> None:
     """Quantize SRC (a Hugging Face model folder, or `minilm`) and save it to OUT."""
     from . import checkpoint, hf
     from .quantize import quantize
@@ -71,6 +75,16 @@ def quantize_cmd(src: str, recipe: str, out: str, exclude: tuple[str, ...], cali
     try:
         needs_calib = _needs_calibration(recipe)  # first, so a bad recipe fails before the model loads
         path = hf.resolve_model_path(src)
+        if low_memory is None:
+            from .stream import checkpoint_bytes
+
+            low_memory = checkpoint_bytes(path) > _memory_bytes() // 4
+            if low_memory:
+                click.echo(f"{src}: {checkpoint_bytes(path) / 1e9:.1f} GB of weights; quantizing one block at a "
+                           "time (--in-memory to override)", err=True)
+        if low_memory:
+            _quantize_low_memory(path, recipe, out, exclude, calib, calib_size, needs_calib)
+            return
         model, tokenizer = hf.load_hf_model(path)
         calibration = None
         if calib is not None or needs_calib:
@@ -82,6 +96,33 @@ def quantize_cmd(src: str, recipe: str, out: str, exclude: tuple[str, ...], cali
         _fail(e)
     size = checkpoint.tensor_bytes(checkpoint.read_manifest(out)) / 1e6
     click.echo(f"saved {recipe} checkpoint to {out} ({size:.1f} MB)")
+
+
+def _memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _quantize_low_memory(path, recipe: str, out: str, exclude: tuple[str, ...], calib: str | None, calib_size: int,
+                         needs_calib: bool) -> None:
+    from transformers import AutoTokenizer
+
+    from . import checkpoint
+    from .stream import quantize_folder
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError):
+        tokenizer = None
+    calibration = None
+    if calib is not None or needs_calib:
+        if tokenizer is None:
+            raise ValueError(f"{path} has no tokenizer to turn calibration text into model inputs")
+        calibration, note = _calibration(tokenizer, calib, calib_size)
+        click.echo(note, err=True)
+    t0 = time.perf_counter()
+    quantize_folder(path, out, recipe, calibration=calibration, exclude=exclude, tokenizer=tokenizer)
+    size = checkpoint.tensor_bytes(checkpoint.read_manifest(out)) / 1e6
+    click.echo(f"saved {recipe} checkpoint to {out} ({size:.1f} MB) in {time.perf_counter() - t0:.0f} s")
 
 
 @main.command("eval")

@@ -181,3 +181,49 @@ def test_bench_layers_default_calibration_and_errors(minilm, tmp_path):
     r = runner.invoke(main, ["bench", str(path), str(tmp_path / "q"), "--layers", "--calib",
                              str(tmp_path / "nothing.txt")])
     assert r.exit_code != 0 and "does not exist" in r.output
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_folder(tmp_path_factory, minilm):
+    """A small random BERT with MiniLM's tokenizer, as a Hugging Face folder: fast to quantize by any method."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=minilm[2].vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=128, max_position_embeddings=128)
+    path = tmp_path_factory.mktemp("tinybert") / "bert"
+    BertModel(cfg).save_pretrained(path)
+    minilm[2].save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("recipe", ["int4-g32-gptq", "int4-g32-awq", "int3-g32-hqq", "w8a8-smooth",
+                                    "w8a8-static-smooth-0.7"])
+def test_method_recipes_save_load_and_run(tiny_bert_folder, tmp_path, recipe):
+    runner = CliRunner()
+    out = tmp_path / recipe
+    r = runner.invoke(main, ["quantize", str(tiny_bert_folder), "--recipe", recipe, "--out", str(out),
+                             "--calib", str(calib_file(tmp_path)), "--backend", "reference" if "w8a8" in recipe
+                             else "auto"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["bench", str(tiny_bert_folder), str(out), "--batch", "1", "--seq", "16", "--iters", "1"])
+    assert r.exit_code == 0, r.output
+    assert recipe in r.output
+
+
+def test_low_memory_quantize_from_the_command_line(tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import lowbit
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "src", max_shard_size="100KB")
+    r = CliRunner().invoke(main, ["quantize", str(tmp_path / "src"), "--recipe", "int4-g32", "--out",
+                                  str(tmp_path / "q"), "--low-memory"])
+    assert r.exit_code == 0, r.output
+    model = lowbit.load(tmp_path / "q")
+    assert model.generate(torch.tensor([[1, 2]]), max_new_tokens=3, do_sample=False).shape == (1, 5)
