@@ -1,4 +1,4 @@
-"""STS-B dev Spearman of all-MiniLM-L6-v2 under weight-only recipes fitted by each method.
+"""STS-B dev Spearman of all-MiniLM-L6-v2 under recipes fitted by each method.
 
     python benchmarks/minilm_methods.py [--recipes int4-g128 int4-g128-gptq ...] [--calib 128]
 
@@ -27,6 +27,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipes", nargs="*", default=DEFAULT)
     ap.add_argument("--calib", type=int, default=128, help="STS-B train sentences for calibration")
+    ap.add_argument("--backend", default="auto", help="auto, or a kernel (reference: W8A8 arithmetic in float)")
     args = ap.parse_args()
     model, tok = hf.load_hf_model(hf.MINILM)
     calib = default_text_calibration(tok, n=args.calib, batch_size=16, max_length=128)
@@ -37,7 +38,7 @@ def main() -> None:
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            q = lowbit.quantize(copy.deepcopy(model), recipe, calibration=calib)
+            q = lowbit.quantize(copy.deepcopy(model), recipe, calibration=calib, backend=args.backend)
         took = time.perf_counter() - t0
         score = eval_stsb(q, tok)
         print(f"{recipe:18s} {score:8.2f} {score - fp32:+6.2f} {took:10.1f}", flush=True)

@@ -25,7 +25,7 @@ Replace = Callable[[str, nn.Module], None]
 @dataclass
 class InputStats:
     rows: int = 0
-    hessian: torch.Tensor | None = None  # sum of x^T x, float64
+    hessian: torch.Tensor | None = None  # sum of x^T x, float64 (millions of rows are summed)
     abs_sum: torch.Tensor | None = None
     abs_max: torch.Tensor | None = None
     sample: torch.Tensor | None = None  # a seeded random subset of the rows
@@ -82,7 +82,8 @@ def gptq_stage(stage: Stage, layers: dict[str, nn.Linear], build: Build, replace
     for group in groups:
         first = layers[group[0]]
         st = input_stats(stage, first, first.in_features, hessian=True)
-        h = st.hessian / st.rows
+        h = st.hessian.div_(st.rows).float()  # summed in float64; GPTQ itself works in float32
+        del st
         for name in group:
             replace(name, build(name, layers[name], hessian=h))
 

@@ -132,12 +132,12 @@ def perplexity(model: nn.Module, input_ids: Tensor, *, max_length: int, stride: 
     Windows of `max_length` tokens start every `stride` tokens (the last one may be shorter). Each
     window scores only the tokens the previous window did not reach, so with ``stride < max_length``
     every token after the first is scored exactly once, with at least ``max_length - stride`` tokens of
-    context; with ``stride == max_length`` the windows are disjoint and the first token of each is not
+    context (fewer only inside the first window); with ``stride == max_length`` the windows are disjoint and the first token of each is not
     scored. The result is exp of the token-weighted mean negative log-likelihood.
 
     `model(input_ids=...)` must return logits ``[batch, T, vocab]`` (or an object with ``.logits``); the
     loss is computed here from them, so quantized models work too. Windows of equal length run
-    `batch_size` at a time (no padding, so batching does not change the result). The model is put in
+    `batch_size` at a time (no padding, so batching changes the result only by float rounding). The model is put in
     eval mode for the call and its previous mode restored afterwards.
     """
     nll, count = _nll_sum(model, input_ids, max_length=max_length, stride=stride, batch_size=batch_size,

@@ -53,7 +53,7 @@ def _materialize(root: nn.Module, source: Source, prefix: str, skip: str | None 
 
 def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, recipe: str, *,
                     calibration: Iterable | None = None, exclude: Iterable[str] = (), tokenizer=None,
-                    shard_bytes: int = 1 << 30, progress: bool = True) -> Path:
+                    shard_bytes: int = 1 << 28, progress: bool = True) -> Path:
     """Quantize the Hugging Face model in folder `src` by `recipe`, block by block, into checkpoint `out`.
 
     Weight-only recipes (any method) and w8a8-dynamic. GPTQ and AWQ fit the layers inside the blocks to

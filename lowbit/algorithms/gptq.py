@@ -17,14 +17,18 @@ from ..core import choose_qparams_affine
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; more damping if H is too ill-conditioned."""
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
     mean_diag = float(torch.diag(h).mean())
     for attempt in range(6):
-        try:
-            chol = torch.linalg.cholesky(h + (damp * 10 ** attempt) * mean_diag * eye)
-            return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
-        except torch.linalg.LinAlgError:
-            continue
+        damped = h.clone()
+        damped.diagonal().add_(damp * 10 ** attempt * mean_diag)
+        chol, info = torch.linalg.cholesky_ex(damped)
+        del damped  # one [K, K] matrix fewer alive at a time
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(chol)
+            del chol
+            chol, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0:
+                return chol
     raise ValueError("GPTQ: the calibration Hessian is not positive definite even with heavy damping; "
                      "use more (or more varied) calibration data")
 
@@ -43,13 +47,17 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
         raise ValueError(f"input size {k} is not a multiple of group size {group_size}")
     scale, zero = choose_qparams_affine(W, bits, (1, group_size), symmetric)
     qmin, qmax = (1 if symmetric else 0), 2 ** bits - 1
-    H = h.double().clone()
-    dead = torch.diag(H) == 0  # inputs that were always zero: their weights cannot matter
-    H[dead, dead] = 1.0
+    # float32, as the paper's implementation: a [K, K] matrix per layer is 256 MB at K = 8192, and the
+    # factorizations below hold a few of them at once (memory matters when quantizing block by block).
+    diag = torch.diag(h).float().clone()
+    dead = diag == 0  # inputs that were always zero: their weights cannot matter
+    diag[dead] = 1.0
     W[:, dead] = 0.0
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
-    W, H = W[:, perm], H[perm][:, perm]
-    U = _inverse_cholesky(H, damp).float()
+    perm = torch.argsort(diag, descending=True) if act_order else torch.arange(k)
+    W, H = W[:, perm], h.float()[perm][:, perm]
+    H.diagonal()[dead[perm]] = 1.0
+    U = _inverse_cholesky(H, damp)
+    del H
     cols = perm // group_size
     S, Z = scale[:, cols], zero[:, cols]  # each processed column's own group parameters
     Q = torch.empty(n, k)
