@@ -65,6 +65,10 @@ def encode_weight(w: torch.Tensor, config: QuantConfig, hessian: torch.Tensor | 
         book = centroids.to(torch.float16)
         if not torch.isfinite(book).all():
             book = centroids
+        if config.method == "gptq":  # the codebooks stay; GPTQ chooses which entry each weight takes
+            if hessian is None:
+                raise ValueError("gptq needs the layer's calibration Hessian (pass calibration= to quantize)")
+            codes, _, _ = gptq_quantize(w, hessian, config.bits, g, False, codebook=book.float())
         return {"qweight": core.pack_bits(codes, config.bits), "codebook": book}
     if config.kind == "ternary":
         codes, scale, zero = core.quantize_ternary(w, block)

@@ -63,8 +63,10 @@ class QuantConfig:
                 raise ValueError("activation quantization takes int8 symmetric per-channel weights (w8a8)")
         if self.smooth is not None and (self.act is None or not 0.0 <= self.smooth <= 1.0):
             raise ValueError(f"smoothing takes a w8a8 recipe and an alpha in [0, 1], got {self.smooth}")
-        if self.method in ("gptq", "awq", "hqq") and self.kind != "int":
+        if self.method in ("awq", "hqq") and self.kind != "int":
             raise ValueError(f"{self.method} takes integer formats (intB[-gG])")
+        if self.method == "gptq" and self.kind not in ("int", "kmeans"):
+            raise ValueError("gptq takes integer or codebook formats (intB[-gG], kmeansB[-gG])")
         if self.method == "hqq" and self.symmetric:
             raise ValueError("hqq fits zero points: it takes asymmetric formats (int2..int7)")
         if self.observer not in OBSERVER_NAMES:

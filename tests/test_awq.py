@@ -93,7 +93,7 @@ def test_scale_and_clip_searches_never_lose_to_rtn():
     s, alpha = search_scale([w], x, x.abs().mean(0), 3, 32, False)
     assert alpha > 0 and s[:4].min() > s[4:].max()  # the outlier channels get the largest scales
     from lowbit.algorithms.awq import fake_quant
-    err = lambda wq: (x @ (w - wq).T).pow(2).mean().item()  # noqa: E731
+    err = lambda wq: (x @ (w - wq).T).pow(2).mean().item()
     rtn = err(fake_quant(w, 3, 32, False))
     scaled = err(fake_quant(w * s, 3, 32, False) / s)
     clipped = err(fake_quant(search_clip(w * s, x / s, 3, 32, False), 3, 32, False) / s)

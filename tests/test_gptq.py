@@ -30,7 +30,8 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("recipe,factor", [("int4-g32", 0.5), ("int3-g64", 0.5), ("int2-g32", 0.6), ("int4", 0.5)])
+@pytest.mark.parametrize("recipe,factor", [("int4-g32", 0.5), ("int3-g64", 0.5), ("int2-g32", 0.6), ("int4", 0.5),
+                                           ("kmeans3-g64", 0.55)])
 def test_gptq_beats_rtn_on_held_out_inputs(recipe, factor):
     calib = [data(64, i) for i in range(8)]
     x = data(512, 100)
@@ -69,8 +70,8 @@ def test_dead_inputs_and_odd_sizes():
 def test_gptq_errors_and_round_trip(tmp_path):
     with pytest.raises(ValueError, match="pass calibration"):
         lowbit.quantize(model(), "int4-g32-gptq")
-    with pytest.raises(ValueError, match="gptq takes integer formats"):
-        parse_recipe("kmeans4-g64-gptq")
+    with pytest.raises(ValueError, match="gptq takes integer or codebook formats"):
+        parse_recipe("ternary-gptq")
     calib = [data(64, i) for i in range(4)]
     q = lowbit.quantize(model(), "int3-g32-gptq", calibration=calib)
     lowbit.save(q, tmp_path / "ck")

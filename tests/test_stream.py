@@ -67,7 +67,7 @@ def test_stream_rtn_needs_no_calibration_and_errors_are_clear(sharded, tmp_path)
         quantize_folder(sharded, tmp_path / "s", "w8a8-static", calibration=calib())
     with pytest.raises(ValueError, match="pass calibration"):
         quantize_folder(sharded, tmp_path / "s", "int4-g32-gptq")
-    shard = sorted(sharded.glob("model-*.safetensors"))[0]
+    shard = min(sharded.glob("model-*.safetensors"))
     data = shard.read_bytes()
     broken = tmp_path / "broken"
     broken.mkdir()

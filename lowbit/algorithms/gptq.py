@@ -35,11 +35,13 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, symmetric: bool, *,
-                  damp: float = 0.01, act_order: bool = True, block: int = 128
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  damp: float = 0.01, act_order: bool = True, block: int = 128,
+                  codebook: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes (uint8 [N, K]), scale and zero point ([N, K // group_size]) for weight w [N, K] given H [K, K].
 
-    The codes follow lowbit.core's affine convention: W ~ (codes - zero) * scale.
+    The codes follow lowbit.core's affine convention: W ~ (codes - zero) * scale. With `codebook`
+    ([N, K // group_size, 2**bits], fixed up front like the scales), each weight is rounded to the nearest
+    entry of its group's codebook instead, and the codes index it (scale and zero are then unused).
     """
     W = w.detach().float().clone()
     n, k = W.shape
@@ -67,9 +69,15 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
         Eb = torch.empty_like(Wb)
         for j in range(b1 - b0):
             i = b0 + j
-            q = torch.round(Wb[:, j] / S[:, i] + Z[:, i]).clamp_(qmin, qmax)
+            if codebook is None:
+                q = torch.round(Wb[:, j] / S[:, i] + Z[:, i]).clamp_(qmin, qmax)
+                value = (q - Z[:, i]) * S[:, i]
+            else:
+                book = codebook[:, cols[i]]  # [N, 2**bits]
+                q = (Wb[:, j, None] - book).abs().argmin(1)
+                value = book.gather(1, q[:, None])[:, 0]
             Q[:, i] = q
-            err = (Wb[:, j] - (q - Z[:, i]) * S[:, i]) / U[i, i]
+            err = (Wb[:, j] - value) / U[i, i]
             Wb[:, j + 1:] -= err[:, None] * U[i, i + 1:b1][None, :]
             Eb[:, j] = err
         W[:, b1:] -= Eb @ U[b0:b1, b1:]
