@@ -30,7 +30,8 @@ def read_texts(path: str | os.PathLike) -> list[str]:
 def text_batches(tokenizer: Any, texts: list[str], *, batch_size: int = 8,
                  max_length: int = 128) -> list[dict[str, Tensor]]:
     """Tokenize `texts` into batches of `batch_size`, each padded to its own longest text and cut at
-    `max_length` tokens; every batch is a dict a Hugging Face model takes as `model(**batch)`."""
+    `max_length` tokens; every batch is a dict a Hugging Face model takes as `model(**batch)`. A tokenizer
+    without a padding token (most causal LMs) gets one text per batch: nothing to pad."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_length < 1:
@@ -40,9 +41,12 @@ def text_batches(tokenizer: Any, texts: list[str], *, batch_size: int = 8,
         raise ValueError("no calibration texts to tokenize")
     if not all(isinstance(t, str) for t in texts):
         raise TypeError("calibration texts must be strings")
+    pad = getattr(tokenizer, "pad_token", None) is not None
+    if not pad:
+        batch_size = 1
     batches = []
     for start in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[start: start + batch_size], padding=True, truncation=True,
+        enc = tokenizer(texts[start: start + batch_size], padding=pad, truncation=True,
                         max_length=max_length, return_tensors="pt")
         batches.append(dict(enc))
     return batches

@@ -75,3 +75,13 @@ def test_default_calibration_is_stsb_train(tokenizer):
         stsb_train_sentences(0)
     with pytest.raises(ValueError, match="n must be"):
         stsb_train_sentences(len(order) + 1)
+
+
+def test_tokenizer_without_pad_token_gets_one_text_per_batch(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.pad_token = None  # as causal LM tokenizers usually are
+    batches = text_batches(tok, ["a short one", "and a somewhat longer second text", "third"], batch_size=8)
+    assert [b["input_ids"].shape[0] for b in batches] == [1, 1, 1]
+    assert batches[1]["input_ids"].shape[1] > batches[0]["input_ids"].shape[1]
