@@ -52,6 +52,20 @@ def text_batches(tokenizer: Any, texts: list[str], *, batch_size: int = 8,
     return batches
 
 
+def token_windows(tokenizer: Any, texts: list[str], n: int, *, window: int = 128,
+                  batch_size: int = 8) -> list[dict[str, Tensor]]:
+    """The texts as one token stream (joined by newlines), cut into up to `n` consecutive windows of `window`
+    tokens and batched: how causal language models are calibrated (full windows, nothing padded)."""
+    if n < 1 or window < 1 or batch_size < 1:
+        raise ValueError(f"n, window and batch_size must be >= 1, got {n}, {window}, {batch_size}")
+    ids = tokenizer("\n".join(texts), return_tensors="pt")["input_ids"][0]
+    count = min(n, ids.numel() // window)
+    if count == 0:
+        raise ValueError(f"the calibration text has {ids.numel()} tokens, fewer than one window of {window}")
+    windows = ids[: count * window].reshape(count, window)
+    return [{"input_ids": windows[i: i + batch_size]} for i in range(0, count, batch_size)]
+
+
 def stsb_train_sentences(n: int) -> list[str]:
     """`n` distinct sentences from the packaged STS-B train split, spread evenly over the file."""
     from .evaluate import load_stsb

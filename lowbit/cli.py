@@ -26,7 +26,8 @@ def main() -> None:
 
 
 CALIB_HELP = "text file with one calibration text per line"
-CALIB_SIZE_HELP = "number of calibration texts: the first N lines of --calib, or N STS-B train sentences"
+CALIB_SIZE_HELP = ("number of calibration texts: the first N lines of --calib, or N STS-B train sentences; for a "
+                   "causal LM, N windows of 128 tokens of that text")
 
 
 def _needs_calibration(recipe: str) -> bool:
@@ -37,10 +38,18 @@ def _needs_calibration(recipe: str) -> bool:
     return parse_recipe(recipe).needs_calibration
 
 
-def _calibration(tokenizer: Any, calib: str | None, size: int) -> tuple[list[dict], str]:
-    """Calibration batches from --calib (or the packaged STS-B train sentences) and a line saying which."""
+def _calibration(tokenizer: Any, calib: str | None, size: int, causal: bool = False) -> tuple[list[dict], str]:
+    """Calibration batches from --calib (or the packaged STS-B train sentences) and a line saying which.
+    For a causal LM the text is one token stream cut into `size` windows of 128 tokens."""
     from . import calib as calib_data
 
+    if causal:
+        texts = calib_data.read_texts(calib) if calib is not None else calib_data.stsb_train_sentences(
+            min(5000, 16 * size))
+        batches = calib_data.token_windows(tokenizer, texts, size)
+        n = sum(len(b["input_ids"]) for b in batches)
+        where = calib if calib is not None else "STS-B train sentences shipped with lowbit (no --calib given)"
+        return batches, f"calibration: {n} windows of 128 tokens from {where}"
     if calib is not None:
         texts = calib_data.read_texts(calib)[:size]
         return calib_data.text_batches(tokenizer, texts), f"calibration: {len(texts)} texts from {calib}"
@@ -88,7 +97,7 @@ def quantize_cmd(src: str, recipe: str, out: str, exclude: tuple[str, ...], cali
         model, tokenizer = hf.load_hf_model(path)
         calibration = None
         if calib is not None or needs_calib:
-            calibration, note = _calibration(tokenizer, calib, calib_size)
+            calibration, note = _calibration(tokenizer, calib, calib_size, hf.is_causal_lm(path))
             click.echo(note, err=True)
         quantize(model, recipe, calibration=calibration, exclude=exclude, backend=backend, progress=True)
         checkpoint.save(model, out, tokenizer=tokenizer)
@@ -106,7 +115,7 @@ def _quantize_low_memory(path, recipe: str, out: str, exclude: tuple[str, ...], 
                          needs_calib: bool) -> None:
     from transformers import AutoTokenizer
 
-    from . import checkpoint
+    from . import checkpoint, hf
     from .stream import quantize_folder
 
     try:
@@ -117,7 +126,7 @@ def _quantize_low_memory(path, recipe: str, out: str, exclude: tuple[str, ...], 
     if calib is not None or needs_calib:
         if tokenizer is None:
             raise ValueError(f"{path} has no tokenizer to turn calibration text into model inputs")
-        calibration, note = _calibration(tokenizer, calib, calib_size)
+        calibration, note = _calibration(tokenizer, calib, calib_size, hf.is_causal_lm(path))
         click.echo(note, err=True)
     t0 = time.perf_counter()
     quantize_folder(path, out, recipe, calibration=calibration, exclude=exclude, tokenizer=tokenizer)

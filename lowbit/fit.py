@@ -25,7 +25,7 @@ Replace = Callable[[str, nn.Module], None]
 @dataclass
 class InputStats:
     rows: int = 0
-    hessian: torch.Tensor | None = None  # sum of x^T x, float64 (millions of rows are summed)
+    hessian: torch.Tensor | None = None  # sum of x^T x
     abs_sum: torch.Tensor | None = None
     abs_max: torch.Tensor | None = None
     sample: torch.Tensor | None = None  # a seeded random subset of the rows
@@ -40,7 +40,7 @@ def input_stats(stage: Stage, layer: nn.Module, k: int, *, hessian: bool = False
     """Statistics of everything `layer` (input size k) receives while the stage runs over its calls."""
     st = InputStats(abs_sum=torch.zeros(k), abs_max=torch.zeros(k))
     if hessian:
-        st.hessian = torch.zeros(k, k, dtype=torch.float64)
+        st.hessian = torch.zeros(k, k)
     per_call = -(-sample_rows // max(len(stage.calls), 1))
     gen = torch.Generator().manual_seed(seed)
     samples = []
@@ -51,8 +51,7 @@ def input_stats(stage: Stage, layer: nn.Module, k: int, *, hessian: bool = False
         st.abs_sum += x.abs().sum(0)
         torch.maximum(st.abs_max, x.abs().amax(0), out=st.abs_max)
         if hessian:
-            xd = x.double()
-            st.hessian += xd.T @ xd
+            st.hessian.addmm_(x.T, x)
         if per_call:
             pick = torch.randperm(x.shape[0], generator=gen)[:per_call]
             samples.append(x[pick])
@@ -82,7 +81,7 @@ def gptq_stage(stage: Stage, layers: dict[str, nn.Linear], build: Build, replace
     for group in groups:
         first = layers[group[0]]
         st = input_stats(stage, first, first.in_features, hessian=True)
-        h = st.hessian.div_(st.rows).float()  # summed in float64; GPTQ itself works in float32
+        h = st.hessian.div_(st.rows)
         del st
         for name in group:
             replace(name, build(name, layers[name], hessian=h))

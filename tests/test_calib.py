@@ -1,6 +1,7 @@
 """Calibration text: reading a file, tokenizing it into padded batches, the packaged STS-B default."""
 
 import pytest
+import torch
 
 from lowbit.calib import default_text_calibration, read_texts, stsb_train_sentences, text_batches
 from lowbit.evaluate import load_stsb
@@ -85,3 +86,15 @@ def test_tokenizer_without_pad_token_gets_one_text_per_batch(tokenizer):
     batches = text_batches(tok, ["a short one", "and a somewhat longer second text", "third"], batch_size=8)
     assert [b["input_ids"].shape[0] for b in batches] == [1, 1, 1]
     assert batches[1]["input_ids"].shape[1] > batches[0]["input_ids"].shape[1]
+
+
+def test_token_windows_cut_one_stream(tokenizer):
+    from lowbit.calib import token_windows
+
+    texts = ["one two three four five six seven eight nine ten"] * 20
+    batches = token_windows(tokenizer, texts, 5, window=16, batch_size=2)
+    assert [b["input_ids"].shape for b in batches] == [(2, 16), (2, 16), (1, 16)]
+    stream = tokenizer("\n".join(texts), return_tensors="pt")["input_ids"][0]
+    assert torch.equal(torch.cat([b["input_ids"] for b in batches]).reshape(-1), stream[:80])
+    with pytest.raises(ValueError, match="fewer than one window"):
+        token_windows(tokenizer, ["short"], 3, window=64)

