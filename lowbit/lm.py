@@ -1,7 +1,7 @@
 """Text corpus, strided perplexity and calibration windows for causal language models.
 
-The corpus is three gzipped texts in ``data/lm`` (WikiText-2 valid, tiny-shakespeare and Python's pydoc
-topics; see ``data/lm/README.md``). Each source is cut once, at a line boundary, into a train part (the
+The corpus is three gzipped texts in ``lowbit/data/lm`` (WikiText-2 valid, tiny-shakespeare and Python's pydoc
+topics; see ``lowbit/data/lm/README.md``). Each source is cut once, at a line boundary, into a train part (the
 first 90%) and a held-out part (the rest). Tokenizers and models are trained on the train parts; held-out
 text is only ever scored, never used for training or calibration.
 
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = REPO_ROOT / "data" / "lm"
+DATA_DIR = Path(__file__).resolve().parent / "data" / "lm"
 TINY_LLAMA_DIR = REPO_ROOT / "runs" / "tiny-llama"
 
 # Source name -> file in DATA_DIR. The order is the order of concatenation everywhere.
@@ -53,7 +53,7 @@ def split_text(text: str, held_out_fraction: float = HELD_OUT_FRACTION) -> Split
 
 def load_corpus(root: Path | str | None = None,
                 held_out_fraction: float = HELD_OUT_FRACTION) -> dict[str, Split]:
-    """Read every source in `root` (default ``data/lm`` of this repository) and split it.
+    """Read every source in `root` (default: the copy shipped in ``lowbit/data/lm``) and split it.
 
     Returns ``{source name: Split(train, held_out)}`` in the order of `SOURCES`.
     """
@@ -62,8 +62,7 @@ def load_corpus(root: Path | str | None = None,
     if missing:
         raise FileNotFoundError(
             f"language-model corpus not found: {folder} lacks {', '.join(missing)} "
-            "(the files ship in data/lm of the lowbit repository; a pip-installed lowbit does not "
-            "include them, so pass root= pointing to a checkout's data/lm)"
+            "(they ship with lowbit in lowbit/data/lm; reinstall lowbit, or pass root= pointing to a copy)"
         )
     corpus = {}
     for source, name in SOURCES.items():
