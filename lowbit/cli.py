@@ -136,7 +136,8 @@ def _quantize_low_memory(path, recipe: str, out: str, exclude: tuple[str, ...], 
 
 @main.command("eval")
 @click.argument("model")
-@click.option("--task", default="stsb", show_default=True, help="evaluation task")
+@click.option("--task", default="stsb", show_default=True,
+              help="stsb (STS-B dev Spearman x100) or ppl (held-out perplexity of a causal LM on lowbit's corpus)")
 def eval_cmd(model: str, task: str) -> None:
     """Evaluate MODEL (a lowbit checkpoint, a Hugging Face folder, or `minilm`) on a task."""
     from .bench import load_any
@@ -150,6 +151,32 @@ def eval_cmd(model: str, task: str) -> None:
         _fail(e)
     score = TASKS[task](m, tokenizer, progress=True)
     click.echo(f"{label}: {task} = {score:.2f}")
+
+
+@main.command("generate")
+@click.argument("model")
+@click.option("--prompt", "-p", default="The", show_default=True)
+@click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), default=32, show_default=True)
+def generate_cmd(model: str, prompt: str, max_new_tokens: int) -> None:
+    """Greedy text generation with MODEL (a lowbit checkpoint or Hugging Face folder of a causal LM)."""
+    import torch
+
+    from .bench import load_any
+
+    try:
+        m, tokenizer, label = load_any(model)
+        if not hasattr(m, "generate"):
+            raise ValueError(f"{model} is a {type(m).__name__}, not a causal language model")
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = m.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+        took = time.perf_counter() - t0
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    new = out.shape[1] - ids.shape[1]
+    click.echo(tokenizer.decode(out[0], skip_special_tokens=True))
+    click.echo(f"[{label}: {new} tokens in {took:.2f} s, {new / took:.1f} tokens/s]", err=True)
 
 
 @main.command("bench")

@@ -93,7 +93,15 @@ def eval_stsb(
     return 100.0 * spearman(cos.numpy(), gold)
 
 
-TASKS: dict[str, Callable[..., float]] = {"stsb": eval_stsb}
+def eval_perplexity(model: Any, tokenizer: Any, progress: bool = False) -> float:
+    """Strided perplexity (windows of 256 tokens, stride 128) of a causal LM on the held-out part of the
+    corpus shipped in lowbit/data/lm (lower is better); meaningful for models trained on that corpus."""
+    from .lm import held_out_perplexity
+
+    return held_out_perplexity(model, tokenizer, progress=progress)["all"]
+
+
+TASKS: dict[str, Callable[..., float]] = {"stsb": eval_stsb, "ppl": eval_perplexity}
 
 
 def get_task(name: str) -> Callable[..., float]:
