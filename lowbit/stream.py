@@ -53,7 +53,7 @@ def _materialize(root: nn.Module, source: Source, prefix: str, skip: str | None 
 
 def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, recipe: str, *,
                     calibration: Iterable | None = None, exclude: Iterable[str] = (), tokenizer=None,
-                    shard_bytes: int = 1 << 28, progress: bool = True) -> Path:
+                    shard_bytes: int = 1 << 26, progress: bool = True) -> Path:
     """Quantize the Hugging Face model in folder `src` by `recipe`, block by block, into checkpoint `out`.
 
     Weight-only recipes (any method) and w8a8-dynamic. GPTQ and AWQ fit the layers inside the blocks to
@@ -78,8 +78,9 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, recipe: str,
     inside = f"{prefix}."
     _materialize(model, source, "", skip=inside)
     exclude = tuple(exclude)
-    todo = targets(model, config, exclude)
-    block_todo = [[n for n, _ in todo if n.startswith(f"{prefix}.{i}.")] for i in range(len(blocks))]
+    # Names only: holding the modules would keep every float block alive after it is written.
+    todo = [name for name, _ in targets(model, config, exclude)]
+    block_todo = [[n for n in todo if n.startswith(f"{prefix}.{i}.")] for i in range(len(blocks))]
     fitted = config.method in ("gptq", "awq")
     calls = capture_inputs(model, blocks[0], list(calibration)) if fitted else None
 
@@ -126,9 +127,9 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, recipe: str,
             blocks[i] = nn.Module()  # drop the block: its tensors are in the writer or on disk
             del block, stage, mods
         bar.close()
-        for name, mod in todo:
+        for name in todo:
             if not name.startswith(inside):
-                replace(name, build(name, mod))
+                replace(name, build(name, model.get_submodule(name)))
         for name, t in model.state_dict().items():
             if not name.startswith(inside):
                 writer.add(name, t)

@@ -15,17 +15,23 @@ import torch
 from ..core import choose_qparams_affine
 
 
-def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper triangular U with U^T U = (H + damp * mean(diag H) * I)^-1; more damping if H is too
-    ill-conditioned. With J the order reversal and J H J = L L^T (Cholesky), H^-1 = V^T V for the upper
-    triangular V = J L^-1 J: one factorization and one triangular solve, instead of inverting H and
-    factoring the inverse (torch.cholesky_inverse was 13x slower than the solve here, at K = 4096)."""
-    mean_diag = float(torch.diag(h).mean())
+def _inverse_cholesky(h: torch.Tensor, order: torch.Tensor, dead: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper triangular U with U^T U = (H' + damp * mean(diag H') * I)^-1, where H' is H with its rows and
+    columns in `order` and a unit diagonal at `dead` inputs; more damping if H' is too ill-conditioned.
+    With J the order reversal and J H' J = L L^T (Cholesky), H'^-1 = V^T V for the upper triangular
+    V = J L^-1 J: one factorization and one triangular solve, instead of inverting H' and factoring the
+    inverse (torch.cholesky_inverse was 13x slower than the solve here, at K = 4096). J H' J is H indexed
+    by the reversed order: no [K, K] copy more than needed (memory matters when quantizing block by block)."""
+    rev = order.flip(0)
+    mean_diag = None
     for attempt in range(6):
-        damped = torch.flip(h, (0, 1))
+        damped = h[rev][:, rev]
+        damped.diagonal()[dead[rev]] = 1.0
+        if mean_diag is None:
+            mean_diag = float(damped.diagonal().mean())
         damped.diagonal().add_(damp * 10 ** attempt * mean_diag)
         chol, info = torch.linalg.cholesky_ex(damped)
-        del damped  # one [K, K] matrix fewer alive at a time
+        del damped
         if int(info) == 0:
             inverse = torch.linalg.solve_triangular(chol, torch.eye(h.shape[0], dtype=h.dtype), upper=False)
             del chol
@@ -44,27 +50,24 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
     ([N, K // group_size, 2**bits], fixed up front like the scales), each weight is rounded to the nearest
     entry of its group's codebook instead, and the codes index it (scale and zero are then unused).
     """
-    W = w.detach().float().clone()
-    n, k = W.shape
+    w = w.detach().float()
+    n, k = w.shape
     if k % group_size:
         raise ValueError(f"input size {k} is not a multiple of group size {group_size}")
-    scale, zero = choose_qparams_affine(W, bits, (1, group_size), symmetric)
+    scale, zero = choose_qparams_affine(w, bits, (1, group_size), symmetric)
     qmin, qmax = (1 if symmetric else 0), 2 ** bits - 1
-    # float32, as the paper's implementation: a [K, K] matrix per layer is 256 MB at K = 8192, and the
-    # factorizations below hold a few of them at once (memory matters when quantizing block by block).
-    diag = torch.diag(h).float().clone()
+    # float32, as the paper's implementation does.
+    h = h.float()
+    diag = torch.diag(h).clone()
     dead = diag == 0  # inputs that were always zero: their weights cannot matter
     diag[dead] = 1.0
-    W[:, dead] = 0.0
-    perm = torch.argsort(diag, descending=True) if act_order else torch.arange(k)
-    W, H = W[:, perm], h.float()[perm][:, perm]
-    H.diagonal()[dead[perm]] = 1.0
-    U = _inverse_cholesky(H, damp)
-    del H
-    cols = perm // group_size
-    # Row i of these is input column i (in processing order): the loop below reads and updates contiguous rows.
-    Wt = W.T.contiguous()
-    St, Zt = scale[:, cols].T.contiguous(), zero[:, cols].T.contiguous()
+    order = torch.argsort(diag, descending=True) if act_order else torch.arange(k)
+    U = _inverse_cholesky(h, order, dead, damp)
+    # Row i of these is input column order[i]: the loop below reads and updates contiguous rows.
+    Wt = w[:, order].T.contiguous()
+    Wt[dead[order]] = 0.0
+    cols = (order // group_size).tolist()
+    St, Zt = scale.T.contiguous(), zero.T.contiguous()  # [groups, N]
     Qt = torch.empty(k, n)
     diag = U.diagonal().tolist()
     threads = torch.get_num_threads()
@@ -78,21 +81,20 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
         try:
             for j in range(b1 - b0):
                 i = b0 + j
-                w = Wb[j]
+                w_i, c = Wb[j], cols[i]
                 if codebook is None:
-                    q = torch.round(w / St[i] + Zt[i]).clamp_(qmin, qmax)
-                    value = (q - Zt[i]) * St[i]
+                    q = torch.round(w_i / St[c] + Zt[c]).clamp_(qmin, qmax)
+                    value = (q - Zt[c]) * St[c]
                 else:
-                    book = codebook[:, cols[i]]  # [N, 2**bits]
-                    q = (w[:, None] - book).abs().argmin(1)
+                    book = codebook[:, c]  # [N, 2**bits]
+                    q = (w_i[:, None] - book).abs().argmin(1)
                     value = book.gather(1, q[:, None])[:, 0]
                 Qt[i] = q
-                err = (w - value) / diag[i]
+                err = (w_i - value) / diag[i]
                 Wb[j + 1:].addr_(U[i, i + 1:b1], err, alpha=-1.0)
                 Eb[j] = err
         finally:
             torch.set_num_threads(threads)
         Wt[b1:].addmm_(U[b0:b1, b1:].T, Eb, alpha=-1.0)
-    Q = Qt.T
-    codes = Q[:, torch.argsort(perm)].to(torch.uint8)
+    codes = Qt.T[:, torch.argsort(order)].to(torch.uint8)
     return codes, scale, zero
