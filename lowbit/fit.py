@@ -98,8 +98,9 @@ def awq_stage(stage: Stage, layers: dict[str, nn.Linear], config: QuantConfig, b
         lin = [layers[n] for n in group]
         k = lin[0].in_features
         st = input_stats(stage, lin[0], k, sample_rows=awq.SCALE_ROWS)
-        s, _ = awq.search_scale([m.weight.detach() for m in lin], st.sample, st.abs_mean, config.bits,
-                                config.group_size or k, config.symmetric)
+        loss = awq.output_loss([m.weight.detach() for m in lin], st.sample, config.bits, config.group_size or k,
+                               config.symmetric)
+        s, _ = awq.search_scale(loss, st.abs_mean)
         folded = fold_group(stage, lin, s, producers.get(group[0]), earlier)
         plan.append((group, s, folded, st.sample[:awq.CLIP_ROWS] / s))
         earlier.extend(lin)

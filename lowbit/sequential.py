@@ -134,7 +134,7 @@ def capture_inputs(model: nn.Module, block: nn.Module, calibration: Iterable) ->
     return calls
 
 
-def _first(out: Any) -> torch.Tensor:
+def main_output(out: Any) -> torch.Tensor:
     """The main tensor of a module's output: the output itself, or the first of a tuple or HF ModelOutput."""
     if isinstance(out, torch.Tensor):
         return out
@@ -171,7 +171,7 @@ class Stage:
         """The calls of the next block: this block's outputs in place of its hidden-state input."""
         nxt = []
         for (args, kwargs), out in zip(self.calls, self.run()):
-            h = _first(out)
+            h = main_output(out)
             if args:
                 nxt.append(((h, *args[1:]), kwargs))
             else:
@@ -268,14 +268,14 @@ def fold_scale(stage: Stage, producer: nn.Module, consumers: list[nn.Module], s:
     bias = getattr(producer, "bias", None)
     tensors = [producer.weight] + ([bias] if isinstance(bias, torch.Tensor) else []) + [c.weight for c in consumers]
     saved = [t.detach().clone() for t in tensors]
-    ref = _first(stage.run(limit=1)[0]).float()
+    ref = main_output(stage.run(limit=1)[0]).float()
     with torch.no_grad():
         producer.weight.div_(s.reshape(shape))
         if isinstance(bias, torch.Tensor):
             bias.div_(s)
         for c in consumers:
             c.weight.mul_(s)
-    new = _first(stage.run(limit=1)[0]).float()
+    new = main_output(stage.run(limit=1)[0]).float()
     if torch.isfinite(new).all() and (new - ref).norm() <= tol * ref.norm():
         return True
     with torch.no_grad():

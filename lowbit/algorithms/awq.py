@@ -14,6 +14,8 @@ rounded to nearest: the format and kernels are the ordinary affine ones.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -37,25 +39,34 @@ def fake_quant(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> 
 
 
 @torch.no_grad()
-def search_scale(weights: list[torch.Tensor], x: torch.Tensor, x_mean: torch.Tensor, bits: int, group_size: int,
-                 symmetric: bool, grid: int = GRID) -> tuple[torch.Tensor, float]:
-    """Per-input-channel scale s [K] for linears `weights` ([N_i, K]) that all read inputs like `x` [T, K]
-    (`x_mean`: mean |x| per channel over all calibration rows). Returns (s, alpha)."""
-    x = x.float()
-    ys = [x @ w.float().T for w in weights]
+def search_scale(loss: Callable[[torch.Tensor], float], x_mean: torch.Tensor, grid: int = GRID
+                 ) -> tuple[torch.Tensor, float]:
+    """The per-input-channel scale s = mean|x|^alpha (normalized so max * min = 1) whose quantized layers
+    give the lowest `loss(s)`, over alpha = 0, 1/grid, ..., (grid-1)/grid. Returns (s, alpha)."""
     base = x_mean.float().clamp_min(1e-8)
     best = (float("inf"), torch.ones_like(base), 0.0)
     for i in range(grid):
         alpha = i / grid
         s = base.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
-        err = 0.0
-        for w, y in zip(weights, ys):
-            wq = fake_quant(w.float() * s, bits, group_size, symmetric) / s
-            err += float((x @ wq.T - y).pow(2).mean())
+        err = loss(s)
         if err < best[0]:
             best = (err, s, alpha)
     return best[1], best[2]
+
+
+def output_loss(weights: list[torch.Tensor], x: torch.Tensor, bits: int, group_size: int,
+                symmetric: bool) -> Callable[[torch.Tensor], float]:
+    """loss(s): the summed mean squared error of the linears' outputs on inputs x [T, K] when each weight
+    is quantized as W * s (and its input divided by s)."""
+    x = x.float()
+    ys = [x @ w.float().T for w in weights]
+
+    def loss(s: torch.Tensor) -> float:
+        return sum(float((x @ (fake_quant(w.float() * s, bits, group_size, symmetric) / s).T - y).pow(2).mean())
+                   for w, y in zip(weights, ys))
+
+    return loss
 
 
 @torch.no_grad()
