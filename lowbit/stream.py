@@ -11,6 +11,7 @@ model's depth. The result is an ordinary lowbit checkpoint: lowbit.load reads it
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import os
@@ -27,6 +28,15 @@ from .quantize import targets
 from .recipes import parse_recipe
 from .safetensors_io import ShardWriter, Source
 from .sequential import Stage, capture_inputs, find_blocks
+
+
+def _release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc): the many mid-sized tensors of each block otherwise
+    leave a fragmented heap that grows block after block (peak resident memory rose ~15 MB per block)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _materialize(root: nn.Module, source: Source, prefix: str, skip: str | None = None) -> None:
@@ -126,6 +136,7 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, recipe: str,
             layers.update(checkpoint.layer_entries(block, block_name + "."))
             blocks[i] = nn.Module()  # drop the block: its tensors are in the writer or on disk
             del block, stage, mods
+            _release_free_memory()
         bar.close()
         for name in todo:
             if not name.startswith(inside):
