@@ -101,7 +101,7 @@ def test_load_stsb_train_and_bad_split():
 
 def test_task_registry():
     assert get_task("stsb") is eval_stsb is TASKS["stsb"]
-    with pytest.raises(ValueError, match="valid tasks: stsb"):
+    with pytest.raises(ValueError, match="valid tasks: ppl, stsb"):
         get_task("glue")
 
 
