@@ -1,5 +1,6 @@
 """lowbit: quantize PyTorch models, run them on real low-bit kernels, and measure what it cost."""
 
+from . import qat
 from .checkpoint import CheckpointError, load, save
 from .quantize import quantize, summary
 from .recipes import RECIPES, QuantConfig, parse_recipe
@@ -7,4 +8,4 @@ from .report import format_layer_report, layer_report, worst_layers
 
 __version__ = "0.1.0"
 __all__ = ["RECIPES", "CheckpointError", "QuantConfig", "format_layer_report", "layer_report", "load",
-           "parse_recipe", "quantize", "save", "summary", "worst_layers"]
+           "parse_recipe", "qat", "quantize", "save", "summary", "worst_layers"]

@@ -34,10 +34,13 @@ def padded(k: int, g: int) -> int:
     return -(-k // g) * g
 
 
-def encode_weight(w: torch.Tensor, config: QuantConfig, hessian: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def encode_weight(w: torch.Tensor, config: QuantConfig, hessian: torch.Tensor | None = None,
+                  qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Quantize a 2-D float weight [N, K] into the canonical tensors the checkpoint stores.
 
-    `hessian` (X^T X of the layer's inputs, [K, K]) is what error-correcting methods (gptq) work from."""
+    `hessian` (X^T X of the layer's inputs, [K, K]) is what error-correcting methods (gptq) work from.
+    `qparams` (scale, zero point per row and group), for round-to-nearest integer formats, replaces the
+    ones computed from w (QAT's learned scales)."""
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
     w = w.detach().float()
@@ -70,10 +73,11 @@ def encode_weight(w: torch.Tensor, config: QuantConfig, hessian: torch.Tensor | 
                 raise ValueError("gptq needs the layer's calibration Hessian (pass calibration= to quantize)")
             codes, _, _ = gptq_quantize(w, hessian, config.bits, g, False, codebook=book.float())
         return {"qweight": core.pack_bits(codes, config.bits), "codebook": book}
-    if config.kind == "ternary":
-        codes, scale, zero = core.quantize_ternary(w, block)
-    elif config.kind == "binary":
-        codes, scale, zero = core.quantize_binary(w, block)
+    if config.kind in ("ternary", "binary"):
+        quant = core.quantize_ternary if config.kind == "ternary" else core.quantize_binary
+        codes, scale, zero = quant(w, block)
+        if qparams is not None:  # the codes follow from w alone; only the magnitude was learned
+            scale = qparams[0].detach().float().reshape(scale.shape)
     elif config.method == "gptq":
         if hessian is None:
             raise ValueError("gptq needs the layer's calibration Hessian (pass calibration= to quantize)")
@@ -81,7 +85,10 @@ def encode_weight(w: torch.Tensor, config: QuantConfig, hessian: torch.Tensor | 
     elif config.method == "hqq":
         codes, scale, zero = hqq_quantize(w, config.bits, g)
     else:
-        scale, zero = core.choose_qparams_affine(w, config.bits, block, config.symmetric)
+        if qparams is not None:
+            scale, zero = (t.detach().float().reshape(w.shape[0], kp // g) for t in qparams)
+        else:
+            scale, zero = core.choose_qparams_affine(w, config.bits, block, config.symmetric)
         codes = core.quantize_affine(w, scale, zero, config.bits, block, symmetric=config.symmetric)
     return {"qweight": core.pack_bits(codes, config.bits), "scale": scale.float(), "zero_point": zero.float()}
 
@@ -142,10 +149,12 @@ class QuantLinear(QuantModule):
     @classmethod
     def from_float(cls, linear: nn.Linear, config: QuantConfig, kernel: str = "auto",
                    hessian: torch.Tensor | None = None, weight: torch.Tensor | None = None,
-                   input_scale: torch.Tensor | None = None) -> QuantLinear:
+                   input_scale: torch.Tensor | None = None,
+                   qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantLinear:
         """`weight` replaces the linear's own (a method's transformed weight); `input_scale` [K], when given,
-        multiplies every input first (a per-channel scale that could not be folded into the op before)."""
-        state = encode_weight(linear.weight if weight is None else weight, config, hessian)
+        multiplies every input first (a per-channel scale that could not be folded into the op before);
+        `qparams` fixes the scales and zero points (see encode_weight)."""
+        state = encode_weight(linear.weight if weight is None else weight, config, hessian, qparams)
         if input_scale is not None:
             state["input_scale"] = input_scale.detach().float().contiguous()
         return cls(linear.in_features, linear.out_features, config, state, linear.bias, kernel)
@@ -238,9 +247,11 @@ class QuantEmbedding(QuantModule):
                 num_embeddings, self._kp)
 
     @classmethod
-    def from_float(cls, emb: nn.Embedding, config: QuantConfig) -> QuantEmbedding:
+    def from_float(cls, emb: nn.Embedding, config: QuantConfig,
+                   qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantEmbedding:
         # A lookup table has no input activations for error-correcting methods to use: rows are rounded.
-        state = encode_weight(emb.weight, dataclasses.replace(config, method="rtn"))
+        state = encode_weight(emb.weight, dataclasses.replace(config, method="rtn", act=None, observer="minmax"),
+                              qparams=qparams)
         return cls(emb.num_embeddings, emb.embedding_dim, config, state, emb.padding_idx)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:

@@ -173,16 +173,19 @@ def _relu_fusions(model: nn.Module, names: set[str]) -> tuple[set[str], dict[str
 
 def _build(mod: nn.Module, config: QuantConfig, st: _LayerStats | None, relu: bool, kernel: str,
            **encode) -> nn.Module:
+    # A layer may carry its quantization parameters already (`lowbit_encoding`, set by lowbit.qat.convert:
+    # learned weight scales, activation ranges tracked in training); they are used instead of new ones.
+    fixed = getattr(mod, "lowbit_encoding", None) or {}
     if isinstance(mod, nn.Embedding):
-        return QuantEmbedding.from_float(mod, config)
+        return QuantEmbedding.from_float(mod, config, qparams=fixed.get("qparams"))
     if config.act is None:
-        return QuantLinear.from_float(mod, config, kernel, **encode)
-    act = None
-    if config.act == "static":
+        return QuantLinear.from_float(mod, config, kernel, qparams=fixed.get("qparams"), **encode)
+    act = fixed.get("act")
+    if config.act == "static" and act is None:
         scale, zero = st.observer.qparams()
         act = (float(scale), int(zero))
     cls = W8A8Linear if isinstance(mod, nn.Linear) else W8A8Conv
-    return cls.from_float(mod, config, act, kernel, relu)
+    return cls.from_float(mod, config, act, kernel, relu, weight_scale=fixed.get("weight_scale"))
 
 
 def _timing_key(mod: nn.Module, new: nn.Module, config: QuantConfig, shape: tuple[int, ...]) -> str:
@@ -251,7 +254,8 @@ def quantize(model: nn.Module, recipe: str | QuantConfig, *, calibration: Iterab
             except ValueError as e:
                 raise ValueError(f"layer {name!r}: {e}; exclude it to keep it in float") from None
     stats: dict[str, _LayerStats] = {}
-    if config.needs_calibration and calibration is None:
+    all_fixed = all(getattr(m, "lowbit_encoding", None) for _, m in todo)
+    if config.needs_calibration and calibration is None and not (all_fixed and config.method == "rtn"):
         what = ("fits weights to the layers' inputs" if config.method in ("gptq", "awq")
                 else "fixes activation ranges from data" if config.act == "static"
                 else "measures activation outliers on data")
@@ -291,6 +295,7 @@ def quantize(model: nn.Module, recipe: str | QuantConfig, *, calibration: Iterab
             else:
                 fit.awq_stage(stage, layers, config, build, replace)
     kept, slower = [], []
+    fixed_layers = {n for n, m in todo if getattr(m, "lowbit_encoding", None)}
     for name, mod in tqdm(todo, desc=f"quantize {config.name}", disable=not progress, unit="layer"):
         try:
             new = built[name] if name in built else _build(mod, config, stats.get(name), name in fuse, first)
@@ -302,6 +307,10 @@ def quantize(model: nn.Module, recipe: str | QuantConfig, *, calibration: Iterab
                 shape = st.shape
             elif isinstance(mod, nn.Linear):
                 shape = (DEFAULT_ROWS[config.act], mod.in_features)
+            elif name in fixed_layers:  # no data to time a conv at: its default kernel
+                new.set_kernel("auto")
+                _set_child(model, name, new)
+                continue
             else:
                 raise ValueError(f"layer {name!r} was not seen during calibration")
             timings = _tune(tuner, mod, new, config, shape)

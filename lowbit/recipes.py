@@ -4,6 +4,8 @@ Grammar: FORMAT[-gGROUP][-METHOD], e.g. `int8`, `int4-g128`, `int3-g64-rtn`, `km
 and for activations quantized too: `w8a8-dynamic`, `w8a8-static`, `w8a8-static-OBSERVER` (OBSERVER one
 of minmax, ema, percentile, mse, entropy; minmax by default); with SmoothQuant's smoothing first:
 `w8a8-smooth` (dynamic), `w8a8-static-smooth`, either with `-ALPHA` (migration strength, default 0.5).
+Narrower weights with int8 activations: FORMAT[-gGROUP]-a8[-dynamic|-static][-OBSERVER], e.g. `int4-a8`,
+`ternary-a8`, `binary-a8-dynamic`, `int4-g32-a8-dynamic` (static by default; integer weights symmetric).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ RECIPES = (
     "fp16", "bf16", "fp8", "int8", "int4-g32", "int4-g64", "int4-g128", "int3-g64", "int2-g32",
     "kmeans4-g64", "ternary", "binary", "w8a8-dynamic", "w8a8-static",
     "int4-g128-gptq", "int4-g128-awq", "int4-g128-hqq", "int3-g64-gptq", "w8a8-smooth",
+    "int4-a8", "ternary-a8", "binary-a8", "int4-g32-a8-dynamic",
 )
 
 
@@ -59,8 +62,8 @@ class QuantConfig:
         if self.act is not None:
             if self.act not in ACT_MODES:
                 raise ValueError(f"unknown activation mode {self.act!r}; valid: {', '.join(ACT_MODES)}")
-            if (self.kind, self.bits, self.group_size, self.symmetric) != ("int", 8, None, True):
-                raise ValueError("activation quantization takes int8 symmetric per-channel weights (w8a8)")
+            if self.kind not in ("int", "ternary", "binary") or not self.symmetric:
+                raise ValueError("int8 activations take symmetric integer, ternary or binary weights")
         if self.smooth is not None and (self.act is None or not 0.0 <= self.smooth <= 1.0):
             raise ValueError(f"smoothing takes a w8a8 recipe and an alpha in [0, 1], got {self.smooth}")
         if self.method in ("awq", "hqq") and self.kind != "int":
@@ -80,6 +83,10 @@ class QuantConfig:
     def name(self) -> str:
         if self.act is not None:
             suffix = f"-{self.observer}" if self.act == "static" and self.observer != "minmax" else ""
+            if (self.kind, self.bits, self.group_size) != ("int", 8, None):
+                w = self.kind if self.kind != "int" else f"int{self.bits}"
+                w += f"-g{self.group_size}" if self.group_size is not None else ""
+                return f"{w}-a8" + ("-dynamic" if self.act == "dynamic" else "") + suffix
             if self.smooth is not None:
                 alpha = "" if self.smooth == DEFAULT_SMOOTH_ALPHA else f"-{self.smooth:g}"
                 return ("w8a8-static-smooth" if self.act == "static" else "w8a8-smooth") + alpha + suffix
@@ -110,7 +117,8 @@ def valid_recipes_message() -> str:
         + " (grammar FORMAT[-gGROUP][-METHOD]: FORMAT is fp16, bf16, fp8, fp8_e5m2, int2..int8, "
         + "kmeans2..kmeans8, ternary or binary; METHOD is " + "/".join(METHODS) + "; "
         + "or w8a8-dynamic, w8a8-static[-OBSERVER] with OBSERVER in " + "/".join(OBSERVER_NAMES)
-        + "; or w8a8-smooth[-ALPHA], w8a8-static-smooth[-ALPHA] with ALPHA in [0, 1])"
+        + "; or w8a8-smooth[-ALPHA], w8a8-static-smooth[-ALPHA] with ALPHA in [0, 1]"
+        + "; or FORMAT[-gGROUP]-a8[-dynamic|-static][-OBSERVER] with FORMAT int2..int8, ternary or binary)"
     )
 
 
@@ -134,6 +142,18 @@ def parse_recipe(recipe: str | QuantConfig) -> QuantConfig:
         if act[2] is not None and (act[1] != "static" or act[2] not in OBSERVER_NAMES):
             raise ValueError(f"unknown recipe {recipe!r}; {valid_recipes_message()}")
         return QuantConfig("int", 8, None, True, None, "rtn", act=act[1], observer=act[2] or "minmax")
+    a8 = re.fullmatch(r"(?P<w>[a-z0-9_]+?(?:-g\d+)?)-a8(?:-(?P<mode>dynamic|static))?(?:-(?P<obs>[a-z]+))?", text)
+    if a8:
+        mode = a8["mode"] or "static"
+        if a8["obs"] is not None and (mode != "static" or a8["obs"] not in OBSERVER_NAMES):
+            raise ValueError(f"unknown recipe {recipe!r}; {valid_recipes_message()}")
+        w = parse_recipe(a8["w"])
+        if w.method != "rtn":
+            raise ValueError(f"bad recipe {recipe!r}: methods do not combine with -a8; {valid_recipes_message()}")
+        try:
+            return replace(w, symmetric=True, act=mode, observer=a8["obs"] or "minmax")
+        except ValueError as e:
+            raise ValueError(f"bad recipe {recipe!r}: {e}; {valid_recipes_message()}") from None
     m = _PATTERN.match(text)
     if not m:
         raise ValueError(f"unknown recipe {recipe!r}; {valid_recipes_message()}")

@@ -1,7 +1,10 @@
 """W8A8: int8 weights and uint8 activations on a real integer matmul / convolution.
 
 Weights: symmetric, one scale per output channel, stored as int8 in [-qmax, qmax], where qmax is 127,
-or 63 on CPUs whose int8 instructions would saturate at full range (see backends/onednn.py).
+or 63 on CPUs whose int8 instructions would saturate at full range (see backends/onednn.py). Narrower
+weights (`int4-a8`, `ternary-a8`, `binary-a8`: codes in [-7, 7], {-1, 0, 1}, {-1, 1}) run on the same
+int8 kernels and are stored packed at their own width. With a group size (`int4-g32-a8-dynamic`) the
+scales vary along the input, which the int8 kernels cannot apply: such layers run the reference path.
 Activations: asymmetric uint8, either per row at run time ("dynamic", Linear only) or per tensor with
 a scale and zero point fixed by calibration ("static", Linear and Conv1d/2d, depthwise and grouped).
 Dynamic layers called with at most GEMV_MAX_ROWS rows run lowbit's int8 weight-only GEMV on the same
@@ -18,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import core
 from .backends import lowbit_cpu, onednn
 from .core import SCALE_EPS
 from .modules import QuantModule
@@ -41,6 +45,77 @@ def encode_weight_int8(w: torch.Tensor, qmax: int | None = None) -> tuple[torch.
     scale = (flat.abs().amax(1) / qmax).clamp_min(SCALE_EPS)
     codes = torch.round(flat / scale[:, None]).clamp_(-qmax, qmax).to(torch.int8)
     return codes.reshape(w.shape), scale
+
+
+def weight_bits(config: QuantConfig) -> int:
+    return {"ternary": 2, "binary": 1}.get(config.kind, config.bits)
+
+
+def weight_qmax_of(config: QuantConfig) -> int:
+    """Largest |code| of the format: int8 keeps the machine's safe range; int B uses [-(2^(B-1)-1), ...]."""
+    if config.kind != "int":
+        return 1
+    return onednn.weight_qmax() if config.bits == 8 else 2 ** (config.bits - 1) - 1
+
+
+def encode_weight_lowbit(w: torch.Tensor, config: QuantConfig, scale: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight [N, ...] -> (int8 codes of the same shape, float32 scale [N], or [N, K/G] with a group size).
+
+    int: codes round(w / scale) clamped to +-qmax, scale max|w| / qmax per row or group unless given.
+    ternary: |w| <= 0.7 mean|w| -> 0, else sign(w); scale the mean |w| above that threshold (TWN).
+    binary: sign(w) (0 counts as +), scale mean|w| (XNOR-Net). A given `scale` (learned in QAT) replaces
+    the one computed from w; the codes are computed from w the same way either way."""
+    w = w.detach().float()
+    if not torch.isfinite(w).all():
+        raise ValueError("weight contains NaN or inf; refusing to quantize it")
+    n = w.shape[0]
+    flat = w.reshape(n, -1)
+    k = flat.shape[1]
+    g = config.group_size or k
+    if k % g:
+        raise ValueError(f"group size {g} does not divide the layer's {k} inputs per output")
+    block = (1, g)
+    if config.kind == "ternary":
+        u, own, _ = core.quantize_ternary(flat, block)
+        codes = u.to(torch.int8) - 1
+    elif config.kind == "binary":
+        u, own, _ = core.quantize_binary(flat, block)
+        codes, own = u.to(torch.int8) * 2 - 1, own / 2
+    else:
+        qmax = weight_qmax_of(config)
+        own = (flat.reshape(n, k // g, g).abs().amax(-1) / qmax).clamp_min(SCALE_EPS)
+    s = (own if scale is None else scale.detach().float().reshape(own.shape)).clamp_min(SCALE_EPS)
+    if config.kind == "int":
+        qmax = weight_qmax_of(config)
+        codes = torch.round(flat.reshape(n, k // g, g) / s[..., None]).clamp_(-qmax, qmax).to(torch.int8)
+    codes = codes.reshape(w.shape)
+    s = s.reshape(n, k // g).contiguous()
+    return codes, (s[:, 0].contiguous() if config.group_size is None else s)
+
+
+def weight_state(codes: torch.Tensor, scale: torch.Tensor, config: QuantConfig) -> dict[str, torch.Tensor]:
+    """The canonical tensors: int8 codes as they are for 8 bits, packed at the format's width below."""
+    bits = weight_bits(config)
+    if bits == 8:
+        return {"qweight": codes, "scale": scale}
+    offset = 1 if config.kind == "ternary" else 2 ** (config.bits - 1) if config.kind == "int" else 0
+    u = (codes.to(torch.int16) + 1) // 2 if config.kind == "binary" else codes.to(torch.int16) + offset
+    return {"qweight": core.pack_bits(u.to(torch.uint8), bits), "scale": scale}
+
+
+def _codes_from_state(qweight: torch.Tensor, config: QuantConfig, shape: tuple[int, ...]) -> torch.Tensor:
+    bits = weight_bits(config)
+    if bits == 8:
+        return qweight
+    numel = 1
+    for d in shape:
+        numel *= d
+    u = core.unpack_bits(qweight, bits, numel).reshape(shape).to(torch.int16)
+    if config.kind == "binary":
+        return (u * 2 - 1).to(torch.int8)
+    offset = 1 if config.kind == "ternary" else 2 ** (config.bits - 1)
+    return (u - offset).to(torch.int8)
 
 
 def fake_quant_rows(x: torch.Tensor) -> torch.Tensor:
@@ -69,9 +144,11 @@ class _W8A8(QuantModule):
     """State and kernel choice shared by W8A8Linear and W8A8Conv."""
 
     def _setup(self, config: QuantConfig, state: dict[str, torch.Tensor], bias: torch.Tensor | None,
-               relu: bool) -> None:
-        n = state["qweight"].shape[0]
-        self._init_state(n, state["qweight"][0].numel(), config, state)
+               relu: bool, shape: tuple[int, ...]) -> None:
+        self.weight_shape = tuple(shape)
+        self._init_state(shape[0], state["qweight"].numel() // shape[0] if weight_bits(config) == 8
+                         else int(torch.Size(shape[1:]).numel()), config, state)
+        self.codes = _codes_from_state(self.qweight, config, self.weight_shape)
         if bias is not None:
             self.register_buffer("bias", bias.detach().float().clone())
         else:
@@ -89,11 +166,11 @@ class _W8A8(QuantModule):
 
     @property
     def weight_qmax(self) -> int:
-        return int(self.qweight.abs().max().item())
+        return int(self.codes.abs().max().item())
 
     def candidate_kernels(self) -> list[str]:
         """Kernels that compute this layer exactly on this machine (the reference always does)."""
-        ok = onednn.available() and self.weight_qmax <= onednn.weight_qmax()
+        ok = onednn.available() and self.weight_qmax <= onednn.weight_qmax() and self.scale.dim() == 1
         return ["onednn", "reference"] if ok else ["reference"]
 
     def set_kernel(self, name: str) -> None:
@@ -132,8 +209,11 @@ class _W8A8(QuantModule):
         return self.kernel_name == "reference"
 
     def dequantized_weight(self) -> torch.Tensor:
-        shape = (-1,) + (1,) * (self.qweight.dim() - 1)
-        return self.qweight.float() * self.scale.reshape(shape)
+        if self.scale.dim() == 2:  # per group along the input
+            n, groups = self.scale.shape
+            return (self.codes.float().reshape(n, groups, -1) * self.scale[:, :, None]).reshape(self.weight_shape)
+        shape = (-1,) + (1,) * (self.codes.dim() - 1)
+        return self.codes.float() * self.scale.reshape(shape)
 
     def _act_repr(self) -> str:
         if not self.static:
@@ -149,14 +229,15 @@ class W8A8Linear(_W8A8):
                  bias: torch.Tensor | None = None, kernel: str = "auto", relu: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self._setup(config, state, bias, relu)
+        self._setup(config, state, bias, relu, (out_features, in_features))
         self.set_kernel(kernel)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, config: QuantConfig, act: tuple[float, int] | None = None,
-                   kernel: str = "auto", relu: bool = False) -> W8A8Linear:
-        codes, scale = encode_weight_int8(linear.weight)
-        state = {"qweight": codes, "scale": scale}
+                   kernel: str = "auto", relu: bool = False, weight_scale: torch.Tensor | None = None
+                   ) -> W8A8Linear:
+        """`weight_scale`, when given, is used instead of the one computed from the weight (QAT's)."""
+        state = weight_state(*encode_weight_lowbit(linear.weight, config, weight_scale), config)
         if config.act == "static":
             if act is None:
                 raise ValueError("static activation quantization needs calibrated (scale, zero point)")
@@ -165,15 +246,15 @@ class W8A8Linear(_W8A8):
         return cls(linear.in_features, linear.out_features, config, state, linear.bias, kernel, relu)
 
     def _pack(self) -> dict[str, torch.Tensor]:
-        prep = {"w": onednn.prepack_linear(self.qweight), "wz": onednn.weight_zeros(self.out_features)}
+        prep = {"w": onednn.prepack_linear(self.codes), "wz": onednn.weight_zeros(self.out_features)}
         if self.static:
             prep["act"] = self.act_qparams  # Python numbers: no tensor-to-scalar sync per call
         # sum_k w[n, k] * sw[n]: the dynamic kernel's zero-point correction term.
-        prep["csw"] = (self.qweight.sum(1, dtype=torch.int64).float() * self.scale).contiguous()
+        prep["csw"] = (self.codes.sum(1, dtype=torch.int64).float() * self.scale).contiguous()
         if not self.static and lowbit_cpu.available():
             # The same int8 codes for the few-row GEMV (unsigned codes with zero point 128).
             k = self.in_features
-            codes = (self.qweight.to(torch.int16) + 128).to(torch.uint8)
+            codes = (self.codes.to(torch.int16) + 128).to(torch.uint8)
             prep["gemv"] = lowbit_cpu.prepack(codes, self.scale[:, None], torch.full((self.out_features, 1), 128.0),
                                               8, k)["qweight"]
         return prep
@@ -220,7 +301,8 @@ class W8A8Conv(_W8A8):
         self.kernel_size, self.stride = list(conv_args["kernel_size"]), list(conv_args["stride"])
         self.padding, self.dilation = list(conv_args["padding"]), list(conv_args["dilation"])
         self.groups = int(conv_args["groups"])
-        self._setup(config, state, bias, relu)
+        shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+        self._setup(config, state, bias, relu, shape)
         self.set_kernel(kernel)
 
     @staticmethod
@@ -237,12 +319,15 @@ class W8A8Conv(_W8A8):
 
     @classmethod
     def from_float(cls, conv: nn.Module, config: QuantConfig, act: tuple[float, int] | None = None,
-                   kernel: str = "auto", relu: bool = False) -> W8A8Conv:
+                   kernel: str = "auto", relu: bool = False, weight_scale: torch.Tensor | None = None
+                   ) -> W8A8Conv:
         args = cls.conv_args(conv)
         if act is None:
             raise ValueError("static activation quantization needs calibrated (scale, zero point)")
-        codes, scale = encode_weight_int8(conv.weight)
-        state = {"qweight": codes, "scale": scale, "act_scale": torch.tensor([act[0]], dtype=torch.float32),
+        if config.group_size is not None:
+            raise ValueError("convolutions take one weight scale per output channel (no group size)")
+        state = weight_state(*encode_weight_lowbit(conv.weight, config, weight_scale), config)
+        state |= {"act_scale": torch.tensor([act[0]], dtype=torch.float32),
                  "act_zero_point": torch.tensor([act[1]], dtype=torch.int32)}
         return cls(args, config, state, conv.bias, kernel, relu)
 
@@ -253,7 +338,7 @@ class W8A8Conv(_W8A8):
 
     def _pack(self) -> dict[str, torch.Tensor]:
         s, z = self.act_qparams
-        return {"w": onednn.prepack_conv(self.qweight, self.scale, s, z, self.stride, self.padding,
+        return {"w": onednn.prepack_conv(self.codes, self.scale, s, z, self.stride, self.padding,
                                          self.dilation, self.groups),
                 "wz": onednn.weight_zeros(self.out_channels, conv=True), "act": (s, z)}
 
@@ -265,7 +350,7 @@ class W8A8Conv(_W8A8):
                                    self.stride, self.padding, self.dilation, self.groups, self.relu)
         else:
             s, z = self.act_qparams
-            conv = F.conv1d if self.qweight.dim() == 3 else F.conv2d
+            conv = F.conv1d if self.codes.dim() == 3 else F.conv2d
             y = conv(fake_quant_tensor(xf, s, z), self.dequantized_weight(), self.bias, self.stride, self.padding,
                      self.dilation, self.groups)
             if self.relu:
