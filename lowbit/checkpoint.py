@@ -58,6 +58,8 @@ def _layer_entry(mod: nn.Module) -> dict:
                 "config": mod.config.to_dict(), "kernel": mod.kernel_name}
     if isinstance(mod, FusedReLU):
         return {"type": "fused_relu"}
+    if isinstance(mod, nn.Identity):  # e.g. a BatchNorm folded into the conv before it
+        return {"type": "identity"}
     if isinstance(mod, QuantLinear):
         return {"type": "linear", "in_features": mod.in_features, "out_features": mod.out_features,
                 "bias": mod.bias is not None, "config": mod.config.to_dict(), "kernel": mod.kernel_name}
@@ -75,9 +77,10 @@ def _model_entry(model: nn.Module) -> dict:
 
 
 def layer_entries(model: nn.Module, prefix: str = "") -> dict[str, dict]:
-    """Manifest entries of the quantized layers (and fused ReLUs) in `model`, named under `prefix`."""
+    """Manifest entries of the quantized layers (and fused ReLUs, folded-away modules) in `model`, named
+    under `prefix`."""
     return {f"{prefix}{name}": _layer_entry(m) for name, m in model.named_modules()
-            if isinstance(m, (QuantModule, FusedReLU))}
+            if isinstance(m, (QuantModule, nn.Identity))}
 
 
 def file_entry(path: Path) -> dict:
@@ -216,8 +219,8 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, verify
     if model is None:
         model = _skeleton(manifest["model"])
     for name, entry in manifest["layers"].items():
-        if entry.get("type") == "fused_relu":
-            _set_child(model, name, FusedReLU())
+        if entry.get("type") in ("fused_relu", "identity"):
+            _set_child(model, name, FusedReLU() if entry["type"] == "fused_relu" else nn.Identity())
             continue
         config = QuantConfig.from_dict(entry["config"])
         prefix = name + "."

@@ -35,7 +35,7 @@ from torch import nn
 from .core import SCALE_EPS, affine_qparams_from_range, choose_qparams_affine
 from .quantize import CONV_TYPES, _set_child, fold_batchnorm_, quantize, targets
 from .recipes import QuantConfig, parse_recipe
-from .w8a8 import encode_weight_lowbit, fake_quant_rows, weight_qmax_of
+from .w8a8 import fake_quant_rows, weight_qmax_of
 
 EMA = 0.01  # weight of each new batch in the moving average of activation ranges (as torch.ao uses)
 
@@ -55,7 +55,6 @@ class WeightFakeQuant(nn.Module):
     def __init__(self, weight: torch.Tensor, config: QuantConfig, learn_scales: bool) -> None:
         super().__init__()
         self.config = config
-        n = weight.shape[0]
         k = weight[0].numel()
         self.group = config.group_size or k
         if k % self.group:
@@ -286,18 +285,25 @@ def convert(model: nn.Module, *, calibration: Iterable | None = None, backend: s
                         keep_float_if_slower=False)
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor | None = None, *,
+def distillation_loss(student: torch.Tensor | None, teacher: torch.Tensor | None,
+                      target: torch.Tensor | None = None, *,
                       temperature: float = 2.0, alpha: float = 0.5,
                       hidden: Iterable[tuple[torch.Tensor, torch.Tensor]] = (), hidden_weight: float = 1.0
                       ) -> torch.Tensor:
     """alpha * KL(teacher || student) on logits softened by `temperature` (times T^2, so its gradient keeps
     its size as T changes; Hinton et al. 2015) + (1 - alpha) * cross-entropy with `target` when given,
     + hidden_weight * the mean squared error of each (student, teacher) pair of hidden states.
-    The teacher's tensors are detached: it is not trained."""
+    With student and teacher None (models without logits, e.g. sentence encoders) only the hidden-state
+    terms count. The teacher's tensors are detached: it is not trained."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
+    hidden = list(hidden)
+    if student is None or teacher is None:
+        if not hidden:
+            raise ValueError("nothing to distill: pass student and teacher outputs, or hidden pairs")
+        return hidden_weight * sum(F.mse_loss(hs, ht.detach()) for hs, ht in hidden)
     t = temperature
     kl = F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher.detach() / t, dim=-1),
                   reduction="batchmean", log_target=True) * t * t
