@@ -71,7 +71,7 @@ def main() -> None:
         opt.step()
         sched.step()
         if (step + 1) % 50 == 0 or step + 1 == steps:
-            print(f"step {step + 1}/{steps} loss {float(loss):.5f} {time.perf_counter() - t0:.0f}s", flush=True)
+            print(f"step {step + 1}/{steps} loss {float(loss.detach()):.5f} {time.perf_counter() - t0:.0f}s", flush=True)
     model.eval()
     fake = eval_stsb(model, tok)
     with warnings.catch_warnings():

@@ -250,7 +250,7 @@ class QuantEmbedding(QuantModule):
     def from_float(cls, emb: nn.Embedding, config: QuantConfig,
                    qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantEmbedding:
         # A lookup table has no input activations for error-correcting methods to use: rows are rounded.
-        state = encode_weight(emb.weight, dataclasses.replace(config, method="rtn", act=None, observer="minmax"),
+        state = encode_weight(emb.weight, dataclasses.replace(config, method="rtn", act=None, observer="minmax", smooth=None),
                               qparams=qparams)
         return cls(emb.num_embeddings, emb.embedding_dim, config, state, emb.padding_idx)
 
