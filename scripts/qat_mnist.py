@@ -44,8 +44,8 @@ def loopback_bytes() -> int | None:
 
 
 @torch.no_grad()
-def eval_loss(model: torch.nn.Module) -> float:
-    x, y = vision.load_mnist("eval")
+def eval_loss(model: torch.nn.Module, split: str = "eval") -> float:
+    x, y = vision.load_mnist(split)
     was = model.training
     model.eval()
     loss = float(F.cross_entropy(model(x), y))
@@ -130,14 +130,16 @@ def main() -> None:
         sched.step()
         if (step + 1) % args.eval_every == 0 or step + 1 == steps:
             point = {"step": step + 1, "train_loss": float(loss.detach())}
-            if rank == 0:
+            if rank == 0:  # the objective on all training images, and the loss on the held-out ones
+                point["full_train_loss"] = eval_loss(model, "train")
                 point["eval_loss"] = eval_loss(model)
             curve.append(point)
             say(f"step {step + 1}/{steps}  loss {point['train_loss']:.4f}  eval loss "
                 f"{point.get('eval_loss', float('nan')):.4f}  {time.perf_counter() - t0:.0f}s", flush=True)
     lo_end = loopback_bytes()
     record.update(steps=steps, lr=lr, learn_scales=args.learn_scales, distill=teacher is not None,
-                  seconds=round(time.perf_counter() - t0, 1), curve=curve, final_eval_loss=curve[-1].get("eval_loss"))
+                  seconds=round(time.perf_counter() - t0, 1), curve=curve, final_eval_loss=curve[-1].get("eval_loss"),
+                  final_train_loss=curve[-1].get("full_train_loss"))
     if stats is not None:
         record["payload_bytes_per_step"] = stats.bytes_sent / steps
         if lo_start is not None and lo_end is not None:
