@@ -226,7 +226,7 @@ def test_torchrun_two_processes(tmp_path):
                "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                         str(ROOT / "scripts" / "qat_mnist.py"), "--recipe", "int4-a8", "--steps", "6",
-                        "--eval-every", "3", "--grad-compression", scheme, "--out", str(out / "ck"),
+                        "--eval-every", "6", "--grad-compression", scheme, "--out", str(out / "ck"),
                         "--record", str(out / "record.json")], check=True, cwd=tmp_path, env=env,
                        capture_output=True, timeout=600)
         record = json.loads((out / "record.json").read_text())
