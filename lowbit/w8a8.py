@@ -146,8 +146,7 @@ class _W8A8(QuantModule):
     def _setup(self, config: QuantConfig, state: dict[str, torch.Tensor], bias: torch.Tensor | None,
                relu: bool, shape: tuple[int, ...]) -> None:
         self.weight_shape = tuple(shape)
-        self._init_state(shape[0], state["qweight"].numel() // shape[0] if weight_bits(config) == 8
-                         else int(torch.Size(shape[1:]).numel()), config, state)
+        self._init_state(shape[0], int(torch.Size(shape[1:]).numel()), config, state)
         self.codes = _codes_from_state(self.qweight, config, self.weight_shape)
         if bias is not None:
             self.register_buffer("bias", bias.detach().float().clone())
