@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .core import SCALE_EPS, affine_qparams_from_range, choose_qparams_affine
+from .core.affine import _ternary_stats
 from .quantize import CONV_TYPES, _set_child, fold_batchnorm_, quantize, targets
 from .recipes import QuantConfig, parse_recipe
 from .w8a8 import fake_quant_rows, weight_qmax_of
@@ -74,14 +75,16 @@ class WeightFakeQuant(nn.Module):
         """The scale round-to-nearest would pick for w, [N, groups]."""
         wr = self._rows(w.float())
         if self.config.kind == "ternary":
-            delta = 0.7 * wr.abs().mean(-1, keepdim=True)
-            big = wr.abs() > delta
-            return ((wr.abs() * big).sum(-1) / big.sum(-1).clamp_min(1)).clamp_min(SCALE_EPS)
+            return self._ternary(w)[1]
         if self.config.kind == "binary":
             return wr.abs().mean(-1).clamp_min(SCALE_EPS / 2)
         if self.config.symmetric:
             return (wr.abs().amax(-1) / self.qmax).clamp_min(SCALE_EPS)
         raise AssertionError("asymmetric scales come with zero points: see forward")
+
+    def _ternary(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """TWN's threshold and magnitude per row and group, [N, groups] each (the PTQ encoder's own)."""
+        return _ternary_stats(w.detach().float().reshape(w.shape[0], -1), (1, self.group))
 
     @property
     def qmax(self) -> int:
@@ -99,9 +102,9 @@ class WeightFakeQuant(nn.Module):
             per = self.group * (1 if cfg.kind != "int" else self.qmax)
             s = _grad_scale(self.scale, 1.0 / math.sqrt(per)).abs().clamp_min(SCALE_EPS)[..., None]
         else:
-            s = self.own_scale(wr if cfg.kind != "int" else wr.detach())[..., None]
+            s = self.own_scale(wr.detach())[..., None]
         if cfg.kind == "ternary":
-            delta = 0.7 * wr.detach().abs().mean(-1, keepdim=True)
+            delta = self._ternary(w)[0][..., None]
             sign = torch.sign(wr.detach()) * (wr.detach().abs() > delta)
         elif cfg.kind == "binary":
             sign = torch.where(wr.detach() >= 0, 1.0, -1.0)

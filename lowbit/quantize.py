@@ -254,7 +254,8 @@ def quantize(model: nn.Module, recipe: str | QuantConfig, *, calibration: Iterab
             except ValueError as e:
                 raise ValueError(f"layer {name!r}: {e}; exclude it to keep it in float") from None
     stats: dict[str, _LayerStats] = {}
-    all_fixed = all(getattr(m, "lowbit_encoding", None) for _, m in todo)
+    fixed_layers = {n for n, m in todo if getattr(m, "lowbit_encoding", None)}  # see _build
+    all_fixed = len(fixed_layers) == len(todo)
     if config.needs_calibration and calibration is None and not (all_fixed and config.method == "rtn"):
         what = ("fits weights to the layers' inputs" if config.method in ("gptq", "awq")
                 else "fixes activation ranges from data" if config.act == "static"
@@ -295,7 +296,6 @@ def quantize(model: nn.Module, recipe: str | QuantConfig, *, calibration: Iterab
             else:
                 fit.awq_stage(stage, layers, config, build, replace)
     kept, slower = [], []
-    fixed_layers = {n for n, m in todo if getattr(m, "lowbit_encoding", None)}
     for name, mod in tqdm(todo, desc=f"quantize {config.name}", disable=not progress, unit="layer"):
         try:
             new = built[name] if name in built else _build(mod, config, stats.get(name), name in fuse, first)
