@@ -5,7 +5,7 @@ from .checkpoint import CheckpointError, load, save
 from .quantize import quantize, summary
 from .recipes import RECIPES, QuantConfig, parse_recipe
 from .report import format_layer_report, layer_report, worst_layers
+from .version import __version__ as __version__  # the alias marks a re-export
 
-__version__ = "0.1.0"
 __all__ = ["RECIPES", "CheckpointError", "QuantConfig", "format_layer_report", "layer_report", "load",
            "parse_recipe", "qat", "quantize", "save", "summary", "worst_layers"]

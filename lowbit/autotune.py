@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import hw
+from .version import __version__
 
 CACHE_FILE = "autotune-v1.json"
 FLOAT = "float"  # the name of the keep-it-in-float choice
@@ -34,8 +35,6 @@ def cache_dir() -> Path:
 
 
 def machine_key() -> str:
-    from . import __version__
-
     feats = ",".join(sorted(k for k, v in hw.cpu_features().items() if v))
     text = f"{hw.cpu_name()}|{feats}|threads={torch.get_num_threads()}|torch={torch.__version__}|lowbit={__version__}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -110,61 +109,3 @@ def best(timings: dict[str, float], allow_float: bool) -> tuple[str, float]:
         return FLOAT, 1.0
     ref = timings.get(FLOAT)
     return name, (ref / quant[name]) if ref else float("nan")
-
-
-# Shapes `lowbit info` reports on: a decode step of a 1B-class decoder (memory-bound), encoder-sized
-# matmuls (compute-bound) and a ResNet-style 3x3 convolution.
-SURVEY = (
-    ("linear 2048->8192, 1 row", (1, 2048), 8192,
-     (("int8", "lowbit_cpu"), ("int4-g128", "lowbit_cpu"), ("int4-g128", "torch_int4pack"), ("int3-g64", "lowbit_cpu"),
-      ("int2-g32", "lowbit_cpu"), ("bf16", "auto"), ("w8a8-dynamic", "onednn"))),
-    ("linear 384->1536, 128 rows", (128, 384), 1536,
-     (("int8", "lowbit_cpu"), ("int4-g128", "lowbit_cpu"), ("w8a8-dynamic", "onednn"), ("w8a8-static", "onednn"))),
-    ("linear 384->1536, 4096 rows", (4096, 384), 1536,
-     (("int8", "lowbit_cpu"), ("w8a8-dynamic", "onednn"), ("w8a8-static", "onednn"))),
-    ("conv 3x3 64->64, 8x56x56", (8, 64, 56, 56), 64, (("w8a8-static", "onednn"),)),
-)
-
-
-def survey(progress: bool = False) -> list[dict]:
-    """Measured speed-up over float of each kernel on a few representative shapes (cached like the rest).
-
-    Each row: shape, recipe, kernel, act (activation dtype the kernel computes with), speedup.
-    """
-    import copy
-
-    from torch import nn
-    from tqdm.auto import tqdm
-
-    from .quantize import quantize
-    from .recipes import parse_recipe
-
-    tuner = Tuner()
-    rows = []
-    for label, shape, n_out, variants in tqdm(SURVEY, desc="measure kernels", disable=not progress):
-        torch.manual_seed(0)
-        conv = len(shape) == 4
-        base = (nn.Conv2d(shape[1], n_out, 3, padding=1) if conv else nn.Linear(shape[-1], n_out)).eval()
-        x = torch.randn(shape)
-        for recipe, kernel in variants:
-            cfg = parse_recipe(recipe)
-            key = f"survey|{label}|{recipe}|{kernel}"
-
-            def measure(recipe=recipe, kernel=kernel, cfg=cfg, base=base, x=x) -> dict[str, float]:
-                try:
-                    q = quantize(nn.Sequential(copy.deepcopy(base)), recipe, backend=kernel,
-                                 calibration=[x[:1] for _ in range(8)] if cfg.needs_calibration else None)
-                except (ValueError, RuntimeError):
-                    return {}  # this kernel cannot run the shape here
-                layer = q[0]
-                return time_calls({"q": lambda: layer(x), FLOAT: lambda: base(x)})
-
-            t = tuner.timings(key, measure)
-            if not t:
-                continue
-            act = "bfloat16" if kernel == "torch_int4pack" or recipe == "bf16" else (
-                "uint8" if cfg.act else "float32")
-            rows.append({"shape": label, "recipe": recipe, "kernel": kernel, "act": act,
-                         "speedup": t[FLOAT] / t["q"]})
-    tuner.save()
-    return rows

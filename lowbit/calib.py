@@ -1,5 +1,5 @@
-"""Calibration data from text: sentences read from a file (or the packaged STS-B train split), tokenized
-into padded batches that `lowbit.quantize(..., calibration=...)` and `lowbit.report` call the model on."""
+"""Calibration data from text: sentences read from a file, tokenized into padded batches (or windows of a
+token stream) that `lowbit.quantize(..., calibration=...)` and `lowbit.report` call the model on."""
 
 from __future__ import annotations
 
@@ -64,27 +64,3 @@ def token_windows(tokenizer: Any, texts: list[str], n: int, *, window: int = 128
         raise ValueError(f"the calibration text has {ids.numel()} tokens, fewer than one window of {window}")
     windows = ids[: count * window].reshape(count, window)
     return [{"input_ids": windows[i: i + batch_size]} for i in range(0, count, batch_size)]
-
-
-def stsb_train_sentences(n: int) -> list[str]:
-    """`n` distinct sentences from the packaged STS-B train split, spread evenly over the file."""
-    from .evaluate import load_stsb
-
-    s1, s2, _ = load_stsb("train")
-    # dict.fromkeys: de-duplicate while keeping file order.
-    pool = list(dict.fromkeys(s.strip() for pair in zip(s1, s2) for s in pair if s.strip()))
-    if not 1 <= n <= len(pool):
-        raise ValueError(f"n must be in 1..{len(pool)} (distinct STS-B train sentences), got {n}")
-    # The file is grouped by source (captions, news, forums); even spacing samples all of them.
-    step = len(pool) / n
-    return [pool[int(i * step)] for i in range(n)]
-
-
-def default_text_calibration(tokenizer: Any, n: int = 64, *, batch_size: int = 8,
-                             max_length: int = 128) -> list[dict[str, Tensor]]:
-    """Calibration batches of `n` STS-B train sentences (shipped with lowbit, so nothing is downloaded).
-
-    The train split, not dev: dev is what `lowbit eval` scores, and calibrating on it would flatter the
-    score.
-    """
-    return text_batches(tokenizer, stsb_train_sentences(n), batch_size=batch_size, max_length=max_length)

@@ -27,8 +27,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .modules import QuantEmbedding, QuantLinear, QuantModule
-from .quantize import _set_child
 from .recipes import QuantConfig
+from .surgery import set_submodule as _set_child
 from .w8a8 import FusedReLU, W8A8Conv, W8A8Linear
 
 FORMAT_VERSION = 1

@@ -1,4 +1,8 @@
-"""The `lowbit` command: a thin layer over the Python API."""
+"""The `lowbit` command: a thin layer over the Python API.
+
+Needs the `cli` extra (click, and transformers for Hugging Face models). `demo`, `bench` and the default data of
+`eval` and of calibration come from `lowbit_workbench`, which lives in a clone of the repository.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,10 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-import click
+try:
+    import click
+except ModuleNotFoundError as e:  # one clear line instead of a traceback from the console script
+    raise ModuleNotFoundError("the `lowbit` command needs click: pip install 'lowbit[cli]'", name=e.name) from e
 
 from .recipes import RECIPES
 
@@ -30,6 +37,19 @@ CALIB_SIZE_HELP = ("number of calibration texts: the first N lines of --calib, o
                    "causal LM, N windows of 128 tokens of that text")
 
 
+def _workbench(module: str) -> Any:
+    """`lowbit_workbench.<module>`: the demo, STS-B and the LM corpus, found in a clone of the repository."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"lowbit_workbench.{module}")
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("lowbit_workbench"):
+            raise
+        raise click.ClickException("this needs lowbit_workbench (the demo and its data), which comes with a clone "
+                                   "of the lowbit repository: run it there after `pip install -e .`") from None
+
+
 def _needs_calibration(recipe: str) -> bool:
     from .recipes import parse_recipe
 
@@ -39,22 +59,32 @@ def _needs_calibration(recipe: str) -> bool:
 
 
 def _calibration(tokenizer: Any, calib: str | None, size: int, causal: bool = False) -> tuple[list[dict], str]:
-    """Calibration batches from --calib (or the packaged STS-B train sentences) and a line saying which.
+    """Calibration batches from --calib (or the workbench's STS-B train sentences) and a line saying which.
     For a causal LM the text is one token stream cut into `size` windows of 128 tokens."""
+    try:
+        return _calibration_batches(tokenizer, calib, size, causal)
+    except FileNotFoundError as e:
+        if calib is not None:
+            raise
+        raise ValueError(f"no --calib given, and the default calibration sentences are missing ({e}); "
+                         "pass --calib FILE with one text per line") from None
+
+
+def _calibration_batches(tokenizer: Any, calib: str | None, size: int, causal: bool) -> tuple[list[dict], str]:
     from . import calib as calib_data
 
     if causal:
-        texts = calib_data.read_texts(calib) if calib is not None else calib_data.stsb_train_sentences(
+        texts = calib_data.read_texts(calib) if calib is not None else _workbench("calib").stsb_train_sentences(
             min(5000, 16 * size))
         batches = calib_data.token_windows(tokenizer, texts, size)
         n = sum(len(b["input_ids"]) for b in batches)
-        where = calib if calib is not None else "STS-B train sentences shipped with lowbit (no --calib given)"
+        where = calib if calib is not None else "STS-B train sentences of lowbit_workbench (no --calib given)"
         return batches, f"calibration: {n} windows of 128 tokens from {where}"
     if calib is not None:
         texts = calib_data.read_texts(calib)[:size]
         return calib_data.text_batches(tokenizer, texts), f"calibration: {len(texts)} texts from {calib}"
-    batches = calib_data.default_text_calibration(tokenizer, size)
-    return batches, f"calibration: no --calib given, using {size} STS-B train sentences shipped with lowbit"
+    batches = _workbench("calib").default_text_calibration(tokenizer, size)
+    return batches, f"calibration: no --calib given, using {size} STS-B train sentences of lowbit_workbench"
 
 
 @main.command("quantize")
@@ -141,15 +171,15 @@ def _quantize_low_memory(path, recipe: str, out: str, exclude: tuple[str, ...], 
 def eval_cmd(model: str, task: str) -> None:
     """Evaluate MODEL (a lowbit checkpoint, a Hugging Face folder, or `minilm`) on a task."""
     from .bench import load_any
-    from .evaluate import TASKS
 
+    TASKS = _workbench("evaluate").TASKS
     if task not in TASKS:
         _fail(ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}"))
     try:
         m, tokenizer, label = load_any(model)
+        score = TASKS[task](m, tokenizer, progress=True)
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
-    score = TASKS[task](m, tokenizer, progress=True)
     click.echo(f"{label}: {task} = {score:.2f}")
 
 
@@ -197,7 +227,9 @@ def bench_cmd(src: str, models: tuple[str, ...], batch: tuple[int, ...], seq: in
     With --layers: the noise each quantized layer of MODELS adds, against SRC's layer on the same input.
     """
     from . import bench
-    from .demo import kernel_note
+
+    kernel_note = _workbench("demo").kernel_note
+    timing_texts = _workbench("calib").timing_texts
 
     try:
         ref, tokenizer, _ = bench.load_any(src)
@@ -215,7 +247,11 @@ def bench_cmd(src: str, models: tuple[str, ...], batch: tuple[int, ...], seq: in
     click.echo("| model | batch | seq | MB in memory | latency ms | speed-up | cosine | kernels |")
     click.echo("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for b in batch:
-        for r in bench.compare(loaded, tokenizer, batch=b, seq=seq, iters=iters):
+        try:
+            rows = bench.compare(loaded, tokenizer, timing_texts(b), seq=seq, iters=iters)
+        except (ValueError, FileNotFoundError) as e:
+            _fail(e)
+        for r in rows:
             click.echo(f"| {r['model']} | {b} | {seq} | {r['state_mb']:.1f} | {r['latency_ms']:.2f} | "
                        f"{r['speedup']:.2f}x | {r['cosine']:.5f} | {kernel_note(loaded[r['model']])} |")
     for label, model in loaded.items():
@@ -267,7 +303,8 @@ def info_cmd() -> None:
     click.echo("formats:")
     for line in format_kernel_lines():
         click.echo("  " + line)
-    from .autotune import cache_dir, survey
+    from .autotune import cache_dir
+    from .bench import survey
 
     click.echo(f"measured speed-up over float32 on this machine (cached in {cache_dir()}; delete to re-measure):")
     slow = []
@@ -319,7 +356,8 @@ def format_kernel_lines() -> list[str]:
 @click.option("--all", "all_recipes", is_flag=True, help="run every documented recipe")
 def demo_cmd(out: str, recipes: tuple[str, ...], all_recipes: bool) -> None:
     """Quantize all-MiniLM-L6-v2 with several recipes; print size, speed and STS-B accuracy; write a report."""
-    from .demo import DEFAULT_RECIPES, format_table, run_demo
+    demo = _workbench("demo")
+    DEFAULT_RECIPES, format_table, run_demo = demo.DEFAULT_RECIPES, demo.format_table, demo.run_demo
 
     chosen = RECIPES if all_recipes else (recipes or DEFAULT_RECIPES)
     try:

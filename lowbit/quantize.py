@@ -16,6 +16,8 @@ from .core.observers import make_observer
 from .modules import QuantEmbedding, QuantLinear, QuantModule
 from .recipes import QuantConfig, parse_recipe
 from .sequential import call_model, feed, stages
+from .surgery import fold_conv_bn
+from .surgery import set_submodule as _set_child
 from .w8a8 import FusedReLU, W8A8Conv, W8A8Linear
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d)
@@ -29,12 +31,6 @@ DEFAULT_ROWS = {None: 1, "dynamic": 128, "static": 128}
 def _excluded(name: str, patterns: Iterable[str]) -> bool:
     # A pattern is a glob on the qualified name ("*.attention.*"), or a name prefix ("encoder.layer.0").
     return any(fnmatch.fnmatchcase(name, p) or name == p or name.startswith(p + ".") for p in patterns)
-
-
-def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
 
 
 def targets(model: nn.Module, config: QuantConfig, exclude: Iterable[str] = ()) -> list[tuple[str, nn.Module]]:
@@ -112,8 +108,6 @@ def _skip_identity(node, modules: dict):
 def fold_batchnorm_(model: nn.Module) -> int:
     """Fold every eval-mode BatchNorm1d/2d whose input is a Conv1d/2d used only by it; in place.
     Returns how many were folded. Found by FX tracing; a model that does not trace is left as it is."""
-    from .vision import fold_conv_bn
-
     gm = _trace(model)
     if gm is None or model.training:
         return 0

@@ -183,7 +183,7 @@ def fake_quantize_affine(x: torch.Tensor, bits: int, block_size: Sequence[int],
     return dequantize_affine(codes, scale, zero_point, block_size)
 
 
-def _ternary_stats(x: torch.Tensor, block_size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def ternary_stats(x: torch.Tensor, block_size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """TWN per-block threshold delta = 0.7 * mean|x| and magnitude a = mean of |x| above delta."""
     ax = x.abs().reshape(blocked_shape(x.shape, block_size))
     dims = _block_dims(x.dim())
@@ -203,7 +203,7 @@ def choose_qparams_ternary(x: torch.Tensor, block_size: Sequence[int]) -> tuple[
     Use quantize_ternary to get the codes: rounding x / a + 1 would threshold at a/2, not TWN's delta.
     """
     x = check_input(x)
-    _, a = _ternary_stats(x, block_size)
+    _, a = ternary_stats(x, block_size)
     return a, torch.ones_like(a)
 
 
@@ -211,7 +211,7 @@ def quantize_ternary(x: torch.Tensor,
                      block_size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes, scale, zero_point): |x| <= delta -> code 1 (zero), otherwise 1 + sign(x)."""
     x = check_input(x)
-    delta, a = _ternary_stats(x, block_size)
+    delta, a = ternary_stats(x, block_size)
     xb = x.reshape(blocked_shape(x.shape, block_size))
     keep = xb.abs() > param_view(delta, x.shape, block_size)
     codes = (1 + torch.sign(xb) * keep).to(torch.uint8).reshape(x.shape)

@@ -178,7 +178,7 @@ class OrtModel(nn.Module):
     """An ONNX Runtime session behind the call signature of the module it was exported from.
 
     Keyword tensors in, torch tensors out: an encoder exported by `export_onnx` returns an object with
-    `.last_hidden_state`, so `lowbit.hf.encode` and `lowbit.evaluate.eval_stsb` take it like the original.
+    `.last_hidden_state`, so `lowbit.hf.encode` and `lowbit_workbench.evaluate.eval_stsb` take it like the original.
     Inputs the graph does not use are dropped.
     """
 

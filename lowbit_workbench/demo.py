@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import bench, checkpoint, hf
-from .calib import default_text_calibration
+from lowbit import bench, checkpoint, hf
+from lowbit.quantize import quantize, summary
+
+from .calib import default_text_calibration, timing_texts
 from .evaluate import eval_stsb
-from .quantize import quantize, summary
 
 DEFAULT_RECIPES = ("bf16", "int8", "int4-g128", "int4-g32", "int3-g64", "kmeans4-g64", "int2-g32", "w8a8-dynamic",
                    "w8a8-static")
@@ -54,7 +55,8 @@ def run_demo(out: str | os.PathLike = "lowbit-demo", recipes: tuple[str, ...] = 
     for row in rows:
         tqdm.write(f"STS-B dev: {row['recipe']}")
         row["spearman"] = eval_stsb(models[row["recipe"]], tokenizer, progress=True)
-    timing = {r["model"]: r for r in bench.compare(models, tokenizer, batch=batch, seq=seq, iters=iters, progress=True)}
+    timing = {r["model"]: r for r in bench.compare(models, tokenizer, timing_texts(batch), seq=seq,
+                                                    iters=iters, progress=True)}
     ref = rows[0]["spearman"]
     for row in rows:
         t = timing[row["recipe"]]
@@ -95,7 +97,7 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 
 def write_report(out: Path, rows: list[dict], batch: int, seq: int) -> None:
-    from . import hw
+    from lowbit import hw
 
     _plot(rows, out / "accuracy_vs_size.png")
     feats = ", ".join(k for k, v in hw.cpu_features().items() if v) or "none detected"

@@ -1,28 +1,30 @@
-"""Accuracy checks for quantized encoders: STS Benchmark Spearman correlation.
+"""Accuracy checks of quantized models on the workbench's data: STS Benchmark Spearman correlation for
+encoders, held-out perplexity on the small LM's corpus for causal LMs.
 
-The STS-B files ship inside the package (``lowbit/data``), so evaluation needs no network.
+The STS-B files are in ``lowbit_workbench/data`` (see the README there), so evaluation needs no network.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from importlib import resources
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .hf import encode
+from lowbit.hf import encode
+
+from . import data_file
 
 _STSB_FILES = {"dev": "sts-dev.csv", "train": "sts-train.csv"}
 
 
 def load_stsb(split: str = "dev") -> tuple[list[str], list[str], np.ndarray]:
-    """Read an STS-B split from package data: ``(sentences1, sentences2, gold scores in [0, 5])``."""
+    """Read an STS-B split from the workbench's data: ``(sentences1, sentences2, gold scores in [0, 5])``."""
     if split not in _STSB_FILES:
         raise ValueError(f"unknown STS-B split {split!r}; valid splits: {', '.join(sorted(_STSB_FILES))}")
-    text = resources.files("lowbit").joinpath("data", _STSB_FILES[split]).read_text(encoding="utf-8")
+    text = data_file(_STSB_FILES[split]).read_text(encoding="utf-8")
     s1: list[str] = []
     s2: list[str] = []
     scores: list[float] = []
@@ -95,7 +97,7 @@ def eval_stsb(
 
 def eval_perplexity(model: Any, tokenizer: Any, progress: bool = False) -> float:
     """Strided perplexity (windows of 256 tokens, stride 128) of a causal LM on the held-out part of the
-    corpus shipped in lowbit/data/lm (lower is better); meaningful for models trained on that corpus."""
+    corpus in lowbit_workbench/data/lm (lower is better); meaningful for models trained on that corpus."""
     from .lm import held_out_perplexity
 
     return held_out_perplexity(model, tokenizer, progress=progress)["all"]

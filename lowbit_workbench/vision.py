@@ -1,8 +1,9 @@
 """Small vision models: an MNIST conv net with shipped weights, a ResNet-18 for speed runs, BN folding.
 
-MNIST data is the 10,000-image test set shipped in `lowbit/data/mnist/` (see the README there), split
-by position: "train" is the first 8,000 images, "eval" the last 2,000. `lowbit/data/mnist_cnn.safetensors`
-holds an `MnistCNN` trained by `scripts/train_mnist.py` on "train" only.
+MNIST data is the 10,000-image test set in `lowbit_workbench/data/mnist/` (see the README there), split
+by position: "train" is the first 8,000 images, "eval" the last 2,000.
+`lowbit_workbench/data/mnist_cnn.safetensors` holds an `MnistCNN` trained by `scripts/train_mnist.py` on
+"train" only.
 
 Weights are read and written with safetensors only: nothing is unpickled.
 """
@@ -25,7 +26,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-DATA_DIR = Path(__file__).parent / "data"
+from lowbit.surgery import fold_conv_bn
+
+from . import DATA_DIR, data_file
+
 MNIST_DIR = DATA_DIR / "mnist"
 MNIST_WEIGHTS = DATA_DIR / "mnist_cnn.safetensors"
 
@@ -57,8 +61,8 @@ def _read_idx(path: Path, magic: int, dims: int) -> np.ndarray:
 @functools.lru_cache(maxsize=1)
 def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
     # Cached because decompressing takes a noticeable fraction of a second and tests call this often.
-    images = _read_idx(MNIST_DIR / _IMAGES_FILE, 2051, 3)
-    labels = _read_idx(MNIST_DIR / _LABELS_FILE, 2049, 1)
+    images = _read_idx(data_file("mnist", _IMAGES_FILE), 2051, 3)
+    labels = _read_idx(data_file("mnist", _LABELS_FILE), 2049, 1)
     if images.shape != (10000, 28, 28) or labels.shape != (10000,):
         raise ValueError(f"unexpected MNIST shapes {images.shape} and {labels.shape}")
     return images, labels
@@ -308,29 +312,6 @@ def resnet18(num_classes: int = 1000, seed: int = 0) -> ResNet:
 
 
 # ---------------------------------------------------------------- BN folding
-
-
-@torch.no_grad()
-def fold_conv_bn(conv: nn.Module, bn: nn.Module) -> None:
-    """Fold an eval-mode BatchNorm into the convolution before it, in place (float64 arithmetic)."""
-    if bn.running_mean is None or bn.running_var is None:
-        raise ValueError("cannot fold a BatchNorm2d without running statistics")
-    if bn.num_features != conv.out_channels:
-        raise ValueError(f"BatchNorm2d({bn.num_features}) after a conv with {conv.out_channels} channels")
-    # Fold in float64 so the folded model stays within float32 rounding of the original.
-    w = conv.weight.double()
-    mean, var = bn.running_mean.double(), bn.running_var.double()
-    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(mean)
-    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(mean)
-    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(mean)
-    scale = gamma / torch.sqrt(var + bn.eps)
-    shape = (-1,) + (1,) * (w.dim() - 1)
-    conv.weight.copy_((w * scale.reshape(shape)).to(conv.weight.dtype))
-    new_bias = ((bias - mean) * scale + beta).to(conv.weight.dtype)
-    if conv.bias is None:
-        conv.bias = nn.Parameter(new_bias)
-    else:
-        conv.bias.copy_(new_bias)
 
 
 def _fold_module(module: nn.Module) -> int:
