@@ -3,7 +3,7 @@
     python benchmarks/lm_ppl.py [--recipes int4-g128 int4-g128-gptq ...] [--calib 128] [--seq 256]
 
 Calibration: random windows of the *train* split (never the held-out text that is scored). Perplexity:
-strided, windows of 256 tokens moved by 128 (lowbit.lm.perplexity). For each width, "gap closed" is the
+strided, windows of 256 tokens moved by 128 (lowbit.perplexity). For each width, "gap closed" is the
 share of round-to-nearest's perplexity gap to fp32 that the method removes: (rtn - method) / (rtn - fp32).
 """
 
@@ -17,7 +17,7 @@ import warnings
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lowbit
-from lowbit import lm
+from lowbit_workbench import lm
 
 WIDTHS = ["int4-g128", "int3-g128", "int2-g64"]
 METHODS = ["", "-gptq", "-awq", "-hqq"]

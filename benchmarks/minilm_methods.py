@@ -15,8 +15,8 @@ import warnings
 
 import lowbit
 from lowbit import hf
-from lowbit.calib import default_text_calibration
-from lowbit.evaluate import eval_stsb
+from lowbit_workbench.calib import default_text_calibration
+from lowbit_workbench.evaluate import eval_stsb
 
 DEFAULT = ["int4-g128", "int4-g128-gptq", "int4-g128-awq", "int4-g128-hqq",
            "int3-g64", "int3-g64-gptq", "int3-g64-awq", "int3-g64-hqq",

@@ -12,7 +12,8 @@ import copy
 
 import lowbit
 from lowbit import bench, hf
-from lowbit.demo import kernel_note
+from lowbit_workbench.calib import timing_texts
+from lowbit_workbench.demo import kernel_note
 
 
 def main() -> None:
@@ -29,7 +30,7 @@ def main() -> None:
         print(f"\nbatch {b}, sequence 128")
         print("| recipe | ms/batch | sequences/s | speed-up vs fp32 | cosine to fp32 | kernels |")
         print("| --- | --- | --- | --- | --- | --- |")
-        for row in bench.compare(models, tokenizer, batch=b, seq=128, iters=args.iters):
+        for row in bench.compare(models, tokenizer, timing_texts(b), seq=128, iters=args.iters):
             print(f"| {row['model']} | {row['latency_ms']:.1f} | {b / row['latency_ms'] * 1e3:.1f} | "
                   f"{row['speedup']:.2f}x | {row['cosine']:.5f} | {kernel_note(models[row['model']])} |")
 

@@ -44,8 +44,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lowbit
-from lowbit import bench, hf, peers
-from lowbit.evaluate import eval_stsb, load_stsb
+from lowbit import bench, hf
+from lowbit_workbench import peers
+from lowbit_workbench.calib import timing_texts
+from lowbit_workbench.evaluate import eval_stsb, load_stsb
 
 SEQ = 128
 VARIANTS = ("fp32", "w8a8-dynamic", "w8a8-static", "w8a8-dynamic-all", "w8a8-static-all", "int8", "torchao",
@@ -102,7 +104,7 @@ def lowbit_w8a8_missing() -> str | None:
 
 def kernel_note(model: nn.Module) -> str:
     try:
-        from lowbit.demo import kernel_note as note
+        from lowbit_workbench.demo import kernel_note as note
 
         return note(model)
     except Exception:  # noqa: BLE001 - the note is informative only
@@ -182,7 +184,7 @@ def build_variants(names: list[str], model: nn.Module, tokenizer, calib: list[di
 
 
 def time_batch(variants: dict[str, Variant], tokenizer, b: int, args, cosine: bool) -> None:
-    inputs = bench.sample_batch(tokenizer, b, SEQ)
+    inputs = bench.sample_batch(tokenizer, timing_texts(b), SEQ)
     mask = inputs["attention_mask"]
     first: dict[str, float] = {}
     pooled: dict[str, torch.Tensor] = {}

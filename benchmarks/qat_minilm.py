@@ -20,8 +20,8 @@ import torch
 
 import lowbit
 from lowbit import hf, qat
-from lowbit.calib import default_text_calibration
-from lowbit.evaluate import eval_stsb, load_stsb
+from lowbit_workbench.calib import default_text_calibration
+from lowbit_workbench.evaluate import eval_stsb, load_stsb
 
 
 def main() -> None:

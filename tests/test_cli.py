@@ -236,7 +236,7 @@ def test_causal_lm_quantize_generate_and_perplexity(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from lowbit import lm
+    from lowbit_workbench import lm
 
     texts = lm.train_text(lm.load_corpus()).splitlines()[:2000]
     bpe = Tokenizer(models.BPE())

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lowbit import hf, hw
-from lowbit.evaluate import TASKS, eval_stsb, get_task, load_stsb, spearman
+from lowbit_workbench.evaluate import TASKS, eval_stsb, get_task, load_stsb, spearman
 
 
 def _brute_spearman(a, b):

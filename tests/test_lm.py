@@ -1,5 +1,5 @@
-"""Language-model helpers: the corpus split, strided perplexity against a token-by-token reference, and
-calibration windows drawn from the train split only. A tiny random Llama stands in for a trained model."""
+"""Language-model helpers: the workbench corpus split, the library's strided perplexity against a
+token-by-token reference, and calibration windows drawn from the train split only. A tiny random Llama stands in for a trained model."""
 
 import gzip
 import math
@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from lowbit import lm
+from lowbit.perplexity import perplexity, token_ids
+from lowbit_workbench import lm
 
 
 class CharTokenizer:
@@ -68,9 +69,9 @@ def test_perplexity_matches_token_by_token(tiny_llama, max_length, stride, n_sco
     ref, count = reference_perplexity(tiny_llama, ids, max_length, stride)
     assert count == n_scored  # disjoint windows [0,16) [16,32) [32,45) leave out 3 window starts
     for batch_size in (1, 3, 8):
-        got = lm.perplexity(tiny_llama, ids, max_length=max_length, stride=stride, batch_size=batch_size)
+        got = perplexity(tiny_llama, ids, max_length=max_length, stride=stride, batch_size=batch_size)
         assert got == pytest.approx(ref, rel=1e-5)
-    assert lm.perplexity(tiny_llama, ids.unsqueeze(0), max_length=max_length, stride=stride) == \
+    assert perplexity(tiny_llama, ids.unsqueeze(0), max_length=max_length, stride=stride) == \
         pytest.approx(ref, rel=1e-5)
 
 
@@ -78,16 +79,16 @@ def test_perplexity_restores_mode_and_checks_args(tiny_llama):
     ids = torch.arange(20) % 128
     tiny_llama.train()
     try:
-        lm.perplexity(tiny_llama, ids, max_length=8, stride=4)
+        perplexity(tiny_llama, ids, max_length=8, stride=4)
         assert tiny_llama.training
     finally:
         tiny_llama.eval()
     with pytest.raises(ValueError, match="stride"):
-        lm.perplexity(tiny_llama, ids, max_length=8, stride=9)
+        perplexity(tiny_llama, ids, max_length=8, stride=9)
     with pytest.raises(ValueError, match="at least 2 tokens"):
-        lm.perplexity(tiny_llama, ids[:1], max_length=8, stride=8)
+        perplexity(tiny_llama, ids[:1], max_length=8, stride=8)
     with pytest.raises(ValueError, match="1-D"):
-        lm.perplexity(tiny_llama, ids.view(2, 10), max_length=8, stride=8)
+        perplexity(tiny_llama, ids.view(2, 10), max_length=8, stride=8)
 
 
 def test_held_out_perplexity_combines_sources(tiny_llama):
@@ -95,9 +96,9 @@ def test_held_out_perplexity_combines_sources(tiny_llama):
               "b": lm.Split("unused\n", "to be or not to be\n")}
     tok = CharTokenizer(vocab_size=128)
     result = lm.held_out_perplexity(tiny_llama, tok, max_length=16, stride=8, corpus=corpus)
-    ids = {k: lm.encode(tok, s.held_out) for k, s in corpus.items()}
+    ids = {k: token_ids(tok, s.held_out) for k, s in corpus.items()}
     for k in corpus:
-        assert result[k] == pytest.approx(lm.perplexity(tiny_llama, ids[k], max_length=16, stride=8))
+        assert result[k] == pytest.approx(perplexity(tiny_llama, ids[k], max_length=16, stride=8))
     weights = {k: v.numel() - 1 for k, v in ids.items()}
     expected = math.exp(sum(weights[k] * math.log(result[k]) for k in corpus) / sum(weights.values()))
     assert result["all"] == pytest.approx(expected)

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import lowbit
-from lowbit import distributed, qat, vision
+from lowbit import distributed, qat
 from lowbit.recipes import parse_recipe
+from lowbit_workbench import vision
 
 ROOT = Path(__file__).resolve().parents[1]
 

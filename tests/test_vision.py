@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowbit import vision
+from lowbit_workbench import vision
 
 
 def _randomize_bn(model: nn.Module, seed: int = 0) -> None:

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import lowbit
-from lowbit import autotune, vision
+from lowbit import autotune
 from lowbit.backends import lowbit_cpu, onednn
 from lowbit.w8a8 import FusedReLU, W8A8Conv, W8A8Linear, fake_quant_rows, fake_quant_tensor
+from lowbit_workbench import vision
 
 needs_onednn = pytest.mark.skipif(not onednn.available(), reason="oneDNN int8 ops not available here")
 needs_kernel = pytest.mark.skipif(not lowbit_cpu.available(), reason="lowbit._C not available")
