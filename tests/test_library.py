@@ -292,3 +292,18 @@ def test_graph_reader_sees_lazy_and_relative_imports(tmp_path):
     assert {"lowbit.quantize", "lowbit.autotune", "lowbit.checkpoint"} <= edges
     lazy = [(t, top) for t, _, _, top in _imports("lowbit.hf", modules["lowbit.hf"], modules) if t == "transformers"]
     assert lazy and not any(top for _, top in lazy)
+
+
+def test_workbench_data_missing_is_one_clear_error(monkeypatch, tmp_path):
+    """Without the repository's data (as in an installed wheel), the workbench and the command line say where
+    the data comes from, and calibration asks for --calib instead of failing deep inside."""
+    pytest.importorskip("click")
+    import lowbit_workbench
+    from lowbit import cli
+    from lowbit_workbench import evaluate
+
+    monkeypatch.setattr(lowbit_workbench, "DATA_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match="clone of the lowbit repository"):
+        evaluate.load_stsb("dev")
+    with pytest.raises(ValueError, match="pass --calib FILE"):
+        cli._calibration(None, None, 8)
