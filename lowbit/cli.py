@@ -101,7 +101,7 @@ def quantize_cmd(src: str, recipe: str, out: str, exclude: tuple[str, ...], cali
             click.echo(note, err=True)
         quantize(model, recipe, calibration=calibration, exclude=exclude, backend=backend, progress=True)
         checkpoint.save(model, out, tokenizer=tokenizer)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         _fail(e)
     size = checkpoint.tensor_bytes(checkpoint.read_manifest(out)) / 1e6
     click.echo(f"saved {recipe} checkpoint to {out} ({size:.1f} MB)")
