@@ -136,14 +136,14 @@ def survey(progress: bool = False) -> list[dict]:
     import copy
 
     from torch import nn
-    from tqdm.auto import tqdm
 
+    from .progress import progress_bar
     from .quantize import quantize
     from .recipes import parse_recipe
 
     tuner = Tuner()
     rows = []
-    for label, shape, n_out, variants in tqdm(SURVEY, desc="measure kernels", disable=not progress):
+    for label, shape, n_out, variants in progress_bar(SURVEY, desc="measure kernels", disable=not progress):
         torch.manual_seed(0)
         conv = len(shape) == 4
         base = (nn.Conv2d(shape[1], n_out, 3, padding=1) if conv else nn.Linear(shape[-1], n_out)).eval()

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from . import bench, checkpoint, hf
 from .calib import default_text_calibration
 from .evaluate import eval_stsb
+from .progress import progress_bar
 from .quantize import quantize, summary
 
 DEFAULT_RECIPES = ("bf16", "int8", "int4-g128", "int4-g32", "int3-g64", "kmeans4-g64", "int2-g32", "w8a8-dynamic",
@@ -43,7 +44,7 @@ def run_demo(out: str | os.PathLike = "lowbit-demo", recipes: tuple[str, ...] = 
     # STS-B train sentences (never dev, which is scored): activation ranges for static recipes, and the
     # input shapes the kernels are timed at for all of them.
     calibration = default_text_calibration(tokenizer, n=64, batch_size=16, max_length=seq)
-    for recipe in tqdm(recipes, desc="quantize + save", unit="recipe"):
+    for recipe in progress_bar(recipes, desc="quantize + save", unit="recipe"):
         t0 = time.perf_counter()
         qmodel = quantize(copy.deepcopy(float_model), recipe, calibration=calibration)
         path = checkpoint.save(qmodel, out / "models" / recipe, tokenizer=tokenizer)
