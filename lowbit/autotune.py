@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import hw
+from .files import FILE_MODE
 from .version import __version__
 
 CACHE_FILE = "autotune-v1.json"
@@ -95,6 +96,7 @@ class Tuner:
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".autotune-")
             with os.fdopen(fd, "w") as f:
                 json.dump(data, f, indent=1, sort_keys=True)
+            os.chmod(tmp, FILE_MODE)  # mkstemp creates it owner-only
             os.replace(tmp, self.path)
             self.dirty = False
         except OSError:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import autotune, checkpoint, hf
+from .progress import progress_bar
 from .quantize import quantize
 from .recipes import parse_recipe
 
@@ -60,7 +60,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2, i
                 fn()
         times: dict[str, list[float]] = {name: [] for name in fns}
         start = time.perf_counter()
-        for i in tqdm(range(iters), desc="timing", unit="round", disable=not progress):
+        for i in progress_bar(range(iters), desc="timing", unit="round", disable=not progress):
             for name, fn in fns.items():
                 t0 = time.perf_counter()
                 fn()
@@ -114,7 +114,7 @@ def survey(progress: bool = False) -> list[dict]:
     """
     tuner = autotune.Tuner()
     rows = []
-    for label, shape, n_out, variants in tqdm(SURVEY, desc="measure kernels", disable=not progress):
+    for label, shape, n_out, variants in progress_bar(SURVEY, desc="measure kernels", disable=not progress):
         torch.manual_seed(0)
         conv = len(shape) == 4
         base = (nn.Conv2d(shape[1], n_out, 3, padding=1) if conv else nn.Linear(shape[-1], n_out)).eval()

@@ -2,17 +2,21 @@
 
 `token_ids(tokenizer, text)` turns a long text into one sequence of ids; `perplexity(model, ids, ...)` scores
 it window by window, the way Hugging Face's "perplexity of fixed-length models" guide does, and works on
-quantized models too (the loss is computed here from the logits).
+quantized models too (the loss is computed here from the logits); `eval_text_perplexity` does both for a text
+file (`lowbit eval --task ppl --data FILE`).
 """
 
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+
+from .progress import progress_bar
 
 
 def token_ids(tokenizer: Any, text: str) -> Tensor:
@@ -105,7 +109,7 @@ def negative_log_likelihood(model: nn.Module, input_ids: Tensor, *, max_length: 
     model.eval()
     nll_sum = 0.0
     count = 0
-    bar = tqdm(total=len(windows), desc="perplexity", unit="window", disable=not progress)
+    bar = progress_bar(total=len(windows), desc="perplexity", unit="window", disable=not progress)
     try:
         with torch.inference_mode():
             for group in groups:
@@ -123,3 +127,30 @@ def negative_log_likelihood(model: nn.Module, input_ids: Tensor, *, max_length: 
         bar.close()
         model.train(was_training)
     return nll_sum, count
+
+
+def eval_text_perplexity(model: Any, tokenizer: Any, path: str | os.PathLike, *, max_length: int = 256,
+                         stride: int = 128, progress: bool = False) -> dict[str, float]:
+    """Strided perplexity of a causal LM on the text of a UTF-8 file, read as one token stream (windows of
+    `max_length` tokens, cut to the model's maximum positions, moving by `stride`, at most half a window).
+
+    Returns {"ppl", "tokens", "window", "stride"}. A missing, empty or non-UTF-8 file, or one with fewer tokens
+    than one window, raises ValueError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"text file {str(p)!r} " + ("is not a file" if p.exists() else "does not exist"))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"text file {str(p)!r} is not UTF-8 text: {e}") from None
+    if not text.strip():
+        raise ValueError(f"text file {str(p)!r} is empty")
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    window = min(max_length, positions) if isinstance(positions, int) else max_length
+    stride = min(stride, window // 2)
+    ids = token_ids(tokenizer, text)
+    if ids.numel() < window:
+        raise ValueError(f"text file {str(p)!r} holds {ids.numel()} tokens, fewer than one window of {window}: "
+                         "give a longer text")
+    ppl = perplexity(model, ids, max_length=window, stride=stride, progress=progress)
+    return {"ppl": ppl, "tokens": ids.numel(), "window": window, "stride": stride}
