@@ -305,7 +305,7 @@ class QuantEmbedding(QuantModule):
             rows = self._buffers["weight"][idx].float()
             if "scale" in self._buffers:
                 rows = rows * self.scale[idx]
-            return rows
+            return rows.to(self.float_dtype)  # the model's dtype: later layers see what they would
         codes = self._codes[idx].float()  # [..., Kp]
         g = self._g
         shape = codes.shape
@@ -315,7 +315,7 @@ class QuantEmbedding(QuantModule):
             rows = torch.gather(book, -1, codes.long()).reshape(shape)
         else:
             rows = ((codes - self.zero_point[idx].unsqueeze(-1)) * self.scale[idx].unsqueeze(-1)).reshape(shape)
-        return rows[..., : self.embedding_dim]
+        return rows[..., : self.embedding_dim].to(self.float_dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, recipe={self.config.name}, kernel=gather"

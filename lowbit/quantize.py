@@ -428,9 +428,9 @@ class Builder:
             if not sources & kept:
                 self.put(relu, FusedReLU())
 
-    def finish(self) -> nn.Module:
-        """Fuse the remaining ReLUs, save the timings, record and report what stayed float or runs slower.
-        Returns the model."""
+    def finish(self, stacklevel: int = 3) -> nn.Module:
+        """Fuse the remaining ReLUs, save the timings, record and report what stayed float or runs slower
+        (warnings attributed `stacklevel` frames up: the caller of lowbit.quantize). Returns the model."""
         self.fuse_relus()
         if self.tuner is not None:
             self.tuner.save()
@@ -443,11 +443,11 @@ class Builder:
         if self.kept:
             warnings.warn(f"{len(self.kept)} layer(s) kept in float because no kernel beats float here (the fastest "
                           f"kernel runs at {_speedups(self.kept)} of float); "
-                          + where.format("lowbit_float_layers"), stacklevel=3)
+                          + where.format("lowbit_float_layers"), stacklevel=stacklevel)
         if self.slower:
             warnings.warn(f"{len(self.slower)} quantized layer(s) run slower than float here ({_speedups(self.slower)} "
                           "of float; kept for size: keep_float_if_slower=True keeps them in float); "
-                          + where.format("lowbit_slower_layers"), stacklevel=3)
+                          + where.format("lowbit_slower_layers"), stacklevel=stacklevel)
         if self.plan.left_float:
             left = self.plan.left_float
             weights = sum(n["weights"] for n in left)
@@ -455,7 +455,7 @@ class Builder:
             names = ", ".join(f"{n['layer'] or '(model)'} ({n['type']})" for n in left[:4])
             more = f" and {len(left) - 4} more" if len(left) > 4 else ""
             warnings.warn(f"{len(left)} layer(s) with {weights / max(total, 1):.0%} of the layers' weights stay in "
-                          f"float: {names}{more}; " + where.format("lowbit_unquantized_layers"), stacklevel=3)
+                          f"float: {names}{more}; " + where.format("lowbit_unquantized_layers"), stacklevel=stacklevel)
         return model
 
 

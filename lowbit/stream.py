@@ -142,7 +142,7 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, recipe: str,
         floats = b.to_torch_layout(rest)
         for name in rest:
             b.install(name, floats[name])
-        quantized = b.finish()
+        quantized = b.finish(stacklevel=5)  # finish < fill < commit < quantize_folder < caller
         for name, t in quantized.state_dict().items():
             if not name.startswith(inside):
                 writer.add(name, t)
