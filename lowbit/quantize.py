@@ -304,8 +304,8 @@ def plan(model: nn.Module, recipe: str | QuantConfig, exclude: Iterable[str] = (
 
 
 def _speedups(notes: list[dict]) -> str:
-    lo, hi = min(n["speedup"] for n in notes), max(n["speedup"] for n in notes)
-    return f"{lo:.2f}x" if lo == hi else f"{lo:.2f}x-{hi:.2f}x"
+    lo, hi = (f"{f(n['speedup'] for n in notes):.2f}x" for f in (min, max))
+    return lo if lo == hi else f"{lo}-{hi}"
 
 
 class Builder:
