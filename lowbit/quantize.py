@@ -388,7 +388,9 @@ class Builder:
     def install(self, name: str, mod: nn.Module) -> nn.Module:
         """Build float layer `mod` (unless fitting built it already), choose its kernel or keep `mod` in
         float when the plan says so, and put the result in the model. Returns what was put."""
-        new = self.built.pop(name, None) or self.build(name, mod)
+        new = self.built.pop(name, None)
+        if new is None:
+            new = self.build(name, mod)
         self.installed.add(name)
         config = self.plan.configs.get(name, self.plan.config)
         if self.tuner is None or isinstance(new, QuantEmbedding):
@@ -542,23 +544,23 @@ def quantize(model: nn.Module, recipe: str | QuantConfig, *, calibration: Iterab
     config = parse_recipe(recipe)
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    if config.act == "static":
-        fold_batchnorm_(model)  # an eval-mode BN after a conv is part of its weights and bias
-    the_plan = plan(model, config, exclude, backend, keep_float_if_slower)
-    calibration = _calibration_data(the_plan, calibration)
+    if config.act == "static":  # fold BatchNorms: an eval-mode BN after a conv is part of its weights and bias
+        fold_batchnorm_(model)
+    the_plan = plan(model, config, exclude, backend, keep_float_if_slower)  # which layers, configs, fusions
+    calibration = _calibration_data(the_plan, calibration)  # validate: what the recipe needs
     b = Builder(model, the_plan)
     floats = b.to_torch_layout(the_plan.layers)
     try:
         if calibration is not None:
-            _calibrate(b, floats, calibration, progress)
+            _calibrate(b, floats, calibration, progress)  # input shapes, activation ranges; SmoothQuant
         if config.method in ("gptq", "awq"):
-            _fit(b, calibration, progress)
+            _fit(b, calibration, progress)  # block by block
         for name in tqdm(the_plan.layers, desc=f"quantize {config.name}", disable=not progress, unit="layer"):
-            b.install(name, floats[name])
+            b.install(name, floats[name])  # build, choose the kernel (or keep float)
     except BaseException:
         b.restore()
         raise
-    return b.finish()
+    return b.finish()  # fuse ReLUs, report what stayed float or runs slower
 
 
 # ---------------------------------------------------------------------------------------------------
