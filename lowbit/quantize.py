@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import autotune, fit, layers
 from .core.observers import make_observer
 from .layers import set_child
 from .modules import QuantEmbedding, QuantLinear, QuantModule
+from .progress import progress_bar
 from .recipes import QuantConfig, parse_recipe
 from .sequential import call_model, feed, stages
 from .w8a8 import FusedReLU, W8A8Conv, W8A8Linear
@@ -555,7 +555,8 @@ def quantize(model: nn.Module, recipe: str | QuantConfig, *, calibration: Iterab
             _calibrate(b, floats, calibration, progress)  # input shapes, activation ranges; SmoothQuant
         if config.method in ("gptq", "awq"):
             _fit(b, calibration, progress)  # block by block
-        for name in tqdm(the_plan.layers, desc=f"quantize {config.name}", disable=not progress, unit="layer"):
+        for name in progress_bar(the_plan.layers, desc=f"quantize {config.name}", disable=not progress,
+                                 unit="layer"):
             b.install(name, floats[name])  # build, choose the kernel (or keep float)
     except BaseException:
         b.restore()

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import checkpoint, hf
+from .progress import progress_bar
 from .quantize import Builder, fit_stage, plan
 from .recipes import parse_recipe
 from .safetensors_io import ShardWriter, Source
@@ -110,7 +110,7 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, recipe: str,
     def fill(tmp: Path) -> dict:
         writer = ShardWriter(tmp, shard_bytes)
         entries: dict[str, dict] = {}
-        bar = tqdm(range(len(blocks)), desc=f"{config.name} block", unit="block", disable=not progress)
+        bar = progress_bar(range(len(blocks)), desc=f"{config.name} block", unit="block", disable=not progress)
         nonlocal calls
         for i in bar:
             block_name = f"{prefix}.{i}"
