@@ -111,3 +111,72 @@ def best(timings: dict[str, float], allow_float: bool) -> tuple[str, float]:
         return FLOAT, 1.0
     ref = timings.get(FLOAT)
     return name, (ref / quant[name]) if ref else float("nan")
+
+
+# Shapes `lowbit info` reports on: a decode step of a 1B-class decoder (memory-bound), encoder-sized
+# matmuls (compute-bound) and a ResNet-style 3x3 convolution.
+SURVEY = (
+    ("linear 2048->8192, 1 row", (1, 2048), 8192,
+     (("int8", "lowbit_cpu"), ("int4-g128", "lowbit_cpu"), ("int4-g128", "torch_int4pack"), ("int3-g64", "lowbit_cpu"),
+      ("int2-g32", "lowbit_cpu"), ("bf16", "auto"), ("w8a8-dynamic", "onednn"))),
+    ("linear 384->1536, 128 rows", (128, 384), 1536,
+     (("int8", "lowbit_cpu"), ("int4-g128", "lowbit_cpu"), ("w8a8-dynamic", "onednn"), ("w8a8-static", "onednn"))),
+    ("linear 384->1536, 4096 rows", (4096, 384), 1536,
+     (("int8", "lowbit_cpu"), ("w8a8-dynamic", "onednn"), ("w8a8-static", "onednn"))),
+    ("conv 3x3 64->64, 8x56x56", (8, 64, 56, 56), 64, (("w8a8-static", "onednn"),)),
+)
+
+
+def survey(progress: bool = False) -> list[dict]:
+    """Measured speed-up over float of each kernel on a few representative shapes (cached like the rest).
+
+    Each row: shape, recipe, kernel, act (activation dtype the kernel computes with), speedup.
+    """
+    import copy
+
+    from torch import nn
+
+    from .core.observers import make_observer
+    from .modules import QuantLinear
+    from .progress import progress_bar
+    from .recipes import parse_recipe
+    from .w8a8 import W8A8Conv, W8A8Linear
+
+    tuner = Tuner()
+    rows = []
+    for label, shape, n_out, variants in progress_bar(SURVEY, desc="measure kernels", disable=not progress):
+        torch.manual_seed(0)
+        conv = len(shape) == 4
+        base = (nn.Conv2d(shape[1], n_out, 3, padding=1) if conv else nn.Linear(shape[-1], n_out)).eval()
+        x = torch.randn(shape)
+        for recipe, kernel in variants:
+            cfg = parse_recipe(recipe)
+            key = f"survey|{label}|{recipe}|{kernel}"
+
+            def measure(recipe=recipe, kernel=kernel, cfg=cfg, base=base, x=x) -> dict[str, float]:
+                # The layer classes directly, not lowbit.quantize: the survey times kernels, not a model.
+                try:
+                    if cfg.act is None:
+                        layer = QuantLinear.from_float(base, cfg, kernel)
+                    else:
+                        act = None
+                        if cfg.act == "static":  # the range of the input the layer is timed on
+                            obs = make_observer(cfg.observer)
+                            obs.update(x[:1])
+                            scale, zero = obs.qparams()
+                            act = (float(scale), int(zero))
+                        cls = W8A8Conv if isinstance(base, nn.Conv2d) else W8A8Linear
+                        layer = cls.from_float(copy.deepcopy(base), cfg, act, kernel)
+                except (ValueError, RuntimeError):
+                    return {}  # this kernel cannot run the shape here
+                return time_calls({"q": lambda: layer(x), FLOAT: lambda: base(x)})
+
+            t = tuner.timings(key, measure)
+            if not t:
+                continue
+            act = "bfloat16" if kernel == "torch_int4pack" or recipe == "bf16" else (
+                "uint8" if cfg.act else "float32")
+            rows.append({"shape": label, "recipe": recipe, "kernel": kernel, "act": act,
+                         "speedup": t[FLOAT] / t["q"]})
+    tuner.save()
+    return rows

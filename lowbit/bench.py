@@ -1,10 +1,8 @@
 """Measure what quantization bought and cost: size, latency against the float model in the same run,
-output fidelity as cosine similarity to the float model's outputs, and the speed-up of each kernel on a
-few representative shapes (`lowbit info`)."""
+and output fidelity as cosine similarity to the float model's outputs."""
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -13,10 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import autotune, checkpoint, hf
+from . import checkpoint, hf
 from .progress import progress_bar
-from .quantize import quantize
-from .recipes import parse_recipe
 
 
 def load_any(src: str) -> tuple[nn.Module, object, str]:
@@ -90,54 +86,4 @@ def compare(models: dict[str, nn.Module], tokenizer, texts: Sequence[str], *, se
         rows.append({"model": name, "batch": batch, "seq": seq, "latency_ms": times[name] * 1e3,
                      "speedup": times[reference] / times[name], "cosine": cosine_to(outs[reference], outs[name]),
                      "state_mb": state_bytes(m) / 1e6})
-    return rows
-
-
-# Shapes `lowbit info` reports on: a decode step of a 1B-class decoder (memory-bound), encoder-sized
-# matmuls (compute-bound) and a ResNet-style 3x3 convolution.
-SURVEY = (
-    ("linear 2048->8192, 1 row", (1, 2048), 8192,
-     (("int8", "lowbit_cpu"), ("int4-g128", "lowbit_cpu"), ("int4-g128", "torch_int4pack"), ("int3-g64", "lowbit_cpu"),
-      ("int2-g32", "lowbit_cpu"), ("bf16", "auto"), ("w8a8-dynamic", "onednn"))),
-    ("linear 384->1536, 128 rows", (128, 384), 1536,
-     (("int8", "lowbit_cpu"), ("int4-g128", "lowbit_cpu"), ("w8a8-dynamic", "onednn"), ("w8a8-static", "onednn"))),
-    ("linear 384->1536, 4096 rows", (4096, 384), 1536,
-     (("int8", "lowbit_cpu"), ("w8a8-dynamic", "onednn"), ("w8a8-static", "onednn"))),
-    ("conv 3x3 64->64, 8x56x56", (8, 64, 56, 56), 64, (("w8a8-static", "onednn"),)),
-)
-
-
-def survey(progress: bool = False) -> list[dict]:
-    """Measured speed-up over float of each kernel on a few representative shapes (cached like the rest).
-
-    Each row: shape, recipe, kernel, act (activation dtype the kernel computes with), speedup.
-    """
-    tuner = autotune.Tuner()
-    rows = []
-    for label, shape, n_out, variants in progress_bar(SURVEY, desc="measure kernels", disable=not progress):
-        torch.manual_seed(0)
-        conv = len(shape) == 4
-        base = (nn.Conv2d(shape[1], n_out, 3, padding=1) if conv else nn.Linear(shape[-1], n_out)).eval()
-        x = torch.randn(shape)
-        for recipe, kernel in variants:
-            cfg = parse_recipe(recipe)
-            key = f"survey|{label}|{recipe}|{kernel}"
-
-            def measure(recipe=recipe, kernel=kernel, cfg=cfg, base=base, x=x) -> dict[str, float]:
-                try:
-                    q = quantize(nn.Sequential(copy.deepcopy(base)), recipe, backend=kernel,
-                                 calibration=[x[:1] for _ in range(8)] if cfg.needs_calibration else None)
-                except (ValueError, RuntimeError):
-                    return {}  # this kernel cannot run the shape here
-                layer = q[0]
-                return autotune.time_calls({"q": lambda: layer(x), autotune.FLOAT: lambda: base(x)})
-
-            t = tuner.timings(key, measure)
-            if not t:
-                continue
-            act = "bfloat16" if kernel == "torch_int4pack" or recipe == "bf16" else (
-                "uint8" if cfg.act else "float32")
-            rows.append({"shape": label, "recipe": recipe, "kernel": kernel, "act": act,
-                         "speedup": t[autotune.FLOAT] / t["q"]})
-    tuner.save()
     return rows

@@ -317,8 +317,7 @@ def info_cmd() -> None:
     click.echo("formats:")
     for line in format_kernel_lines():
         click.echo("  " + line)
-    from .autotune import cache_dir
-    from .bench import survey
+    from .autotune import cache_dir, survey
 
     click.echo(f"measured speed-up over float32 on this machine (cached in {cache_dir()}; delete to re-measure):")
     slow = []

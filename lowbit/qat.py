@@ -34,9 +34,9 @@ from torch import nn
 
 from .core import SCALE_EPS, affine_qparams_from_range, choose_qparams_affine
 from .core.affine import ternary_stats as _ternary_stats
+from .layers import set_child as _set_child
 from .quantize import CONV_TYPES, fold_batchnorm_, quantize, targets
 from .recipes import QuantConfig, parse_recipe
-from .surgery import set_submodule as _set_child
 from .w8a8 import fake_quant_rows, weight_qmax_of
 
 EMA = 0.01  # weight of each new batch in the moving average of activation ranges (as torch.ao uses)

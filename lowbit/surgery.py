@@ -1,17 +1,10 @@
-"""Edits of a model in place that several stages share: replace a submodule by its qualified name, and fold
-an eval-mode BatchNorm into the convolution before it."""
+"""Edits of a model's weights in place: fold an eval-mode BatchNorm into the convolution before it (used by
+quantize's BatchNorm folding and by the workbench's models)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-
-def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule of `model` at the qualified `name` (e.g. ``"encoder.layer.0.fc"``) by `new`."""
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
 
 
 @torch.no_grad()

@@ -288,8 +288,8 @@ def test_graph_reader_sees_lazy_and_relative_imports(tmp_path):
     """The static reader resolves relative imports and finds imports inside functions (as the loop
     autotune <-> quantize was)."""
     modules = _module_files()
-    edges = {t for t, _, _, _ in _imports("lowbit.bench", modules["lowbit.bench"], modules)}
-    assert {"lowbit.quantize", "lowbit.autotune", "lowbit.checkpoint"} <= edges
+    found = {t: top for t, _, _, top in _imports("lowbit.autotune", modules["lowbit.autotune"], modules)}
+    assert found["lowbit.hw"] and not found["lowbit.modules"]  # `from . import hw`; modules inside survey()
     lazy = [(t, top) for t, _, _, top in _imports("lowbit.hf", modules["lowbit.hf"], modules) if t == "transformers"]
     assert lazy and not any(top for _, top in lazy)
 
