@@ -16,7 +16,7 @@ from torch import nn
 from . import core
 from .algorithms.gptq import gptq_quantize
 from .algorithms.hqq import hqq_quantize
-from .backends import AUTO_ORDER, KERNELS, LayerSpec, select_kernel
+from .backends import LayerSpec, candidates, select_kernel
 from .recipes import QuantConfig
 
 # bf16 weights: a bf16 GEMM wins while the matmul is memory-bound (few rows); beyond that, on CPUs
@@ -164,6 +164,7 @@ class QuantLinear(QuantModule):
         cfg, n, k = self.config, self.out_features, self.in_features
         self._prep: dict[str, torch.Tensor] = {}
         self.spec = None
+        self._kernel = None
         if cfg.kind == "float":
             # bf16 has a real bf16 GEMM; fp16 and fp8 are upcast per call (simulated).
             self.kernel_name = "bf16_mm" if cfg.float_format == "bf16" else "dequant"
@@ -181,13 +182,14 @@ class QuantLinear(QuantModule):
         kernel = select_kernel(self.spec, prefer)
         codes = core.unpack_bits(self.qweight, cfg.bits, n * kp).reshape(n, kp)
         self._prep = kernel.prepare(codes, self.scale, self.zero_point, self.spec)
+        self._kernel = kernel
         self.kernel_name = kernel.name
 
     def candidate_kernels(self) -> list[str]:
         """Kernels that can run this layer here, in the default order of preference."""
         if self.spec is None:
             return [self.kernel_name]
-        return [n for n in AUTO_ORDER if KERNELS[n].supports(self.spec)]
+        return [kernel.name for kernel in candidates(self.spec)]
 
     def set_kernel(self, name: str) -> None:
         self._setup_kernel(name)
@@ -200,14 +202,14 @@ class QuantLinear(QuantModule):
     def act_dtype(self) -> torch.dtype:
         if self.kernel_name == "bf16_mm":
             return torch.bfloat16
-        return KERNELS[self.kernel_name].act_dtype if self.kernel_name in KERNELS else torch.float32
+        return self._kernel.act_dtype if self._kernel is not None else torch.float32
 
     @property
     def simulated(self) -> bool:
         return self.kernel_name == "dequant"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.spec is None:
+        if self._kernel is None:
             if self.kernel_name == "bf16_mm" and x.numel() <= BF16_MM_MAX_ROWS * self.in_features:
                 b = None if self.bias is None else self.bias.to(torch.bfloat16)
                 return F.linear(x.to(torch.bfloat16), self.weight, b).to(x.dtype)
@@ -219,7 +221,7 @@ class QuantLinear(QuantModule):
         x2 = x.reshape(-1, self.in_features)
         if self.spec.k != self.in_features:
             x2 = F.pad(x2, (0, self.spec.k - self.in_features))
-        y = KERNELS[self.kernel_name].run(x2, self._prep, self.spec, self.bias)
+        y = self._kernel.run(x2, self._prep, self.spec, self.bias)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

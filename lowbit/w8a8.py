@@ -10,29 +10,26 @@ a scale and zero point fixed by calibration ("static", Linear and Conv1d/2d, dep
 Dynamic layers called with at most GEMV_MAX_ROWS rows run lowbit's int8 weight-only GEMV on the same
 codes instead (float32 activations, not quantized: faster there, and more accurate).
 
-Kernels: "onednn" (torch.ops.onednn int8 ops + lowbit's fused quantize/epilogue ops), or "reference",
-the same arithmetic in float32 PyTorch ops (dequantize, then a float matmul: simulated, slower). Both
-compute the same quantized activations, so they agree to float rounding of the sums.
+Kernels (backends/int8.py, in the same registry as the weight-only ones): "onednn" (torch.ops.onednn
+int8 ops + lowbit's fused quantize/epilogue ops), or "reference", the same arithmetic in float32 PyTorch
+ops (dequantize, then a float matmul: simulated, slower). Both compute the same quantized activations,
+so they agree to float rounding of the sums.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import core
-from .backends import lowbit_cpu, onednn
+from .backends import ConvSpec, LayerSpec, candidates, onednn, select_kernel
+from .backends.int8 import fake_quant_rows, fake_quant_tensor
+from .backends.ops import GEMV_MAX_ROWS
 from .core import SCALE_EPS
 from .modules import QuantModule
 from .recipes import QuantConfig
 
-KERNELS = ("onednn", "reference")
-# Dynamic W8A8 with this many rows or fewer (decode, tiny batches) is memory-bound: lowbit's int8 GEMV
-# reads the same int8 weights once and skips quantizing the activations, which here beat the int8 GEMM
-# at 1 row by 4-8x (Llama-3.2-1B-shaped layers, benchmarks/llama_layer.py --per-layer).
-GEMV_MAX_ROWS = 4
-_MIN_STEP = 1e-12  # the C++ ops' smallest activation step (act_quant.h kMinStep)
+__all__ = ["GEMV_MAX_ROWS", "FusedReLU", "W8A8Conv", "W8A8Linear", "fake_quant_rows", "fake_quant_tensor"]
 
 
 def encode_weight_int8(w: torch.Tensor, qmax: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,24 +115,6 @@ def _codes_from_state(qweight: torch.Tensor, config: QuantConfig, shape: tuple[i
     return (u - offset).to(torch.int8)
 
 
-def fake_quant_rows(x: torch.Tensor) -> torch.Tensor:
-    """What the dynamic kernel does to activations [M, K], in float ops: per-row asymmetric uint8."""
-    lo = x.amin(1).clamp_max(0.0)
-    hi = x.amax(1).clamp_min(0.0)
-    scale = ((hi - lo) / 255.0).clamp_min(_MIN_STEP)
-    inv = 1.0 / scale
-    zero = torch.round(-lo * inv).clamp_(0, 255)
-    q = (torch.round(x * inv[:, None]) + zero[:, None]).clamp_(0, 255)
-    return (q - zero[:, None]) * scale[:, None]
-
-
-def fake_quant_tensor(x: torch.Tensor, scale: float, zero: int) -> torch.Tensor:
-    """What the static kernels do to activations: one (scale, zero point) for the whole tensor."""
-    inv = torch.tensor(1.0 / scale, dtype=torch.float32)
-    q = (torch.round(x * inv) + zero).clamp_(0, 255)
-    return (q - zero) * scale
-
-
 class FusedReLU(nn.Identity):
     """Where a ReLU stood whose work the layer before it now does (relu fused into the int8 kernel)."""
 
@@ -167,33 +146,38 @@ class _W8A8(QuantModule):
     def weight_qmax(self) -> int:
         return int(self.codes.abs().max().item())
 
+    def _conv_spec(self) -> ConvSpec | None:
+        return None
+
+    def _spec(self) -> LayerSpec:
+        """The layer as the kernel registry sees it; read afresh, as the codes may have been changed."""
+        s, z = self.act_qparams if self.static else (1.0, 0)
+        groups = self.scale.shape[1] if self.scale.dim() == 2 else 1
+        return LayerSpec(n=self._n, k=self._k, bits=weight_bits(self.config), group_size=self._k // groups,
+                         symmetric=True, act=self.config.act, weight_qmax=self.weight_qmax, conv=self._conv_spec(),
+                         relu=self.relu, act_scale=s, act_zero=z)
+
     def candidate_kernels(self) -> list[str]:
         """Kernels that compute this layer exactly on this machine (the reference always does)."""
-        ok = onednn.available() and self.weight_qmax <= onednn.weight_qmax() and self.scale.dim() == 1
-        return ["onednn", "reference"] if ok else ["reference"]
+        return [kernel.name for kernel in candidates(self._spec())]
 
     def set_kernel(self, name: str) -> None:
-        if name == "auto":
-            name = self.candidate_kernels()[0]
-        if name not in KERNELS:
-            raise ValueError(f"unknown kernel {name!r} for {self.config.name}; valid: auto, {', '.join(KERNELS)}")
-        if name not in self.candidate_kernels():
-            raise ValueError(f"kernel {name!r} cannot run this layer here (oneDNN int8 ops "
-                             f"{'missing' if not onednn.available() else 'would saturate weights of this range'})")
-        self._packed = self._pack() if name == "onednn" else None
-        self.kernel_name = name
+        spec = self._spec()
+        kernel = select_kernel(spec, name)
+        self._prep = kernel.prepare(self.codes, self.scale, None, spec)
+        self.spec, self._kernel, self.kernel_name = spec, kernel, kernel.name
 
     def __getstate__(self) -> dict:
-        # oneDNN's packed weight is an opaque tensor that cannot be copied or pickled: drop it, and
-        # rebuild it from the canonical int8 weight on the other side (copy.deepcopy goes through here).
+        # The kernel's form of the weight is derived (for oneDNN, its packed weight is cached by the int8
+        # codes and cannot be copied or pickled): drop it and derive it again on the other side
+        # (copy.deepcopy goes through here too).
         state = self.__dict__.copy()
-        state["_packed"] = None
+        state["_prep"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        if self.kernel_name == "onednn":
-            self._packed = self._pack()
+        self.set_kernel(self.kernel_name)
 
     @property
     def kernel(self) -> str:
@@ -244,41 +228,10 @@ class W8A8Linear(_W8A8):
             state["act_zero_point"] = torch.tensor([act[1]], dtype=torch.int32)
         return cls(linear.in_features, linear.out_features, config, state, linear.bias, kernel, relu)
 
-    def _pack(self) -> dict[str, torch.Tensor]:
-        prep = {"w": onednn.prepack_linear(self.codes), "wz": onednn.weight_zeros(self.out_features)}
-        if self.static:
-            prep["act"] = self.act_qparams  # Python numbers: no tensor-to-scalar sync per call
-        # sum_k w[n, k] * sw[n]: the dynamic kernel's zero-point correction term.
-        prep["csw"] = (self.codes.sum(1, dtype=torch.int64).float() * self.scale).contiguous()
-        if not self.static and lowbit_cpu.available():
-            # The same int8 codes for the few-row GEMV (unsigned codes with zero point 128).
-            k = self.in_features
-            codes = (self.codes.to(torch.int16) + 128).to(torch.uint8)
-            prep["gemv"] = lowbit_cpu.prepack(codes, self.scale[:, None], torch.full((self.out_features, 1), 128.0),
-                                              8, k)["qweight"]
-        return prep
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float().contiguous()
-        if self.kernel_name == "onednn":
-            if "gemv" in self._packed and x2.shape[0] <= GEMV_MAX_ROWS:
-                y = lowbit_cpu.linear(x2, {"qweight": self._packed["gemv"]}, 8, self.in_features, self.out_features,
-                                      self.in_features, self.bias)
-                if self.relu:
-                    y = y.relu_()
-            elif self.static:
-                s, z = self._packed["act"]
-                y = onednn.linear_static(x2, self._packed["w"], s, z, self.scale, self._packed["wz"], self.bias,
-                                         self.relu)
-            else:
-                y = onednn.linear_dynamic(x2, self._packed["w"], self.scale, self._packed["wz"], self._packed["csw"],
-                                          self.bias, self.relu)
-        else:
-            xq = fake_quant_tensor(x2, *self.act_qparams) if self.static else fake_quant_rows(x2)
-            y = F.linear(xq, self.dequantized_weight(), self.bias)
-            if self.relu:
-                y = y.relu_()
+        y = self._kernel.run(x2, self._prep, self.spec, self.bias)
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -335,26 +288,12 @@ class W8A8Conv(_W8A8):
                 "kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding,
                 "dilation": self.dilation, "groups": self.groups}
 
-    def _pack(self) -> dict[str, torch.Tensor]:
-        s, z = self.act_qparams
-        return {"w": onednn.prepack_conv(self.codes, self.scale, s, z, self.stride, self.padding,
-                                         self.dilation, self.groups),
-                "wz": onednn.weight_zeros(self.out_channels, conv=True), "act": (s, z)}
+    def _conv_spec(self) -> ConvSpec:
+        return ConvSpec(kernel_size=tuple(self.kernel_size), stride=tuple(self.stride),
+                        padding=tuple(self.padding), dilation=tuple(self.dilation), groups=self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        if self.kernel_name == "onednn":
-            s, z = self._packed["act"]
-            y = onednn.conv_static(xf, self._packed["w"], s, z, self.scale, self._packed["wz"], self.bias,
-                                   self.stride, self.padding, self.dilation, self.groups, self.relu)
-        else:
-            s, z = self.act_qparams
-            conv = F.conv1d if self.codes.dim() == 3 else F.conv2d
-            y = conv(fake_quant_tensor(xf, s, z), self.dequantized_weight(), self.bias, self.stride, self.padding,
-                     self.dilation, self.groups)
-            if self.relu:
-                y = y.relu_()
-        return y.to(x.dtype)
+        return self._kernel.run(x.float(), self._prep, self.spec, self.bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         sim = ", simulated" if self.simulated else ""
