@@ -77,7 +77,7 @@ CASES = [
 
 
 def quantized(model: nn.Module, recipe: str, backend: str, data: list[torch.Tensor]) -> nn.Module:
-    if not available_kernels()[backend]:
+    if backend != "auto" and not available_kernels()[backend]:
         pytest.skip(f"kernel {backend} cannot run on this machine")
     calib = data if lowbit.parse_recipe(recipe).needs_calibration else None
     with warnings.catch_warnings():
@@ -126,6 +126,16 @@ def test_language_model_traces_without_breaks(recipe, backend):
     act = lowbit.parse_recipe(recipe).act
     ops = {KERNEL_OPS[backend, act]} if (backend, act) in KERNEL_OPS else set()
     check(q, ids(10), ops, 1e-2 if KERNELS[backend].act_dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("recipe,kernel", [("kmeans4", "dequant"), ("bf16", "bf16_mm"), ("fp8", "dequant")])
+def test_other_formats_trace_without_breaks(recipe, kernel):
+    """Codebook and float formats: one way to run each, plain ATen ops."""
+    torch.manual_seed(0)
+    q = quantized(TinyLM().eval(), recipe, "auto", [])
+    assert {m.kernel_name for m in q.modules() if hasattr(m, "kernel_name") and not isinstance(m, QuantEmbedding)} == {
+        kernel}
+    check(q, ids(10), set(), 1e-2 if recipe == "bf16" else 1e-5)
 
 
 @pytest.mark.parametrize("backend", ["onednn", "reference"])
@@ -177,3 +187,44 @@ def test_packed_weights_are_made_once(monkeypatch):
         q(x)
         q(x)
         assert len(packs) == 1
+
+
+def op_samples() -> list[tuple[object, tuple]]:
+    """(op, args) for each lowbit custom op, on small random layers, both row-count paths where they differ."""
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    if lowbit_cpu.available():
+        codes = torch.randint(0, 16, (40, 64), dtype=torch.uint8, generator=g)
+        scale, zero = torch.rand(40, 2, generator=g) * 0.1, torch.full((40, 2), 8.0)
+        qweight = lowbit_cpu.prepack(codes, scale, zero, 4, 32)["qweight"]
+        for x in (torch.randn(3, 64, generator=g), torch.randn(2, 5, 64, generator=g).to(torch.bfloat16)):
+            samples.append((torch.ops.lowbit.linear.default, (x, qweight, 4, 32, 40, 64, torch.randn(40))))
+    if onednn.available() and lowbit_cpu.available():
+        w = torch.randint(-60, 61, (24, 48), dtype=torch.int8, generator=g)
+        ws = torch.rand(24, generator=g) * 0.01
+        layer = lowbit.w8a8.W8A8Linear(48, 24, lowbit.parse_recipe("w8a8-dynamic"), {"qweight": w, "scale": ws},
+                                       torch.randn(24), kernel="onednn")
+        p = layer._prep
+        for rows in (2, 9):  # the GEMV, then the int8 GEMM
+            samples.append((torch.ops.lowbit.w8a8_linear_dynamic.default,
+                            (torch.randn(rows, 48, generator=g), w, ws, p["csw"], p["gemv"], layer.bias, True)))
+        samples.append((torch.ops.lowbit.w8a8_linear_static.default,
+                        (torch.randn(9, 48, generator=g), w, ws, None, 0.02, 100, False)))
+        wc = torch.randint(-60, 61, (8, 2, 3, 3), dtype=torch.int8, generator=g)
+        samples.append((torch.ops.lowbit.w8a8_conv.default,
+                        (torch.randn(2, 4, 9, 9, generator=g), wc, torch.rand(8, generator=g) * 0.01, torch.randn(8),
+                         0.03, 120, [2, 1], [1, 0], [1, 2], 2, True)))
+        w1 = torch.randint(-60, 61, (6, 4, 3), dtype=torch.int8, generator=g)
+        samples.append((torch.ops.lowbit.w8a8_conv.default,
+                        (torch.randn(1, 4, 11, generator=g), w1, torch.rand(6, generator=g) * 0.01, None,
+                         0.03, 0, [1], [1], [1], 1, False)))
+    return samples
+
+
+def test_custom_ops_agree_with_their_fake_implementations():
+    """torch.library.opcheck: schema, fake implementation (shapes, dtypes, strides) and tracing by AOTAutograd."""
+    samples = op_samples()
+    if not samples:
+        pytest.skip("neither lowbit._C nor oneDNN int8 ops are available")
+    for op, args in samples:
+        torch.library.opcheck(op, args)

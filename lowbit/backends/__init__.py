@@ -26,7 +26,16 @@ def _expand(p: torch.Tensor, group_size: int) -> torch.Tensor:
     return p.repeat_interleave(group_size, dim=1)
 
 
-class Dequant(Kernel):
+class WeightOnlyKernel(Kernel):
+    """A kernel for affine-coded weights times float activations."""
+
+    def refusal(self, spec: LayerSpec) -> str:
+        if spec.act is not None:
+            return "it runs weight-only layers (float activations), not uint8 activations"
+        return super().refusal(spec)
+
+
+class Dequant(WeightOnlyKernel):
     """No low-bit kernel: dequantize to float32 on every call, then a float matmul."""
 
     name = "dequant"
@@ -43,7 +52,7 @@ class Dequant(Kernel):
         return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
 
 
-class TorchInt8(Kernel):
+class TorchInt8(WeightOnlyKernel):
     """PyTorch's int8 weight-only matmul (per-channel symmetric); fast only with bf16 activations."""
 
     name = "torch_int8pack"
@@ -65,7 +74,7 @@ class TorchInt8(Kernel):
         return y.to(x.dtype)
 
 
-class TorchInt4(Kernel):
+class TorchInt4(WeightOnlyKernel):
     """PyTorch's grouped int4 matmul; takes any codes < 16, so int2/int3 can run on it at 4-bit cost."""
 
     name = "torch_int4pack"
@@ -89,7 +98,7 @@ class TorchInt4(Kernel):
         return y.to(x.dtype)
 
 
-class LowbitCPU(Kernel):
+class LowbitCPU(WeightOnlyKernel):
     """lowbit's own AVX2 kernel (lowbit._C): packed 2/3/4/8-bit weights, float32 activations."""
 
     name = "lowbit_cpu"
