@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import hw
+from .files import FILE_MODE
 
 CACHE_FILE = "autotune-v1.json"
 FLOAT = "float"  # the name of the keep-it-in-float choice
@@ -96,6 +97,7 @@ class Tuner:
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".autotune-")
             with os.fdopen(fd, "w") as f:
                 json.dump(data, f, indent=1, sort_keys=True)
+            os.chmod(tmp, FILE_MODE)  # mkstemp creates it owner-only
             os.replace(tmp, self.path)
             self.dirty = False
         except OSError:
@@ -134,14 +136,16 @@ def survey(progress: bool = False) -> list[dict]:
     import copy
 
     from torch import nn
-    from tqdm.auto import tqdm
 
-    from .quantize import quantize
+    from .core.observers import make_observer
+    from .modules import QuantLinear
+    from .progress import progress_bar
     from .recipes import parse_recipe
+    from .w8a8 import W8A8Conv, W8A8Linear
 
     tuner = Tuner()
     rows = []
-    for label, shape, n_out, variants in tqdm(SURVEY, desc="measure kernels", disable=not progress):
+    for label, shape, n_out, variants in progress_bar(SURVEY, desc="measure kernels", disable=not progress):
         torch.manual_seed(0)
         conv = len(shape) == 4
         base = (nn.Conv2d(shape[1], n_out, 3, padding=1) if conv else nn.Linear(shape[-1], n_out)).eval()
@@ -151,12 +155,21 @@ def survey(progress: bool = False) -> list[dict]:
             key = f"survey|{label}|{recipe}|{kernel}"
 
             def measure(recipe=recipe, kernel=kernel, cfg=cfg, base=base, x=x) -> dict[str, float]:
+                # The layer classes directly, not lowbit.quantize: the survey times kernels, not a model.
                 try:
-                    q = quantize(nn.Sequential(copy.deepcopy(base)), recipe, backend=kernel,
-                                 calibration=[x[:1] for _ in range(8)] if cfg.needs_calibration else None)
+                    if cfg.act is None:
+                        layer = QuantLinear.from_float(base, cfg, kernel)
+                    else:
+                        act = None
+                        if cfg.act == "static":  # the range of the input the layer is timed on
+                            obs = make_observer(cfg.observer)
+                            obs.update(x[:1])
+                            scale, zero = obs.qparams()
+                            act = (float(scale), int(zero))
+                        cls = W8A8Conv if isinstance(base, nn.Conv2d) else W8A8Linear
+                        layer = cls.from_float(copy.deepcopy(base), cfg, act, kernel)
                 except (ValueError, RuntimeError):
                     return {}  # this kernel cannot run the shape here
-                layer = q[0]
                 return time_calls({"q": lambda: layer(x), FLOAT: lambda: base(x)})
 
             t = tuner.timings(key, measure)

@@ -13,10 +13,13 @@ leaves a half-written checkpoint. Loading reads JSON and safetensors only: nothi
 
 from __future__ import annotations
 
+import functools
+import glob
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -26,10 +29,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .modules import QuantEmbedding, QuantLinear, QuantModule
-from .quantize import _set_child
+from . import layers
+from .files import set_usual_modes
 from .recipes import QuantConfig
-from .w8a8 import FusedReLU, W8A8Conv, W8A8Linear
 
 FORMAT_VERSION = 1
 MANIFEST = "lowbit.json"
@@ -48,25 +50,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _layer_entry(mod: nn.Module) -> dict:
-    if isinstance(mod, W8A8Linear):
-        return {"type": "w8a8_linear", "in_features": mod.in_features, "out_features": mod.out_features,
-                "bias": mod.bias is not None, "relu": mod.relu, "config": mod.config.to_dict(),
-                "kernel": mod.kernel_name}
-    if isinstance(mod, W8A8Conv):
-        return {"type": "w8a8_conv", **mod.geometry(), "bias": mod.bias is not None, "relu": mod.relu,
-                "config": mod.config.to_dict(), "kernel": mod.kernel_name}
-    if isinstance(mod, FusedReLU):
-        return {"type": "fused_relu"}
-    if isinstance(mod, nn.Identity):  # e.g. a BatchNorm folded into the conv before it
-        return {"type": "identity"}
-    if isinstance(mod, QuantLinear):
-        return {"type": "linear", "in_features": mod.in_features, "out_features": mod.out_features,
-                "bias": mod.bias is not None, "config": mod.config.to_dict(), "kernel": mod.kernel_name}
-    return {"type": "embedding", "num_embeddings": mod.num_embeddings, "embedding_dim": mod.embedding_dim,
-            "padding_idx": mod.padding_idx, "config": mod.config.to_dict()}
-
-
 def _model_entry(model: nn.Module) -> dict:
     entry = {"class": type(model).__name__, "module": type(model).__module__}
     config = getattr(model, "config", None)
@@ -78,9 +61,9 @@ def _model_entry(model: nn.Module) -> dict:
 
 def layer_entries(model: nn.Module, prefix: str = "") -> dict[str, dict]:
     """Manifest entries of the quantized layers (and fused ReLUs, folded-away modules) in `model`, named
-    under `prefix`."""
-    return {f"{prefix}{name}": _layer_entry(m) for name, m in model.named_modules()
-            if isinstance(m, (QuantModule, nn.Identity))}
+    under `prefix`: every module of a kind lowbit.layers saves."""
+    return {f"{prefix}{name}": layers.layer_entry(m) for name, m in model.named_modules()
+            if layers.saved_kind(m) is not None}
 
 
 def file_entry(path: Path) -> dict:
@@ -93,23 +76,132 @@ def tensor_bytes(manifest: dict) -> int:
     return sum(f["bytes"] for f in info["files"]) if "files" in info else info["bytes"]
 
 
+def _is_checkpoint(directory: Path) -> bool:
+    """Whether `directory` holds a lowbit manifest (of any format version: old checkpoints are replaced too)."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):  # missing, unreadable, not JSON (JSONDecodeError and UnicodeDecodeError)
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == "lowbit"
+
+
+def _check_target(target: Path) -> None:
+    """Refuse to save where the swap into place would throw away something lowbit did not write: only a
+    missing path, an empty directory or a lowbit checkpoint can be replaced."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise FileExistsError(f"cannot save a checkpoint to {target}: it is an existing file, not a checkpoint "
+                              "directory; choose another path or remove the file")
+    if not _is_checkpoint(target) and any(target.iterdir()):
+        raise FileExistsError(f"cannot save a checkpoint to {target}: it is a non-empty directory that is not a "
+                              f"lowbit checkpoint (no {MANIFEST}); saving would delete its contents, so choose "
+                              "another path or empty it")
+
+
+_BACKUP_SUFFIX = ".old-"
+
+
+def _backup_path(target: Path) -> Path:
+    """A free sibling name for the old checkpoint while the new one is renamed into place. Not hidden: if
+    the process dies between the two renames, the old checkpoint stays there, in plain sight."""
+    base = f"{target.name}{_BACKUP_SUFFIX}{os.getpid()}"
+    path, n = target.with_name(base), 1
+    while os.path.lexists(path):
+        path, n = target.with_name(f"{base}-{n}"), n + 1
+    return path
+
+
+def _warn_stale_backups(target: Path) -> None:
+    """Point at old checkpoints left beside `target` by a save whose process died between its two renames."""
+    if not target.parent.is_dir():
+        return
+    for path in target.parent.glob(f"{glob.escape(target.name)}{_BACKUP_SUFFIX}*"):
+        pid = path.name[len(target.name) + len(_BACKUP_SUFFIX):].split("-")[0]
+        if not pid.isdigit() or _alive(int(pid)) or not _is_checkpoint(path):
+            continue  # another process's save in progress, or not ours
+        warnings.warn(f"{path} holds the checkpoint an interrupted save moved aside from {target}; lowbit "
+                      "leaves it there: move it back or delete it", stacklevel=4)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28, musl >= 1.2.5
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux RENAME_EXCHANGE), so no crash can leave neither in place.
+    False where the system or file system cannot; the call is atomic, so then nothing has moved."""
+    fn = _renameat2()
+    at_fdcwd, rename_exchange = -100, 2
+    return fn is not None and fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _install(tmp: Path, target: Path) -> None:
+    """Move the complete directory `tmp` to `target`, replacing what is there (checked by _check_target)."""
+    if not os.path.lexists(target):
+        os.replace(tmp, target)
+        return
+    if _exchange(tmp, target):
+        shutil.rmtree(tmp, ignore_errors=True)  # the old checkpoint, now at the temporary name
+        return
+    # Two renames: between them the old checkpoint is only at the backup path.
+    backup = _backup_path(target)
+    os.replace(target, backup)
+    try:
+        os.replace(tmp, target)
+    except BaseException as e:
+        try:
+            os.replace(backup, target)
+        except OSError:
+            raise OSError(f"saving to {target} failed ({e}) and the previous checkpoint could not be moved "
+                          f"back: it is kept at {backup}") from e
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
 def commit(target: str | os.PathLike, fill) -> Path:
     """Write a checkpoint directory atomically: `fill(tmp)` writes the tensor files into a temporary
-    directory beside `target` and returns the manifest; the directory is renamed into place at the end."""
+    directory beside `target` and returns the manifest; the directory is renamed into place at the end.
+
+    `target` may be missing, an empty directory or a lowbit checkpoint (replaced whole); anything else is
+    refused with FileExistsError before anything is written. A symbolic link is followed.
+    """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    path = target.resolve() if target.is_symlink() else target
+    _check_target(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _warn_stale_backups(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         manifest = fill(tmp)
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=1)
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        set_usual_modes(tmp)  # mkdtemp and safetensors create owner-only files: readable like any other
+        _check_target(path)  # again: something may have been put there while fill ran
+        _install(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -126,13 +218,15 @@ def manifest_for(model: nn.Module, layers: dict, tensors: dict, recipe=None) -> 
         "model": _model_entry(model),
         "layers": layers,
         "float_layers": list(getattr(model, "lowbit_float_layers", [])),
+        "slower_layers": list(getattr(model, "lowbit_slower_layers", [])),
+        "unquantized_layers": list(getattr(model, "lowbit_unquantized_layers", [])),
         "tensors": tensors,
     }
 
 
 def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None) -> Path:
     """Write `model` (quantized by lowbit.quantize, or partly float) to `directory`, atomically."""
-    layers = layer_entries(model)
+    entries = layer_entries(model)
     tensors = {}
     seen: dict[int, str] = {}
     for name, t in model.state_dict().items():
@@ -148,7 +242,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None) -> P
         save_file(tensors, str(tmp / TENSORS), metadata={"format": "lowbit"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        return manifest_for(model, layers, file_entry(tmp / TENSORS))
+        return manifest_for(model, entries, file_entry(tmp / TENSORS))
 
     return commit(directory, fill)
 
@@ -216,52 +310,28 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, verify
     directory = Path(directory)
     manifest = read_manifest(directory)
     tensors = _read_tensors(directory, manifest, verify)
+    entries = manifest["layers"]
     if model is None:
-        model = _skeleton(manifest["model"])
-    for name, entry in manifest["layers"].items():
-        if entry.get("type") in ("fused_relu", "identity"):
-            _set_child(model, name, FusedReLU() if entry["type"] == "fused_relu" else nn.Identity())
-            continue
-        config = QuantConfig.from_dict(entry["config"])
-        prefix = name + "."
+        # A checkpoint of one quantized layer (the model itself was the layer) needs no skeleton.
+        model = nn.Module() if "" in entries else _skeleton(manifest["model"])
+    for name, entry in entries.items():
+        prefix = name + "." if name else ""
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
         try:
-            if entry["type"] in ("w8a8_linear", "w8a8_conv"):
-                bias = state.pop("bias", None)
-                if entry["type"] == "w8a8_linear":
-                    args = ((entry["in_features"], entry["out_features"], config, state, bias))
-                    cls = W8A8Linear
-                else:
-                    geo = {k: entry[k] for k in ("in_channels", "out_channels", "kernel_size", "stride",
-                                                 "padding", "dilation", "groups")}
-                    args, cls = (geo, config, state, bias), W8A8Conv
-                try:
-                    new = cls(*args, kernel=entry["kernel"], relu=entry["relu"])
-                except ValueError:
-                    warnings.warn(f"layer {name!r}: kernel {entry['kernel']!r} cannot run it here; using the "
-                                  "float reference of the same integer arithmetic (simulated, slower)", stacklevel=2)
-                    new = cls(*args, kernel="reference", relu=entry["relu"])
-            elif entry["type"] == "linear":
-                bias = state.pop("bias", None)
-                args = (entry["in_features"], entry["out_features"], config, state, bias)
-                try:
-                    new = QuantLinear(*args, kernel=entry["kernel"])
-                except ValueError:
-                    # Saved with a kernel this machine lacks: same weights, another kernel's rounding.
-                    warnings.warn(f"layer {name!r}: kernel {entry['kernel']!r} is not available here; "
-                                  "outputs may differ in the last bits from the saved model", stacklevel=2)
-                    new = QuantLinear(*args, kernel="auto")
+            new = layers.rebuild(name, entry, state)
+            if name:
+                layers.set_child(model, name, new)
             else:
-                new = QuantEmbedding(entry["num_embeddings"], entry["embedding_dim"], config, state,
-                                     entry["padding_idx"])
-            _set_child(model, name, new)
-        except (KeyError, RuntimeError, ValueError, AttributeError) as e:
+                model = new
+        except (KeyError, RuntimeError, ValueError, AttributeError, TypeError) as e:
             raise CheckpointError(f"layer {name!r} cannot be rebuilt from {directory}: {e}") from None
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"{directory} does not match the model: {e}") from None
     model.lowbit_float_layers = manifest.get("float_layers", [])
+    model.lowbit_slower_layers = manifest.get("slower_layers", [])
+    model.lowbit_unquantized_layers = manifest.get("unquantized_layers", [])
     if manifest.get("config"):
         model.lowbit_recipe = QuantConfig.from_dict(manifest["config"])
     return model.eval()

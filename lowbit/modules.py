@@ -12,6 +12,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from . import core
 from .algorithms.gptq import gptq_quantize
@@ -108,14 +109,58 @@ def dequantize_weight(state: dict[str, torch.Tensor], config: QuantConfig, n: in
     return w[:, :k]
 
 
+class DequantizedWeight(torch.Tensor):
+    """A quantized layer's `weight` as code written for float layers reads it: dtype, shape and device are
+    answered for free; any operation on it runs on the dequantized weight, computed at that moment."""
+
+    @staticmethod
+    def __new__(cls, layer: QuantModule) -> torch.Tensor:
+        buf = next(iter(layer.canonical_state().values()))
+        t = torch.Tensor._make_wrapper_subclass(cls, layer.float_weight_shape(), dtype=layer.float_dtype,
+                                                device=buf.device, requires_grad=False)
+        t._layer = layer
+        return t
+
+    def __init__(self, layer: QuantModule) -> None:
+        pass  # all done in __new__ (a tensor subclass must not call Tensor.__init__ with the layer)
+
+    def materialize(self) -> torch.Tensor:
+        return self._layer.dequantized_weight().reshape(self.shape).to(self.dtype)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        def plain(t):
+            return t.materialize() if isinstance(t, DequantizedWeight) else t
+
+        return func(*tree_map(plain, args), **tree_map(plain, kwargs or {}))
+
+    def __repr__(self) -> str:
+        return f"DequantizedWeight({self.materialize()!r})"
+
+
 class QuantModule(nn.Module):
     """Base of every lowbit quantized layer: canonical state buffers, recipe, size."""
+
+    # The dtype of the float layer it stands for (the model's): `weight` reads as that; set by lowbit.quantize.
+    float_dtype: torch.dtype = torch.float32
 
     def _init_state(self, n: int, k: int, config: QuantConfig, state: dict[str, torch.Tensor]) -> None:
         self.config = config
         self._n, self._k = n, k
         for name, t in state.items():
-            self.register_buffer(name, t)
+            if name == "weight":  # float-cast values; the `weight` attribute is the property below
+                self._buffers[name] = t
+            else:
+                self.register_buffer(name, t)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight as a float layer's (for code that reads `layer.weight`): dtype, shape and device of
+        the float weight; reading its values dequantizes (a copy: writing to it changes nothing)."""
+        return DequantizedWeight(self)
+
+    def float_weight_shape(self) -> tuple[int, ...]:
+        return tuple(getattr(self, "weight_shape", None) or (self._n, self._k))
 
     def canonical_state(self) -> dict[str, torch.Tensor]:
         return {name: b for name, b in self.named_buffers(recurse=False)}
@@ -212,7 +257,7 @@ class QuantLinear(QuantModule):
         if self._kernel is None:
             if self.kernel_name == "bf16_mm" and x.numel() <= BF16_MM_MAX_ROWS * self.in_features:
                 b = None if self.bias is None else self.bias.to(torch.bfloat16)
-                return F.linear(x.to(torch.bfloat16), self.weight, b).to(x.dtype)
+                return F.linear(x.to(torch.bfloat16), self._buffers["weight"], b).to(x.dtype)
             return F.linear(x, self.dequantized_weight().to(x.dtype),
                             None if self.bias is None else self.bias.to(x.dtype))
         if "input_scale" in self._buffers:
@@ -259,10 +304,10 @@ class QuantEmbedding(QuantModule):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         if cfg.kind == "float":
-            rows = self.weight[idx].float()
+            rows = self._buffers["weight"][idx].float()
             if "scale" in self._buffers:
                 rows = rows * self.scale[idx]
-            return rows
+            return rows.to(self.float_dtype)  # the model's dtype: later layers see what they would
         codes = self._codes[idx].float()  # [..., Kp]
         g = self._g
         shape = codes.shape
@@ -272,7 +317,7 @@ class QuantEmbedding(QuantModule):
             rows = torch.gather(book, -1, codes.long()).reshape(shape)
         else:
             rows = ((codes - self.zero_point[idx].unsqueeze(-1)) * self.scale[idx].unsqueeze(-1)).reshape(shape)
-        return rows[..., : self.embedding_dim]
+        return rows[..., : self.embedding_dim].to(self.float_dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, recipe={self.config.name}, kernel=gather"

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from .progress import progress_bar
 
 
 class StopForward(Exception):
@@ -67,7 +68,7 @@ def feed(model: nn.Module, calibration: Iterable, handles: list, *, max_batches:
     batches = samples = 0
     try:
         with inference(model):
-            for batch in tqdm(calibration, desc="calibrate", unit="batch", disable=not progress):
+            for batch in progress_bar(calibration, desc="calibrate", unit="batch", disable=not progress):
                 if max_batches is not None and batches >= max_batches:
                     break
                 call_model(model, batch)
@@ -167,10 +168,11 @@ class Stage:
                 h.remove()
         return outs
 
-    def next_calls(self) -> list[Call]:
-        """The calls of the next block: this block's outputs in place of its hidden-state input."""
+    def next_calls(self, hooks: Iterable[tuple[nn.Module, Callable]] = ()) -> list[Call]:
+        """The calls of the next block: this block's outputs in place of its hidden-state input. `hooks`
+        (module, fn(module, args)) see the inputs on the way, as in `run`."""
         nxt = []
-        for (args, kwargs), out in zip(self.calls, self.run()):
+        for (args, kwargs), out in zip(self.calls, self.run(hooks)):
             h = main_output(out)
             if args:
                 nxt.append(((h, *args[1:]), kwargs))
@@ -233,7 +235,7 @@ def stages(model: nn.Module, names: list[str], calibration: Iterable, *, progres
         inside = [[n for n in names if n.startswith(f"{prefix}.{i}.".lstrip("."))] for i in range(len(blocks))]
         if any(inside):
             calls = capture_inputs(model, blocks[0], calibration)
-            bar = tqdm(total=len(blocks), desc=desc, unit="block", disable=not progress)
+            bar = progress_bar(total=len(blocks), desc=desc, unit="block", disable=not progress)
             for i, block in enumerate(blocks):
                 stage = Stage(block, calls, f"{prefix}.{i}".lstrip("."))
                 if inside[i]:
