@@ -157,6 +157,8 @@ class QuantModule(nn.Module):
     def weight(self) -> torch.Tensor:
         """The weight as a float layer's (for code that reads `layer.weight`): dtype, shape and device of
         the float weight; reading its values dequantizes (a copy: writing to it changes nothing)."""
+        if torch.compiler.is_compiling():  # a traced graph takes the values (dropped when unused), no subclass
+            return self.dequantized_weight().reshape(self.float_weight_shape()).to(self.float_dtype)
         return DequantizedWeight(self)
 
     def float_weight_shape(self) -> tuple[int, ...]:

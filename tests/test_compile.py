@@ -228,3 +228,24 @@ def test_custom_ops_agree_with_their_fake_implementations():
         pytest.skip("neither lowbit._C nor oneDNN int8 ops are available")
     for op, args in samples:
         torch.library.opcheck(op, args)
+
+
+class ReadsWeight(nn.Module):
+    """A feed-forward block that reads its output layer's weight dtype, as T5's does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wi, self.wo = nn.Linear(64, 128), nn.Linear(128, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.wi(x))
+        if h.dtype != self.wo.weight.dtype:
+            h = h.to(self.wo.weight.dtype)
+        return self.wo(h) + 0 * self.wo.weight.sum()  # values too
+
+
+@pytest.mark.parametrize("recipe,backend", [("int4-g32", "lowbit_cpu"), ("w8a8-dynamic", "onednn")])
+def test_reading_weight_does_not_break_the_graph(recipe, backend):
+    torch.manual_seed(0)
+    q = quantized(ReadsWeight().eval(), recipe, backend, [])
+    check(q, torch.randn(4, 64), {KERNEL_OPS[backend, lowbit.parse_recipe(recipe).act]}, 1e-5)
