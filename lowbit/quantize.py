@@ -172,20 +172,21 @@ def _relu_fusions(model: nn.Module, names: set[str]) -> tuple[set[str], dict[str
 
 
 def _build(mod: nn.Module, config: QuantConfig, st: _LayerStats | None, relu: bool, kernel: str,
-           **encode) -> nn.Module:
-    # A layer may carry its quantization parameters already (`lowbit_encoding`, set by lowbit.qat.convert:
-    # learned weight scales, activation ranges tracked in training); they are used instead of new ones.
-    fixed = getattr(mod, "lowbit_encoding", None) or {}
+           fixed: dict | None = None, **encode) -> nn.Module:
+    # `fixed`: this layer's quantization parameters chosen beforehand (see quantize's `fixed`), used
+    # instead of new ones: the weight's scale / zero_point go to its format's encoder.
+    fixed = fixed or {}
+    weight = {k: fixed[k] for k in ("scale", "zero_point") if k in fixed}
     if isinstance(mod, nn.Embedding):
-        return QuantEmbedding.from_float(mod, config, qparams=fixed.get("qparams"))
+        return QuantEmbedding.from_float(mod, config, **weight)
     if config.act is None:
-        return QuantLinear.from_float(mod, config, kernel, qparams=fixed.get("qparams"), **encode)
+        return QuantLinear.from_float(mod, config, kernel, **weight, **encode)
     act = fixed.get("act")
     if config.act == "static" and act is None:
         scale, zero = st.observer.qparams()
         act = (float(scale), int(zero))
     cls = W8A8Linear if isinstance(mod, nn.Linear) else W8A8Conv
-    return cls.from_float(mod, config, act, kernel, relu, weight_scale=fixed.get("weight_scale"))
+    return cls.from_float(mod, config, act, kernel, relu, **weight)
 
 
 def _timing_key(mod: nn.Module, new: nn.Module, config: QuantConfig, shape: tuple[int, ...]) -> str:
@@ -218,7 +219,7 @@ def _tune(tuner: autotune.Tuner, mod: nn.Module, new: nn.Module, config: QuantCo
 
 def quantize(model: nn.Module, recipe: str | QuantConfig, *, calibration: Iterable | None = None,
              exclude: Iterable[str] = (), backend: str = "auto", keep_float_if_slower: bool | None = None,
-             progress: bool = False) -> nn.Module:
+             progress: bool = False, fixed: dict[str, dict] | None = None) -> nn.Module:
     """Quantize `model` in place by `recipe` and return it.
 
     Replaced: every nn.Linear, every nn.Embedding (unless the config says `embeddings=False`) and, for
@@ -235,6 +236,10 @@ def quantize(model: nn.Module, recipe: str | QuantConfig, *, calibration: Iterab
     Default: yes for recipes that quantize activations (their point is speed), no for weight-only
     recipes (their point is size); either way the slower layers are listed in a warning and in
     `model.lowbit_float_layers` / `model.lowbit_slower_layers`.
+    fixed: per layer (qualified name), quantization parameters to use instead of choosing them, as
+    lowbit.qat.convert hands over what training learned: "scale" (and "zero_point") of the weight, one
+    value per block in its format's convention (lowbit.formats, Scheme.encode), and "act", a static
+    layer's activation (scale, zero point).
     """
     config = parse_recipe(recipe)
     if not isinstance(model, nn.Module):
@@ -254,7 +259,11 @@ def quantize(model: nn.Module, recipe: str | QuantConfig, *, calibration: Iterab
             except ValueError as e:
                 raise ValueError(f"layer {name!r}: {e}; exclude it to keep it in float") from None
     stats: dict[str, _LayerStats] = {}
-    fixed_layers = {n for n, m in todo if getattr(m, "lowbit_encoding", None)}  # see _build
+    fixed = dict(fixed or {})
+    unknown = sorted(set(fixed) - {n for n, _ in todo})
+    if unknown:
+        raise ValueError(f"fixed parameters for layers the recipe does not quantize: {', '.join(unknown[:10])}")
+    fixed_layers = {n for n in fixed if fixed[n]}  # see _build
     all_fixed = len(fixed_layers) == len(todo)
     if config.needs_calibration and calibration is None and not (all_fixed and config.method == "rtn"):
         what = ("fits weights to the layers' inputs" if config.method in ("gptq", "awq")
@@ -298,7 +307,8 @@ def quantize(model: nn.Module, recipe: str | QuantConfig, *, calibration: Iterab
     kept, slower = [], []
     for name, mod in tqdm(todo, desc=f"quantize {config.name}", disable=not progress, unit="layer"):
         try:
-            new = built[name] if name in built else _build(mod, config, stats.get(name), name in fuse, first)
+            new = built[name] if name in built else _build(mod, config, stats.get(name), name in fuse, first,
+                                                           fixed.get(name))
         except ValueError as e:
             raise ValueError(f"layer {name!r}: {e}") from None
         if tuner is not None and not isinstance(new, QuantEmbedding):
