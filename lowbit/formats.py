@@ -663,7 +663,7 @@ class FloatScheme(Scheme):
         if scale is not None or zero_point is not None:
             raise ValueError("float formats take no fixed scale or zero point")
         lay = self.layout(w.shape)
-        x = w.reshape(lay.n, lay.k)
+        x = core.check_input(w, "weight").reshape(lay.n, lay.k)
         values, s = core.quantize_float(x, self.fmt, lay.block if self.scaled else None)
         out = {"weight": values.reshape(lay.shape)}
         if s is not None:
