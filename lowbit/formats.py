@@ -162,7 +162,8 @@ class Scheme:
         """decode(encode(w)) in the forward pass (round to nearest; bit-identical), with straight-through
         gradients to w: rounding passes the gradient unchanged, clamping stops it outside the range.
         `scale` is a learned scale parameter (LSQ: its gradient is scaled by 1/sqrt(values per scale * qmax),
-        Esser et al. 2019); its magnitude is used. No finiteness check: a diverging step shows in the loss."""
+        Esser et al. 2019); its magnitude is used. Integer formats make no finiteness check here (a diverging
+        training step shows in the loss, and encode checks); float and codebook formats encode, which does."""
         return _straight_through(w, self.decode(self.encode(w.detach()), w.shape, torch.float32).to(w.dtype))
 
     def init_scale(self, w: torch.Tensor) -> torch.Tensor:
@@ -473,7 +474,9 @@ class AffineScheme(_Coded):
 
     @classmethod
     def from_config(cls, config, *, signed=False, qmax=None):
-        return cls(config.bits, config.symmetric, (1, config.group_size), config.method, signed, qmax)
+        # The int8 layout is always rounded to nearest (its layers take no fitting method).
+        method = "rtn" if signed else config.method
+        return cls(config.bits, config.symmetric, (1, config.group_size), method, signed, qmax)
 
 
 @dataclass(frozen=True)
