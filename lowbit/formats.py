@@ -46,7 +46,7 @@ State = Mapping[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class Layout:
-    """A weight of `shape` in its 2-D view: n outputs of k inputs, padded to kp; concrete block (rows, cols)."""
+    """A weight of `shape` in its 2-D view: n outputs of k inputs, padded to kp; the block (rows, cols)."""
 
     shape: tuple[int, ...]
     n: int
@@ -86,7 +86,8 @@ def _tensor(state: State, name: str, what: str) -> torch.Tensor:
     try:
         return state[name]
     except KeyError:
-        raise ValueError(f"the {what} weight has no {name!r} tensor (have: {', '.join(state) or 'none'})") from None
+        have = ", ".join(state) or "none"
+        raise ValueError(f"the {what} weight has no {name!r} tensor (have: {have})") from None
 
 
 class Scheme:
@@ -145,7 +146,8 @@ class Scheme:
 
     # ---- what every format answers
 
-    def encode(self, w: torch.Tensor, *, scale: torch.Tensor | None = None, zero_point: torch.Tensor | None = None,
+    def encode(self, w: torch.Tensor, *, scale: torch.Tensor | None = None,
+               zero_point: torch.Tensor | None = None,
                hessian: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Float weight -> the canonical tensors the checkpoint stores.
 
@@ -202,7 +204,8 @@ class Scheme:
         """The unpacked codes, uint8 [N, Kp]."""
         raise ValueError(f"{self.name} weights have no integer codes")
 
-    def affine_codes(self, state: State, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def affine_codes(self, state: State,
+                     shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """What the weight-only kernels take: unsigned codes uint8 [N, Kp], scale and zero point float32
         [N, Kp / G] with W = (codes - zero) * scale."""
         raise ValueError(f"{self.name} weights have no affine integer form")
@@ -267,14 +270,16 @@ class _Coded(Scheme):
         if scale is None:
             return self._own_scale(x.detach().float(), lay)
         if scale.numel() != lay.blocks:
-            raise ValueError(f"learned scale has {scale.numel()} values; the block grid {lay.grid} needs {lay.blocks}")
+            raise ValueError(f"learned scale has {scale.numel()} values; the block grid {lay.grid} needs "
+                             f"{lay.blocks}")
         return _grad_scale(scale.reshape(lay.grid), self._lsq_factor(lay)).abs().clamp_min(SCALE_EPS)
 
     @staticmethod
     def _given(t: torch.Tensor, lay: Layout, what: str, positive: bool) -> torch.Tensor:
         t = t.detach().float()
         if t.numel() != lay.blocks:
-            raise ValueError(f"given {what} has {t.numel()} values; the block grid {lay.grid} needs {lay.blocks}")
+            raise ValueError(f"given {what} has {t.numel()} values; the block grid {lay.grid} needs "
+                             f"{lay.blocks}")
         if not torch.isfinite(t).all() or (positive and not (t > 0).all()):
             raise ValueError(f"given {what} must be finite{' and positive' if positive else ''}")
         return t.reshape(lay.grid)
@@ -402,7 +407,8 @@ class AffineScheme(_Coded):
         if self.signed and self.method in ("gptq", "hqq"):
             raise ValueError(f"{self.method} does not produce the int8 layout's codes")
         if self.qmax is not None and not 1 <= self.qmax <= 2 ** (self.bits - 1) - 1:
-            raise ValueError(f"qmax must be in [1, {2 ** (self.bits - 1) - 1}] for {self.bits} bits, got {self.qmax}")
+            full = 2 ** (self.bits - 1) - 1
+            raise ValueError(f"qmax must be in [1, {full}] for {self.bits} bits, got {self.qmax}")
         self._check_signed()
 
     @property
@@ -426,7 +432,8 @@ class AffineScheme(_Coded):
 
     def _own_params(self, x: torch.Tensor, lay: Layout) -> tuple[torch.Tensor, torch.Tensor]:
         if self.symmetric:
-            return core.symmetric_qparams(core.block_reduce(x.abs(), lay.block, "amax"), self.bits, self.int8_qmax)
+            amax = core.block_reduce(x.abs(), lay.block, "amax")
+            return core.symmetric_qparams(amax, self.bits, self.int8_qmax)
         return core.affine_qparams_from_range(core.block_reduce(x, lay.block, "amin"),
                                               core.block_reduce(x, lay.block, "amax"), self.bits)
 
@@ -609,7 +616,8 @@ class CodebookScheme(Scheme):
 
     def codes(self, state, shape):
         lay = self.layout(shape)
-        return core.unpack_bits(_tensor(state, "qweight", self.name), self.bits, lay.n * lay.kp).reshape(lay.n, lay.kp)
+        packed = _tensor(state, "qweight", self.name)
+        return core.unpack_bits(packed, self.bits, lay.n * lay.kp).reshape(lay.n, lay.kp)
 
     def decode(self, state, shape, dtype=torch.float32):
         lay = self.layout(shape)
@@ -677,7 +685,8 @@ class FloatScheme(Scheme):
         lay = self.layout(shape)
         values = _tensor(state, "weight", self.name).reshape(lay.n, lay.k)
         s = state.get("scale")
-        return core.dequantize_float(values, s, lay.block if s is not None else None).reshape(lay.shape).to(dtype)
+        w = core.dequantize_float(values, s, lay.block if s is not None else None)
+        return w.reshape(lay.shape).to(dtype)
 
     def nbytes(self, shape):
         lay = self.layout(shape)

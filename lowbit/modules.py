@@ -54,7 +54,7 @@ class QuantModule(nn.Module):
 
     @property
     def bits_per_weight(self) -> float:
-        """Stored bits per weight: codes, scales, zero points and codebooks counted (not bias or input scale)."""
+        """Stored bits per weight, with scales, zero points and codebooks (not bias or input scale)."""
         return self.scheme.bits_per_weight((self._n, self._k), self.canonical_state())
 
 
@@ -166,7 +166,8 @@ class QuantEmbedding(QuantModule):
         self._codes = None
         if config.kind != "float":
             self._codes = self.scheme.codes(state, (num_embeddings, embedding_dim))
-            self._g, self._kp = self.scheme.layout((num_embeddings, embedding_dim)).block[1], self._codes.shape[1]
+            self._g = self.scheme.layout((num_embeddings, embedding_dim)).block[1]
+            self._kp = self._codes.shape[1]
 
     @classmethod
     def from_float(cls, emb: nn.Embedding, config: QuantConfig, scale: torch.Tensor | None = None,

@@ -12,15 +12,16 @@ recipe's quantizer and the input through the activation quantizer, with straight
 rounding passes the gradient unchanged, clamping stops it outside the range. With learn_scales=True
 the weight scales are parameters trained by their own gradient (LSQ, Esser et al. 2019), scaled by
 1/sqrt(weights per scale * qmax) as that paper does. The weight quantizer is the format's own
-(lowbit.formats), the one the converted layer encodes with. Static activation ranges follow a moving average
-of each batch's min and max in training and are frozen in eval mode.
+(lowbit.formats), the one the converted layer encodes with. Static activation ranges follow a moving
+average of each batch's min and max in training and are frozen in eval mode.
 
 BatchNorms after convolutions are folded into them at prepare (with their running statistics), as the
 quantized model will have them; fine-tuning then trains the folded weights and biases.
 
 convert() hands lowbit.quantize the trained float weights together with the scales and activation
-ranges used in training (its `fixed` parameters, which reach the format's encoder), so the converted model computes what the fake-quantized one did, on the real
-kernels, up to the rounding of a different summation order.
+ranges used in training (as its `fixed` parameters, which reach the format's encoder), so the converted
+model computes what the fake-quantized one did, on the real kernels, up to the rounding of a different
+summation order.
 """
 
 from __future__ import annotations
@@ -221,8 +222,8 @@ def convert(model: nn.Module, *, calibration: Iterable | None = None, backend: s
     for name, mod in [(n, m) for n, m in model.named_modules() if isinstance(m, _QAT)]:
         if not torch.isfinite(mod.weight).all():
             raise ValueError(f"layer {name!r}: weight contains NaN or inf after training; refusing to convert")
-        if mod.fixed():
-            fixed[name] = mod.fixed()
+        if params := mod.fixed():
+            fixed[name] = params
         _set_child(model, name, _float_twin(mod))
     exclude = getattr(model, "lowbit_qat_exclude", ())
     del model.lowbit_qat_config

@@ -262,7 +262,8 @@ def quantize(model: nn.Module, recipe: str | QuantConfig, *, calibration: Iterab
     fixed = dict(fixed or {})
     unknown = sorted(set(fixed) - {n for n, _ in todo})
     if unknown:
-        raise ValueError(f"fixed parameters for layers the recipe does not quantize: {', '.join(unknown[:10])}")
+        names = ", ".join(unknown[:10])
+        raise ValueError(f"fixed parameters for layers the recipe does not quantize: {names}")
     fixed_layers = {n for n in fixed if fixed[n]}  # see _build
     all_fixed = len(fixed_layers) == len(todo)
     if config.needs_calibration and calibration is None and not (all_fixed and config.method == "rtn"):

@@ -65,7 +65,8 @@ def cases(draw, families=FAMILIES):
 
 
 def per_element(param: torch.Tensor, scheme, shape) -> torch.Tensor:
-    """A per-block parameter (on the block grid, or [N, Kp / G] as affine_codes gives it) at the weight's shape."""
+    """A per-block parameter (on the block grid, or [N, Kp / G] as affine_codes gives it) at the weight's
+    shape."""
     lay = scheme.layout(shape)
     block = lay.block if param.numel() == lay.blocks else (1, lay.block[1])
     full = core.broadcast_param(param.reshape(lay.n // block[0], -1), (lay.n, lay.kp), block)
@@ -243,7 +244,8 @@ def test_learned_scale_fake_quantizes_as_encode_with_that_scale(case, factor):
         inside = torch.round(r).abs() <= q
         # LSQ: d(q s)/ds = round(x/s) - x/s inside the range, +-qmax outside; to x: 1 inside, 0 outside
         dyds = torch.where(inside, torch.round(r) - r, torch.round(r).clamp(-q, q))
-        assert torch.allclose(w.grad, g * inside, rtol=1e-3, atol=0) and torch.equal(w.grad == 0, g * inside == 0)
+        assert torch.allclose(w.grad, g * inside, rtol=1e-3, atol=0)
+        assert torch.equal(w.grad == 0, g * inside == 0)
         per = lay.block[0] * lay.block[1] * q
         size = (g.abs() * (1 + r.abs())).sum()  # autograd forms q - s * x / s**2: float rounding of that size
     else:
@@ -369,7 +371,8 @@ def test_every_recipe_has_its_scheme_and_layers_report_bits_per_weight():
     expected = {"int4-g128": 4 + 64 / 128, "int8": 8 + 64 / 256, "kmeans4": 4 + 16 * 16 / 256,
                 "kmeans4-g64": 4 + 16 * 16 / 64, "ternary": 2 + 64 / 256, "fp16": 16, "fp8": 8 + 32 / 256}
     for recipe, bpw in expected.items():
-        layer = QuantLinear.from_float(lin, parse_recipe(recipe), kernel="dequant" if recipe[0] != "f" else "auto")
+        kernel = "dequant" if recipe[0] != "f" else "auto"
+        layer = QuantLinear.from_float(lin, parse_recipe(recipe), kernel=kernel)
         assert layer.bits_per_weight == pytest.approx(bpw), recipe
     w8 = W8A8Linear.from_float(lin, parse_recipe("w8a8-dynamic"), kernel="reference")
     assert w8.bits_per_weight == pytest.approx(8 + 32 / 256)
