@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import hw
+from .files import FILE_MODE
 
 CACHE_FILE = "autotune-v1.json"
 FLOAT = "float"  # the name of the keep-it-in-float choice
@@ -96,6 +97,7 @@ class Tuner:
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".autotune-")
             with os.fdopen(fd, "w") as f:
                 json.dump(data, f, indent=1, sort_keys=True)
+            os.chmod(tmp, FILE_MODE)  # mkstemp creates it owner-only
             os.replace(tmp, self.path)
             self.dirty = False
         except OSError:
@@ -134,14 +136,14 @@ def survey(progress: bool = False) -> list[dict]:
     import copy
 
     from torch import nn
-    from tqdm.auto import tqdm
 
+    from .progress import progress_bar
     from .quantize import quantize
     from .recipes import parse_recipe
 
     tuner = Tuner()
     rows = []
-    for label, shape, n_out, variants in tqdm(SURVEY, desc="measure kernels", disable=not progress):
+    for label, shape, n_out, variants in progress_bar(SURVEY, desc="measure kernels", disable=not progress):
         torch.manual_seed(0)
         conv = len(shape) == 4
         base = (nn.Conv2d(shape[1], n_out, 3, padding=1) if conv else nn.Linear(shape[-1], n_out)).eval()

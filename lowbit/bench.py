@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import checkpoint, hf
+from .progress import progress_bar
 
 
 def load_any(src: str) -> tuple[nn.Module, object, str]:
@@ -57,7 +57,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2, i
                 fn()
         times: dict[str, list[float]] = {name: [] for name in fns}
         start = time.perf_counter()
-        for i in tqdm(range(iters), desc="timing", unit="round", disable=not progress):
+        for i in progress_bar(range(iters), desc="timing", unit="round", disable=not progress):
             for name, fn in fns.items():
                 t0 = time.perf_counter()
                 fn()

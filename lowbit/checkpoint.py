@@ -13,10 +13,13 @@ leaves a half-written checkpoint. Loading reads JSON and safetensors only: nothi
 
 from __future__ import annotations
 
+import functools
+import glob
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -26,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .files import set_usual_modes
 from .modules import QuantEmbedding, QuantLinear, QuantModule
 from .quantize import _set_child
 from .recipes import QuantConfig
@@ -93,23 +97,132 @@ def tensor_bytes(manifest: dict) -> int:
     return sum(f["bytes"] for f in info["files"]) if "files" in info else info["bytes"]
 
 
+def _is_checkpoint(directory: Path) -> bool:
+    """Whether `directory` holds a lowbit manifest (of any format version: old checkpoints are replaced too)."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):  # missing, unreadable, not JSON (JSONDecodeError and UnicodeDecodeError)
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == "lowbit"
+
+
+def _check_target(target: Path) -> None:
+    """Refuse to save where the swap into place would throw away something lowbit did not write: only a
+    missing path, an empty directory or a lowbit checkpoint can be replaced."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise FileExistsError(f"cannot save a checkpoint to {target}: it is an existing file, not a checkpoint "
+                              "directory; choose another path or remove the file")
+    if not _is_checkpoint(target) and any(target.iterdir()):
+        raise FileExistsError(f"cannot save a checkpoint to {target}: it is a non-empty directory that is not a "
+                              f"lowbit checkpoint (no {MANIFEST}); saving would delete its contents, so choose "
+                              "another path or empty it")
+
+
+_BACKUP_SUFFIX = ".old-"
+
+
+def _backup_path(target: Path) -> Path:
+    """A free sibling name for the old checkpoint while the new one is renamed into place. Not hidden: if
+    the process dies between the two renames, the old checkpoint stays there, in plain sight."""
+    base = f"{target.name}{_BACKUP_SUFFIX}{os.getpid()}"
+    path, n = target.with_name(base), 1
+    while os.path.lexists(path):
+        path, n = target.with_name(f"{base}-{n}"), n + 1
+    return path
+
+
+def _warn_stale_backups(target: Path) -> None:
+    """Point at old checkpoints left beside `target` by a save whose process died between its two renames."""
+    if not target.parent.is_dir():
+        return
+    for path in target.parent.glob(f"{glob.escape(target.name)}{_BACKUP_SUFFIX}*"):
+        pid = path.name[len(target.name) + len(_BACKUP_SUFFIX):].split("-")[0]
+        if not pid.isdigit() or _alive(int(pid)) or not _is_checkpoint(path):
+            continue  # another process's save in progress, or not ours
+        warnings.warn(f"{path} holds the checkpoint an interrupted save moved aside from {target}; lowbit "
+                      "leaves it there: move it back or delete it", stacklevel=4)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28, musl >= 1.2.5
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux RENAME_EXCHANGE), so no crash can leave neither in place.
+    False where the system or file system cannot; the call is atomic, so then nothing has moved."""
+    fn = _renameat2()
+    at_fdcwd, rename_exchange = -100, 2
+    return fn is not None and fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _install(tmp: Path, target: Path) -> None:
+    """Move the complete directory `tmp` to `target`, replacing what is there (checked by _check_target)."""
+    if not os.path.lexists(target):
+        os.replace(tmp, target)
+        return
+    if _exchange(tmp, target):
+        shutil.rmtree(tmp, ignore_errors=True)  # the old checkpoint, now at the temporary name
+        return
+    # Two renames: between them the old checkpoint is only at the backup path.
+    backup = _backup_path(target)
+    os.replace(target, backup)
+    try:
+        os.replace(tmp, target)
+    except BaseException as e:
+        try:
+            os.replace(backup, target)
+        except OSError:
+            raise OSError(f"saving to {target} failed ({e}) and the previous checkpoint could not be moved "
+                          f"back: it is kept at {backup}") from e
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
 def commit(target: str | os.PathLike, fill) -> Path:
     """Write a checkpoint directory atomically: `fill(tmp)` writes the tensor files into a temporary
-    directory beside `target` and returns the manifest; the directory is renamed into place at the end."""
+    directory beside `target` and returns the manifest; the directory is renamed into place at the end.
+
+    `target` may be missing, an empty directory or a lowbit checkpoint (replaced whole); anything else is
+    refused with FileExistsError before anything is written. A symbolic link is followed.
+    """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    path = target.resolve() if target.is_symlink() else target
+    _check_target(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _warn_stale_backups(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         manifest = fill(tmp)
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=1)
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        set_usual_modes(tmp)  # mkdtemp and safetensors create owner-only files: readable like any other
+        _check_target(path)  # again: something may have been put there while fill ran
+        _install(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -101,7 +101,7 @@ def quantize_cmd(src: str, recipe: str, out: str, exclude: tuple[str, ...], cali
             click.echo(note, err=True)
         quantize(model, recipe, calibration=calibration, exclude=exclude, backend=backend, progress=True)
         checkpoint.save(model, out, tokenizer=tokenizer)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         _fail(e)
     size = checkpoint.tensor_bytes(checkpoint.read_manifest(out)) / 1e6
     click.echo(f"saved {recipe} checkpoint to {out} ({size:.1f} MB)")
@@ -137,19 +137,32 @@ def _quantize_low_memory(path, recipe: str, out: str, exclude: tuple[str, ...], 
 @main.command("eval")
 @click.argument("model")
 @click.option("--task", default="stsb", show_default=True,
-              help="stsb (STS-B dev Spearman x100) or ppl (held-out perplexity of a causal LM on lowbit's corpus)")
-def eval_cmd(model: str, task: str) -> None:
+              help="stsb (STS-B dev Spearman x100) or ppl (perplexity of a causal LM: on --data, else on held-out "
+                   "text of lowbit's corpus)")
+@click.option("--data", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="UTF-8 text file for --task ppl, scored as one token stream in windows of up to 256 tokens")
+def eval_cmd(model: str, task: str, data: str | None) -> None:
     """Evaluate MODEL (a lowbit checkpoint, a Hugging Face folder, or `minilm`) on a task."""
     from .bench import load_any
-    from .evaluate import TASKS
+    from .evaluate import TASKS, eval_text_perplexity
 
     if task not in TASKS:
         _fail(ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}"))
+    if data is not None and task != "ppl":
+        _fail(ValueError(f"--data is for --task ppl; {task} scores its own data set"))
     try:
         m, tokenizer, label = load_any(model)
+        if task == "ppl" and not hasattr(m, "generate"):
+            raise ValueError(f"{model} is a {type(m).__name__}, not a causal language model: perplexity needs one")
+        if data is not None:
+            result = eval_text_perplexity(m, tokenizer, data, progress=True)
+            click.echo(f"perplexity on {data}: {result['tokens']} tokens, windows of {result['window']} tokens "
+                       f"moving by {result['stride']}", err=True)
+            score = result["ppl"]
+        else:
+            score = TASKS[task](m, tokenizer, progress=True)
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
-    score = TASKS[task](m, tokenizer, progress=True)
     click.echo(f"{label}: {task} = {score:.2f}")
 
 

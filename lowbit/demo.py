@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import html
+import math
 import os
 import time
 from pathlib import Path
@@ -14,9 +15,11 @@ from tqdm.auto import tqdm
 from . import bench, checkpoint, hf
 from .calib import default_text_calibration
 from .evaluate import eval_stsb
+from .progress import progress_bar
 from .quantize import quantize, summary
+from .report import bits_per_weight
 
-DEFAULT_RECIPES = ("bf16", "int8", "int4-g128", "int4-g32", "int3-g64", "kmeans4-g64", "int2-g32", "w8a8-dynamic",
+DEFAULT_RECIPES = ("bf16", "int8", "int4-g128", "int4-g32", "int3-g64", "kmeans4", "int2-g32", "w8a8-dynamic",
                    "w8a8-static")
 
 
@@ -43,7 +46,7 @@ def run_demo(out: str | os.PathLike = "lowbit-demo", recipes: tuple[str, ...] = 
     # STS-B train sentences (never dev, which is scored): activation ranges for static recipes, and the
     # input shapes the kernels are timed at for all of them.
     calibration = default_text_calibration(tokenizer, n=64, batch_size=16, max_length=seq)
-    for recipe in tqdm(recipes, desc="quantize + save", unit="recipe"):
+    for recipe in progress_bar(recipes, desc="quantize + save", unit="recipe"):
         t0 = time.perf_counter()
         qmodel = quantize(copy.deepcopy(float_model), recipe, calibration=calibration)
         path = checkpoint.save(qmodel, out / "models" / recipe, tokenizer=tokenizer)
@@ -58,18 +61,22 @@ def run_demo(out: str | os.PathLike = "lowbit-demo", recipes: tuple[str, ...] = 
     ref = rows[0]["spearman"]
     for row in rows:
         t = timing[row["recipe"]]
+        bits = bits_per_weight(models[row["recipe"]])
         row.update(latency_ms=t["latency_ms"], speedup=t["speedup"], cosine=t["cosine"],
-                   drop=ref - row["spearman"], size_ratio=row["size_mb"] / rows[0]["size_mb"])
+                   drop=ref - row["spearman"], size_ratio=row["size_mb"] / rows[0]["size_mb"],
+                   bits_layers=bits["quantized"], bits_model=bits["model"])
     write_report(out, rows, batch, seq)
     return rows
 
 
 def format_table(rows: list[dict], batch: int, seq: int) -> str:
-    head = (f"| recipe | size MB | size vs fp32 | latency ms (b{batch}, s{seq}) | speed-up | cosine | "
-            f"STS-B Spearman | drop | kernel |")
-    lines = [head, "|" + " --- |" * 9]
+    head = (f"| recipe | size MB | size vs fp32 | bits/weight (quantized layers) | bits/weight (model) | "
+            f"latency ms (b{batch}, s{seq}) | speed-up | cosine | STS-B Spearman | drop | kernel |")
+    lines = [head, "|" + " --- |" * 11]
     for r in rows:
-        lines.append(f"| {r['recipe']} | {r['size_mb']:.1f} | {100 * r['size_ratio']:.1f}% | {r['latency_ms']:.1f} | "
+        layers = "-" if math.isnan(r["bits_layers"]) else f"{r['bits_layers']:.2f}"
+        lines.append(f"| {r['recipe']} | {r['size_mb']:.1f} | {100 * r['size_ratio']:.1f}% | {layers} | "
+                     f"{r['bits_model']:.2f} | {r['latency_ms']:.1f} | "
                      f"{r['speedup']:.2f}x | {r['cosine']:.4f} | {r['spearman']:.2f} | {r['drop']:+.2f} | "
                      f"{r['kernel']} |")
     return "\n".join(lines)
@@ -104,7 +111,10 @@ def write_report(out: Path, rows: list[dict], batch: int, seq: int) -> None:
           f"features: {feats}; torch {torch.__version__}.\n\n"
           f"Size is the safetensors file on disk. Latency is the median of calls measured round-robin in one run "
           f"(batch {batch}, sequence {seq}); speed-up is against fp32 in that same run. Cosine compares mean-pooled "
-          "embeddings with fp32's. Spearman is x100 on STS-B dev (1500 pairs), mean pooling, max length 128. "
+          "embeddings with fp32's. Bits per weight count every stored tensor (codes, scales, zero points, "
+          "codebooks): over the weights of the quantized layers, and over all values of the model (float layers, "
+          "norms and biases included; fp32 is 32). Spearman is x100 on STS-B dev (1500 pairs), mean pooling, max "
+          "length 128. "
           "Kernels marked simulated dequantize weights to float before a float matmul.\n\n"
           f"{table}\n\n![accuracy against size](accuracy_vs_size.png)\n")
     tmp = out / ".report.md.tmp"

@@ -5,8 +5,10 @@ The STS-B files ship inside the package (``lowbit/data``), so evaluation needs n
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -99,6 +101,36 @@ def eval_perplexity(model: Any, tokenizer: Any, progress: bool = False) -> float
     from .lm import held_out_perplexity
 
     return held_out_perplexity(model, tokenizer, progress=progress)["all"]
+
+
+
+def eval_text_perplexity(model: Any, tokenizer: Any, path: str | os.PathLike, *, max_length: int = 256,
+                         stride: int = 128, progress: bool = False) -> dict[str, float]:
+    """Strided perplexity of a causal LM on the text of a UTF-8 file, read as one token stream (windows of
+    `max_length` tokens, cut to the model's maximum positions, moving by `stride`, at most half a window).
+
+    Returns {"ppl", "tokens", "window", "stride"}. A missing, empty or non-UTF-8 file, or one with fewer tokens
+    than one window, raises ValueError naming the file."""
+    from .lm import encode, perplexity
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"text file {str(p)!r} " + ("is not a file" if p.exists() else "does not exist"))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"text file {str(p)!r} is not UTF-8 text: {e}") from None
+    if not text.strip():
+        raise ValueError(f"text file {str(p)!r} is empty")
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    window = min(max_length, positions) if isinstance(positions, int) else max_length
+    stride = min(stride, window // 2)
+    ids = encode(tokenizer, text)
+    if ids.numel() < window:
+        raise ValueError(f"text file {str(p)!r} holds {ids.numel()} tokens, fewer than one window of {window}: "
+                         "give a longer text")
+    ppl = perplexity(model, ids, max_length=window, stride=stride, progress=progress)
+    return {"ppl": ppl, "tokens": ids.numel(), "window": window, "stride": stride}
 
 
 TASKS: dict[str, Callable[..., float]] = {"stsb": eval_stsb, "ppl": eval_perplexity}

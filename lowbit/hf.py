@@ -154,9 +154,9 @@ def encode(
     order = sorted(range(len(sentences)), key=lambda i: -lengths[i])
     starts = range(0, len(order), batch_size)
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import progress_bar
 
-        starts = tqdm(starts, desc="encode", unit="batch")
+        starts = progress_bar(starts, desc="encode", unit="batch")
     chunks: list[Tensor] = []
     with torch.inference_mode():
         for start in starts:

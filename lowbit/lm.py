@@ -17,7 +17,8 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+
+from .progress import progress_bar
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(__file__).resolve().parent / "data" / "lm"
@@ -184,7 +185,7 @@ def _nll_sum(model: nn.Module, input_ids: Tensor, *, max_length: int, stride: in
     model.eval()
     nll_sum = 0.0
     count = 0
-    bar = tqdm(total=len(windows), desc="perplexity", unit="window", disable=not progress)
+    bar = progress_bar(total=len(windows), desc="perplexity", unit="window", disable=not progress)
     try:
         with torch.inference_mode():
             for group in groups:

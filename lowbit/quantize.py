@@ -9,11 +9,11 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import autotune, fit
 from .core.observers import make_observer
 from .modules import QuantEmbedding, QuantLinear, QuantModule
+from .progress import progress_bar
 from .recipes import QuantConfig, parse_recipe
 from .sequential import call_model, feed, stages
 from .w8a8 import FusedReLU, W8A8Conv, W8A8Linear
@@ -306,7 +306,7 @@ def quantize(model: nn.Module, recipe: str | QuantConfig, *, calibration: Iterab
             else:
                 fit.awq_stage(stage, layers, config, build, replace)
     kept, slower = [], []
-    for name, mod in tqdm(todo, desc=f"quantize {config.name}", disable=not progress, unit="layer"):
+    for name, mod in progress_bar(todo, desc=f"quantize {config.name}", disable=not progress, unit="layer"):
         try:
             new = built[name] if name in built else _build(mod, config, stats.get(name), name in fuse, first,
                                                            fixed.get(name))

@@ -22,7 +22,7 @@ OBSERVER_NAMES = ("minmax", "ema", "percentile", "mse", "entropy")  # lowbit.cor
 # The recipes lowbit documents and tests; the grammar accepts more (any int2..int8, any group).
 RECIPES = (
     "fp16", "bf16", "fp8", "int8", "int4-g32", "int4-g64", "int4-g128", "int3-g64", "int2-g32",
-    "kmeans4-g64", "ternary", "binary", "w8a8-dynamic", "w8a8-static",
+    "kmeans4", "ternary", "binary", "w8a8-dynamic", "w8a8-static",
     "int4-g128-gptq", "int4-g128-awq", "int4-g128-hqq", "int3-g64-gptq", "w8a8-smooth",
     "int4-a8", "ternary-a8", "binary-a8", "int4-g32-a8-dynamic",
 )

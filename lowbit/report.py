@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .modules import QuantModule
-from .quantize import feed
+from .quantize import feed, summary
 
 
 def _sqnr_db(signal: float, noise: float) -> float:
@@ -133,6 +133,35 @@ def worst_layers(rows: list[dict], n: int) -> list[str]:
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     return [r["layer"] for r in sorted(rows, key=_sort_key)[:n]]
+
+
+def bits_per_weight(model: nn.Module) -> dict[str, float]:
+    """What a model's weights cost to store, in bits per weight, every stored tensor counted: codes, scales,
+    zero points, codebooks (the bytes its checkpoint holds, headers aside).
+
+    quantized: the quantized layers' tensors except biases, over the weights of those layers (NaN when there
+    are none); model: every tensor of the model over the values the float model holds (a quantized layer
+    counts as its float weight and bias), so an fp32 model is 32. Also: quantized_weights, values (counts).
+    """
+    state = model.state_dict()
+    layers = {row["layer"]: math.prod(row["shape"]) for row in summary(model) if row["type"] != "kept float"}
+    quant_bytes = quant_weights = 0
+    values = 0
+    seen: set[str] = set()
+    for name, weights in layers.items():
+        prefix = f"{name}." if name else ""
+        for key, t in model.get_submodule(name).state_dict(prefix=prefix).items():
+            seen.add(key)
+            if key == f"{prefix}bias":
+                values += t.numel()
+            else:
+                quant_bytes += t.numel() * t.element_size()
+        quant_weights += weights
+    values += quant_weights + sum(t.numel() for k, t in state.items() if k not in seen)
+    total_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    return {"quantized": 8 * quant_bytes / quant_weights if quant_weights else math.nan,
+            "model": 8 * total_bytes / values if values else math.nan,
+            "quantized_weights": quant_weights, "values": values}
 
 
 def _fmt(value: Any, spec: str) -> str:

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .files import set_usual_mode
+
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
@@ -108,6 +110,7 @@ class ShardWriter:
         name = f"{self.prefix}-{len(self.files) + 1:05d}.safetensors"
         tmp = self.folder / f".{name}.tmp"
         save_file(self.pending, str(tmp), metadata={"format": "lowbit"})
+        set_usual_mode(tmp)  # safetensors creates it owner-only
         os.replace(tmp, self.folder / name)
         self.files.append(name)
         self.pending, self.pending_bytes = {}, 0

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from .progress import progress_bar
 
 
 class StopForward(Exception):
@@ -67,7 +68,7 @@ def feed(model: nn.Module, calibration: Iterable, handles: list, *, max_batches:
     batches = samples = 0
     try:
         with inference(model):
-            for batch in tqdm(calibration, desc="calibrate", unit="batch", disable=not progress):
+            for batch in progress_bar(calibration, desc="calibrate", unit="batch", disable=not progress):
                 if max_batches is not None and batches >= max_batches:
                     break
                 call_model(model, batch)
@@ -233,7 +234,7 @@ def stages(model: nn.Module, names: list[str], calibration: Iterable, *, progres
         inside = [[n for n in names if n.startswith(f"{prefix}.{i}.".lstrip("."))] for i in range(len(blocks))]
         if any(inside):
             calls = capture_inputs(model, blocks[0], calibration)
-            bar = tqdm(total=len(blocks), desc=desc, unit="block", disable=not progress)
+            bar = progress_bar(total=len(blocks), desc=desc, unit="block", disable=not progress)
             for i, block in enumerate(blocks):
                 stage = Stage(block, calls, f"{prefix}.{i}".lstrip("."))
                 if inside[i]:

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import checkpoint, fit, hf
 from .modules import QuantEmbedding, QuantLinear
+from .progress import progress_bar
 from .quantize import targets
 from .recipes import parse_recipe
 from .safetensors_io import ShardWriter, Source
@@ -114,7 +114,7 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, recipe: str,
     def fill(tmp: Path) -> dict:
         writer = ShardWriter(tmp, shard_bytes)
         layers: dict[str, dict] = {}
-        bar = tqdm(range(len(blocks)), desc=f"{config.name} block", unit="block", disable=not progress)
+        bar = progress_bar(range(len(blocks)), desc=f"{config.name} block", unit="block", disable=not progress)
         nonlocal calls
         for i in bar:
             block_name = f"{prefix}.{i}"

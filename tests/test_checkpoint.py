@@ -123,3 +123,119 @@ def test_overwrite_replaces_whole_checkpoint(tmp_path):
     lowbit.save(lowbit.quantize(tiny_bert(), "int2-g32"), tmp_path / "ckpt")
     assert lowbit.load(tmp_path / "ckpt").lowbit_recipe.name == "int2-g32"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_refuses_to_replace_a_file(tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("the user's own data")
+    with pytest.raises(FileExistsError, match="existing file"):
+        lowbit.save(lowbit.quantize(tiny_bert(), "int8"), target)
+    assert target.read_text() == "the user's own data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # no temporary or hidden copy
+
+
+def test_refuses_to_replace_a_foreign_directory(tmp_path):
+    target = tmp_path / "photos"
+    target.mkdir()
+    (target / "cat.jpg").write_bytes(b"\xff\xd8")
+    with pytest.raises(FileExistsError, match="not a lowbit checkpoint"):
+        lowbit.save(lowbit.quantize(tiny_bert(), "int8"), target)
+    assert [p.name for p in target.iterdir()] == ["cat.jpg"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
+    # an empty directory (e.g. made beforehand) is fine, and so is a symbolic link to a checkpoint
+    (tmp_path / "empty").mkdir()
+    lowbit.save(lowbit.quantize(tiny_bert(), "int8"), tmp_path / "empty")
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    lowbit.save(lowbit.quantize(tiny_bert(), "int2-g32"), tmp_path / "link")
+    assert (tmp_path / "link").is_symlink()
+    assert lowbit.load(tmp_path / "empty").lowbit_recipe.name == "int2-g32"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "link", "photos"]
+
+
+def test_crash_between_renames_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    """Where the two directories cannot be swapped in one step, the old checkpoint is renamed aside first:
+    if the new one then cannot take its place, the old one is put back, or the error says where it is."""
+    target = tmp_path / "ckpt"
+    lowbit.save(lowbit.quantize(tiny_bert(), "int8"), target)
+    before = (target / "model.safetensors").read_bytes()
+    monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst, fail_on=(2,)):
+        calls.append((src, dst))
+        if len(calls) in fail_on:
+            raise OSError("simulated crash")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    with pytest.raises(OSError, match="simulated crash"):
+        lowbit.save(lowbit.quantize(tiny_bert(1), "int4-g32"), target)
+    assert (target / "model.safetensors").read_bytes() == before  # moved back
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+    calls.clear()
+    monkeypatch.setattr(checkpoint.os, "replace", lambda s, d: replace(s, d, fail_on=(2, 3)))
+    with pytest.raises(OSError, match="kept at") as info:
+        lowbit.save(lowbit.quantize(tiny_bert(1), "int4-g32"), target)
+    backup = tmp_path / f"ckpt.old-{os.getpid()}"
+    assert str(backup) in str(info.value)
+    assert (backup / "model.safetensors").read_bytes() == before
+    assert lowbit.load(backup).lowbit_recipe.name == "int8"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [backup.name]
+
+    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    stale = tmp_path / "ckpt.old-999999999"  # as left by a process that died between the renames
+    backup.rename(stale)
+    with pytest.warns(UserWarning, match=str(stale)):
+        lowbit.save(lowbit.quantize(tiny_bert(1), "int4-g32"), target)
+    assert lowbit.load(target).lowbit_recipe.name == "int4-g32"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", stale.name]
+
+
+def test_replacing_a_checkpoint_is_one_atomic_swap(tmp_path, monkeypatch):
+    target = tmp_path / "ckpt"
+    lowbit.save(lowbit.quantize(tiny_bert(), "int8"), target)
+    swaps = []
+    real = checkpoint._exchange
+    monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: swaps.append(real(a, b)) or swaps[-1])
+    lowbit.save(lowbit.quantize(tiny_bert(), "int2-g32"), target)
+    if swaps != [True]:
+        pytest.skip("this system cannot swap two directories in one step (the two-rename path runs)")
+    assert lowbit.load(target).lowbit_recipe.name == "int2-g32"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+@pytest.mark.parametrize("block_at_a_time", [False, True])
+def test_checkpoint_files_are_readable_by_others(tmp_path, monkeypatch, block_at_a_time):
+    """Under umask 022 a checkpoint is 0755 with 0644 files, as anything else the user writes (safetensors
+    and temporary directories would make them owner-only)."""
+    from lowbit import files
+
+    monkeypatch.setattr(files, "FILE_MODE", 0o644)  # the modes lowbit computed at import for umask 022
+    monkeypatch.setattr(files, "DIR_MODE", 0o755)
+    old = os.umask(0o022)
+    try:
+        if block_at_a_time:
+            from lowbit.stream import quantize_folder
+
+            tiny_bert().save_pretrained(tmp_path / "src")
+            out = quantize_folder(tmp_path / "src", tmp_path / "ckpt", "int8", shard_bytes=20_000)
+        else:
+            out = lowbit.save(lowbit.quantize(tiny_bert(), "int8"), tmp_path / "ckpt")
+    finally:
+        os.umask(old)
+    names = sorted(f.name for f in out.iterdir())
+    assert "lowbit.json" in names and sum(n.endswith(".safetensors") for n in names) >= (2 if block_at_a_time else 1)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in out.iterdir()} == {n: oct(0o644) for n in names}
+
+
+def test_usual_modes_follow_the_umask():
+    from lowbit import files
+
+    old = os.umask(0o027)
+    try:
+        assert files._read_umask() == 0o027
+    finally:
+        os.umask(old)
+    assert files.FILE_MODE == 0o666 & ~files.UMASK and files.DIR_MODE == 0o777 & ~files.UMASK

@@ -9,7 +9,7 @@ from torch import nn
 
 import lowbit
 from lowbit.modules import QuantModule
-from lowbit.report import format_layer_report, layer_report, worst_layers
+from lowbit.report import bits_per_weight, format_layer_report, layer_report, worst_layers
 
 LINEARS = ["0", "2", "4"]
 # The kernel autotuner's notes about tiny layers being faster in float are beside the point here.
@@ -198,3 +198,38 @@ def test_errors():
     model.train()
     layer_report(model, q, calib(1))
     assert model.training  # left in the mode it came in
+
+
+def with_norm_and_embedding() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(50, 256), nn.Linear(256, 64), nn.LayerNorm(64), nn.Linear(64, 48)).eval()
+
+
+@pytest.mark.parametrize("recipe", ["int8", "int4-g32", "int3-g64", "kmeans4", "kmeans4-g64", "bf16", "ternary",
+                                    "w8a8-dynamic"])
+def test_bits_per_weight_is_what_the_checkpoint_stores(recipe, tmp_path):
+    from lowbit.safetensors_io import read_header
+
+    model = with_norm_and_embedding()
+    float_values = sum(t.numel() for t in model.state_dict().values())
+    q = lowbit.quantize(copy.deepcopy(model), recipe, backend="reference" if "w8a8" in recipe else "auto")
+    bits = bits_per_weight(q)
+    header, _ = read_header(lowbit.save(q, tmp_path / "ckpt") / "model.safetensors")
+    size = {k: e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items()}
+    layers = {r["layer"]: math.prod(r["shape"]) for r in lowbit.summary(q) if r["type"] != "kept float"}
+    assert layers, "nothing was quantized"
+    stored = sum(n for k, n in size.items() if k.split(".")[0] in layers and not k.endswith(".bias"))
+    assert bits["quantized"] == pytest.approx(8 * stored / sum(layers.values()))
+    assert bits["model"] == pytest.approx(8 * sum(size.values()) / float_values)
+    assert bits["quantized_weights"] == sum(layers.values()) and bits["values"] == float_values
+
+
+def test_codebooks_and_scales_are_counted():
+    model = nn.Sequential(nn.Linear(1024, 32)).eval()
+    bits = {r: bits_per_weight(quantized(model, r))["quantized"] for r in ("kmeans4", "kmeans4-g64", "int4-g32")}
+    # 16 codebook entries per row of 1024 weights cost a quarter bit; per group of 64 they cost 4 bits.
+    assert 4.0 < bits["kmeans4"] < 4.5
+    assert 3.5 < bits["kmeans4-g64"] - bits["kmeans4"] < 4.0
+    assert bits["kmeans4"] < bits["int4-g32"] < bits["kmeans4-g64"]
+    fp32 = bits_per_weight(model)
+    assert math.isnan(fp32["quantized"]) and fp32["model"] == 32.0
