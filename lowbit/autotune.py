@@ -137,9 +137,11 @@ def survey(progress: bool = False) -> list[dict]:
 
     from torch import nn
 
+    from .core.observers import make_observer
+    from .modules import QuantLinear
     from .progress import progress_bar
-    from .quantize import quantize
     from .recipes import parse_recipe
+    from .w8a8 import W8A8Conv, W8A8Linear
 
     tuner = Tuner()
     rows = []
@@ -153,12 +155,21 @@ def survey(progress: bool = False) -> list[dict]:
             key = f"survey|{label}|{recipe}|{kernel}"
 
             def measure(recipe=recipe, kernel=kernel, cfg=cfg, base=base, x=x) -> dict[str, float]:
+                # The layer classes directly, not lowbit.quantize: the survey times kernels, not a model.
                 try:
-                    q = quantize(nn.Sequential(copy.deepcopy(base)), recipe, backend=kernel,
-                                 calibration=[x[:1] for _ in range(8)] if cfg.needs_calibration else None)
+                    if cfg.act is None:
+                        layer = QuantLinear.from_float(base, cfg, kernel)
+                    else:
+                        act = None
+                        if cfg.act == "static":  # the range of the input the layer is timed on
+                            obs = make_observer(cfg.observer)
+                            obs.update(x[:1])
+                            scale, zero = obs.qparams()
+                            act = (float(scale), int(zero))
+                        cls = W8A8Conv if isinstance(base, nn.Conv2d) else W8A8Linear
+                        layer = cls.from_float(copy.deepcopy(base), cfg, act, kernel)
                 except (ValueError, RuntimeError):
                     return {}  # this kernel cannot run the shape here
-                layer = q[0]
                 return time_calls({"q": lambda: layer(x), FLOAT: lambda: base(x)})
 
             t = tuner.timings(key, measure)

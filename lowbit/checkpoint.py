@@ -29,11 +29,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import layers
 from .files import set_usual_modes
-from .modules import QuantEmbedding, QuantLinear, QuantModule
-from .quantize import _set_child
 from .recipes import QuantConfig
-from .w8a8 import FusedReLU, W8A8Conv, W8A8Linear
 
 FORMAT_VERSION = 1
 MANIFEST = "lowbit.json"
@@ -52,25 +50,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _layer_entry(mod: nn.Module) -> dict:
-    if isinstance(mod, W8A8Linear):
-        return {"type": "w8a8_linear", "in_features": mod.in_features, "out_features": mod.out_features,
-                "bias": mod.bias is not None, "relu": mod.relu, "config": mod.config.to_dict(),
-                "kernel": mod.kernel_name}
-    if isinstance(mod, W8A8Conv):
-        return {"type": "w8a8_conv", **mod.geometry(), "bias": mod.bias is not None, "relu": mod.relu,
-                "config": mod.config.to_dict(), "kernel": mod.kernel_name}
-    if isinstance(mod, FusedReLU):
-        return {"type": "fused_relu"}
-    if isinstance(mod, nn.Identity):  # e.g. a BatchNorm folded into the conv before it
-        return {"type": "identity"}
-    if isinstance(mod, QuantLinear):
-        return {"type": "linear", "in_features": mod.in_features, "out_features": mod.out_features,
-                "bias": mod.bias is not None, "config": mod.config.to_dict(), "kernel": mod.kernel_name}
-    return {"type": "embedding", "num_embeddings": mod.num_embeddings, "embedding_dim": mod.embedding_dim,
-            "padding_idx": mod.padding_idx, "config": mod.config.to_dict()}
-
-
 def _model_entry(model: nn.Module) -> dict:
     entry = {"class": type(model).__name__, "module": type(model).__module__}
     config = getattr(model, "config", None)
@@ -82,9 +61,9 @@ def _model_entry(model: nn.Module) -> dict:
 
 def layer_entries(model: nn.Module, prefix: str = "") -> dict[str, dict]:
     """Manifest entries of the quantized layers (and fused ReLUs, folded-away modules) in `model`, named
-    under `prefix`."""
-    return {f"{prefix}{name}": _layer_entry(m) for name, m in model.named_modules()
-            if isinstance(m, (QuantModule, nn.Identity))}
+    under `prefix`: every module of a kind lowbit.layers saves."""
+    return {f"{prefix}{name}": layers.layer_entry(m) for name, m in model.named_modules()
+            if layers.saved_kind(m) is not None}
 
 
 def file_entry(path: Path) -> dict:
@@ -239,13 +218,15 @@ def manifest_for(model: nn.Module, layers: dict, tensors: dict, recipe=None) -> 
         "model": _model_entry(model),
         "layers": layers,
         "float_layers": list(getattr(model, "lowbit_float_layers", [])),
+        "slower_layers": list(getattr(model, "lowbit_slower_layers", [])),
+        "unquantized_layers": list(getattr(model, "lowbit_unquantized_layers", [])),
         "tensors": tensors,
     }
 
 
 def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None) -> Path:
     """Write `model` (quantized by lowbit.quantize, or partly float) to `directory`, atomically."""
-    layers = layer_entries(model)
+    entries = layer_entries(model)
     tensors = {}
     seen: dict[int, str] = {}
     for name, t in model.state_dict().items():
@@ -261,7 +242,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None) -> P
         save_file(tensors, str(tmp / TENSORS), metadata={"format": "lowbit"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        return manifest_for(model, layers, file_entry(tmp / TENSORS))
+        return manifest_for(model, entries, file_entry(tmp / TENSORS))
 
     return commit(directory, fill)
 
@@ -329,52 +310,28 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, verify
     directory = Path(directory)
     manifest = read_manifest(directory)
     tensors = _read_tensors(directory, manifest, verify)
+    entries = manifest["layers"]
     if model is None:
-        model = _skeleton(manifest["model"])
-    for name, entry in manifest["layers"].items():
-        if entry.get("type") in ("fused_relu", "identity"):
-            _set_child(model, name, FusedReLU() if entry["type"] == "fused_relu" else nn.Identity())
-            continue
-        config = QuantConfig.from_dict(entry["config"])
-        prefix = name + "."
+        # A checkpoint of one quantized layer (the model itself was the layer) needs no skeleton.
+        model = nn.Module() if "" in entries else _skeleton(manifest["model"])
+    for name, entry in entries.items():
+        prefix = name + "." if name else ""
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
         try:
-            if entry["type"] in ("w8a8_linear", "w8a8_conv"):
-                bias = state.pop("bias", None)
-                if entry["type"] == "w8a8_linear":
-                    args = ((entry["in_features"], entry["out_features"], config, state, bias))
-                    cls = W8A8Linear
-                else:
-                    geo = {k: entry[k] for k in ("in_channels", "out_channels", "kernel_size", "stride",
-                                                 "padding", "dilation", "groups")}
-                    args, cls = (geo, config, state, bias), W8A8Conv
-                try:
-                    new = cls(*args, kernel=entry["kernel"], relu=entry["relu"])
-                except ValueError:
-                    warnings.warn(f"layer {name!r}: kernel {entry['kernel']!r} cannot run it here; using the "
-                                  "float reference of the same integer arithmetic (simulated, slower)", stacklevel=2)
-                    new = cls(*args, kernel="reference", relu=entry["relu"])
-            elif entry["type"] == "linear":
-                bias = state.pop("bias", None)
-                args = (entry["in_features"], entry["out_features"], config, state, bias)
-                try:
-                    new = QuantLinear(*args, kernel=entry["kernel"])
-                except ValueError:
-                    # Saved with a kernel this machine lacks: same weights, another kernel's rounding.
-                    warnings.warn(f"layer {name!r}: kernel {entry['kernel']!r} is not available here; "
-                                  "outputs may differ in the last bits from the saved model", stacklevel=2)
-                    new = QuantLinear(*args, kernel="auto")
+            new = layers.rebuild(name, entry, state)
+            if name:
+                layers.set_child(model, name, new)
             else:
-                new = QuantEmbedding(entry["num_embeddings"], entry["embedding_dim"], config, state,
-                                     entry["padding_idx"])
-            _set_child(model, name, new)
-        except (KeyError, RuntimeError, ValueError, AttributeError) as e:
+                model = new
+        except (KeyError, RuntimeError, ValueError, AttributeError, TypeError) as e:
             raise CheckpointError(f"layer {name!r} cannot be rebuilt from {directory}: {e}") from None
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"{directory} does not match the model: {e}") from None
     model.lowbit_float_layers = manifest.get("float_layers", [])
+    model.lowbit_slower_layers = manifest.get("slower_layers", [])
+    model.lowbit_unquantized_layers = manifest.get("unquantized_layers", [])
     if manifest.get("config"):
         model.lowbit_recipe = QuantConfig.from_dict(manifest["config"])
     return model.eval()

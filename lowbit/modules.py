@@ -12,6 +12,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from .backends import AUTO_ORDER, KERNELS, select_kernel
 from .formats import Scheme, scheme_for
@@ -23,6 +24,35 @@ from .recipes import QuantConfig
 BF16_MM_MAX_ROWS = 16
 
 
+class DequantizedWeight(torch.Tensor):
+    """A quantized layer's `weight` as code written for float layers reads it: dtype, shape and device are
+    answered for free; any operation on it runs on the dequantized weight, computed at that moment."""
+
+    @staticmethod
+    def __new__(cls, layer: QuantModule) -> torch.Tensor:
+        buf = next(iter(layer.canonical_state().values()))
+        t = torch.Tensor._make_wrapper_subclass(cls, layer.float_weight_shape(), dtype=layer.float_dtype,
+                                                device=buf.device, requires_grad=False)
+        t._layer = layer
+        return t
+
+    def __init__(self, layer: QuantModule) -> None:
+        pass  # all done in __new__ (a tensor subclass must not call Tensor.__init__ with the layer)
+
+    def materialize(self) -> torch.Tensor:
+        return self._layer.dequantized_weight().reshape(self.shape).to(self.dtype)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        def plain(t):
+            return t.materialize() if isinstance(t, DequantizedWeight) else t
+
+        return func(*tree_map(plain, args), **tree_map(plain, kwargs or {}))
+
+    def __repr__(self) -> str:
+        return f"DequantizedWeight({self.materialize()!r})"
+
+
 class QuantModule(nn.Module):
     """Base of every lowbit quantized layer: canonical state buffers, recipe, weight format, size."""
 
@@ -31,12 +61,27 @@ class QuantModule(nn.Module):
         """The weight format this kind of layer stores a recipe's weights in (lowbit.formats)."""
         return scheme_for(config)
 
+    # The dtype of the float layer it stands for (the model's): `weight` reads as that; set by lowbit.quantize.
+    float_dtype: torch.dtype = torch.float32
+
     def _init_state(self, n: int, k: int, config: QuantConfig, state: dict[str, torch.Tensor]) -> None:
         self.config = config
         self.scheme = self.scheme_for(config)
         self._n, self._k = n, k
         for name, t in state.items():
-            self.register_buffer(name, t)
+            if name == "weight":  # float-cast values; the `weight` attribute is the property below
+                self._buffers[name] = t
+            else:
+                self.register_buffer(name, t)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight as a float layer's (for code that reads `layer.weight`): dtype, shape and device of
+        the float weight; reading its values dequantizes (a copy: writing to it changes nothing)."""
+        return DequantizedWeight(self)
+
+    def float_weight_shape(self) -> tuple[int, ...]:
+        return tuple(getattr(self, "weight_shape", None) or (self._n, self._k))
 
     def canonical_state(self) -> dict[str, torch.Tensor]:
         return {name: b for name, b in self.named_buffers(recurse=False)}
@@ -54,8 +99,12 @@ class QuantModule(nn.Module):
 
     @property
     def bits_per_weight(self) -> float:
-        """Stored bits per weight, with scales, zero points and codebooks (not bias or input scale)."""
-        return self.scheme.bits_per_weight((self._n, self._k), self.canonical_state())
+        """Stored bits per weight: the format's codes, scales, zero points and codebooks, and an input scale
+        if the layer keeps one (not the bias or activation ranges)."""
+        bits = self.scheme.bits_per_weight((self._n, self._k), self.canonical_state())
+        if "input_scale" in self._buffers:
+            bits += 8 * self.input_scale.numel() * self.input_scale.element_size() / (self._n * self._k)
+        return bits
 
 
 class QuantLinear(QuantModule):
@@ -134,7 +183,7 @@ class QuantLinear(QuantModule):
         if self.spec is None:
             if self.kernel_name == "bf16_mm" and x.numel() <= BF16_MM_MAX_ROWS * self.in_features:
                 b = None if self.bias is None else self.bias.to(torch.bfloat16)
-                return F.linear(x.to(torch.bfloat16), self.weight, b).to(x.dtype)
+                return F.linear(x.to(torch.bfloat16), self._buffers["weight"], b).to(x.dtype)
             return F.linear(x, self.dequantized_weight().to(x.dtype),
                             None if self.bias is None else self.bias.to(x.dtype))
         if "input_scale" in self._buffers:
@@ -180,10 +229,10 @@ class QuantEmbedding(QuantModule):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         if cfg.kind == "float":
-            rows = self.weight[idx].float()
+            rows = self._buffers["weight"][idx].float()
             if "scale" in self._buffers:
                 rows = rows * self.scale[idx]
-            return rows
+            return rows.to(self.float_dtype)  # the model's dtype: later layers see what they would
         codes = self._codes[idx].float()  # [..., Kp]
         g = self._g
         shape = codes.shape
@@ -193,7 +242,7 @@ class QuantEmbedding(QuantModule):
             rows = torch.gather(book, -1, codes.long()).reshape(shape)
         else:
             rows = ((codes - self.zero_point[idx].unsqueeze(-1)) * self.scale[idx].unsqueeze(-1)).reshape(shape)
-        return rows[..., : self.embedding_dim]
+        return rows[..., : self.embedding_dim].to(self.float_dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, recipe={self.config.name}, kernel=gather"

@@ -35,8 +35,9 @@ from torch import nn
 
 from .core import affine_qparams_from_range
 from .formats import Scheme
+from .layers import set_child
 from .modules import QuantModule
-from .quantize import CONV_TYPES, _set_child, fold_batchnorm_, quantize, targets
+from .quantize import CONV_TYPES, fold_batchnorm_, quantize, targets
 from .recipes import QuantConfig, parse_recipe
 from .w8a8 import W8A8Linear, fake_quant_rows
 
@@ -194,7 +195,7 @@ def prepare(model: nn.Module, recipe: str | QuantConfig, *, learn_scales: bool =
             raise ValueError(f"layer {name!r}: {type(mod).__name__} has no QAT form; exclude it")
         if isinstance(mod, CONV_TYPES) and config.group_size is not None:
             raise ValueError(f"layer {name!r}: convolutions take one weight scale per channel (no group size)")
-        _set_child(model, name, _swap(mod, cls, config, learn_scales))
+        set_child(model, name, _swap(mod, cls, config, learn_scales))
     model.lowbit_qat_config = config
     model.lowbit_qat_exclude = tuple(exclude)
     return model
@@ -224,7 +225,7 @@ def convert(model: nn.Module, *, calibration: Iterable | None = None, backend: s
             raise ValueError(f"layer {name!r}: weight contains NaN or inf after training; refusing to convert")
         if params := mod.fixed():
             fixed[name] = params
-        _set_child(model, name, _float_twin(mod))
+        set_child(model, name, _float_twin(mod))
     exclude = getattr(model, "lowbit_qat_exclude", ())
     del model.lowbit_qat_config
     with torch.no_grad():

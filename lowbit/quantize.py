@@ -1,17 +1,26 @@
-"""The one verb: lowbit.quantize(model, recipe)."""
+"""The one verb: lowbit.quantize(model, recipe); and the plan and build steps it shares with lowbit.stream.
+
+A quantization is planned first (`plan`: which layers, the config of each, which ReLUs fuse, how kernels
+are chosen), before any weight changes; then a `Builder` turns the planned float layers into quantized
+ones and chooses each one's kernel, measured on this machine. lowbit.quantize runs the plan on a model in
+memory; lowbit.stream runs the same plan and build one block at a time.
+"""
 
 from __future__ import annotations
 
 import copy
 import fnmatch
+import math
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from . import autotune, fit
+from . import autotune, fit, layers
 from .core.observers import make_observer
+from .layers import set_child
 from .modules import QuantEmbedding, QuantLinear, QuantModule
 from .progress import progress_bar
 from .recipes import QuantConfig, parse_recipe
@@ -31,26 +40,52 @@ def _excluded(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or name == p or name.startswith(p + ".") for p in patterns)
 
 
-def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
+_set_child = set_child  # the former name, for modules not yet moved to lowbit.layers.set_child
+
+
+def _mha_out_projs(model: nn.Module) -> set[str]:
+    # nn.MultiheadAttention reads its out_proj weight directly instead of calling it: leave it alone.
+    return {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
+            if isinstance(m, nn.MultiheadAttention)}
 
 
 def targets(model: nn.Module, config: QuantConfig, exclude: Iterable[str] = ()) -> list[tuple[str, nn.Module]]:
-    """The (name, module) pairs a recipe would replace, in module order."""
+    """The (name, module) pairs a recipe would replace, in module order: the layers of the kinds in
+    lowbit.layers that the recipe takes. ("", model) when the model itself is such a layer."""
     exclude = tuple(exclude)
-    # nn.MultiheadAttention reads its out_proj weight directly instead of calling it: leave it alone.
-    skip = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
-            if isinstance(m, nn.MultiheadAttention)}
+    skip = _mha_out_projs(model)
     found = []
     for name, mod in model.named_modules():
-        if not name or name in skip or _excluded(name, exclude):
+        if name in skip or (name and _excluded(name, exclude)):
             continue
-        if (isinstance(mod, nn.Linear) or (config.embeddings and isinstance(mod, nn.Embedding))
-                or (config.act == "static" and isinstance(mod, CONV_TYPES))):
+        kind = layers.float_kind(mod)
+        if kind is not None and kind.quantized_by(config):
             found.append((name, mod))
     return found
+
+
+def left_in_float(model: nn.Module, config: QuantConfig, chosen: Iterable[str],
+                  exclude: Iterable[str] = ()) -> list[dict]:
+    """The layers holding a weight matrix that the recipe leaves in float, other than those `exclude` names
+    (which the caller asked for): each {"layer", "type", "weights", "reason"}."""
+    exclude, chosen = tuple(exclude), set(chosen)
+    skip = _mha_out_projs(model)
+    notes = []
+    for name, mod in model.named_modules():
+        if name in chosen or (name and _excluded(name, exclude)):
+            continue
+        weights = sum(p.numel() for n, p in mod.named_parameters(recurse=False) if n.endswith("weight") and p.dim() >= 2)
+        if not weights:
+            continue
+        kind = layers.float_kind(mod)
+        if name in skip:
+            reason = "nn.MultiheadAttention reads this weight directly instead of calling the layer"
+        elif kind is not None:
+            reason = kind.why_not
+        else:
+            reason = f"{type(mod).__name__} is not a layer kind lowbit quantizes (lowbit.layers lists them)"
+        notes.append({"layer": name, "type": type(mod).__name__, "weights": weights, "reason": reason})
+    return notes
 
 
 class _LayerStats:
@@ -194,15 +229,18 @@ def _timing_key(mod: nn.Module, new: nn.Module, config: QuantConfig, shape: tupl
         geo = f"linear n={mod.out_features} k={mod.in_features} bias={mod.bias is not None}"
     else:
         geo = f"conv {sorted(W8A8Conv.conv_args(mod).items())}"
-    return f"{config.name}|{geo}|relu={getattr(new, 'relu', False)}|input={list(shape)}"
+    dtype = mod.weight.dtype
+    at = "" if dtype == torch.float32 else f"|dtype={str(dtype).replace('torch.', '')}"
+    return f"{config.name}|{geo}|relu={getattr(new, 'relu', False)}|input={list(shape)}{at}"
 
 
 def _tune(tuner: autotune.Tuner, mod: nn.Module, new: nn.Module, config: QuantConfig,
           shape: tuple[int, ...]) -> dict[str, float]:
-    """Seconds per call of each kernel the quantized layer can use, and of the float layer, at `shape`."""
+    """Seconds per call of each kernel the quantized layer can use, and of the float layer, at `shape`, on
+    inputs of the float layer's dtype (a bf16 model's layers see bf16 inputs)."""
 
     def measure() -> dict[str, float]:
-        x = torch.randn(shape)
+        x = torch.randn(shape, dtype=mod.weight.dtype)
         if x.dim() == 4:  # the int8 convolutions produce channels_last; later layers see that layout
             x = x.contiguous(memory_format=torch.channels_last)
         fns = {}
@@ -217,25 +255,298 @@ def _tune(tuner: autotune.Tuner, mod: nn.Module, new: nn.Module, config: QuantCo
     return tuner.timings(_timing_key(mod, new, config, shape), measure)
 
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# The plan and the build step (shared with lowbit.stream)
+
+
+@dataclass
+class Plan:
+    """What quantizing a model will do, decided before any weight changes (names only: no modules held)."""
+
+    config: QuantConfig  # the recipe
+    layers: list[str]  # qualified names of the layers to quantize, in module order ("" is the model itself)
+    configs: dict[str, QuantConfig]  # each layer's config: the recipe's, unless a caller narrows it
+    backend: str = "auto"  # "auto": time every kernel that can run a layer; else that kernel
+    keep_float_if_slower: bool = False  # with "auto": leave a layer float when no kernel beats float
+    fuse: set[str] = field(default_factory=set)  # layers that compute the ReLU after them
+    drop_relus: dict[str, set[str]] = field(default_factory=dict)  # ReLU -> layers that fuse it
+    # per layer, quantization parameters chosen beforehand (lowbit.qat's learned ones; see quantize's `fixed`)
+    fixed: dict[str, dict] = field(default_factory=dict)
+    left_float: list[dict] = field(default_factory=list)  # other layers with weights, left float, and why
+    weights: int = 0  # weights in the model's layers, quantized or not (a share of which left_float holds)
+
+
+def plan(model: nn.Module, recipe: str | QuantConfig, exclude: Iterable[str] = (), backend: str = "auto",
+         keep_float_if_slower: bool | None = None, fixed: dict[str, dict] | None = None) -> Plan:
+    """Which layers of `model` a recipe quantizes, with which config, which ReLUs fuse into them, and how
+    their kernels are chosen. Raises ValueError when there is nothing to quantize or a layer cannot be."""
+    config = parse_recipe(recipe)
+    todo = targets(model, config, exclude)
+    if not todo:
+        raise ValueError("found no layer to quantize (nn.Linear, nn.Embedding, transformers' Conv1D, or "
+                         "convolutions for static recipes); check `exclude`")
+    for name, mod in todo:
+        if isinstance(mod, CONV_TYPES):
+            try:
+                W8A8Conv.conv_args(mod)
+            except ValueError as e:
+                raise ValueError(f"layer {name!r}: {e}; exclude it to keep it in float") from None
+    names = [n for n, _ in todo]
+    unknown = sorted(set(fixed or {}) - set(names))
+    if unknown:
+        names_ = ", ".join(unknown[:10])
+        raise ValueError(f"fixed parameters for layers the recipe does not quantize: {names_}")
+    fuse, drop_relus = _relu_fusions(model, set(names)) if config.act else (set(), {})
+    if keep_float_if_slower is None:
+        # Activation quantization is for speed; weight-only formats are for size, kept even when slower.
+        keep_float_if_slower = config.act is not None
+    return Plan(config=config, layers=names, configs=dict.fromkeys(names, config), backend=backend,
+                keep_float_if_slower=keep_float_if_slower, fuse=fuse, drop_relus=drop_relus,
+                fixed={n: f for n, f in (fixed or {}).items() if f},
+                left_float=left_in_float(model, config, names, exclude),
+                weights=sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight") and p.dim() >= 2))
+
+
+def _speedups(notes: list[dict]) -> str:
+    lo, hi = (f"{f(n['speedup'] for n in notes):.2f}x" for f in (min, max))
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+class Builder:
+    """Turns a plan's float layers into quantized ones in `model` and chooses each one's kernel.
+
+    `model` is the model being quantized; when the model itself is the planned layer it is replaced, so
+    read `builder.model` at the end. Layers are built with `build` (fitting methods pass their encoding
+    options) and put in place, timed and kept or given back to float by `install`."""
+
+    def __init__(self, model: nn.Module, plan: Plan) -> None:
+        self.model, self.plan = model, plan
+        self.tuner = autotune.Tuner() if plan.backend == "auto" else None
+        # W8A8 layers are built on the reference kernel and packed for the kernel the timing chooses.
+        self.first = "reference" if (self.tuner and plan.config.act) else plan.backend
+        self.stats: dict[str, _LayerStats] = {}  # from calibration: activation observers and input shapes
+        self.shapes: dict[str, tuple[int, ...]] = {}  # the largest input each layer was seen with
+        self.originals: dict[str, nn.Module] = {}  # float layers that were put in torch's layout
+        self.built: dict[str, nn.Module] = {}  # built and put in place, kernel not chosen yet
+        self.kept: list[dict] = []  # kept in float: faster than every kernel
+        self.slower: list[dict] = []  # quantized, slower than float
+        self.installed: set[str] = set()
+        self.relus_done: set[str] = set()
+
+    def put(self, name: str, mod: nn.Module) -> None:
+        if name:
+            set_child(self.model, name, mod)
+        else:
+            self.model = mod
+
+    def to_torch_layout(self, names: Iterable[str]) -> dict[str, nn.Module]:
+        """The float layers by name, each as the torch module the builders take: a layer whose kind stores
+        its weight otherwise (transformers' Conv1D) is swapped for one sharing its parameters."""
+        floats = {}
+        for name in names:
+            mod = self.model.get_submodule(name)
+            view = layers.as_torch(mod)
+            if view is not mod:
+                self.originals[name] = mod
+                self.put(name, view)
+            floats[name] = view
+        return floats
+
+    def restore(self) -> None:
+        """Put the original modules back where their torch-layout stand-ins still are (after a failure)."""
+        for name, mod in self.originals.items():
+            if name not in self.installed and name not in self.built:
+                self.put(name, mod)
+
+    def forget(self, names: Iterable[str]) -> None:
+        """Drop what is held of these layers (lowbit.stream: their block is written)."""
+        for name in names:
+            self.originals.pop(name, None)
+            self.stats.pop(name, None)
+
+    def build(self, name: str, mod: nn.Module, **encode) -> nn.Module:
+        """The quantized layer for float layer `mod` (in torch's layout) by the plan's config for `name`;
+        `encode` passes a fitting method's options (hessian, weight, input_scale) to the encoder."""
+        config = self.plan.configs.get(name, self.plan.config)
+        try:
+            new = _build(mod, config, self.stats.get(name), name in self.plan.fuse, self.first,
+                         self.plan.fixed.get(name), **encode)
+        except ValueError as e:
+            raise ValueError(f"layer {name!r}: {e}") from None
+        new.float_dtype = mod.weight.dtype  # `weight` reads, and outputs follow, the model's dtype
+        return new
+
+    def replace(self, name: str, new: nn.Module) -> None:
+        """Put a built layer in place at once (sequential fitting: later layers see its outputs)."""
+        self.built[name] = new
+        self.put(name, new)
+
+    def _shape(self, name: str, mod: nn.Module, config: QuantConfig) -> tuple[int, ...] | None:
+        if name in self.shapes:
+            return self.shapes[name]
+        if isinstance(mod, nn.Linear):
+            return (DEFAULT_ROWS[config.act], mod.in_features)
+        if name in self.plan.fixed:  # no data to time a conv at: its default kernel
+            return None
+        raise ValueError(f"layer {name!r} was not seen during calibration")
+
+    def install(self, name: str, mod: nn.Module) -> nn.Module:
+        """Build float layer `mod` (unless fitting built it already), choose its kernel or keep `mod` in
+        float when the plan says so, and put the result in the model. Returns what was put."""
+        new = self.built.pop(name, None)
+        if new is None:
+            new = self.build(name, mod)
+        self.installed.add(name)
+        config = self.plan.configs.get(name, self.plan.config)
+        if self.tuner is None or isinstance(new, QuantEmbedding):
+            self.put(name, new)
+            return new
+        shape = self._shape(name, mod, config)
+        if shape is None:
+            new.set_kernel("auto")
+            self.put(name, new)
+            return new
+        timings = _tune(self.tuner, mod, new, config, shape)
+        choice, _ = autotune.best(timings, self.plan.keep_float_if_slower)
+        quant_best = min((k for k in timings if k != autotune.FLOAT), key=timings.get)
+        ratio = timings[autotune.FLOAT] / timings[quant_best]
+        note = {"layer": name, "kernel": quant_best, "speedup": round(ratio, 3), "input": list(shape),
+                "reason": f"fastest kernel {quant_best} runs at {ratio:.2f}x of float for input {list(shape)}"}
+        if choice == autotune.FLOAT:
+            self.kept.append(note)
+            float_layer = self.originals.get(name, mod)
+            self.put(name, float_layer)
+            return float_layer
+        if ratio < 1.0:
+            self.slower.append(note)
+        if new.kernel_name != choice:
+            new.set_kernel(choice)
+        self.put(name, new)
+        return new
+
+    def fuse_relus(self, under: str = "") -> None:
+        """Turn into FusedReLU each planned ReLU (under the qualified prefix `under`) whose layers are all
+        quantized now: those layers compute it."""
+        kept = {n["layer"] for n in self.kept}
+        for relu, sources in self.plan.drop_relus.items():
+            if relu in self.relus_done or not relu.startswith(under) or not sources <= self.installed:
+                continue
+            self.relus_done.add(relu)
+            if not sources & kept:
+                self.put(relu, FusedReLU())
+
+    def finish(self, stacklevel: int = 3) -> nn.Module:
+        """Fuse the remaining ReLUs, save the timings, record and report what stayed float or runs slower
+        (warnings attributed `stacklevel` frames up: the caller of lowbit.quantize). Returns the model."""
+        self.fuse_relus()
+        if self.tuner is not None:
+            self.tuner.save()
+        model = self.model
+        model.lowbit_recipe = self.plan.config  # read back by save() and summary()
+        model.lowbit_float_layers = self.kept
+        model.lowbit_slower_layers = self.slower
+        model.lowbit_unquantized_layers = self.plan.left_float
+        where = "each layer and its reason: lowbit.summary(model) or model.{}"
+        if self.kept:
+            warnings.warn(f"{len(self.kept)} layer(s) kept in float because no kernel beats float here (the fastest "
+                          f"kernel runs at {_speedups(self.kept)} of float); "
+                          + where.format("lowbit_float_layers"), stacklevel=stacklevel)
+        if self.slower:
+            warnings.warn(f"{len(self.slower)} quantized layer(s) run slower than float here ({_speedups(self.slower)} "
+                          "of float; kept for size: keep_float_if_slower=True keeps them in float); "
+                          + where.format("lowbit_slower_layers"), stacklevel=stacklevel)
+        if self.plan.left_float:
+            left = self.plan.left_float
+            weights = sum(n["weights"] for n in left)
+            total = self.plan.weights
+            names = ", ".join(f"{n['layer'] or '(model)'} ({n['type']})" for n in left[:4])
+            more = f" and {len(left) - 4} more" if len(left) > 4 else ""
+            warnings.warn(f"{len(left)} layer(s) with {weights / max(total, 1):.0%} of the layers' weights stay in "
+                          f"float: {names}{more}; " + where.format("lowbit_unquantized_layers"), stacklevel=stacklevel)
+        return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# lowbit.quantize: the stages
+
+
+def _calibration_data(the_plan: Plan, calibration: Iterable | None) -> Iterable | None:
+    config = the_plan.config
+    all_fixed = len(the_plan.fixed) == len(the_plan.layers)
+    if config.needs_calibration and calibration is None and not (all_fixed and config.method == "rtn"):
+        what = ("fits weights to the layers' inputs" if config.method in ("gptq", "awq")
+                else "fixes activation ranges from data" if config.act == "static"
+                else "measures activation outliers on data")
+        raise ValueError(f"recipe {config.name} {what}: pass calibration= (an iterable of model inputs)")
+    if calibration is not None and not isinstance(calibration, (list, tuple, torch.Tensor, dict)):
+        calibration = list(calibration)  # it is read more than once (calibration, gptq's passes)
+    return calibration
+
+
+def _linears(b: Builder) -> list[str]:
+    return [n for n in b.plan.layers if isinstance(b.model.get_submodule(n), nn.Linear)]
+
+
+def _calibrate(b: Builder, floats: dict[str, nn.Module], calibration: Iterable, progress: bool) -> None:
+    """Record each layer's input shape (and, for static recipes, its activation range); SmoothQuant's
+    rewrite comes first when the recipe asks for it: ranges are observed on the smoothed model."""
+    config = b.plan.config
+    seen = [(n, m) for n, m in floats.items() if not isinstance(m, nn.Embedding)]
+    observer = config.observer if config.act == "static" and config.smooth is None else None
+    b.stats = calibrate(b.model, seen, calibration, observer, progress)
+    if config.smooth is not None:  # an exact float rewrite, before the activation ranges are observed
+        for stage, names in stages(b.model, _linears(b), calibration, progress=progress, desc="smooth"):
+            fit.smooth_stage(stage, {n: b.model.get_submodule(n) for n in names}, config.smooth)
+        if config.act == "static":
+            b.stats = calibrate(b.model, seen, calibration, config.observer, progress)
+    b.shapes = {n: st.shape for n, st in b.stats.items() if st.shape is not None}
+
+
+def fit_stage(b: Builder, stage, names: list[str]) -> None:
+    """Fit and build the layers `names` of one stage by the plan's method (GPTQ or AWQ); each is put in
+    place at once, so the stage's later layers see the quantized ones' outputs."""
+    mods = {n: b.model.get_submodule(n) for n in names}
+    config = b.plan.config
+    if config.method == "gptq":
+        fit.gptq_stage(stage, mods, b.build, b.replace)
+    elif config.method == "awq":
+        fit.awq_stage(stage, mods, config, b.build, b.replace)
+    else:
+        raise ValueError(f"{config.method} does not fit weights to data")
+
+
+def _fit(b: Builder, calibration: Iterable, progress: bool) -> None:
+    """GPTQ / AWQ, block by block: each layer is fitted to the inputs the quantized layers before give it."""
+    for stage, names in stages(b.model, _linears(b), calibration, progress=progress, desc=b.plan.config.method):
+        fit_stage(b, stage, names)
+
+
 def quantize(model: nn.Module, recipe: str | QuantConfig, *, calibration: Iterable | None = None,
              exclude: Iterable[str] = (), backend: str = "auto", keep_float_if_slower: bool | None = None,
              progress: bool = False, fixed: dict[str, dict] | None = None) -> nn.Module:
     """Quantize `model` in place by `recipe` and return it.
 
-    Replaced: every nn.Linear, every nn.Embedding (unless the config says `embeddings=False`) and, for
-    static activation recipes, every nn.Conv1d/nn.Conv2d, whose qualified name matches no pattern in
-    `exclude`. A ReLU that is a layer's only consumer is fused into it (found by FX tracing).
+    Replaced: every layer of a kind in lowbit.layers that the recipe takes and whose qualified name
+    matches no pattern in `exclude`: nn.Linear, transformers' Conv1D (GPT-2's), nn.Embedding (unless the
+    config says `embeddings=False`) and, for static activation recipes, nn.Conv1d/nn.Conv2d. A ReLU that
+    is a layer's only consumer is fused into it (found by FX tracing). When `model` is itself such a
+    layer (`quantize(nn.Linear(...), ...)`), the quantized layer is returned in its place: use the
+    return value. Other layers holding weights that stay float are listed in a warning and in
+    `model.lowbit_unquantized_layers`.
 
     calibration: an iterable of model inputs (a tensor is called as model(x), a tuple as model(*x), a dict
     as model(**x)); required by static recipes (activation ranges) and used by all to learn the input
     shapes the layers see, which `backend="auto"` times the kernels at.
 
-    backend: "auto" times every kernel that can run each distinct layer shape on this machine (cached
-    on disk, see lowbit.autotune) and takes the fastest; a kernel name forces that kernel.
+    backend: "auto" times every kernel that can run each distinct layer shape on this machine, on inputs
+    of the model's dtype (cached on disk, see lowbit.autotune) and takes the fastest; a kernel name
+    forces that kernel. Quantized layers return outputs of their input's dtype.
     keep_float_if_slower: with "auto", leave a layer in float when no kernel beats the float layer.
     Default: yes for recipes that quantize activations (their point is speed), no for weight-only
-    recipes (their point is size); either way the slower layers are listed in a warning and in
-    `model.lowbit_float_layers` / `model.lowbit_slower_layers`.
+    recipes (their point is size); either way one warning says how many layers and how much slower, and
+    `lowbit.summary(model)`, `model.lowbit_float_layers` and `model.lowbit_slower_layers` list them.
     fixed: per layer (qualified name), quantization parameters to use instead of choosing them, as
     lowbit.qat.convert hands over what training learned: "scale" (and "zero_point") of the weight, one
     value per block in its format's convention (lowbit.formats, Scheme.encode), and "act", a static
@@ -244,143 +555,82 @@ def quantize(model: nn.Module, recipe: str | QuantConfig, *, calibration: Iterab
     config = parse_recipe(recipe)
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    if config.act == "static":
-        fold_batchnorm_(model)  # an eval-mode BN after a conv is part of its weights and bias
-    todo = targets(model, config, exclude)
-    if not todo:
-        raise ValueError("found no layer to quantize (nn.Linear, nn.Embedding, or convolutions for static "
-                         "recipes); check `exclude`")
-    if keep_float_if_slower is None:
-        keep_float_if_slower = config.act is not None
-    for name, mod in todo:
-        if isinstance(mod, CONV_TYPES):
-            try:
-                W8A8Conv.conv_args(mod)
-            except ValueError as e:
-                raise ValueError(f"layer {name!r}: {e}; exclude it to keep it in float") from None
-    stats: dict[str, _LayerStats] = {}
-    fixed = dict(fixed or {})
-    unknown = sorted(set(fixed) - {n for n, _ in todo})
-    if unknown:
-        names = ", ".join(unknown[:10])
-        raise ValueError(f"fixed parameters for layers the recipe does not quantize: {names}")
-    fixed_layers = {n for n in fixed if fixed[n]}  # see _build
-    all_fixed = len(fixed_layers) == len(todo)
-    if config.needs_calibration and calibration is None and not (all_fixed and config.method == "rtn"):
-        what = ("fits weights to the layers' inputs" if config.method in ("gptq", "awq")
-                else "fixes activation ranges from data" if config.act == "static"
-                else "measures activation outliers on data")
-        raise ValueError(f"recipe {config.name} {what}: pass calibration= (an iterable of model inputs)")
-    if calibration is not None and not isinstance(calibration, (list, tuple, torch.Tensor, dict)):
-        calibration = list(calibration)  # it is read more than once (calibration, gptq's passes)
-    linears = [n for n, m in todo if isinstance(m, nn.Linear)]
-    if calibration is not None:
-        layers = [(n, m) for n, m in todo if not isinstance(m, nn.Embedding)]
-        observer = config.observer if config.act == "static" and config.smooth is None else None
-        stats = calibrate(model, layers, calibration, observer, progress)
-        if config.smooth is not None:  # an exact float rewrite, before the activation ranges are observed
-            for stage, names in stages(model, linears, calibration, progress=progress, desc="smooth"):
-                fit.smooth_stage(stage, {n: model.get_submodule(n) for n in names}, config.smooth)
-            if config.act == "static":
-                stats = calibrate(model, layers, calibration, config.observer, progress)
-    fuse, drop_relus = _relu_fusions(model, {n for n, _ in todo}) if config.act else (set(), {})
-    tuner = autotune.Tuner() if backend == "auto" else None
-    first = "reference" if (tuner and config.act) else backend
-    built: dict[str, nn.Module] = {}
-    if config.method in ("gptq", "awq"):
-        # Sequential, block by block: each layer is fitted to the inputs the quantized layers before give it.
-        def build(name: str, mod: nn.Module, **encode) -> nn.Module:
-            try:
-                return _build(mod, config, None, False, first, **encode)
-            except ValueError as e:
-                raise ValueError(f"layer {name!r}: {e}") from None
-
-        def replace(name: str, new: nn.Module) -> None:
-            built[name] = new
-            _set_child(model, name, new)
-
-        for stage, names in stages(model, linears, calibration, progress=progress, desc=config.method):
-            layers = {n: model.get_submodule(n) for n in names}
-            if config.method == "gptq":
-                fit.gptq_stage(stage, layers, build, replace)
-            else:
-                fit.awq_stage(stage, layers, config, build, replace)
-    kept, slower = [], []
-    for name, mod in progress_bar(todo, desc=f"quantize {config.name}", disable=not progress, unit="layer"):
-        try:
-            new = built[name] if name in built else _build(mod, config, stats.get(name), name in fuse, first,
-                                                           fixed.get(name))
-        except ValueError as e:
-            raise ValueError(f"layer {name!r}: {e}") from None
-        if tuner is not None and not isinstance(new, QuantEmbedding):
-            st = stats.get(name)
-            if st is not None and st.shape is not None:
-                shape = st.shape
-            elif isinstance(mod, nn.Linear):
-                shape = (DEFAULT_ROWS[config.act], mod.in_features)
-            elif name in fixed_layers:  # no data to time a conv at: its default kernel
-                new.set_kernel("auto")
-                _set_child(model, name, new)
-                continue
-            else:
-                raise ValueError(f"layer {name!r} was not seen during calibration")
-            timings = _tune(tuner, mod, new, config, shape)
-            choice, _ = autotune.best(timings, keep_float_if_slower)
-            quant_best = min((k for k in timings if k != autotune.FLOAT), key=timings.get)
-            ratio = timings[autotune.FLOAT] / timings[quant_best]
-            note = {"layer": name, "kernel": quant_best, "speedup": round(ratio, 3), "input": list(shape),
-                    "reason": f"fastest kernel {quant_best} runs at {ratio:.2f}x of float for input {list(shape)}"}
-            if choice == autotune.FLOAT:
-                kept.append(note)
-                if name in built:
-                    _set_child(model, name, mod)
-                continue
-            if ratio < 1.0:
-                slower.append(note)
-            if new.kernel_name != choice:
-                new.set_kernel(choice)
-        _set_child(model, name, new)
-    kept_names = {n["layer"] for n in kept}
-    for relu_name, sources in drop_relus.items():
-        if not sources & kept_names:
-            _set_child(model, relu_name, FusedReLU())
-    if tuner is not None:
-        tuner.save()
-    model.lowbit_recipe = config  # read back by save() and summary()
-    model.lowbit_float_layers = kept
-    model.lowbit_slower_layers = slower
-    if kept:
-        warnings.warn(f"{len(kept)} layer(s) kept in float because quantizing them would make them slower here: "
-                      + "; ".join(f"{n['layer']} ({n['reason']})" for n in kept), stacklevel=2)
-    if slower:
-        warnings.warn(f"{len(slower)} quantized layer(s) run slower than float here (kept for size; pass "
-                      "keep_float_if_slower=True to keep them in float): "
-                      + "; ".join(f"{n['layer']} ({n['reason']})" for n in slower), stacklevel=2)
-    return model
+    if config.act == "static":  # fold BatchNorms: an eval-mode BN after a conv is part of its weights and bias
+        fold_batchnorm_(model)
+    the_plan = plan(model, config, exclude, backend, keep_float_if_slower, fixed)  # layers, configs, fusions
+    calibration = _calibration_data(the_plan, calibration)  # validate: what the recipe needs
+    b = Builder(model, the_plan)
+    floats = b.to_torch_layout(the_plan.layers)
+    try:
+        if calibration is not None:
+            _calibrate(b, floats, calibration, progress)  # input shapes, activation ranges; SmoothQuant
+        if config.method in ("gptq", "awq"):
+            _fit(b, calibration, progress)  # block by block
+        for name in progress_bar(the_plan.layers, desc=f"quantize {config.name}", disable=not progress,
+                                 unit="layer"):
+            b.install(name, floats[name])  # build, choose the kernel (or keep float)
+    except BaseException:
+        b.restore()
+        raise
+    return b.finish()  # fuse ReLUs, report what stayed float or runs slower
 
 
-def summary(model: nn.Module) -> list[dict]:
-    """One row per quantized layer: name, recipe, kernel, activation dtype and whether it is simulated;
-    then the layers `backend="auto"` kept in float, with kernel "float" and the reason."""
-    rows = []
+# ---------------------------------------------------------------------------------------------------
+# What a quantized model holds
+
+
+class Summary(list):
+    """lowbit.summary's rows (a list of dicts), with the average bits per weight over them."""
+
+    @property
+    def weights(self) -> int:
+        return sum(r.get("weights", 0) for r in self)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Storage bits per weight over every listed layer (quantized or float), weighted by size."""
+        total = self.weights
+        return sum(r["bits_per_weight"] * r["weights"] for r in self if r.get("weights")) / total if total else math.nan
+
+
+def _float_row(model: nn.Module, note: dict, type_: str) -> dict:
+    try:
+        mod = model.get_submodule(note["layer"])
+    except AttributeError:
+        mod = None
+    params = [p for n, p in (mod.named_parameters(recurse=False) if mod is not None else ())
+              if n.endswith("weight") and p.dim() >= 2]
+    dtype = params[0].dtype if params else torch.float32
+    return {"layer": note["layer"], "type": type_, "shape": tuple(params[0].shape) if params else (), "recipe": "-",
+            "kernel": "float", "act_dtype": str(dtype).replace("torch.", ""), "simulated": False,
+            "bits_per_weight": float(torch.finfo(dtype).bits) if dtype.is_floating_point else 32.0,
+            "weights": sum(p.numel() for p in params), "reason": note["reason"]}
+
+
+def summary(model: nn.Module) -> Summary:
+    """One row per quantized layer: name, type, shape, recipe, kernel, activation dtype, whether it is
+    simulated, bits per weight (codes with their scales, zero points and codebooks) and weights; a layer
+    that runs slower than float says so in "reason". Then the layers `backend="auto"` kept in float
+    (kernel "float") and the layers with weights the recipe left float (type "left float"), each with its
+    reason. `.bits_per_weight` of the result is the average over all of them."""
+    slower = {n["layer"]: n for n in getattr(model, "lowbit_slower_layers", [])}
+    rows = Summary()
     for name, mod in model.named_modules():
-        if isinstance(mod, (QuantLinear, W8A8Linear)):
-            rows.append({"layer": name, "type": "linear", "shape": (mod.out_features, mod.in_features),
-                         "recipe": mod.config.name, "kernel": mod.kernel_name,
-                         "act_dtype": str(mod.act_dtype).replace("torch.", ""), "simulated": mod.simulated})
-        elif isinstance(mod, W8A8Conv):
-            rows.append({"layer": name, "type": f"conv{len(mod.kernel_size)}d",
-                         "shape": (mod.out_channels, mod.in_channels // mod.groups, *mod.kernel_size),
-                         "recipe": mod.config.name, "kernel": mod.kernel_name, "act_dtype": "uint8",
-                         "simulated": mod.simulated})
-        elif isinstance(mod, QuantEmbedding):
-            rows.append({"layer": name, "type": "embedding", "shape": (mod.num_embeddings, mod.embedding_dim),
-                         "recipe": mod.config.name, "kernel": "gather", "act_dtype": "-",
-                         "simulated": False})
+        fields = layers.summary_row(mod)
+        if fields is None or not isinstance(mod, QuantModule):
+            continue
+        row = {"layer": name, "type": fields["type"], "shape": fields["shape"], "recipe": mod.config.name,
+               "kernel": fields["kernel"], "act_dtype": fields["act_dtype"], "simulated": fields["simulated"],
+               "bits_per_weight": layers.bits_per_weight(mod), "weights": layers.weight_count(mod)}
+        if name in slower:
+            row["reason"] = slower[name]["reason"]
+        rows.append(row)
     for note in getattr(model, "lowbit_float_layers", []):
-        rows.append({"layer": note["layer"], "type": "kept float", "shape": (), "recipe": "-", "kernel": "float",
-                     "act_dtype": "float32", "simulated": False, "reason": note["reason"]})
+        rows.append(_float_row(model, note, "kept float"))
+    for note in getattr(model, "lowbit_unquantized_layers", []):
+        rows.append(_float_row(model, note, "left float"))
     return rows
 
 
-__all__ = ["QuantModule", "calibrate", "call_model", "quantize", "summary", "targets"]
+__all__ = ["Builder", "Plan", "QuantModule", "Summary", "calibrate", "call_model", "fit_stage", "plan", "quantize",
+           "summary", "targets"]

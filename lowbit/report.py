@@ -144,7 +144,7 @@ def bits_per_weight(model: nn.Module) -> dict[str, float]:
     counts as its float weight and bias), so an fp32 model is 32. Also: quantized_weights, values (counts).
     """
     state = model.state_dict()
-    layers = {row["layer"]: math.prod(row["shape"]) for row in summary(model) if row["type"] != "kept float"}
+    layers = {row["layer"]: math.prod(row["shape"]) for row in summary(model) if row["kernel"] != "float"}
     quant_bytes = quant_weights = 0
     values = 0
     seen: set[str] = set()

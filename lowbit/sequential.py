@@ -168,10 +168,11 @@ class Stage:
                 h.remove()
         return outs
 
-    def next_calls(self) -> list[Call]:
-        """The calls of the next block: this block's outputs in place of its hidden-state input."""
+    def next_calls(self, hooks: Iterable[tuple[nn.Module, Callable]] = ()) -> list[Call]:
+        """The calls of the next block: this block's outputs in place of its hidden-state input. `hooks`
+        (module, fn(module, args)) see the inputs on the way, as in `run`."""
         nxt = []
-        for (args, kwargs), out in zip(self.calls, self.run()):
+        for (args, kwargs), out in zip(self.calls, self.run(hooks)):
             h = main_output(out)
             if args:
                 nxt.append(((h, *args[1:]), kwargs))

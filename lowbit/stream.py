@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint, fit, hf
-from .modules import QuantEmbedding, QuantLinear
+from . import checkpoint, hf
 from .progress import progress_bar
-from .quantize import targets
+from .quantize import Builder, fit_stage, plan
 from .recipes import parse_recipe
 from .safetensors_io import ShardWriter, Source
 from .sequential import Stage, capture_inputs, find_blocks
@@ -61,14 +60,25 @@ def _materialize(root: nn.Module, source: Source, prefix: str, skip: str | None 
         owner._parameters[attr] = loaded[id(param)]
 
 
+def _largest_input(shapes: dict[str, tuple[int, ...]], name: str):
+    def hook(mod: nn.Module, args: tuple) -> None:
+        x = args[0]
+        if name not in shapes or x.numel() > torch.Size(shapes[name]).numel():
+            shapes[name] = tuple(x.shape)
+    return hook
+
+
 def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, recipe: str, *,
                     calibration: Iterable | None = None, exclude: Iterable[str] = (), tokenizer=None,
-                    shard_bytes: int = 1 << 26, progress: bool = True) -> Path:
+                    backend: str = "auto", keep_float_if_slower: bool | None = None, shard_bytes: int = 1 << 26,
+                    progress: bool = True) -> Path:
     """Quantize the Hugging Face model in folder `src` by `recipe`, block by block, into checkpoint `out`.
 
     Weight-only recipes (any method) and w8a8-dynamic. GPTQ and AWQ fit the layers inside the blocks to
     `calibration`; layers outside the blocks (the LM head) are rounded to nearest, since fitting them would
-    need the whole model at once. Kernels are the default ones for each layer (no timing)."""
+    need the whole model at once. Otherwise this is lowbit.quantize's plan and build step: the same layers,
+    encodings, ReLU fusions and kernel choice (`backend`, `keep_float_if_slower`), timed at the input
+    shapes the calibration data gives the layers, or without it at lowbit.quantize's default rows."""
     config = parse_recipe(recipe)
     if config.act == "static" or config.smooth is not None:
         raise ValueError(f"recipe {config.name} calibrates the whole model at once; block-at-a-time "
@@ -87,69 +97,61 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, recipe: str,
     prefix, blocks = found
     inside = f"{prefix}."
     _materialize(model, source, "", skip=inside)
-    exclude = tuple(exclude)
-    # Names only: holding the modules would keep every float block alive after it is written.
-    todo = [name for name, _ in targets(model, config, exclude)]
-    block_todo = [[n for n in todo if n.startswith(f"{prefix}.{i}.")] for i in range(len(blocks))]
+    the_plan = plan(model, config, exclude, backend, keep_float_if_slower)  # names only: no float block held
     fitted = config.method in ("gptq", "awq")
-    calls = capture_inputs(model, blocks[0], list(calibration)) if fitted else None
-
-    def build(name: str, mod: nn.Module, **encode) -> nn.Module:
-        try:
-            cfg = config if name.startswith(inside) or not fitted else dataclasses.replace(config, method="rtn")
-            if isinstance(mod, nn.Embedding):
-                return QuantEmbedding.from_float(mod, cfg)
-            if cfg.act is None:
-                return QuantLinear.from_float(mod, cfg, "auto", **encode)
-            from .w8a8 import W8A8Linear
-
-            return W8A8Linear.from_float(mod, cfg, None, "auto", False)
-        except ValueError as e:
-            raise ValueError(f"layer {name!r}: {e}") from None
-
-    def replace(name: str, new: nn.Module) -> None:
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, new)
+    if fitted:
+        for name in the_plan.layers:
+            if not name.startswith(inside):
+                the_plan.configs[name] = dataclasses.replace(config, method="rtn")
+    block_todo = [[n for n in the_plan.layers if n.startswith(f"{prefix}.{i}.")] for i in range(len(blocks))]
+    calls = capture_inputs(model, blocks[0], list(calibration)) if calibration is not None else None
+    b = Builder(model, the_plan)
 
     def fill(tmp: Path) -> dict:
         writer = ShardWriter(tmp, shard_bytes)
-        layers: dict[str, dict] = {}
+        entries: dict[str, dict] = {}
         bar = progress_bar(range(len(blocks)), desc=f"{config.name} block", unit="block", disable=not progress)
         nonlocal calls
         for i in bar:
             block_name = f"{prefix}.{i}"
             block = blocks[i]
             _materialize(block, source, block_name + ".")
-            mods = {n: model.get_submodule(n) for n in block_todo[i]}
+            names = block_todo[i]
+            floats = b.to_torch_layout(names)
             stage = Stage(block, calls, block_name) if calls is not None else None
-            if config.method == "gptq":
-                fit.gptq_stage(stage, mods, build, replace)
-            elif config.method == "awq":
-                fit.awq_stage(stage, mods, config, build, replace)
-            else:
-                for n, m in mods.items():
-                    replace(n, build(n, m))
-            if stage is not None and i + 1 < len(blocks):
-                calls = stage.next_calls()
+            if fitted:
+                fit_stage(b, stage, names)
+            if stage is not None:  # the block's outputs for the next, and its layers' input shapes on the way
+                hooks = [(b.model.get_submodule(n), _largest_input(b.shapes, n)) for n in names]
+                if i + 1 < len(blocks):
+                    calls = stage.next_calls(hooks)
+                else:
+                    stage.run(hooks)
+            for name in names:
+                b.install(name, floats[name])
+            b.fuse_relus(block_name + ".")
             for name, t in block.state_dict().items():
                 writer.add(f"{block_name}.{name}", t)
-            layers.update(checkpoint.layer_entries(block, block_name + "."))
+            entries.update(checkpoint.layer_entries(block, block_name + "."))
+            b.forget(names)
             blocks[i] = nn.Module()  # drop the block: its tensors are in the writer or on disk
-            del block, stage, mods
+            del block, stage, floats
             _release_free_memory()
         bar.close()
-        for name in todo:
-            if not name.startswith(inside):
-                replace(name, build(name, model.get_submodule(name)))
-        for name, t in model.state_dict().items():
+        rest = [n for n in the_plan.layers if not n.startswith(inside)]
+        floats = b.to_torch_layout(rest)
+        for name in rest:
+            b.install(name, floats[name])
+        quantized = b.finish(stacklevel=5)  # finish < fill < commit < quantize_folder < caller
+        for name, t in quantized.state_dict().items():
             if not name.startswith(inside):
                 writer.add(name, t)
         writer.flush()
-        layers.update({n: e for n, e in checkpoint.layer_entries(model).items() if not n.startswith(inside)})
+        entries.update({n: e for n, e in checkpoint.layer_entries(quantized).items() if not n.startswith(inside)})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         files = [checkpoint.file_entry(tmp / f) for f in writer.files]
-        manifest = checkpoint.manifest_for(model, layers, {"files": files}, recipe=config)
+        manifest = checkpoint.manifest_for(quantized, entries, {"files": files}, recipe=config)
         manifest["source"] = {"bytes": source.nbytes, "blocks": len(blocks), "block_at_a_time": True}
         return manifest
 

@@ -125,6 +125,38 @@ def test_overwrite_replaces_whole_checkpoint(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def test_unknown_layer_type_is_refused_not_read_as_embedding(saved):
+    manifest = json.loads((saved / "lowbit.json").read_text())
+    name = next(n for n, e in manifest["layers"].items() if e["type"] == "linear")
+    manifest["layers"][name]["type"] = "mystery"
+    (saved / "lowbit.json").write_text(json.dumps(manifest))
+    with pytest.raises(lowbit.CheckpointError, match=f"layer '{name}'.*unknown layer type 'mystery'"):
+        lowbit.load(saved)
+
+
+def test_a_quantized_layer_without_a_checkpoint_kind_is_refused(tmp_path):
+    class Mystery(lowbit.modules.QuantModule):
+        pass
+
+    model = nn.Sequential(nn.Linear(4, 4))
+    model.add_module("odd", Mystery())
+    with pytest.raises(TypeError, match="Mystery is a quantized layer with no checkpoint form"):
+        lowbit.save(model, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_old_manifests_without_new_keys_still_load(saved):
+    """Checkpoints written before slower/unquantized layers and dtypes were recorded load as before."""
+    manifest = json.loads((saved / "lowbit.json").read_text())
+    for key in ("slower_layers", "unquantized_layers"):
+        manifest.pop(key)
+    for entry in manifest["layers"].values():
+        entry.pop("dtype", None)
+    (saved / "lowbit.json").write_text(json.dumps(manifest))
+    loaded = lowbit.load(saved)
+    assert loaded.lowbit_slower_layers == [] and loaded.lowbit_unquantized_layers == []
+    assert all(r["kernel"] != "float" and "reason" not in r for r in lowbit.summary(loaded))
+
 def test_refuses_to_replace_a_file(tmp_path):
     target = tmp_path / "notes.txt"
     target.write_text("the user's own data")

@@ -159,3 +159,45 @@ def test_sizes_follow_bits():
     assert nbytes["int4-g128"] < 0.5 * w + 8 * w / 128 + 4 * 1024 + 64
     assert nbytes["int3-g64"] < 0.375 * w + 8 * w / 64 + 4 * 1024 + 64
     assert nbytes["binary"] < w / 8 + 8 * 256 + 4 * 1024 + 64
+
+
+def test_a_new_layer_kind_is_added_in_one_place(monkeypatch):
+    """A module type lowbit does not know, registered once in lowbit.layers, is quantized, summarized,
+    saved and loaded like nn.Linear (here: a linear that stores its weight transposed, as GPT-2's Conv1D)."""
+    import lowbit.layers
+
+    class TLinear(nn.Module):
+        def __init__(self, k, n):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(k, n) / k ** 0.5)
+            self.bias = nn.Parameter(torch.zeros(n))
+
+        def forward(self, x):
+            return x @ self.weight + self.bias
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(TLinear(64, 32), nn.GELU(), TLinear(32, 8))
+
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="no layer to quantize"):
+        lowbit.quantize(make(), "int8")
+    kind = lowbit.layers.FloatKind("tlinear", lambda m: isinstance(m, TLinear), lambda c: True, "",
+                                   lambda m: lowbit.layers.FLOAT_KINDS[1].as_torch(m))
+    monkeypatch.setattr(lowbit.layers, "FLOAT_KINDS", [*lowbit.layers.FLOAT_KINDS, kind])
+    q = lowbit.quantize(make(), "int8")
+    assert isinstance(q[0], QuantLinear) and rel_err(q(x), make()(x)) < 0.03  # bf16-activation kernels too
+    assert [r["type"] for r in lowbit.summary(q)] == ["linear", "linear"]
+
+
+def test_autotune_does_not_import_quantize():
+    """The kernel timer sits below the pipeline that uses it: no import loop between them."""
+    import ast
+    import pathlib
+
+    import lowbit.autotune
+
+    tree = ast.parse(pathlib.Path(lowbit.autotune.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert not {"quantize", "stream", "lowbit.quantize"} & imported, imported

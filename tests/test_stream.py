@@ -77,3 +77,28 @@ def test_stream_rtn_needs_no_calibration_and_errors_are_clear(sharded, tmp_path)
     with pytest.raises(ValueError, match="truncated"):
         quantize_folder(broken, tmp_path / "t", "int8", progress=False)
     assert not (tmp_path / "t").exists() and not list(tmp_path.glob(".t.tmp-*"))
+
+
+def test_stream_chooses_kernels_as_quantize_does(sharded, tmp_path, monkeypatch):
+    """One plan and build step: the same kernel choice, the same layers kept in float, as in memory."""
+    from torch import nn
+
+    from lowbit import autotune
+
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "cache"))
+
+    def timer(fns, **kw):  # float beats the int8 kernels; among the weight-only ones dequant wins
+        return {n: 1.0 if n == autotune.FLOAT else 0.5 if n == "dequant" else 2.0 for n in fns}
+
+    monkeypatch.setattr(autotune, "time_calls", timer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = quantize_folder(sharded, tmp_path / "w8", "w8a8-dynamic", progress=False)
+        ref = lowbit.quantize(tiny_llama(), "w8a8-dynamic")
+        streamed = lowbit.load(out)
+        assert [n["layer"] for n in streamed.lowbit_float_layers] == [n["layer"] for n in ref.lowbit_float_layers]
+        assert len(ref.lowbit_float_layers) == 22 and isinstance(streamed.model.layers[1].mlp.up_proj, nn.Linear)
+        out = quantize_folder(sharded, tmp_path / "i4", "int4-g32", calibration=calib(), progress=False)
+    kernels = {n: e["kernel"] for n, e in json.loads((out / "lowbit.json").read_text())["layers"].items()
+               if e["type"] == "linear"}
+    assert len(kernels) == 22 and set(kernels.values()) == {"dequant"}
