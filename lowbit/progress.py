@@ -66,7 +66,8 @@ class StageLine:
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.perf_counter()
-        if now - self.last_line >= HEARTBEAT_SECONDS:
+        finished = self.total is not None and self.n >= self.total  # the closing line follows
+        if now - self.last_line >= HEARTBEAT_SECONDS and not finished:
             self.last_line = now
             self._line(f"{self._count()} after {now - self.start:.0f} s")
 
