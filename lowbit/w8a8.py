@@ -21,98 +21,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import core
 from .backends import ConvSpec, LayerSpec, candidates, onednn, select_kernel
 from .backends.int8 import fake_quant_rows, fake_quant_tensor
 from .backends.ops import GEMV_MAX_ROWS
-from .core import SCALE_EPS
+from .formats import Scheme, scheme_for
 from .modules import QuantModule
 from .recipes import QuantConfig
 
-__all__ = ["GEMV_MAX_ROWS", "FusedReLU", "W8A8Conv", "W8A8Linear", "fake_quant_rows", "fake_quant_tensor"]
+__all__ = ["GEMV_MAX_ROWS", "FusedReLU", "W8A8Conv", "W8A8Linear", "fake_quant_rows", "fake_quant_tensor",
+           "weight_scheme"]
 
 
-def encode_weight_int8(w: torch.Tensor, qmax: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight [N, ...] -> (int8 codes of the same shape, float32 scale [N]), symmetric per channel."""
-    qmax = onednn.weight_qmax() if qmax is None else qmax
-    w = w.detach().float()
-    if not torch.isfinite(w).all():
-        raise ValueError("weight contains NaN or inf; refusing to quantize it")
-    flat = w.reshape(w.shape[0], -1)
-    scale = (flat.abs().amax(1) / qmax).clamp_min(SCALE_EPS)
-    codes = torch.round(flat / scale[:, None]).clamp_(-qmax, qmax).to(torch.int8)
-    return codes.reshape(w.shape), scale
-
-
-def weight_bits(config: QuantConfig) -> int:
-    return {"ternary": 2, "binary": 1}.get(config.kind, config.bits)
-
-
-def weight_qmax_of(config: QuantConfig) -> int:
-    """Largest |code| of the format: int8 keeps the machine's safe range; int B uses [-(2^(B-1)-1), ...]."""
-    if config.kind != "int":
-        return 1
-    return onednn.weight_qmax() if config.bits == 8 else 2 ** (config.bits - 1) - 1
-
-
-def encode_weight_lowbit(w: torch.Tensor, config: QuantConfig, scale: torch.Tensor | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight [N, ...] -> (int8 codes of the same shape, float32 scale [N], or [N, K/G] with a group size).
-
-    int: codes round(w / scale) clamped to +-qmax, scale max|w| / qmax per row or group unless given.
-    ternary: |w| <= 0.7 mean|w| -> 0, else sign(w); scale the mean |w| above that threshold (TWN).
-    binary: sign(w) (0 counts as +), scale mean|w| (XNOR-Net). A given `scale` (learned in QAT) replaces
-    the one computed from w; the codes are computed from w the same way either way."""
-    w = w.detach().float()
-    if not torch.isfinite(w).all():
-        raise ValueError("weight contains NaN or inf; refusing to quantize it")
-    n = w.shape[0]
-    flat = w.reshape(n, -1)
-    k = flat.shape[1]
-    g = config.group_size or k
-    if k % g:
-        raise ValueError(f"group size {g} does not divide the layer's {k} inputs per output")
-    block = (1, g)
-    if config.kind == "ternary":
-        u, own, _ = core.quantize_ternary(flat, block)
-        codes = u.to(torch.int8) - 1
-    elif config.kind == "binary":
-        u, own, _ = core.quantize_binary(flat, block)
-        codes, own = u.to(torch.int8) * 2 - 1, own / 2
-    else:
-        qmax = weight_qmax_of(config)
-        own = (flat.reshape(n, k // g, g).abs().amax(-1) / qmax).clamp_min(SCALE_EPS)
-    s = (own if scale is None else scale.detach().float().reshape(own.shape)).clamp_min(SCALE_EPS)
-    if config.kind == "int":
-        qmax = weight_qmax_of(config)
-        codes = torch.round(flat.reshape(n, k // g, g) / s[..., None]).clamp_(-qmax, qmax).to(torch.int8)
-    codes = codes.reshape(w.shape)
-    s = s.reshape(n, k // g).contiguous()
-    return codes, (s[:, 0].contiguous() if config.group_size is None else s)
-
-
-def weight_state(codes: torch.Tensor, scale: torch.Tensor, config: QuantConfig) -> dict[str, torch.Tensor]:
-    """The canonical tensors: int8 codes as they are for 8 bits, packed at the format's width below."""
-    bits = weight_bits(config)
-    if bits == 8:
-        return {"qweight": codes, "scale": scale}
-    offset = 1 if config.kind == "ternary" else 2 ** (config.bits - 1) if config.kind == "int" else 0
-    u = (codes.to(torch.int16) + 1) // 2 if config.kind == "binary" else codes.to(torch.int16) + offset
-    return {"qweight": core.pack_bits(u.to(torch.uint8), bits), "scale": scale}
-
-
-def _codes_from_state(qweight: torch.Tensor, config: QuantConfig, shape: tuple[int, ...]) -> torch.Tensor:
-    bits = weight_bits(config)
-    if bits == 8:
-        return qweight
-    numel = 1
-    for d in shape:
-        numel *= d
-    u = core.unpack_bits(qweight, bits, numel).reshape(shape).to(torch.int16)
-    if config.kind == "binary":
-        return (u * 2 - 1).to(torch.int8)
-    offset = 1 if config.kind == "ternary" else 2 ** (config.bits - 1)
-    return (u - offset).to(torch.int8)
+def weight_scheme(config: QuantConfig) -> Scheme:
+    """The weight format of W8A8 layers: symmetric codes in int8 for the int8 kernels; 8-bit codes stay
+    within the machine's safe range (onednn.weight_qmax), narrower ones use their full symmetric range."""
+    int8 = config.kind == "int" and config.bits == 8
+    return scheme_for(config, signed=True, qmax=onednn.weight_qmax() if int8 else None)
 
 
 class FusedReLU(nn.Identity):
@@ -122,11 +46,15 @@ class FusedReLU(nn.Identity):
 class _W8A8(QuantModule):
     """State and kernel choice shared by W8A8Linear and W8A8Conv."""
 
+    @classmethod
+    def scheme_for(cls, config: QuantConfig) -> Scheme:
+        return weight_scheme(config)
+
     def _setup(self, config: QuantConfig, state: dict[str, torch.Tensor], bias: torch.Tensor | None,
                relu: bool, shape: tuple[int, ...]) -> None:
         self.weight_shape = tuple(shape)
         self._init_state(shape[0], int(torch.Size(shape[1:]).numel()), config, state)
-        self.codes = _codes_from_state(self.qweight, config, self.weight_shape)
+        self.codes = self.scheme.int8_codes(state, self.weight_shape)[0]
         if bias is not None:
             self.register_buffer("bias", bias.detach().float().clone())
         else:
@@ -153,7 +81,7 @@ class _W8A8(QuantModule):
         """The layer as the kernel registry sees it; read afresh, as the codes may have been changed."""
         s, z = self.act_qparams if self.static else (1.0, 0)
         groups = self.scale.shape[1] if self.scale.dim() == 2 else 1
-        return LayerSpec(n=self._n, k=self._k, bits=weight_bits(self.config), group_size=self._k // groups,
+        return LayerSpec(n=self._n, k=self._k, bits=self.scheme.bits, group_size=self._k // groups,
                          symmetric=True, act=self.config.act, weight_qmax=self.weight_qmax, conv=self._conv_spec(),
                          relu=self.relu, act_scale=s, act_zero=z)
 
@@ -217,10 +145,10 @@ class W8A8Linear(_W8A8):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, config: QuantConfig, act: tuple[float, int] | None = None,
-                   kernel: str = "auto", relu: bool = False, weight_scale: torch.Tensor | None = None
+                   kernel: str = "auto", relu: bool = False, scale: torch.Tensor | None = None
                    ) -> W8A8Linear:
-        """`weight_scale`, when given, is used instead of the one computed from the weight (QAT's)."""
-        state = weight_state(*encode_weight_lowbit(linear.weight, config, weight_scale), config)
+        """`scale`, when given, is used instead of the weight scale computed from the weight (QAT's)."""
+        state = cls.scheme_for(config).encode(linear.weight, scale=scale)
         if config.act == "static":
             if act is None:
                 raise ValueError("static activation quantization needs calibrated (scale, zero point)")
@@ -271,14 +199,14 @@ class W8A8Conv(_W8A8):
 
     @classmethod
     def from_float(cls, conv: nn.Module, config: QuantConfig, act: tuple[float, int] | None = None,
-                   kernel: str = "auto", relu: bool = False, weight_scale: torch.Tensor | None = None
+                   kernel: str = "auto", relu: bool = False, scale: torch.Tensor | None = None
                    ) -> W8A8Conv:
         args = cls.conv_args(conv)
         if act is None:
             raise ValueError("static activation quantization needs calibrated (scale, zero point)")
         if config.group_size is not None:
             raise ValueError("convolutions take one weight scale per output channel (no group size)")
-        state = weight_state(*encode_weight_lowbit(conv.weight, config, weight_scale), config)
+        state = cls.scheme_for(config).encode(conv.weight, scale=scale)
         state |= {"act_scale": torch.tensor([act[0]], dtype=torch.float32),
                  "act_zero_point": torch.tensor([act[1]], dtype=torch.int32)}
         return cls(args, config, state, conv.bias, kernel, relu)
