@@ -14,99 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from . import core
-from .algorithms.gptq import gptq_quantize
-from .algorithms.hqq import hqq_quantize
-from .backends import AUTO_ORDER, KERNELS, LayerSpec, select_kernel
+from .backends import candidates, select_kernel
+from .formats import Scheme, scheme_for
 from .recipes import QuantConfig
 
 # bf16 weights: a bf16 GEMM wins while the matmul is memory-bound (few rows); beyond that, on CPUs
 # without native bf16 arithmetic (AVX2), upcasting the weight and running fp32 GEMM was ~6x faster at
 # 4096 rows. Measured on a Zen 3 with torch 2.13.
 BF16_MM_MAX_ROWS = 16
-
-
-def group_of(config: QuantConfig, k: int) -> int:
-    """Effective group size along the input dim; per-channel means the whole (padded) row."""
-    return k if config.group_size is None else config.group_size
-
-
-def padded(k: int, g: int) -> int:
-    return -(-k // g) * g
-
-
-def encode_weight(w: torch.Tensor, config: QuantConfig, hessian: torch.Tensor | None = None,
-                  qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Quantize a 2-D float weight [N, K] into the canonical tensors the checkpoint stores.
-
-    `hessian` (X^T X of the layer's inputs, [K, K]) is what error-correcting methods (gptq) work from.
-    `qparams` (scale, zero point per row and group), for round-to-nearest integer formats, replaces the
-    ones computed from w (QAT's learned scales)."""
-    if w.dim() != 2:
-        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
-    w = w.detach().float()
-    if not torch.isfinite(w).all():
-        raise ValueError("weight contains NaN or inf; refusing to quantize it")
-    k = w.shape[1]
-    if config.kind == "float":
-        block = (1, k) if config.float_format.startswith("fp8") else None
-        values, scale = core.quantize_float(w, config.float_format, block)
-        out = {"weight": values}
-        if scale is not None:
-            out["scale"] = scale
-        return out
-    g = group_of(config, k)
-    kp = padded(k, g)
-    if kp != k:  # zero columns: the activations are zero-padded too, so they add nothing
-        w = F.pad(w, (0, kp - k))
-        if hessian is not None:
-            hessian = F.pad(hessian, (0, kp - k, 0, kp - k))
-    block = (1, g)
-    if config.kind == "kmeans":
-        codes, centroids = core.kmeans_quantize(w, config.bits, block)
-        # fp16 centroids halve the codebook (16 per group of 64 would cost 1 byte per weight in fp32);
-        # a table that does not fit fp16 stays fp32.
-        book = centroids.to(torch.float16)
-        if not torch.isfinite(book).all():
-            book = centroids
-        if config.method == "gptq":  # the codebooks stay; GPTQ chooses which entry each weight takes
-            if hessian is None:
-                raise ValueError("gptq needs the layer's calibration Hessian (pass calibration= to quantize)")
-            codes, _, _ = gptq_quantize(w, hessian, config.bits, g, False, codebook=book.float())
-        return {"qweight": core.pack_bits(codes, config.bits), "codebook": book}
-    if config.kind in ("ternary", "binary"):
-        quant = core.quantize_ternary if config.kind == "ternary" else core.quantize_binary
-        codes, scale, zero = quant(w, block)
-        if qparams is not None:  # the codes follow from w alone; only the magnitude was learned
-            scale = qparams[0].detach().float().reshape(scale.shape)
-    elif config.method == "gptq":
-        if hessian is None:
-            raise ValueError("gptq needs the layer's calibration Hessian (pass calibration= to quantize)")
-        codes, scale, zero = gptq_quantize(w, hessian, config.bits, g, config.symmetric)
-    elif config.method == "hqq":
-        codes, scale, zero = hqq_quantize(w, config.bits, g)
-    else:
-        if qparams is not None:
-            scale, zero = (t.detach().float().reshape(w.shape[0], kp // g) for t in qparams)
-        else:
-            scale, zero = core.choose_qparams_affine(w, config.bits, block, config.symmetric)
-        codes = core.quantize_affine(w, scale, zero, config.bits, block, symmetric=config.symmetric)
-    return {"qweight": core.pack_bits(codes, config.bits), "scale": scale.float(), "zero_point": zero.float()}
-
-
-def dequantize_weight(state: dict[str, torch.Tensor], config: QuantConfig, n: int, k: int) -> torch.Tensor:
-    """Float32 weight [N, K] back from canonical tensors (reference path, not the kernels)."""
-    if config.kind == "float":
-        block = (1, k) if "scale" in state else None
-        return core.dequantize_float(state["weight"], state.get("scale"), block)
-    g = group_of(config, k)
-    kp = padded(k, g)
-    codes = core.unpack_bits(state["qweight"], config.bits, n * kp).reshape(n, kp)
-    if config.kind == "kmeans":
-        w = core.kmeans_dequantize(codes, state["codebook"], (1, g))
-    else:
-        w = core.dequantize_affine(codes, state["scale"], state["zero_point"], (1, g))
-    return w[:, :k]
 
 
 class DequantizedWeight(torch.Tensor):
@@ -139,13 +54,19 @@ class DequantizedWeight(torch.Tensor):
 
 
 class QuantModule(nn.Module):
-    """Base of every lowbit quantized layer: canonical state buffers, recipe, size."""
+    """Base of every lowbit quantized layer: canonical state buffers, recipe, weight format, size."""
+
+    @classmethod
+    def scheme_for(cls, config: QuantConfig) -> Scheme:
+        """The weight format this kind of layer stores a recipe's weights in (lowbit.formats)."""
+        return scheme_for(config)
 
     # The dtype of the float layer it stands for (the model's): `weight` reads as that; set by lowbit.quantize.
     float_dtype: torch.dtype = torch.float32
 
     def _init_state(self, n: int, k: int, config: QuantConfig, state: dict[str, torch.Tensor]) -> None:
         self.config = config
+        self.scheme = self.scheme_for(config)
         self._n, self._k = n, k
         for name, t in state.items():
             if name == "weight":  # float-cast values; the `weight` attribute is the property below
@@ -157,6 +78,8 @@ class QuantModule(nn.Module):
     def weight(self) -> torch.Tensor:
         """The weight as a float layer's (for code that reads `layer.weight`): dtype, shape and device of
         the float weight; reading its values dequantizes (a copy: writing to it changes nothing)."""
+        if torch.compiler.is_compiling():  # a traced graph takes the values (dropped when unused), no subclass
+            return self.dequantized_weight().reshape(self.float_weight_shape()).to(self.float_dtype)
         return DequantizedWeight(self)
 
     def float_weight_shape(self) -> tuple[int, ...]:
@@ -167,7 +90,7 @@ class QuantModule(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight the layer computes with (an input scale, if any, folded into its columns)."""
-        w = dequantize_weight(self.canonical_state(), self.config, self._n, self._k)
+        w = self.scheme.decode(self.canonical_state(), (self._n, self._k))
         if "input_scale" in self._buffers:
             w = w * self.input_scale
         return w
@@ -175,6 +98,15 @@ class QuantModule(nn.Module):
     @property
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.canonical_state().values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per weight: the format's codes, scales, zero points and codebooks, and an input scale
+        if the layer keeps one (not the bias or activation ranges)."""
+        bits = self.scheme.bits_per_weight((self._n, self._k), self.canonical_state())
+        if "input_scale" in self._buffers:
+            bits += 8 * self.input_scale.numel() * self.input_scale.element_size() / (self._n * self._k)
+        return bits
 
 
 class QuantLinear(QuantModule):
@@ -194,12 +126,13 @@ class QuantLinear(QuantModule):
     @classmethod
     def from_float(cls, linear: nn.Linear, config: QuantConfig, kernel: str = "auto",
                    hessian: torch.Tensor | None = None, weight: torch.Tensor | None = None,
-                   input_scale: torch.Tensor | None = None,
-                   qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantLinear:
+                   input_scale: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                   zero_point: torch.Tensor | None = None) -> QuantLinear:
         """`weight` replaces the linear's own (a method's transformed weight); `input_scale` [K], when given,
         multiplies every input first (a per-channel scale that could not be folded into the op before);
-        `qparams` fixes the scales and zero points (see encode_weight)."""
-        state = encode_weight(linear.weight if weight is None else weight, config, hessian, qparams)
+        `scale` / `zero_point` fix the weight's (e.g. learned in QAT; see Scheme.encode)."""
+        state = cls.scheme_for(config).encode(linear.weight if weight is None else weight, scale=scale,
+                                              zero_point=zero_point, hessian=hessian)
         if input_scale is not None:
             state["input_scale"] = input_scale.detach().float().contiguous()
         return cls(linear.in_features, linear.out_features, config, state, linear.bias, kernel)
@@ -209,6 +142,7 @@ class QuantLinear(QuantModule):
         cfg, n, k = self.config, self.out_features, self.in_features
         self._prep: dict[str, torch.Tensor] = {}
         self.spec = None
+        self._kernel = None
         if cfg.kind == "float":
             # bf16 has a real bf16 GEMM; fp16 and fp8 are upcast per call (simulated).
             self.kernel_name = "bf16_mm" if cfg.float_format == "bf16" else "dequant"
@@ -220,19 +154,17 @@ class QuantLinear(QuantModule):
             if prefer not in ("auto", "dequant"):
                 raise ValueError(f"kernel {prefer!r} cannot run codebook weights")
             return
-        g = group_of(cfg, k)
-        kp = padded(k, g)
-        self.spec = LayerSpec(n=n, k=kp, bits=cfg.bits, group_size=g, symmetric=cfg.symmetric)
+        self.spec = self.scheme.kernel_spec((n, k))
         kernel = select_kernel(self.spec, prefer)
-        codes = core.unpack_bits(self.qweight, cfg.bits, n * kp).reshape(n, kp)
-        self._prep = kernel.prepare(codes, self.scale, self.zero_point, self.spec)
+        self._prep = kernel.prepare(*self.scheme.affine_codes(self.canonical_state(), (n, k)), self.spec)
+        self._kernel = kernel
         self.kernel_name = kernel.name
 
     def candidate_kernels(self) -> list[str]:
         """Kernels that can run this layer here, in the default order of preference."""
         if self.spec is None:
             return [self.kernel_name]
-        return [n for n in AUTO_ORDER if KERNELS[n].supports(self.spec)]
+        return [kernel.name for kernel in candidates(self.spec)]
 
     def set_kernel(self, name: str) -> None:
         self._setup_kernel(name)
@@ -245,14 +177,14 @@ class QuantLinear(QuantModule):
     def act_dtype(self) -> torch.dtype:
         if self.kernel_name == "bf16_mm":
             return torch.bfloat16
-        return KERNELS[self.kernel_name].act_dtype if self.kernel_name in KERNELS else torch.float32
+        return self._kernel.act_dtype if self._kernel is not None else torch.float32
 
     @property
     def simulated(self) -> bool:
         return self.kernel_name == "dequant"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.spec is None:
+        if self._kernel is None:
             if self.kernel_name == "bf16_mm" and x.numel() <= BF16_MM_MAX_ROWS * self.in_features:
                 b = None if self.bias is None else self.bias.to(torch.bfloat16)
                 return F.linear(x.to(torch.bfloat16), self._buffers["weight"], b).to(x.dtype)
@@ -264,7 +196,7 @@ class QuantLinear(QuantModule):
         x2 = x.reshape(-1, self.in_features)
         if self.spec.k != self.in_features:
             x2 = F.pad(x2, (0, self.spec.k - self.in_features))
-        y = KERNELS[self.kernel_name].run(x2, self._prep, self.spec, self.bias)
+        y = self._kernel.run(x2, self._prep, self.spec, self.bias)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -286,17 +218,16 @@ class QuantEmbedding(QuantModule):
         self.kernel_name = "gather"
         self._codes = None
         if config.kind != "float":
-            g = group_of(config, embedding_dim)
-            self._g, self._kp = g, padded(embedding_dim, g)
-            self._codes = core.unpack_bits(self.qweight, config.bits, num_embeddings * self._kp).reshape(
-                num_embeddings, self._kp)
+            self._codes = self.scheme.codes(state, (num_embeddings, embedding_dim))
+            self._g = self.scheme.layout((num_embeddings, embedding_dim)).block[1]
+            self._kp = self._codes.shape[1]
 
     @classmethod
-    def from_float(cls, emb: nn.Embedding, config: QuantConfig,
-                   qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantEmbedding:
+    def from_float(cls, emb: nn.Embedding, config: QuantConfig, scale: torch.Tensor | None = None,
+                   zero_point: torch.Tensor | None = None) -> QuantEmbedding:
         # A lookup table has no input activations for error-correcting methods to use: rows are rounded.
-        state = encode_weight(emb.weight, dataclasses.replace(config, method="rtn", act=None, observer="minmax", smooth=None),
-                              qparams=qparams)
+        cfg = dataclasses.replace(config, method="rtn", act=None, observer="minmax", smooth=None)
+        state = cls.scheme_for(cfg).encode(emb.weight, scale=scale, zero_point=zero_point)
         return cls(emb.num_embeddings, emb.embedding_dim, config, state, emb.padding_idx)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:

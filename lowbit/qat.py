@@ -11,123 +11,61 @@ before or after prepare trains the same tensors. In the forward pass the weight 
 recipe's quantizer and the input through the activation quantizer, with straight-through gradients:
 rounding passes the gradient unchanged, clamping stops it outside the range. With learn_scales=True
 the weight scales are parameters trained by their own gradient (LSQ, Esser et al. 2019), scaled by
-1/sqrt(weights per scale * qmax) as that paper does. Static activation ranges follow a moving average
-of each batch's min and max in training and are frozen in eval mode.
+1/sqrt(weights per scale * qmax) as that paper does. The weight quantizer is the format's own
+(lowbit.formats), the one the converted layer encodes with. Static activation ranges follow a moving
+average of each batch's min and max in training and are frozen in eval mode.
 
 BatchNorms after convolutions are folded into them at prepare (with their running statistics), as the
 quantized model will have them; fine-tuning then trains the folded weights and biases.
 
 convert() hands lowbit.quantize the trained float weights together with the scales and activation
-ranges used in training, so the converted model computes what the fake-quantized one did, on the real
-kernels, up to the rounding of a different summation order.
+ranges used in training (as its `fixed` parameters, which reach the format's encoder), so the converted
+model computes what the fake-quantized one did, on the real kernels, up to the rounding of a different
+summation order.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import SCALE_EPS, affine_qparams_from_range, choose_qparams_affine
-from .core.affine import ternary_stats as _ternary_stats
-from .layers import set_child as _set_child
+from .core import affine_qparams_from_range
+from .formats import Scheme
+from .layers import set_child
+from .modules import QuantModule
 from .quantize import CONV_TYPES, fold_batchnorm_, quantize, targets
 from .recipes import QuantConfig, parse_recipe
-from .w8a8 import fake_quant_rows, weight_qmax_of
+from .w8a8 import W8A8Linear, fake_quant_rows
 
 EMA = 0.01  # weight of each new batch in the moving average of activation ranges (as torch.ao uses)
 
 
-def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    return x + (torch.round(x) - x).detach()
-
-
-def _grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
-    """x in the forward pass; its gradient multiplied by g in the backward pass."""
-    return (x - x * g).detach() + x * g
-
-
 class WeightFakeQuant(nn.Module):
-    """The recipe's weight quantizer in float ops, with straight-through gradients."""
+    """The recipe's weight quantizer in float ops, with straight-through gradients: the weight format's
+    own fake quantization (lowbit.formats), with a learned scale parameter when asked for."""
 
-    def __init__(self, weight: torch.Tensor, config: QuantConfig, learn_scales: bool) -> None:
+    def __init__(self, weight: torch.Tensor, config: QuantConfig, learn_scales: bool, scheme: Scheme) -> None:
         super().__init__()
         self.config = config
-        k = weight[0].numel()
-        self.group = config.group_size or k
-        if k % self.group:
-            raise ValueError(f"group size {self.group} does not divide the layer's {k} inputs per output")
-        self.a8 = config.act is not None  # the W8A8 modules' encoding (narrow symmetric, codes in int8)
+        self.scheme = scheme
+        scheme.layout(weight.shape)  # a group size that does not fit the layer fails here, not in training
         self.scale = None
         if learn_scales:
-            if config.kind == "int" and not config.symmetric:
+            if not scheme.learns_scale:
                 raise ValueError("learned scales take symmetric formats (e.g. int4-a8, ternary, binary); "
                                  f"{config.name} has zero points")
-            self.scale = nn.Parameter(self.own_scale(weight.detach()))
-
-    def _rows(self, w: torch.Tensor) -> torch.Tensor:
-        return w.reshape(w.shape[0], -1, self.group)  # [N, groups, group]
-
-    def own_scale(self, w: torch.Tensor) -> torch.Tensor:
-        """The scale round-to-nearest would pick for w, [N, groups]."""
-        wr = self._rows(w.float())
-        if self.config.kind == "ternary":
-            return self._ternary(w)[1]
-        if self.config.kind == "binary":
-            return wr.abs().mean(-1).clamp_min(SCALE_EPS / 2)
-        if self.config.symmetric:
-            return (wr.abs().amax(-1) / self.qmax).clamp_min(SCALE_EPS)
-        raise AssertionError("asymmetric scales come with zero points: see forward")
-
-    def _ternary(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """TWN's threshold and magnitude per row and group, [N, groups] each (the PTQ encoder's own)."""
-        return _ternary_stats(w.detach().float().reshape(w.shape[0], -1), (1, self.group))
-
-    @property
-    def qmax(self) -> int:
-        return weight_qmax_of(self.config) if self.a8 else 2 ** (self.config.bits - 1) - 1
+            self.scale = nn.Parameter(scheme.init_scale(weight.detach()))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        cfg, wr = self.config, self._rows(w)
-        if cfg.kind == "int" and not cfg.symmetric:  # asymmetric: scale and zero point from the weights
-            scale, zero = choose_qparams_affine(wr.detach().reshape(w.shape[0], -1), cfg.bits, (1, self.group),
-                                                False)
-            s, z = scale[..., None], zero[..., None]
-            q = torch.clamp(_round_ste(wr / s + z), 0, 2 ** cfg.bits - 1)
-            return ((q - z) * s).reshape(w.shape)
-        if self.scale is not None:
-            per = self.group * (1 if cfg.kind != "int" else self.qmax)
-            s = _grad_scale(self.scale, 1.0 / math.sqrt(per)).abs().clamp_min(SCALE_EPS)[..., None]
-        else:
-            s = self.own_scale(wr.detach())[..., None]
-        if cfg.kind == "ternary":
-            delta = self._ternary(w)[0][..., None]
-            sign = torch.sign(wr.detach()) * (wr.detach().abs() > delta)
-        elif cfg.kind == "binary":
-            sign = torch.where(wr.detach() >= 0, 1.0, -1.0)
-        else:
-            q = torch.clamp(_round_ste(wr / s), -self.qmax, self.qmax)
-            return (q * s).reshape(w.shape)
-        # ternary / binary: value s * sign, gradient straight through to w (and to s, when learned)
-        wq = s * sign
-        return (wr + (wq - wr).detach() + (wq - wq.detach())).reshape(w.shape)
+        return self.scheme.fake_quantize(w, self.scale)
 
-    def encoding(self, w: torch.Tensor) -> dict:
-        """What lowbit.quantize needs to reproduce this quantizer exactly."""
-        cfg, n = self.config, w.shape[0]
-        scale = (self.scale.detach().abs().clamp_min(SCALE_EPS) if self.scale is not None else None)
-        if self.a8:
-            return {} if scale is None else {"weight_scale": scale}
-        if scale is None:
-            return {}
-        zero = torch.full_like(scale, 2.0 ** (cfg.bits - 1) if cfg.kind == "int" else 1.0)
-        if cfg.kind == "binary":
-            scale, zero = 2 * scale, torch.full_like(scale, 0.5)
-        return {"qparams": (scale.reshape(n, -1), zero.reshape(n, -1))}
+    def fixed(self) -> dict[str, torch.Tensor]:
+        """What the format's encoder must be given to reproduce this quantizer: the learned scale, if any."""
+        return {} if self.scale is None else {"scale": self.scheme.learned_scale(self.scale)}
 
 
 class ActFakeQuant(nn.Module):
@@ -175,17 +113,21 @@ class _QAT:
 
     def _attach(self, config: QuantConfig, learn_scales: bool) -> None:
         self.lowbit_qat_config = config
-        self.weight_fake = WeightFakeQuant(self.weight, config, learn_scales)
+        # The format of the layer convert() will make: W8A8 layers' int8 form, or the weight-only one.
+        scheme = (W8A8Linear if config.act is not None else QuantModule).scheme_for(config)
+        self.weight_fake = WeightFakeQuant(self.weight, config, learn_scales, scheme)
         self.act_fake = ActFakeQuant(config.act) if config.act is not None else None
 
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.act_fake is None else self.act_fake(x)
 
-    def encoding(self) -> dict:
-        enc = self.weight_fake.encoding(self.weight)
+    def fixed(self) -> dict:
+        """The quantization parameters fixed in training, as lowbit.quantize's `fixed` takes them: the
+        learned weight scale ("scale") and a static layer's activation range ("act": scale, zero point)."""
+        fixed = self.weight_fake.fixed()
         if self.act_fake is not None and self.act_fake.mode == "static":
-            enc["act"] = self.act_fake.qparams()
-        return enc
+            fixed["act"] = self.act_fake.qparams()
+        return fixed
 
 
 class QATLinear(nn.Linear, _QAT):
@@ -253,7 +195,7 @@ def prepare(model: nn.Module, recipe: str | QuantConfig, *, learn_scales: bool =
             raise ValueError(f"layer {name!r}: {type(mod).__name__} has no QAT form; exclude it")
         if isinstance(mod, CONV_TYPES) and config.group_size is not None:
             raise ValueError(f"layer {name!r}: convolutions take one weight scale per channel (no group size)")
-        _set_child(model, name, _swap(mod, cls, config, learn_scales))
+        set_child(model, name, _swap(mod, cls, config, learn_scales))
     model.lowbit_qat_config = config
     model.lowbit_qat_exclude = tuple(exclude)
     return model
@@ -266,7 +208,6 @@ def _float_twin(mod: nn.Module) -> nn.Module:
     twin._parameters = {k: v for k, v in mod._parameters.items() if k in ("weight", "bias")}
     twin._buffers, twin._modules = {}, {}
     twin.__class__ = base
-    twin.lowbit_encoding = mod.encoding()
     return twin
 
 
@@ -278,15 +219,18 @@ def convert(model: nn.Module, *, calibration: Iterable | None = None, backend: s
     if config is None:
         raise ValueError("the model was not prepared with lowbit.qat.prepare")
     model.eval()
+    fixed = {}
     for name, mod in [(n, m) for n, m in model.named_modules() if isinstance(m, _QAT)]:
         if not torch.isfinite(mod.weight).all():
             raise ValueError(f"layer {name!r}: weight contains NaN or inf after training; refusing to convert")
-        _set_child(model, name, _float_twin(mod))
+        if params := mod.fixed():
+            fixed[name] = params
+        set_child(model, name, _float_twin(mod))
     exclude = getattr(model, "lowbit_qat_exclude", ())
     del model.lowbit_qat_config
     with torch.no_grad():
         return quantize(model, config, calibration=calibration, exclude=exclude, backend=backend,
-                        keep_float_if_slower=False)
+                        keep_float_if_slower=False, fixed=fixed)
 
 
 def distillation_loss(student: torch.Tensor | None, teacher: torch.Tensor | None,

@@ -207,20 +207,21 @@ def _relu_fusions(model: nn.Module, names: set[str]) -> tuple[set[str], dict[str
 
 
 def _build(mod: nn.Module, config: QuantConfig, st: _LayerStats | None, relu: bool, kernel: str,
-           **encode) -> nn.Module:
-    # A layer may carry its quantization parameters already (`lowbit_encoding`, set by lowbit.qat.convert:
-    # learned weight scales, activation ranges tracked in training); they are used instead of new ones.
-    fixed = getattr(mod, "lowbit_encoding", None) or {}
+           fixed: dict | None = None, **encode) -> nn.Module:
+    # `fixed`: this layer's quantization parameters chosen beforehand (see quantize's `fixed`), used
+    # instead of new ones: the weight's scale / zero_point go to its format's encoder.
+    fixed = fixed or {}
+    weight = {k: fixed[k] for k in ("scale", "zero_point") if k in fixed}
     if isinstance(mod, nn.Embedding):
-        return QuantEmbedding.from_float(mod, config, qparams=fixed.get("qparams"))
+        return QuantEmbedding.from_float(mod, config, **weight)
     if config.act is None:
-        return QuantLinear.from_float(mod, config, kernel, qparams=fixed.get("qparams"), **encode)
+        return QuantLinear.from_float(mod, config, kernel, **weight, **encode)
     act = fixed.get("act")
     if config.act == "static" and act is None:
         scale, zero = st.observer.qparams()
         act = (float(scale), int(zero))
     cls = W8A8Linear if isinstance(mod, nn.Linear) else W8A8Conv
-    return cls.from_float(mod, config, act, kernel, relu, weight_scale=fixed.get("weight_scale"))
+    return cls.from_float(mod, config, act, kernel, relu, **weight)
 
 
 def _timing_key(mod: nn.Module, new: nn.Module, config: QuantConfig, shape: tuple[int, ...]) -> str:
@@ -271,13 +272,14 @@ class Plan:
     keep_float_if_slower: bool = False  # with "auto": leave a layer float when no kernel beats float
     fuse: set[str] = field(default_factory=set)  # layers that compute the ReLU after them
     drop_relus: dict[str, set[str]] = field(default_factory=dict)  # ReLU -> layers that fuse it
-    fixed: set[str] = field(default_factory=set)  # layers carrying their encoding already (lowbit.qat)
+    # per layer, quantization parameters chosen beforehand (lowbit.qat's learned ones; see quantize's `fixed`)
+    fixed: dict[str, dict] = field(default_factory=dict)
     left_float: list[dict] = field(default_factory=list)  # other layers with weights, left float, and why
     weights: int = 0  # weights in the model's layers, quantized or not (a share of which left_float holds)
 
 
 def plan(model: nn.Module, recipe: str | QuantConfig, exclude: Iterable[str] = (), backend: str = "auto",
-         keep_float_if_slower: bool | None = None) -> Plan:
+         keep_float_if_slower: bool | None = None, fixed: dict[str, dict] | None = None) -> Plan:
     """Which layers of `model` a recipe quantizes, with which config, which ReLUs fuse into them, and how
     their kernels are chosen. Raises ValueError when there is nothing to quantize or a layer cannot be."""
     config = parse_recipe(recipe)
@@ -292,13 +294,17 @@ def plan(model: nn.Module, recipe: str | QuantConfig, exclude: Iterable[str] = (
             except ValueError as e:
                 raise ValueError(f"layer {name!r}: {e}; exclude it to keep it in float") from None
     names = [n for n, _ in todo]
+    unknown = sorted(set(fixed or {}) - set(names))
+    if unknown:
+        names_ = ", ".join(unknown[:10])
+        raise ValueError(f"fixed parameters for layers the recipe does not quantize: {names_}")
     fuse, drop_relus = _relu_fusions(model, set(names)) if config.act else (set(), {})
     if keep_float_if_slower is None:
         # Activation quantization is for speed; weight-only formats are for size, kept even when slower.
         keep_float_if_slower = config.act is not None
     return Plan(config=config, layers=names, configs=dict.fromkeys(names, config), backend=backend,
                 keep_float_if_slower=keep_float_if_slower, fuse=fuse, drop_relus=drop_relus,
-                fixed={n for n, m in todo if getattr(m, "lowbit_encoding", None)},  # see _build
+                fixed={n: f for n, f in (fixed or {}).items() if f},
                 left_float=left_in_float(model, config, names, exclude),
                 weights=sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight") and p.dim() >= 2))
 
@@ -365,7 +371,8 @@ class Builder:
         `encode` passes a fitting method's options (hessian, weight, input_scale) to the encoder."""
         config = self.plan.configs.get(name, self.plan.config)
         try:
-            new = _build(mod, config, self.stats.get(name), name in self.plan.fuse, self.first, **encode)
+            new = _build(mod, config, self.stats.get(name), name in self.plan.fuse, self.first,
+                         self.plan.fixed.get(name), **encode)
         except ValueError as e:
             raise ValueError(f"layer {name!r}: {e}") from None
         new.float_dtype = mod.weight.dtype  # `weight` reads, and outputs follow, the model's dtype
@@ -518,7 +525,7 @@ def _fit(b: Builder, calibration: Iterable, progress: bool) -> None:
 
 def quantize(model: nn.Module, recipe: str | QuantConfig, *, calibration: Iterable | None = None,
              exclude: Iterable[str] = (), backend: str = "auto", keep_float_if_slower: bool | None = None,
-             progress: bool = False) -> nn.Module:
+             progress: bool = False, fixed: dict[str, dict] | None = None) -> nn.Module:
     """Quantize `model` in place by `recipe` and return it.
 
     Replaced: every layer of a kind in lowbit.layers that the recipe takes and whose qualified name
@@ -540,13 +547,17 @@ def quantize(model: nn.Module, recipe: str | QuantConfig, *, calibration: Iterab
     Default: yes for recipes that quantize activations (their point is speed), no for weight-only
     recipes (their point is size); either way one warning says how many layers and how much slower, and
     `lowbit.summary(model)`, `model.lowbit_float_layers` and `model.lowbit_slower_layers` list them.
+    fixed: per layer (qualified name), quantization parameters to use instead of choosing them, as
+    lowbit.qat.convert hands over what training learned: "scale" (and "zero_point") of the weight, one
+    value per block in its format's convention (lowbit.formats, Scheme.encode), and "act", a static
+    layer's activation (scale, zero point).
     """
     config = parse_recipe(recipe)
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if config.act == "static":  # fold BatchNorms: an eval-mode BN after a conv is part of its weights and bias
         fold_batchnorm_(model)
-    the_plan = plan(model, config, exclude, backend, keep_float_if_slower)  # which layers, configs, fusions
+    the_plan = plan(model, config, exclude, backend, keep_float_if_slower, fixed)  # layers, configs, fusions
     calibration = _calibration_data(the_plan, calibration)  # validate: what the recipe needs
     b = Builder(model, the_plan)
     floats = b.to_torch_layout(the_plan.layers)

@@ -10,130 +10,33 @@ a scale and zero point fixed by calibration ("static", Linear and Conv1d/2d, dep
 Dynamic layers called with at most GEMV_MAX_ROWS rows run lowbit's int8 weight-only GEMV on the same
 codes instead (float32 activations, not quantized: faster there, and more accurate).
 
-Kernels: "onednn" (torch.ops.onednn int8 ops + lowbit's fused quantize/epilogue ops), or "reference",
-the same arithmetic in float32 PyTorch ops (dequantize, then a float matmul: simulated, slower). Both
-compute the same quantized activations, so they agree to float rounding of the sums.
+Kernels (backends/int8.py, in the same registry as the weight-only ones): "onednn" (torch.ops.onednn
+int8 ops + lowbit's fused quantize/epilogue ops), or "reference", the same arithmetic in float32 PyTorch
+ops (dequantize, then a float matmul: simulated, slower). Both compute the same quantized activations,
+so they agree to float rounding of the sums.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import core
-from .backends import lowbit_cpu, onednn
-from .core import SCALE_EPS
+from .backends import ConvSpec, LayerSpec, candidates, onednn, select_kernel
+from .backends.int8 import fake_quant_rows, fake_quant_tensor
+from .backends.ops import GEMV_MAX_ROWS
+from .formats import Scheme, scheme_for
 from .modules import QuantModule
 from .recipes import QuantConfig
 
-KERNELS = ("onednn", "reference")
-# Dynamic W8A8 with this many rows or fewer (decode, tiny batches) is memory-bound: lowbit's int8 GEMV
-# reads the same int8 weights once and skips quantizing the activations, which here beat the int8 GEMM
-# at 1 row by 4-8x (Llama-3.2-1B-shaped layers, benchmarks/llama_layer.py --per-layer).
-GEMV_MAX_ROWS = 4
-_MIN_STEP = 1e-12  # the C++ ops' smallest activation step (act_quant.h kMinStep)
+__all__ = ["GEMV_MAX_ROWS", "FusedReLU", "W8A8Conv", "W8A8Linear", "fake_quant_rows", "fake_quant_tensor",
+           "weight_scheme"]
 
 
-def encode_weight_int8(w: torch.Tensor, qmax: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight [N, ...] -> (int8 codes of the same shape, float32 scale [N]), symmetric per channel."""
-    qmax = onednn.weight_qmax() if qmax is None else qmax
-    w = w.detach().float()
-    if not torch.isfinite(w).all():
-        raise ValueError("weight contains NaN or inf; refusing to quantize it")
-    flat = w.reshape(w.shape[0], -1)
-    scale = (flat.abs().amax(1) / qmax).clamp_min(SCALE_EPS)
-    codes = torch.round(flat / scale[:, None]).clamp_(-qmax, qmax).to(torch.int8)
-    return codes.reshape(w.shape), scale
-
-
-def weight_bits(config: QuantConfig) -> int:
-    return {"ternary": 2, "binary": 1}.get(config.kind, config.bits)
-
-
-def weight_qmax_of(config: QuantConfig) -> int:
-    """Largest |code| of the format: int8 keeps the machine's safe range; int B uses [-(2^(B-1)-1), ...]."""
-    if config.kind != "int":
-        return 1
-    return onednn.weight_qmax() if config.bits == 8 else 2 ** (config.bits - 1) - 1
-
-
-def encode_weight_lowbit(w: torch.Tensor, config: QuantConfig, scale: torch.Tensor | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight [N, ...] -> (int8 codes of the same shape, float32 scale [N], or [N, K/G] with a group size).
-
-    int: codes round(w / scale) clamped to +-qmax, scale max|w| / qmax per row or group unless given.
-    ternary: |w| <= 0.7 mean|w| -> 0, else sign(w); scale the mean |w| above that threshold (TWN).
-    binary: sign(w) (0 counts as +), scale mean|w| (XNOR-Net). A given `scale` (learned in QAT) replaces
-    the one computed from w; the codes are computed from w the same way either way."""
-    w = w.detach().float()
-    if not torch.isfinite(w).all():
-        raise ValueError("weight contains NaN or inf; refusing to quantize it")
-    n = w.shape[0]
-    flat = w.reshape(n, -1)
-    k = flat.shape[1]
-    g = config.group_size or k
-    if k % g:
-        raise ValueError(f"group size {g} does not divide the layer's {k} inputs per output")
-    block = (1, g)
-    if config.kind == "ternary":
-        u, own, _ = core.quantize_ternary(flat, block)
-        codes = u.to(torch.int8) - 1
-    elif config.kind == "binary":
-        u, own, _ = core.quantize_binary(flat, block)
-        codes, own = u.to(torch.int8) * 2 - 1, own / 2
-    else:
-        qmax = weight_qmax_of(config)
-        own = (flat.reshape(n, k // g, g).abs().amax(-1) / qmax).clamp_min(SCALE_EPS)
-    s = (own if scale is None else scale.detach().float().reshape(own.shape)).clamp_min(SCALE_EPS)
-    if config.kind == "int":
-        qmax = weight_qmax_of(config)
-        codes = torch.round(flat.reshape(n, k // g, g) / s[..., None]).clamp_(-qmax, qmax).to(torch.int8)
-    codes = codes.reshape(w.shape)
-    s = s.reshape(n, k // g).contiguous()
-    return codes, (s[:, 0].contiguous() if config.group_size is None else s)
-
-
-def weight_state(codes: torch.Tensor, scale: torch.Tensor, config: QuantConfig) -> dict[str, torch.Tensor]:
-    """The canonical tensors: int8 codes as they are for 8 bits, packed at the format's width below."""
-    bits = weight_bits(config)
-    if bits == 8:
-        return {"qweight": codes, "scale": scale}
-    offset = 1 if config.kind == "ternary" else 2 ** (config.bits - 1) if config.kind == "int" else 0
-    u = (codes.to(torch.int16) + 1) // 2 if config.kind == "binary" else codes.to(torch.int16) + offset
-    return {"qweight": core.pack_bits(u.to(torch.uint8), bits), "scale": scale}
-
-
-def _codes_from_state(qweight: torch.Tensor, config: QuantConfig, shape: tuple[int, ...]) -> torch.Tensor:
-    bits = weight_bits(config)
-    if bits == 8:
-        return qweight
-    numel = 1
-    for d in shape:
-        numel *= d
-    u = core.unpack_bits(qweight, bits, numel).reshape(shape).to(torch.int16)
-    if config.kind == "binary":
-        return (u * 2 - 1).to(torch.int8)
-    offset = 1 if config.kind == "ternary" else 2 ** (config.bits - 1)
-    return (u - offset).to(torch.int8)
-
-
-def fake_quant_rows(x: torch.Tensor) -> torch.Tensor:
-    """What the dynamic kernel does to activations [M, K], in float ops: per-row asymmetric uint8."""
-    lo = x.amin(1).clamp_max(0.0)
-    hi = x.amax(1).clamp_min(0.0)
-    scale = ((hi - lo) / 255.0).clamp_min(_MIN_STEP)
-    inv = 1.0 / scale
-    zero = torch.round(-lo * inv).clamp_(0, 255)
-    q = (torch.round(x * inv[:, None]) + zero[:, None]).clamp_(0, 255)
-    return (q - zero[:, None]) * scale[:, None]
-
-
-def fake_quant_tensor(x: torch.Tensor, scale: float, zero: int) -> torch.Tensor:
-    """What the static kernels do to activations: one (scale, zero point) for the whole tensor."""
-    inv = torch.tensor(1.0 / scale, dtype=torch.float32)
-    q = (torch.round(x * inv) + zero).clamp_(0, 255)
-    return (q - zero) * scale
+def weight_scheme(config: QuantConfig) -> Scheme:
+    """The weight format of W8A8 layers: symmetric codes in int8 for the int8 kernels; 8-bit codes stay
+    within the machine's safe range (onednn.weight_qmax), narrower ones use their full symmetric range."""
+    int8 = config.kind == "int" and config.bits == 8
+    return scheme_for(config, signed=True, qmax=onednn.weight_qmax() if int8 else None)
 
 
 class FusedReLU(nn.Identity):
@@ -143,11 +46,15 @@ class FusedReLU(nn.Identity):
 class _W8A8(QuantModule):
     """State and kernel choice shared by W8A8Linear and W8A8Conv."""
 
+    @classmethod
+    def scheme_for(cls, config: QuantConfig) -> Scheme:
+        return weight_scheme(config)
+
     def _setup(self, config: QuantConfig, state: dict[str, torch.Tensor], bias: torch.Tensor | None,
                relu: bool, shape: tuple[int, ...]) -> None:
         self.weight_shape = tuple(shape)
         self._init_state(shape[0], int(torch.Size(shape[1:]).numel()), config, state)
-        self.codes = _codes_from_state(self.qweight, config, self.weight_shape)
+        self.codes = self.scheme.int8_codes(state, self.weight_shape)[0]
         if bias is not None:
             self.register_buffer("bias", bias.detach().float().clone())
         else:
@@ -167,33 +74,38 @@ class _W8A8(QuantModule):
     def weight_qmax(self) -> int:
         return int(self.codes.abs().max().item())
 
+    def _conv_spec(self) -> ConvSpec | None:
+        return None
+
+    def _spec(self) -> LayerSpec:
+        """The layer as the kernel registry sees it; read afresh, as the codes may have been changed."""
+        s, z = self.act_qparams if self.static else (1.0, 0)
+        groups = self.scale.shape[1] if self.scale.dim() == 2 else 1
+        return LayerSpec(n=self._n, k=self._k, bits=self.scheme.bits, group_size=self._k // groups,
+                         symmetric=True, act=self.config.act, weight_qmax=self.weight_qmax, conv=self._conv_spec(),
+                         relu=self.relu, act_scale=s, act_zero=z)
+
     def candidate_kernels(self) -> list[str]:
         """Kernels that compute this layer exactly on this machine (the reference always does)."""
-        ok = onednn.available() and self.weight_qmax <= onednn.weight_qmax() and self.scale.dim() == 1
-        return ["onednn", "reference"] if ok else ["reference"]
+        return [kernel.name for kernel in candidates(self._spec())]
 
     def set_kernel(self, name: str) -> None:
-        if name == "auto":
-            name = self.candidate_kernels()[0]
-        if name not in KERNELS:
-            raise ValueError(f"unknown kernel {name!r} for {self.config.name}; valid: auto, {', '.join(KERNELS)}")
-        if name not in self.candidate_kernels():
-            raise ValueError(f"kernel {name!r} cannot run this layer here (oneDNN int8 ops "
-                             f"{'missing' if not onednn.available() else 'would saturate weights of this range'})")
-        self._packed = self._pack() if name == "onednn" else None
-        self.kernel_name = name
+        spec = self._spec()
+        kernel = select_kernel(spec, name)
+        self._prep = kernel.prepare(self.codes, self.scale, None, spec)
+        self.spec, self._kernel, self.kernel_name = spec, kernel, kernel.name
 
     def __getstate__(self) -> dict:
-        # oneDNN's packed weight is an opaque tensor that cannot be copied or pickled: drop it, and
-        # rebuild it from the canonical int8 weight on the other side (copy.deepcopy goes through here).
+        # The kernel's form of the weight is derived (for oneDNN, its packed weight is cached by the int8
+        # codes and cannot be copied or pickled): drop it and derive it again on the other side
+        # (copy.deepcopy goes through here too).
         state = self.__dict__.copy()
-        state["_packed"] = None
+        state["_prep"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        if self.kernel_name == "onednn":
-            self._packed = self._pack()
+        self.set_kernel(self.kernel_name)
 
     @property
     def kernel(self) -> str:
@@ -233,10 +145,10 @@ class W8A8Linear(_W8A8):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, config: QuantConfig, act: tuple[float, int] | None = None,
-                   kernel: str = "auto", relu: bool = False, weight_scale: torch.Tensor | None = None
+                   kernel: str = "auto", relu: bool = False, scale: torch.Tensor | None = None
                    ) -> W8A8Linear:
-        """`weight_scale`, when given, is used instead of the one computed from the weight (QAT's)."""
-        state = weight_state(*encode_weight_lowbit(linear.weight, config, weight_scale), config)
+        """`scale`, when given, is used instead of the weight scale computed from the weight (QAT's)."""
+        state = cls.scheme_for(config).encode(linear.weight, scale=scale)
         if config.act == "static":
             if act is None:
                 raise ValueError("static activation quantization needs calibrated (scale, zero point)")
@@ -244,41 +156,10 @@ class W8A8Linear(_W8A8):
             state["act_zero_point"] = torch.tensor([act[1]], dtype=torch.int32)
         return cls(linear.in_features, linear.out_features, config, state, linear.bias, kernel, relu)
 
-    def _pack(self) -> dict[str, torch.Tensor]:
-        prep = {"w": onednn.prepack_linear(self.codes), "wz": onednn.weight_zeros(self.out_features)}
-        if self.static:
-            prep["act"] = self.act_qparams  # Python numbers: no tensor-to-scalar sync per call
-        # sum_k w[n, k] * sw[n]: the dynamic kernel's zero-point correction term.
-        prep["csw"] = (self.codes.sum(1, dtype=torch.int64).float() * self.scale).contiguous()
-        if not self.static and lowbit_cpu.available():
-            # The same int8 codes for the few-row GEMV (unsigned codes with zero point 128).
-            k = self.in_features
-            codes = (self.codes.to(torch.int16) + 128).to(torch.uint8)
-            prep["gemv"] = lowbit_cpu.prepack(codes, self.scale[:, None], torch.full((self.out_features, 1), 128.0),
-                                              8, k)["qweight"]
-        return prep
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float().contiguous()
-        if self.kernel_name == "onednn":
-            if "gemv" in self._packed and x2.shape[0] <= GEMV_MAX_ROWS:
-                y = lowbit_cpu.linear(x2, {"qweight": self._packed["gemv"]}, 8, self.in_features, self.out_features,
-                                      self.in_features, self.bias)
-                if self.relu:
-                    y = y.relu_()
-            elif self.static:
-                s, z = self._packed["act"]
-                y = onednn.linear_static(x2, self._packed["w"], s, z, self.scale, self._packed["wz"], self.bias,
-                                         self.relu)
-            else:
-                y = onednn.linear_dynamic(x2, self._packed["w"], self.scale, self._packed["wz"], self._packed["csw"],
-                                          self.bias, self.relu)
-        else:
-            xq = fake_quant_tensor(x2, *self.act_qparams) if self.static else fake_quant_rows(x2)
-            y = F.linear(xq, self.dequantized_weight(), self.bias)
-            if self.relu:
-                y = y.relu_()
+        y = self._kernel.run(x2, self._prep, self.spec, self.bias)
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -318,14 +199,14 @@ class W8A8Conv(_W8A8):
 
     @classmethod
     def from_float(cls, conv: nn.Module, config: QuantConfig, act: tuple[float, int] | None = None,
-                   kernel: str = "auto", relu: bool = False, weight_scale: torch.Tensor | None = None
+                   kernel: str = "auto", relu: bool = False, scale: torch.Tensor | None = None
                    ) -> W8A8Conv:
         args = cls.conv_args(conv)
         if act is None:
             raise ValueError("static activation quantization needs calibrated (scale, zero point)")
         if config.group_size is not None:
             raise ValueError("convolutions take one weight scale per output channel (no group size)")
-        state = weight_state(*encode_weight_lowbit(conv.weight, config, weight_scale), config)
+        state = cls.scheme_for(config).encode(conv.weight, scale=scale)
         state |= {"act_scale": torch.tensor([act[0]], dtype=torch.float32),
                  "act_zero_point": torch.tensor([act[1]], dtype=torch.int32)}
         return cls(args, config, state, conv.bias, kernel, relu)
@@ -335,26 +216,12 @@ class W8A8Conv(_W8A8):
                 "kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding,
                 "dilation": self.dilation, "groups": self.groups}
 
-    def _pack(self) -> dict[str, torch.Tensor]:
-        s, z = self.act_qparams
-        return {"w": onednn.prepack_conv(self.codes, self.scale, s, z, self.stride, self.padding,
-                                         self.dilation, self.groups),
-                "wz": onednn.weight_zeros(self.out_channels, conv=True), "act": (s, z)}
+    def _conv_spec(self) -> ConvSpec:
+        return ConvSpec(kernel_size=tuple(self.kernel_size), stride=tuple(self.stride),
+                        padding=tuple(self.padding), dilation=tuple(self.dilation), groups=self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        if self.kernel_name == "onednn":
-            s, z = self._packed["act"]
-            y = onednn.conv_static(xf, self._packed["w"], s, z, self.scale, self._packed["wz"], self.bias,
-                                   self.stride, self.padding, self.dilation, self.groups, self.relu)
-        else:
-            s, z = self.act_qparams
-            conv = F.conv1d if self.codes.dim() == 3 else F.conv2d
-            y = conv(fake_quant_tensor(xf, s, z), self.dequantized_weight(), self.bias, self.stride, self.padding,
-                     self.dilation, self.groups)
-            if self.relu:
-                y = y.relu_()
-        return y.to(x.dtype)
+        return self._kernel.run(x.float(), self._prep, self.spec, self.bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         sim = ", simulated" if self.simulated else ""

@@ -216,7 +216,7 @@ def test_bits_per_weight_is_what_the_checkpoint_stores(recipe, tmp_path):
     bits = bits_per_weight(q)
     header, _ = read_header(lowbit.save(q, tmp_path / "ckpt") / "model.safetensors")
     size = {k: e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items()}
-    layers = {r["layer"]: math.prod(r["shape"]) for r in lowbit.summary(q) if r["type"] != "kept float"}
+    layers = {r["layer"]: math.prod(r["shape"]) for r in lowbit.summary(q) if r["kernel"] != "float"}
     assert layers, "nothing was quantized"
     stored = sum(n for k, n in size.items() if k.split(".")[0] in layers and not k.endswith(".bias"))
     assert bits["quantized"] == pytest.approx(8 * stored / sum(layers.values()))

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import lowbit
-from lowbit import autotune
+from lowbit import autotune, formats
 from lowbit.backends import lowbit_cpu, onednn
+from lowbit.recipes import parse_recipe
 from lowbit.w8a8 import FusedReLU, W8A8Conv, W8A8Linear, fake_quant_rows, fake_quant_tensor
 from lowbit_workbench import vision
 
@@ -144,8 +145,8 @@ def test_weights_beyond_the_safe_range_never_reach_the_saturating_kernel(monkeyp
     """Codes in [-127, 127] (a VNNI machine's) on a CPU where int8 pairs saturate: reference path only."""
     torch.manual_seed(0)
     q = lowbit.quantize(nn.Sequential(nn.Linear(32, 16)), "w8a8-dynamic", backend="reference")[0]
-    codes, _ = lowbit.w8a8.encode_weight_int8(torch.randn(16, 32), qmax=127)
-    q.qweight.copy_(codes)
+    full = formats.AffineScheme(8, symmetric=True, signed=True, qmax=127)  # a VNNI machine's range
+    q.qweight.copy_(full.encode(torch.randn(16, 32))["qweight"])
     monkeypatch.setattr(onednn, "weight_qmax", lambda: 63)
     assert q.candidate_kernels() == ["reference"]
     with pytest.raises(ValueError, match="saturate"):
@@ -155,8 +156,10 @@ def test_weights_beyond_the_safe_range_never_reach_the_saturating_kernel(monkeyp
 def test_w8a8_weights_are_per_channel_symmetric_within_the_safe_range():
     w = torch.randn(24, 40)
     w[3] *= 100  # one loud channel does not coarsen the others
-    codes, scale = lowbit.w8a8.encode_weight_int8(w)
-    assert codes.dtype == torch.int8 and int(codes.abs().max()) == onednn.weight_qmax()
+    state = lowbit.w8a8.weight_scheme(parse_recipe("w8a8-dynamic")).encode(w)
+    codes, scale = state["qweight"], state["scale"]
+    assert codes.dtype == torch.int8 and scale.shape == (24,)
+    assert int(codes.abs().max()) == onednn.weight_qmax()
     assert (codes.abs().amax(1) == onednn.weight_qmax()).all()
     assert rel_err(codes.float() * scale[:, None], w) < 0.02
 

@@ -1,44 +1,24 @@
-"""Matmul kernels for affine-coded weights, and the choice between them.
+"""Kernels for quantized layers, one registry of them, and the choice between them.
 
-Every kernel takes the same canonical weight: unsigned codes [N, K] (uint8), and float32 scale and
-zero point [N, K // G], meaning W = (codes - zero) * scale. `prepare` turns that into the kernel's own
-layout once (at quantize or load time); `run` computes x @ W.T (+ bias) for x [M, K].
+Weight-only kernels (this file) take the canonical affine weight: unsigned codes [N, K] (uint8), and
+float32 scale and zero point [N, K // G], meaning W = (codes - zero) * scale. Kernels for int8 weights
+with uint8 activations (W8A8 linear and conv layers) are in int8.py. Each kernel is a class: whether it
+can run a layer (`supports`, from a LayerSpec), the kernel's own layout of the weight made once at
+quantize or load time (`prepare`), and the computation (`run`). Kernels built on lowbit's C++ code or
+oneDNN call them through custom ops (ops.py), so torch.compile and torch.export can trace them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from . import lowbit_cpu
+from . import lowbit_cpu, onednn, ops
+from .base import ConvSpec, Kernel, LayerSpec
+from .int8 import OneDNNInt8, ReferenceInt8
 
-
-@dataclass(frozen=True)
-class LayerSpec:
-    n: int  # output features
-    k: int  # input features, already padded to a multiple of group_size
-    bits: int
-    group_size: int  # K for per-channel
-    symmetric: bool
-
-
-class Kernel:
-    name = "?"
-    act_dtype = torch.float32  # activations are cast to this before the kernel runs
-    simulated = False  # True: weights are dequantized to float and a float matmul runs
-
-    def supports(self, spec: LayerSpec) -> bool:
-        raise NotImplementedError
-
-    def prepare(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                spec: LayerSpec) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def run(self, x: torch.Tensor, prep: dict[str, torch.Tensor], spec: LayerSpec,
-            bias: torch.Tensor | None) -> torch.Tensor:
-        raise NotImplementedError
+__all__ = ["AUTO_ORDER", "KERNELS", "ConvSpec", "Kernel", "LayerSpec", "available_kernels", "candidates",
+           "select_kernel"]
 
 
 def _expand(p: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -46,14 +26,23 @@ def _expand(p: torch.Tensor, group_size: int) -> torch.Tensor:
     return p.repeat_interleave(group_size, dim=1)
 
 
-class Dequant(Kernel):
+class WeightOnlyKernel(Kernel):
+    """A kernel for affine-coded weights times float activations."""
+
+    def refusal(self, spec: LayerSpec) -> str:
+        if spec.act is not None:
+            return "it runs weight-only layers (float activations), not uint8 activations"
+        return super().refusal(spec)
+
+
+class Dequant(WeightOnlyKernel):
     """No low-bit kernel: dequantize to float32 on every call, then a float matmul."""
 
     name = "dequant"
     simulated = True
 
     def supports(self, spec: LayerSpec) -> bool:
-        return True
+        return spec.act is None
 
     def prepare(self, codes, scale, zero, spec):
         return {"codes": codes.contiguous(), "scale": scale.float(), "zero": zero.float()}
@@ -63,7 +52,7 @@ class Dequant(Kernel):
         return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
 
 
-class TorchInt8(Kernel):
+class TorchInt8(WeightOnlyKernel):
     """PyTorch's int8 weight-only matmul (per-channel symmetric); fast only with bf16 activations."""
 
     name = "torch_int8pack"
@@ -71,7 +60,8 @@ class TorchInt8(Kernel):
 
     def supports(self, spec):
         # K % 8 != 0 crashes the process inside the op (seen with torch 2.13), so refuse it here.
-        return spec.bits == 8 and spec.symmetric and spec.group_size == spec.k and spec.k % 8 == 0
+        return (spec.act is None and spec.bits == 8 and spec.symmetric and spec.group_size == spec.k
+                and spec.k % 8 == 0)
 
     def prepare(self, codes, scale, zero, spec):
         w = (codes.to(torch.int16) - zero.to(torch.int16)).to(torch.int8)
@@ -84,14 +74,14 @@ class TorchInt8(Kernel):
         return y.to(x.dtype)
 
 
-class TorchInt4(Kernel):
+class TorchInt4(WeightOnlyKernel):
     """PyTorch's grouped int4 matmul; takes any codes < 16, so int2/int3 can run on it at 4-bit cost."""
 
     name = "torch_int4pack"
     act_dtype = torch.bfloat16
 
     def supports(self, spec):
-        return (spec.bits <= 4 and spec.group_size in (32, 64, 128, 256) and spec.k % spec.group_size == 0
+        return (spec.act is None and spec.bits <= 4 and spec.group_size in (32, 64, 128, 256) and spec.k % spec.group_size == 0
                 and spec.n % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
 
     def prepare(self, codes, scale, zero, spec):
@@ -108,37 +98,48 @@ class TorchInt4(Kernel):
         return y.to(x.dtype)
 
 
-class LowbitCPU(Kernel):
+class LowbitCPU(WeightOnlyKernel):
     """lowbit's own AVX2 kernel (lowbit._C): packed 2/3/4/8-bit weights, float32 activations."""
 
     name = "lowbit_cpu"
 
     def supports(self, spec):
-        return lowbit_cpu.available() and lowbit_cpu.supports(spec.n, spec.k, spec.bits, spec.group_size)
+        return (spec.act is None and lowbit_cpu.available()
+                and lowbit_cpu.supports(spec.n, spec.k, spec.bits, spec.group_size))
 
     def prepare(self, codes, scale, zero, spec):
         return lowbit_cpu.prepack(codes.contiguous(), scale.float().contiguous(), zero.float().contiguous(),
                                   spec.bits, spec.group_size)
 
     def run(self, x, prep, spec, bias):
-        y = lowbit_cpu.linear(x.float().contiguous(), prep, spec.bits, spec.group_size, spec.n, spec.k,
-                              None if bias is None else bias.float())
+        y = ops.linear(x.float().contiguous(), prep["qweight"], spec.bits, spec.group_size, spec.n, spec.k,
+                       None if bias is None else bias.float())
         return y.to(x.dtype)
 
 
-KERNELS: dict[str, Kernel] = {k.name: k for k in (LowbitCPU(), TorchInt4(), TorchInt8(), Dequant())}
-AUTO_ORDER = ("lowbit_cpu", "torch_int4pack", "torch_int8pack", "dequant")
+KERNELS: dict[str, Kernel] = {k.name: k for k in (LowbitCPU(), TorchInt4(), TorchInt8(), OneDNNInt8(), Dequant(),
+                                                   ReferenceInt8())}
+# Preference when nothing is measured (backend="auto" measures these against each other where it can).
+AUTO_ORDER = ("lowbit_cpu", "torch_int4pack", "torch_int8pack", "onednn", "dequant", "reference")
+
+
+def candidates(spec: LayerSpec) -> list[Kernel]:
+    """The kernels that can run this layer here, in the default order of preference."""
+    return [KERNELS[n] for n in AUTO_ORDER if KERNELS[n].supports(spec)]
 
 
 def select_kernel(spec: LayerSpec, prefer: str = "auto") -> Kernel:
     """The kernel for one layer: `prefer` names one, or "auto" takes the first that supports it."""
     if prefer == "auto":
-        return next(KERNELS[n] for n in AUTO_ORDER if KERNELS[n].supports(spec))
+        found = candidates(spec)
+        if not found:
+            raise ValueError(f"no kernel can run a layer of {spec}")
+        return found[0]
     if prefer not in KERNELS:
         raise ValueError(f"unknown kernel {prefer!r}; valid: auto, {', '.join(KERNELS)}")
     kernel = KERNELS[prefer]
     if not kernel.supports(spec):
-        raise ValueError(f"kernel {prefer!r} cannot run a layer of {spec}")
+        raise ValueError(f"kernel {prefer!r} cannot run this layer here: {kernel.refusal(spec)}")
     return kernel
 
 
@@ -148,6 +149,8 @@ def available_kernels() -> dict[str, bool]:
         "lowbit_cpu": lowbit_cpu.available(),
         "torch_int4pack": hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"),
         "torch_int8pack": hasattr(torch, "_weight_int8pack_mm"),
+        "onednn": onednn.available(),
         "dequant": True,
+        "reference": True,
     }
     return probe

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import functools
 import platform
+import weakref
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -38,6 +41,46 @@ def weight_qmax() -> int:
     """Largest int8 weight magnitude the int8 kernels multiply exactly on this CPU (see module doc)."""
     f = cpu_features()
     return 127 if (f.get("avx512_vnni") or f.get("avx_vnni") or f.get("amx_int8")) else 63
+
+
+# oneDNN's packed weights, by the int8 weight they were packed from: id(weight) -> (weak reference to it,
+# what the packing depended on, (packed, weight zero points)). An entry goes when its weight is freed.
+_PACKED: dict[int, tuple[weakref.ref, tuple, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # an inference-mode tensor has no version counter; it cannot be changed either
+        return -1
+
+
+def _cached(w: torch.Tensor, params: tuple[Any, ...], build) -> tuple[torch.Tensor, torch.Tensor]:
+    # The packed form is an opaque tensor that a traced graph cannot hold, so the ops take the plain
+    # weight and find its packed form here; the version counter catches a weight changed in place.
+    key = id(w)
+    stamp = (_version(w), w.data_ptr(), params)
+    hit = _PACKED.get(key)
+    if hit is not None and hit[0]() is w and hit[1] == stamp:
+        return hit[2]
+    value = build()
+    _PACKED[key] = (weakref.ref(w, lambda _, key=key: _PACKED.pop(key, None)), stamp, value)
+    return value
+
+
+def packed_linear(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 weight [N, K] -> (oneDNN's packed weight, weight zero points), packed once per weight."""
+    return _cached(w, (), lambda: (prepack_linear(w), weight_zeros(w.shape[0])))
+
+
+def packed_conv(w: torch.Tensor, w_scale: torch.Tensor, x_scale: float, x_zero: int, stride: Sequence[int],
+                padding: Sequence[int], dilation: Sequence[int], groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 conv weight -> (oneDNN's packed weight for this geometry and input quantization, zero points)."""
+    # tuples: a traced graph passes the geometry as lists, eager calls as tuples
+    params = (w_scale.data_ptr(), _version(w_scale), x_scale, x_zero, tuple(stride), tuple(padding),
+              tuple(dilation), groups)
+    return _cached(w, params, lambda: (prepack_conv(w, w_scale, x_scale, x_zero, stride, padding, dilation, groups),
+                                       weight_zeros(w.shape[0], conv=True)))
 
 
 def prepack_linear(w: torch.Tensor) -> torch.Tensor:

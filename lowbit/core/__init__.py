@@ -3,9 +3,11 @@
 from .affine import (
     SCALE_EPS,
     affine_qparams_from_range,
+    block_reduce,
     blocked_shape,
     blocks_shape,
     broadcast_param,
+    check_input,
     choose_qparams_affine,
     choose_qparams_ternary,
     dequantize_affine,
@@ -15,6 +17,8 @@ from .affine import (
     quantize_binary,
     quantize_ternary,
     storage_nbytes,
+    symmetric_qparams,
+    ternary_stats,
 )
 from .codebook import kmeans_dequantize, kmeans_quantize
 from .floatfmt import FLOAT_DTYPES, dequantize_float, quantize_float
@@ -24,9 +28,11 @@ __all__ = [
     "FLOAT_DTYPES",
     "SCALE_EPS",
     "affine_qparams_from_range",
+    "block_reduce",
     "blocked_shape",
     "blocks_shape",
     "broadcast_param",
+    "check_input",
     "choose_qparams_affine",
     "choose_qparams_ternary",
     "dequantize_affine",
@@ -42,5 +48,7 @@ __all__ = [
     "quantize_float",
     "quantize_ternary",
     "storage_nbytes",
+    "symmetric_qparams",
+    "ternary_stats",
     "unpack_bits",
 ]

@@ -89,8 +89,8 @@ def _block_dims(ndim: int) -> tuple[int, ...]:
     return tuple(range(1, 2 * ndim, 2))
 
 
-def _block_reduce(x: torch.Tensor, block_size: Sequence[int], op: str) -> torch.Tensor:
-    """Per-block amin/amax/mean/sum of x, shaped like the parameter grid."""
+def block_reduce(x: torch.Tensor, block_size: Sequence[int], op: str) -> torch.Tensor:
+    """Per-block amin/amax/mean/sum of x, shaped like the parameter grid (no input check: callers check)."""
     xb = x.reshape(blocked_shape(x.shape, block_size))
     return getattr(xb, op)(dim=_block_dims(x.dim()))
 
@@ -108,13 +108,25 @@ def choose_qparams_affine(x: torch.Tensor, bits: int, block_size: Sequence[int],
     _check_bits(bits, 2, 8)
     x = check_input(x)
     if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        amax = _block_reduce(x.abs(), block_size, "amax")
-        scale = (amax / qmax).clamp_min(SCALE_EPS)
-        zero_point = torch.full_like(scale, float(2 ** (bits - 1)))
-        return scale, zero_point
-    return affine_qparams_from_range(_block_reduce(x, block_size, "amin"),
-                                     _block_reduce(x, block_size, "amax"), bits)
+        return symmetric_qparams(block_reduce(x.abs(), block_size, "amax"), bits)
+    return affine_qparams_from_range(block_reduce(x, block_size, "amin"),
+                                     block_reduce(x, block_size, "amax"), bits)
+
+
+def symmetric_qparams(amax: torch.Tensor, bits: int,
+                      qmax: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric (scale, zero_point) for per-block max|x|: scale = amax / qmax, zero_point = 2**(bits-1).
+
+    qmax, the largest code magnitude, defaults to 2**(bits-1) - 1 (the full symmetric range); a smaller
+    one restricts the grid (int8 kernels that would saturate at 127 take 63).
+    """
+    _check_bits(bits, 2, 8)
+    full = 2 ** (bits - 1) - 1
+    qmax = full if qmax is None else qmax
+    if not isinstance(qmax, int) or isinstance(qmax, bool) or not 1 <= qmax <= full:
+        raise ValueError(f"qmax must be an integer in [1, {full}] for {bits} bits, got {qmax!r}")
+    scale = (amax.float() / qmax).clamp_min(SCALE_EPS)
+    return scale, torch.full_like(scale, float(2 ** (bits - 1)))
 
 
 def affine_qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor,
@@ -184,7 +196,9 @@ def fake_quantize_affine(x: torch.Tensor, bits: int, block_size: Sequence[int],
 
 
 def ternary_stats(x: torch.Tensor, block_size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """TWN per-block threshold delta = 0.7 * mean|x| and magnitude a = mean of |x| above delta."""
+    """TWN per-block threshold delta = 0.7 * mean|x| and magnitude a = mean of |x| above delta.
+
+    No input check (callers check): training steps use it on weights that must not raise mid-step."""
     ax = x.abs().reshape(blocked_shape(x.shape, block_size))
     dims = _block_dims(x.dim())
     delta = 0.7 * ax.mean(dim=dims, keepdim=True)
@@ -226,7 +240,7 @@ def quantize_binary(x: torch.Tensor,
     An all-zero block gets a = SCALE_EPS / 2, i.e. dequantizes to +-SCALE_EPS / 2 rather than 0.
     """
     x = check_input(x)
-    a = _block_reduce(x.abs(), block_size, "mean")
+    a = block_reduce(x.abs(), block_size, "mean")
     scale = (2 * a).clamp_min(SCALE_EPS)
     codes = (x >= 0).to(torch.uint8)
     return codes, scale, torch.full_like(scale, 0.5)

@@ -138,7 +138,8 @@ def kmeans_dequantize(codes: torch.Tensor, centroids: torch.Tensor, block_size: 
     # [n0, 1, n1, 1, ..., k]: expanded (not copied) over each block for the gather below.
     table = centroids.float().reshape(tuple(d for g in grid for d in (g, 1)) + (k,))
     idx = codes.reshape(bshape).long().unsqueeze(-1)
-    if idx.numel() and int(idx.max()) >= k:
+    # (not while tracing: a graph cannot branch on data; the gather itself still checks its indices)
+    if idx.numel() and not torch.compiler.is_compiling() and int(idx.max()) >= k:
         raise ValueError(f"code {int(idx.max())} out of range for a codebook of {k} entries")
     out = table.expand(bshape + (k,)).gather(-1, idx)
     return out.reshape(codes.shape).to(dtype)

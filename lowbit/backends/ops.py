@@ -1,0 +1,188 @@
+"""lowbit's kernels as PyTorch operators (`torch.ops.lowbit.*`), so that graphs can hold them.
+
+`torch.compile` and `torch.export` cannot look inside lowbit._C or oneDNN's packed weights: each kernel
+below is a custom op with a fake implementation (output shape, dtype and strides from the inputs
+alone), which both trace as one opaque node.
+
+    lowbit::linear(x, qweight, bits, group_size, n, k, bias)              lowbit's packed low-bit matmul
+    lowbit::w8a8_linear_dynamic(x, codes, w_scale, csw, gemv, bias, relu)  uint8 per row x int8
+    lowbit::w8a8_linear_static(x, codes, w_scale, bias, act_scale, act_zero, relu)
+    lowbit::w8a8_conv(x, codes, w_scale, bias, act_scale, act_zero, stride, padding, dilation, groups, relu)
+
+The W8A8 ops take the plain int8 weight and find oneDNN's packed form of it in a cache (see
+onednn.packed_linear): the packed form is an opaque tensor that graphs cannot carry as a constant.
+
+Eager calls skip the dispatcher: going through `torch.ops` costs about 10 us per call from Python
+(measured with torch 2.13), a tenth of a batch-1 decode GEMV, so the wrappers (`linear`, ...) call the
+implementation directly unless a graph is being traced or a tensor subclass or mode is involved.
+Both routes run the same function, so they give the same bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import lowbit_cpu, onednn
+
+# Dynamic W8A8 with this many rows or fewer (decode, tiny batches) is memory-bound: lowbit's int8 GEMV
+# reads the same int8 weights once and skips quantizing the activations, which here beat the int8 GEMM
+# at 1 row by 4-8x (Llama-3.2-1B-shaped layers, benchmarks/llama_layer.py --per-layer).
+GEMV_MAX_ROWS = 4
+
+
+def _eager(x: Tensor) -> bool:
+    """True when a call can bypass the dispatcher: not tracing, a plain tensor, no mode active."""
+    return not (torch.compiler.is_compiling() or type(x) is not Tensor
+                or torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack() > 0)
+
+
+# ---------------------------------------------------------------- lowbit's packed low-bit matmul
+
+
+def _linear(x: Tensor, qweight: Tensor, bits: int, group_size: int, n: int, k: int,
+            bias: Tensor | None) -> Tensor:
+    return lowbit_cpu.linear(x, {"qweight": qweight}, bits, group_size, n, k, bias)
+
+
+@torch.library.custom_op("lowbit::linear", mutates_args=())
+def _linear_op(x: Tensor, qweight: Tensor, bits: int, group_size: int, n: int, k: int,
+               bias: Tensor | None) -> Tensor:
+    return _linear(x, qweight, bits, group_size, n, k, bias)
+
+
+@_linear_op.register_fake
+def _(x, qweight, bits, group_size, n, k, bias):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def linear(x: Tensor, qweight: Tensor, bits: int, group_size: int, n: int, k: int,
+           bias: Tensor | None = None) -> Tensor:
+    """x [..., K] @ W.T (+ bias) -> [..., N] in x's dtype, W packed by lowbit_cpu.prepack."""
+    if _eager(x):
+        return _linear(x, qweight, bits, group_size, n, k, bias)
+    return _linear_op(x, qweight, bits, group_size, n, k, bias)
+
+
+# ---------------------------------------------------------------- W8A8 linear, dynamic activations
+
+
+def _w8a8_dynamic(x: Tensor, codes: Tensor, w_scale: Tensor, csw: Tensor, gemv: Tensor | None,
+                  bias: Tensor | None, relu: bool) -> Tensor:
+    n, k = codes.shape
+    if gemv is not None and x.shape[0] <= GEMV_MAX_ROWS:
+        # Few rows: float32 activations on lowbit's int8 GEMV over the same codes (see GEMV_MAX_ROWS).
+        y = lowbit_cpu.linear(x, {"qweight": gemv}, 8, k, n, k, bias)
+        return y.relu_() if relu else y
+    packed, wz = onednn.packed_linear(codes)
+    return onednn.linear_dynamic(x, packed, w_scale, wz, csw, bias, relu)
+
+
+@torch.library.custom_op("lowbit::w8a8_linear_dynamic", mutates_args=())
+def _w8a8_dynamic_op(x: Tensor, codes: Tensor, w_scale: Tensor, csw: Tensor, gemv: Tensor | None,
+                     bias: Tensor | None, relu: bool) -> Tensor:
+    return _w8a8_dynamic(x, codes, w_scale, csw, gemv, bias, relu)
+
+
+@_w8a8_dynamic_op.register_fake
+def _(x, codes, w_scale, csw, gemv, bias, relu):
+    return x.new_empty((x.shape[0], codes.shape[0]), dtype=torch.float32)
+
+
+def w8a8_linear_dynamic(x: Tensor, codes: Tensor, w_scale: Tensor, csw: Tensor, gemv: Tensor | None,
+                        bias: Tensor | None, relu: bool) -> Tensor:
+    """float32 x [M, K], quantized per row to uint8 at run time, times int8 codes [N, K] -> float32 [M, N].
+
+    csw = sum_k codes[n, k] * w_scale[n] (the zero-point correction); gemv, when given, is the same
+    codes packed for lowbit's int8 GEMV, which runs calls of at most GEMV_MAX_ROWS rows instead."""
+    if _eager(x):
+        return _w8a8_dynamic(x, codes, w_scale, csw, gemv, bias, relu)
+    return _w8a8_dynamic_op(x, codes, w_scale, csw, gemv, bias, relu)
+
+
+# ---------------------------------------------------------------- W8A8 linear, static activations
+
+
+def _w8a8_static(x: Tensor, codes: Tensor, w_scale: Tensor, bias: Tensor | None, act_scale: float,
+                 act_zero: int, relu: bool) -> Tensor:
+    packed, wz = onednn.packed_linear(codes)
+    return onednn.linear_static(x, packed, act_scale, act_zero, w_scale, wz, bias, relu)
+
+
+@torch.library.custom_op("lowbit::w8a8_linear_static", mutates_args=())
+def _w8a8_static_op(x: Tensor, codes: Tensor, w_scale: Tensor, bias: Tensor | None, act_scale: float,
+                    act_zero: int, relu: bool) -> Tensor:
+    return _w8a8_static(x, codes, w_scale, bias, act_scale, act_zero, relu)
+
+
+@_w8a8_static_op.register_fake
+def _(x, codes, w_scale, bias, act_scale, act_zero, relu):
+    return x.new_empty((x.shape[0], codes.shape[0]), dtype=torch.float32)
+
+
+def w8a8_linear_static(x: Tensor, codes: Tensor, w_scale: Tensor, bias: Tensor | None, act_scale: float,
+                       act_zero: int, relu: bool) -> Tensor:
+    """float32 x [M, K] quantized with the fixed (act_scale, act_zero), times int8 codes [N, K] -> [M, N]."""
+    if _eager(x):
+        return _w8a8_static(x, codes, w_scale, bias, act_scale, act_zero, relu)
+    return _w8a8_static_op(x, codes, w_scale, bias, act_scale, act_zero, relu)
+
+
+# ---------------------------------------------------------------- W8A8 convolution, static activations
+
+
+def _conv_shape(x: Tensor, codes: Tensor, stride: Sequence[int], padding: Sequence[int],
+                dilation: Sequence[int]) -> list[int]:
+    spatial = [(size + 2 * p - d * (kk - 1) - 1) // s + 1
+               for size, kk, s, p, d in zip(x.shape[2:], codes.shape[2:], stride, padding, dilation)]
+    return [x.shape[0], codes.shape[0], *spatial]
+
+
+def _channels_last(shape: Sequence[int]) -> list[int]:
+    """Strides of a [N, C, *spatial] tensor stored channels last, the layout oneDNN's conv returns."""
+    strides, step = [0] * len(shape), 1
+    for d in [1, *range(len(shape) - 1, 1, -1), 0]:
+        strides[d] = step
+        step *= shape[d]
+    return strides
+
+
+def _w8a8_conv(x: Tensor, codes: Tensor, w_scale: Tensor, bias: Tensor | None, act_scale: float, act_zero: int,
+               stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+               relu: bool) -> Tensor:
+    packed, wz = onednn.packed_conv(codes, w_scale, act_scale, act_zero, stride, padding, dilation, groups)
+    y = onednn.conv_static(x, packed, act_scale, act_zero, w_scale, wz, bias, stride, padding, dilation,
+                           groups, relu)
+    # A traced graph relies on the strides the fake implementation promised (channels last; strides of
+    # size-1 dims do not count): hold to them.
+    if y.dim() == 4:
+        if not y.is_contiguous(memory_format=torch.channels_last):
+            y = y.contiguous(memory_format=torch.channels_last)
+    elif not y.transpose(1, 2).is_contiguous():
+        y = y.transpose(1, 2).contiguous().transpose(1, 2)
+    return y
+
+
+@torch.library.custom_op("lowbit::w8a8_conv", mutates_args=())
+def _w8a8_conv_op(x: Tensor, codes: Tensor, w_scale: Tensor, bias: Tensor | None, act_scale: float,
+                  act_zero: int, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                  groups: int, relu: bool) -> Tensor:
+    return _w8a8_conv(x, codes, w_scale, bias, act_scale, act_zero, stride, padding, dilation, groups, relu)
+
+
+@_w8a8_conv_op.register_fake
+def _(x, codes, w_scale, bias, act_scale, act_zero, stride, padding, dilation, groups, relu):
+    shape = _conv_shape(x, codes, stride, padding, dilation)
+    return x.new_empty_strided(shape, _channels_last(shape), dtype=torch.float32)
+
+
+def w8a8_conv(x: Tensor, codes: Tensor, w_scale: Tensor, bias: Tensor | None, act_scale: float, act_zero: int,
+              stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+              relu: bool) -> Tensor:
+    """Conv1d/2d of float32 x quantized with (act_scale, act_zero) by int8 codes [C_out, C_in/groups, *k];
+    float32 output stored channels last (which the float ops after it take as it is)."""
+    if _eager(x):
+        return _w8a8_conv(x, codes, w_scale, bias, act_scale, act_zero, stride, padding, dilation, groups, relu)
+    return _w8a8_conv_op(x, codes, w_scale, bias, act_scale, act_zero, stride, padding, dilation, groups, relu)
