@@ -167,3 +167,25 @@ def test_bad_input_raises():
         lowbit_cpu.linear(torch.randn(1, k + 1), packed, 2, g, n, k)
     with pytest.raises(RuntimeError, match="does not match"):
         lowbit_cpu.linear(torch.randn(1, k), packed, 4, g, n, k)  # buffer packed for 2 bits
+
+
+@pytest.mark.parametrize("k", [16, 40, 48, 72, 200, 384])
+def test_torch_int8pack_takes_only_the_inputs_it_computes_right(k):
+    # PyTorch's int8 weight-only op returns inf/NaN or crashes for K % 16 == 8: such layers go elsewhere.
+    from lowbit.backends import KERNELS, LayerSpec
+
+    spec = LayerSpec(n=32, k=k, bits=8, group_size=k, symmetric=True)
+    kernel = KERNELS["torch_int8pack"]
+    if k % 16:
+        assert not kernel.supports(spec)
+        return
+    assert kernel.supports(spec)
+    g = torch.Generator().manual_seed(k)
+    codes = torch.randint(1, 256, (32, k), generator=g, dtype=torch.uint8)
+    scale, zero = torch.rand(32, 1, generator=g) + 0.5, torch.full((32, 1), 128.0)
+    prep = kernel.prepare(codes, scale, zero, spec)
+    for m in (1, 4, 33):
+        x = torch.randn(m, k, generator=g)
+        ref = x @ ((codes.float() - zero) * scale).T
+        y = kernel.run(x, prep, spec, None).float()
+        assert ((y - ref).abs().max() / ref.abs().max()) < 2e-2
