@@ -40,7 +40,6 @@ def _excluded(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or name == p or name.startswith(p + ".") for p in patterns)
 
 
-_set_child = set_child  # the former name, for modules not yet moved to lowbit.layers.set_child
 
 
 def _mha_out_projs(model: nn.Module) -> set[str]:
@@ -167,7 +166,7 @@ def fold_batchnorm_(model: nn.Module) -> int:
         if (isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) and calls[user.target] == 1
                 and bn.track_running_stats and bn.running_mean is not None):
             fold_conv_bn(model.get_submodule(node.target), model.get_submodule(user.target))
-            _set_child(model, user.target, nn.Identity())
+            set_child(model, user.target, nn.Identity())
             folded += 1
     return folded
 
