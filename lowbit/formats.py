@@ -160,6 +160,18 @@ class Scheme:
         """Canonical tensors -> the float weight of `shape` (the reference, not a kernel)."""
         raise NotImplementedError
 
+    def row_codes(self, state: State, shape: Sequence[int]) -> torch.Tensor | None:
+        """What a caller may keep to make decode_rows cheap: the unpacked codes, None for formats without."""
+        return None
+
+    def decode_rows(self, state: State, shape: Sequence[int], rows: torch.Tensor, codes: torch.Tensor | None = None,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows `rows` (indices of any shape) of the weight's [N, K] view, decoded: [*rows.shape, K], the same
+        values as decode's without decoding the other rows (an embedding lookup). codes: row_codes(state,
+        shape), when the caller keeps it."""
+        lay = self.layout(shape)
+        return self.decode(state, shape, dtype).reshape(lay.n, lay.k)[rows]
+
     def fake_quantize(self, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """decode(encode(w)) in the forward pass (round to nearest; bit-identical), with straight-through
         gradients to w: rounding passes the gradient unchanged, clamping stops it outside the range.
@@ -197,8 +209,9 @@ class Scheme:
         return 8.0 * total / (lay.n * lay.k)
 
     def kernel_spec(self, shape: Sequence[int]) -> LayerSpec | None:
-        """The weight-only integer kernels' description of this weight; None when they cannot run it."""
-        return None
+        """The weight-only kernels' description of this weight (what select_kernel chooses by); None for the
+        int8 layout, whose layers describe themselves with their activations."""
+        raise NotImplementedError
 
     def codes(self, state: State, shape: Sequence[int]) -> torch.Tensor:
         """The unpacked codes, uint8 [N, Kp]."""
@@ -349,6 +362,18 @@ class _Coded(Scheme):
         s, z = self._params(state, lay)
         w = core.dequantize_affine(self._unpacked(state, lay), s, z, lay.block)
         return self._unview(w, lay).to(dtype)
+
+    def row_codes(self, state, shape):
+        return self.codes(state, shape)
+
+    def decode_rows(self, state, shape, rows, codes=None, dtype=torch.float32):
+        lay = self.layout(shape)
+        s, z = self._params(state, lay)
+        c = (self.codes(state, shape) if codes is None else codes)[rows].float()  # [..., Kp]
+        at = rows if lay.block[0] == 1 else rows // lay.block[0]
+        g = lay.block[1]
+        out = ((c.reshape(*c.shape[:-1], lay.kp // g, g) - z[at].unsqueeze(-1)) * s[at].unsqueeze(-1)).reshape(c.shape)
+        return out[..., :lay.k].to(dtype)
 
     def fake_quantize(self, w, scale=None):
         lay = self.layout(w.shape)
@@ -624,9 +649,27 @@ class CodebookScheme(Scheme):
         w = core.kmeans_dequantize(self.codes(state, shape), _tensor(state, "codebook", self.name), lay.block)
         return self._unview(w, lay).to(dtype)
 
+    def row_codes(self, state, shape):
+        return self.codes(state, shape)
+
+    def decode_rows(self, state, shape, rows, codes=None, dtype=torch.float32):
+        lay = self.layout(shape)
+        c = (self.codes(state, shape) if codes is None else codes)[rows]  # [..., Kp]
+        at = rows if lay.block[0] == 1 else rows // lay.block[0]
+        book = _tensor(state, "codebook", self.name).reshape(*lay.grid, -1)[at].float()  # [..., Kp / G, 2**B]
+        g = lay.block[1]
+        out = torch.gather(book, -1, c.reshape(*c.shape[:-1], lay.kp // g, g).long()).reshape(c.shape)
+        return out[..., :lay.k].to(dtype)
+
     def nbytes(self, shape):
         lay = self.layout(shape)
         return core.packed_nbytes(lay.n * lay.kp, self.bits) + 2 * lay.blocks * 2 ** self.bits
+
+    def kernel_spec(self, shape):
+        # k unpadded: the kernels that run it take the decoded weight [N, K], not the padded indices.
+        lay = self.layout(shape)
+        return LayerSpec(n=lay.n, k=lay.k, bits=self.bits, group_size=lay.block[1], symmetric=False,
+                         family="codebook")
 
     @classmethod
     def from_config(cls, config, *, signed=False, qmax=None):
@@ -688,9 +731,24 @@ class FloatScheme(Scheme):
         w = core.dequantize_float(values, s, lay.block if s is not None else None)
         return w.reshape(lay.shape).to(dtype)
 
+    def decode_rows(self, state, shape, rows, codes=None, dtype=torch.float32):
+        lay = self.layout(shape)
+        out = _tensor(state, "weight", self.name).reshape(lay.n, lay.k)[rows].float()
+        s = state.get("scale")
+        if s is not None:
+            s = s.reshape(lay.grid)[rows if lay.block[0] == 1 else rows // lay.block[0]].float()
+            g = lay.block[1]
+            out = (out.reshape(*out.shape[:-1], lay.k // g, g) * s.unsqueeze(-1)).reshape(out.shape)
+        return out.to(dtype)
+
     def nbytes(self, shape):
         lay = self.layout(shape)
         return lay.n * lay.k * (self.bits // 8) + (4 * lay.blocks if self.scaled else 0)
+
+    def kernel_spec(self, shape):
+        lay = self.layout(shape)
+        return LayerSpec(n=lay.n, k=lay.k, bits=self.bits, group_size=lay.block[1], symmetric=True,
+                         family="float", fmt=self.fmt)
 
     @classmethod
     def from_config(cls, config, *, signed=False, qmax=None):

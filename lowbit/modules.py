@@ -14,14 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from .backends import candidates, select_kernel
+from .backends import StoredWeight, candidates, select_kernel
 from .formats import Scheme, scheme_for
 from .recipes import QuantConfig
-
-# bf16 weights: a bf16 GEMM wins while the matmul is memory-bound (few rows); beyond that, on CPUs
-# without native bf16 arithmetic (AVX2), upcasting the weight and running fp32 GEMM was ~6x faster at
-# 4096 rows. Measured on a Zen 3 with torch 2.13.
-BF16_MM_MAX_ROWS = 16
 
 
 class DequantizedWeight(torch.Tensor):
@@ -90,7 +85,7 @@ class QuantModule(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight the layer computes with (an input scale, if any, folded into its columns)."""
-        w = self.scheme.decode(self.canonical_state(), (self._n, self._k))
+        w = self.scheme.decode(self.canonical_state(), self.float_weight_shape())
         if "input_scale" in self._buffers:
             w = w * self.input_scale
         return w
@@ -139,31 +134,16 @@ class QuantLinear(QuantModule):
 
     def _setup_kernel(self, prefer: str) -> None:
         """Derive the runtime form of the weight from the canonical buffers."""
-        cfg, n, k = self.config, self.out_features, self.in_features
-        self._prep: dict[str, torch.Tensor] = {}
-        self.spec = None
-        self._kernel = None
-        if cfg.kind == "float":
-            # bf16 has a real bf16 GEMM; fp16 and fp8 are upcast per call (simulated).
-            self.kernel_name = "bf16_mm" if cfg.float_format == "bf16" else "dequant"
-            if prefer not in ("auto", self.kernel_name):
-                raise ValueError(f"kernel {prefer!r} cannot run {cfg.name} weights")
-            return
-        if cfg.kind == "kmeans":
-            self.kernel_name = "dequant"
-            if prefer not in ("auto", "dequant"):
-                raise ValueError(f"kernel {prefer!r} cannot run codebook weights")
-            return
-        self.spec = self.scheme.kernel_spec((n, k))
+        self.spec = self.scheme.kernel_spec((self.out_features, self.in_features))
         kernel = select_kernel(self.spec, prefer)
-        self._prep = kernel.prepare(*self.scheme.affine_codes(self.canonical_state(), (n, k)), self.spec)
+        # The module's own buffer dict: a kernel that reads canonical tensors per call sees them as they are.
+        weight = StoredWeight(self.scheme, self._buffers, (self.out_features, self.in_features))
+        self._prep = kernel.prepare(weight, self.spec)
         self._kernel = kernel
         self.kernel_name = kernel.name
 
     def candidate_kernels(self) -> list[str]:
         """Kernels that can run this layer here, in the default order of preference."""
-        if self.spec is None:
-            return [self.kernel_name]
         return [kernel.name for kernel in candidates(self.spec)]
 
     def set_kernel(self, name: str) -> None:
@@ -175,21 +155,13 @@ class QuantLinear(QuantModule):
 
     @property
     def act_dtype(self) -> torch.dtype:
-        if self.kernel_name == "bf16_mm":
-            return torch.bfloat16
-        return self._kernel.act_dtype if self._kernel is not None else torch.float32
+        return self._kernel.act_dtype
 
     @property
     def simulated(self) -> bool:
-        return self.kernel_name == "dequant"
+        return self._kernel.simulated
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._kernel is None:
-            if self.kernel_name == "bf16_mm" and x.numel() <= BF16_MM_MAX_ROWS * self.in_features:
-                b = None if self.bias is None else self.bias.to(torch.bfloat16)
-                return F.linear(x.to(torch.bfloat16), self._buffers["weight"], b).to(x.dtype)
-            return F.linear(x, self.dequantized_weight().to(x.dtype),
-                            None if self.bias is None else self.bias.to(x.dtype))
         if "input_scale" in self._buffers:
             x = x * self.input_scale
         lead = x.shape[:-1]
@@ -216,11 +188,8 @@ class QuantEmbedding(QuantModule):
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self._init_state(num_embeddings, embedding_dim, config, state)
         self.kernel_name = "gather"
-        self._codes = None
-        if config.kind != "float":
-            self._codes = self.scheme.codes(state, (num_embeddings, embedding_dim))
-            self._g = self.scheme.layout((num_embeddings, embedding_dim)).block[1]
-            self._kp = self._codes.shape[1]
+        # Unpacked once (not per lookup), when the format has codes.
+        self._codes = self.scheme.row_codes(state, (num_embeddings, embedding_dim))
 
     @classmethod
     def from_float(cls, emb: nn.Embedding, config: QuantConfig, scale: torch.Tensor | None = None,
@@ -231,22 +200,8 @@ class QuantEmbedding(QuantModule):
         return cls(emb.num_embeddings, emb.embedding_dim, config, state, emb.padding_idx)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        cfg = self.config
-        if cfg.kind == "float":
-            rows = self._buffers["weight"][idx].float()
-            if "scale" in self._buffers:
-                rows = rows * self.scale[idx]
-            return rows.to(self.float_dtype)  # the model's dtype: later layers see what they would
-        codes = self._codes[idx].float()  # [..., Kp]
-        g = self._g
-        shape = codes.shape
-        codes = codes.reshape(*shape[:-1], self._kp // g, g)
-        if cfg.kind == "kmeans":
-            book = self.codebook[idx].float()  # [..., Kp/g, 2^b]
-            rows = torch.gather(book, -1, codes.long()).reshape(shape)
-        else:
-            rows = ((codes - self.zero_point[idx].unsqueeze(-1)) * self.scale[idx].unsqueeze(-1)).reshape(shape)
-        return rows[..., : self.embedding_dim].to(self.float_dtype)
+        rows = self.scheme.decode_rows(self._buffers, (self.num_embeddings, self.embedding_dim), idx, self._codes)
+        return rows.to(self.float_dtype)  # the model's dtype: later layers see what they would
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, recipe={self.config.name}, kernel=gather"

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backends import ConvSpec, LayerSpec, candidates, onednn, select_kernel
+from .backends import ConvSpec, LayerSpec, StoredWeight, candidates, onednn, select_kernel
 from .backends.int8 import fake_quant_rows, fake_quant_tensor
 from .backends.ops import GEMV_MAX_ROWS
 from .formats import Scheme, scheme_for
@@ -54,7 +54,10 @@ class _W8A8(QuantModule):
                relu: bool, shape: tuple[int, ...]) -> None:
         self.weight_shape = tuple(shape)
         self._init_state(shape[0], int(torch.Size(shape[1:]).numel()), config, state)
-        self.codes = self.scheme.int8_codes(state, self.weight_shape)[0]
+        # The canonical weight as the kernels read it; its int8 codes (derived once: for narrower formats an
+        # unpacked copy) are also what the layer's range and dequantized weight are computed from.
+        self._stored = StoredWeight(self.scheme, self._buffers, self.weight_shape)
+        self.codes = self._stored.int8_codes()[0]
         if bias is not None:
             self.register_buffer("bias", bias.detach().float().clone())
         else:
@@ -92,7 +95,7 @@ class _W8A8(QuantModule):
     def set_kernel(self, name: str) -> None:
         spec = self._spec()
         kernel = select_kernel(spec, name)
-        self._prep = kernel.prepare(self.codes, self.scale, None, spec)
+        self._prep = kernel.prepare(self._stored, spec)
         self.spec, self._kernel, self.kernel_name = spec, kernel, kernel.name
 
     def __getstate__(self) -> dict:
@@ -118,13 +121,6 @@ class _W8A8(QuantModule):
     @property
     def simulated(self) -> bool:
         return self.kernel_name == "reference"
-
-    def dequantized_weight(self) -> torch.Tensor:
-        if self.scale.dim() == 2:  # per group along the input
-            n, groups = self.scale.shape
-            return (self.codes.float().reshape(n, groups, -1) * self.scale[:, :, None]).reshape(self.weight_shape)
-        shape = (-1,) + (1,) * (self.codes.dim() - 1)
-        return self.codes.float() * self.scale.reshape(shape)
 
     def _act_repr(self) -> str:
         if not self.static:

@@ -172,7 +172,9 @@ def test_bad_input_raises():
 @pytest.mark.parametrize("k", [16, 40, 48, 72, 200, 384])
 def test_torch_int8pack_takes_only_the_inputs_it_computes_right(k):
     # PyTorch's int8 weight-only op returns inf/NaN or crashes for K % 16 == 8: such layers go elsewhere.
-    from lowbit.backends import KERNELS, LayerSpec
+    from lowbit import core
+    from lowbit.backends import KERNELS, LayerSpec, StoredWeight
+    from lowbit.formats import AffineScheme
 
     spec = LayerSpec(n=32, k=k, bits=8, group_size=k, symmetric=True)
     kernel = KERNELS["torch_int8pack"]
@@ -183,7 +185,8 @@ def test_torch_int8pack_takes_only_the_inputs_it_computes_right(k):
     g = torch.Generator().manual_seed(k)
     codes = torch.randint(1, 256, (32, k), generator=g, dtype=torch.uint8)
     scale, zero = torch.rand(32, 1, generator=g) + 0.5, torch.full((32, 1), 128.0)
-    prep = kernel.prepare(codes, scale, zero, spec)
+    state = {"qweight": core.pack_bits(codes, 8), "scale": scale, "zero_point": zero}
+    prep = kernel.prepare(StoredWeight(AffineScheme(8, symmetric=True), state, (32, k)), spec)
     for m in (1, 4, 33):
         x = torch.randn(m, k, generator=g)
         ref = x @ ((codes.float() - zero) * scale).T

@@ -101,6 +101,29 @@ def test_real_kernels_chosen_for_llama_shapes():
         assert row["kernel"] in ("lowbit_cpu", "torch_int4pack", "torch_int8pack")
 
 
+def test_float_and_codebook_layers_choose_from_the_registry():
+    """Every format is run by a registered kernel: bf16 by its bf16 GEMM (few rows) or dequant, the others
+    by dequant; a kernel that cannot run a format says why."""
+    torch.manual_seed(4)
+    lin = nn.Linear(96, 40)
+    few, many = torch.randn(2, 3, 96), torch.randn(5, 20, 96)
+    bf = QuantLinear.from_float(lin, parse_recipe("bf16"))
+    assert bf.candidate_kernels() == ["bf16_mm", "dequant"] and bf.kernel_name == "bf16_mm"
+    assert bf.act_dtype == torch.bfloat16 and not bf.simulated
+    w = bf.dequantized_weight()
+    assert torch.equal(bf(few), F.linear(few.bfloat16(), w.bfloat16(), lin.bias.bfloat16()).float())
+    assert torch.equal(bf(many), F.linear(many, w, bf.bias))  # many rows: the weight upcast, an fp32 GEMM
+    bf.set_kernel("dequant")
+    assert bf.simulated and bf.act_dtype == torch.float32 and torch.equal(bf(few), F.linear(few, w, bf.bias))
+    for recipe in ("fp16", "fp8", "kmeans4", "kmeans3-g32"):
+        q = QuantLinear.from_float(lin, parse_recipe(recipe))
+        assert q.candidate_kernels() == ["dequant"] and q.simulated, recipe
+        assert torch.equal(q(few), F.linear(few, q.dequantized_weight(), q.bias)), recipe
+    for recipe, kernel in (("kmeans4", "lowbit_cpu"), ("fp16", "bf16_mm"), ("bf16", "torch_int8pack")):
+        with pytest.raises(ValueError, match=f"kernel '{kernel}' cannot run this layer"):
+            QuantLinear.from_float(lin, parse_recipe(recipe), kernel=kernel)
+
+
 def test_simulated_formats_say_so():
     q = lowbit.quantize(nn.Sequential(nn.Linear(64, 64)), "kmeans4-g64")
     assert lowbit.summary(q)[0]["simulated"] is True

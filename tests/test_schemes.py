@@ -88,6 +88,21 @@ def blocks_of(x2d: torch.Tensor, scheme, shape):
 
 
 @FAST
+@given(cases(), st.data())
+def test_decode_rows_equals_the_rows_of_decode(case, data):
+    """What an embedding lookup decodes: the gathered rows only, bit-identical to decoding everything."""
+    scheme, w = case
+    state = scheme.encode(w)
+    lay = scheme.layout(w.shape)
+    full = scheme.decode(state, w.shape).reshape(lay.n, lay.k)
+    idx = torch.tensor(data.draw(st.lists(st.integers(0, lay.n - 1), min_size=1, max_size=6))).reshape(-1, 1)
+    codes = scheme.row_codes(state, w.shape)
+    for kept in (codes, None):
+        rows = scheme.decode_rows(state, w.shape, idx, kept)
+        assert rows.shape == (idx.shape[0], 1, lay.k) and torch.equal(rows, full[idx])
+
+
+@FAST
 @given(cases())
 def test_decode_of_encode_is_within_the_format_error(case):
     scheme, w = case

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,7 +24,9 @@ class ConvSpec:
 class LayerSpec:
     """Everything a kernel needs to know to say whether it can run a layer, and to run it.
 
-    Weight-only layers (act None): unsigned codes [N, K], W = (codes - zero) * scale per group of
+    `family` is the weight format's family: "int" (integer codes), "float" (a float cast, `fmt` naming
+    it: "bf16", "fp16", "fp8_e4m3", ...) or "codebook" (indices into a table per block). Integer
+    weight-only layers (act None): unsigned codes [N, K], W = (codes - zero) * scale per group of
     `group_size` inputs. Layers with uint8 activations (act "dynamic": per row at run time, "static":
     one fixed act_scale / act_zero): signed int8 codes, W = codes * scale, `weight_qmax` the largest
     |code| the layer holds, `conv` its geometry when it is a convolution, `relu` a ReLU fused after it.
@@ -40,13 +43,44 @@ class LayerSpec:
     relu: bool = False
     act_scale: float = 1.0
     act_zero: int = 0
+    family: str = "int"
+    fmt: str = ""
+
+
+@dataclass
+class StoredWeight:
+    """A layer's canonical weight, as a kernel's `prepare` reads it: the format's scheme (a
+    lowbit.formats.Scheme; not imported here, formats sit above the kernels), the tensors the checkpoint
+    stores, and the float weight's shape. Each form is derived once per StoredWeight and shared."""
+
+    scheme: Any
+    state: Mapping[str, torch.Tensor]
+    shape: tuple[int, ...]
+    _forms: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def _form(self, name: str) -> Any:
+        if name not in self._forms:
+            self._forms[name] = getattr(self.scheme, name)(self.state, self.shape)
+        return self._forms[name]
+
+    def affine_codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Unsigned codes uint8 [N, Kp], scale and zero point float32 [N, Kp / G]: W = (codes - zero) * scale."""
+        return self._form("affine_codes")
+
+    def int8_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Signed int8 codes and scale ([N] per channel, else [N, K / G]): W = codes * scale."""
+        return self._form("int8_codes")
+
+    def decode(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight of `shape`, computed now (not cached: the per-call path of simulated kernels)."""
+        return self.scheme.decode(self.state, self.shape, dtype)
 
 
 class Kernel:
     """One way to compute a quantized layer.
 
-    `prepare` turns the canonical weight into the kernel's own form once (at quantize or load time);
-    `run` computes the layer from it. Kernels that share a name (the one `backend=` and checkpoints
+    `prepare` turns the canonical weight (a StoredWeight: it asks the format's scheme for the form it
+    takes) into the kernel's own form once (at quantize or load time); `run` computes the layer from it. Kernels that share a name (the one `backend=` and checkpoints
     use) take disjoint kinds of layer.
     """
 
@@ -61,8 +95,7 @@ class Kernel:
         """Why `supports(spec)` is False, for the error a user sees when forcing this kernel."""
         return f"it does not take {spec}"
 
-    def prepare(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                spec: LayerSpec) -> dict[str, Any]:
+    def prepare(self, weight: StoredWeight, spec: LayerSpec) -> dict[str, Any]:
         raise NotImplementedError
 
     def run(self, x: torch.Tensor, prep: dict[str, Any], spec: LayerSpec,

@@ -50,7 +50,8 @@ class OneDNNInt8(Kernel):
         return self.refusal(spec) == ""
 
     def refusal(self, spec: LayerSpec) -> str:
-        if spec.act not in ("dynamic", "static") or (spec.conv is not None and spec.act != "static"):
+        if (spec.act not in ("dynamic", "static") or spec.family != "int"
+                or (spec.conv is not None and spec.act != "static")):
             return "it runs int8 layers with uint8 activations (dynamic linear, static linear or conv)"
         if not onednn.available():
             return "oneDNN int8 ops missing on this machine or build"
@@ -61,7 +62,8 @@ class OneDNNInt8(Kernel):
                     f"exact here up to {onednn.weight_qmax()})")
         return ""
 
-    def prepare(self, codes, scale, zero, spec):
+    def prepare(self, weight, spec):
+        codes, scale = weight.int8_codes()
         codes, scale = codes.contiguous(), scale.float().contiguous()
         prep = {"codes": codes, "scale": scale}
         if spec.conv is not None:
@@ -101,12 +103,14 @@ class ReferenceInt8(Kernel):
     simulated = True
 
     def supports(self, spec: LayerSpec) -> bool:
-        return spec.act in ("dynamic", "static") and (spec.conv is None or spec.act == "static")
+        return (spec.act in ("dynamic", "static") and spec.family == "int"
+                and (spec.conv is None or spec.act == "static"))
 
     def refusal(self, spec: LayerSpec) -> str:
         return "it runs int8 layers with uint8 activations (dynamic linear, static linear or conv)"
 
-    def prepare(self, codes, scale, zero, spec):
+    def prepare(self, weight, spec):
+        codes, scale = weight.int8_codes()
         return {"codes": codes, "scale": scale}
 
     def run(self, x, prep, spec, bias):
