@@ -128,14 +128,16 @@ def test_language_model_traces_without_breaks(recipe, backend):
     check(q, ids(10), ops, 1e-2 if KERNELS[backend].act_dtype == torch.bfloat16 else 1e-5)
 
 
-@pytest.mark.parametrize("recipe,kernel", [("kmeans4", "dequant"), ("bf16", "bf16_mm"), ("fp8", "dequant")])
+@pytest.mark.parametrize("recipe,kernel", [("kmeans4", "dequant"), ("bf16", "bf16_mm"), ("bf16", "dequant"),
+                                           ("fp8", "dequant")])
 def test_other_formats_trace_without_breaks(recipe, kernel):
-    """Codebook and float formats: one way to run each, plain ATen ops."""
+    """Codebook and float formats, on each kernel that can run them: plain ATen ops."""
     torch.manual_seed(0)
-    q = quantized(TinyLM().eval(), recipe, "auto", [])
+    q = quantized(TinyLM().eval(), recipe, kernel, [])
     assert {m.kernel_name for m in q.modules() if hasattr(m, "kernel_name") and not isinstance(m, QuantEmbedding)} == {
         kernel}
-    check(q, ids(10), set(), 1e-2 if recipe == "bf16" else 1e-5)
+    for x in (ids(10), ids(11, batch=1, seq=5)):  # 21 rows, then 5 (bf16_mm's bf16 GEMM for few rows)
+        check(q, x, set(), 1e-2 if recipe == "bf16" else 1e-5)
 
 
 @pytest.mark.parametrize("backend", ["onednn", "reference"])
