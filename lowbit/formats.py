@@ -164,8 +164,8 @@ class Scheme:
         """What a caller may keep to make decode_rows cheap: the unpacked codes, None for formats without."""
         return None
 
-    def decode_rows(self, state: State, shape: Sequence[int], rows: torch.Tensor, codes: torch.Tensor | None = None,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def decode_rows(self, state: State, shape: Sequence[int], rows: torch.Tensor,
+                    codes: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Rows `rows` (indices of any shape) of the weight's [N, K] view, decoded: [*rows.shape, K], the same
         values as decode's without decoding the other rows (an embedding lookup). codes: row_codes(state,
         shape), when the caller keeps it."""
@@ -372,7 +372,8 @@ class _Coded(Scheme):
         c = (self.codes(state, shape) if codes is None else codes)[rows].float()  # [..., Kp]
         at = rows if lay.block[0] == 1 else rows // lay.block[0]
         g = lay.block[1]
-        out = ((c.reshape(*c.shape[:-1], lay.kp // g, g) - z[at].unsqueeze(-1)) * s[at].unsqueeze(-1)).reshape(c.shape)
+        cb = c.reshape(*c.shape[:-1], lay.kp // g, g)
+        out = ((cb - z[at].unsqueeze(-1)) * s[at].unsqueeze(-1)).reshape(c.shape)
         return out[..., :lay.k].to(dtype)
 
     def fake_quantize(self, w, scale=None):

@@ -200,7 +200,8 @@ class QuantEmbedding(QuantModule):
         return cls(emb.num_embeddings, emb.embedding_dim, config, state, emb.padding_idx)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        rows = self.scheme.decode_rows(self._buffers, (self.num_embeddings, self.embedding_dim), idx, self._codes)
+        shape = (self.num_embeddings, self.embedding_dim)
+        rows = self.scheme.decode_rows(self._buffers, shape, idx, self._codes)
         return rows.to(self.float_dtype)  # the model's dtype: later layers see what they would
 
     def extra_repr(self) -> str:

@@ -6,8 +6,8 @@ takes bf16 weights, and "dequant" any format (it decodes through the format's sc
 weights with uint8 activations (W8A8 linear and conv layers) are in int8.py. Each kernel is a class:
 whether it can run a layer (`supports`, from a LayerSpec), the kernel's own layout of the weight made once
 at quantize or load time from the canonical weight (`prepare`, from a StoredWeight), and the computation
-(`run`). Kernels built on lowbit's C++ code or
-oneDNN call them through custom ops (ops.py), so torch.compile and torch.export can trace them.
+(`run`). Kernels built on lowbit's C++ code or oneDNN call them through custom ops (ops.py), so
+torch.compile and torch.export can trace them.
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ class Dequant(WeightOnlyKernel):
 
     def run(self, x, prep, spec, bias):
         if spec.family != "int":
-            return F.linear(x, prep["weight"].decode().to(x.dtype), None if bias is None else bias.to(x.dtype))
+            b = None if bias is None else bias.to(x.dtype)
+            return F.linear(x, prep["weight"].decode().to(x.dtype), b)
         w = (prep["codes"].float() - _expand(prep["zero"], spec.group_size)) * _expand(prep["scale"], spec.group_size)
         return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
 

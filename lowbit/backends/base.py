@@ -64,7 +64,8 @@ class StoredWeight:
         return self._forms[name]
 
     def affine_codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Unsigned codes uint8 [N, Kp], scale and zero point float32 [N, Kp / G]: W = (codes - zero) * scale."""
+        """Unsigned codes uint8 [N, Kp], scale and zero point float32 [N, Kp / G]:
+        W = (codes - zero) * scale."""
         return self._form("affine_codes")
 
     def int8_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,8 +81,8 @@ class Kernel:
     """One way to compute a quantized layer.
 
     `prepare` turns the canonical weight (a StoredWeight: it asks the format's scheme for the form it
-    takes) into the kernel's own form once (at quantize or load time); `run` computes the layer from it. Kernels that share a name (the one `backend=` and checkpoints
-    use) take disjoint kinds of layer.
+    takes) into the kernel's own form once (at quantize or load time); `run` computes the layer from it.
+    Kernels that share a name (the one `backend=` and checkpoints use) take disjoint kinds of layer.
     """
 
     name = "?"
