@@ -500,3 +500,17 @@ def test_kmeans_dequantize_checks_shapes():
         core.kmeans_dequantize(codes, torch.zeros(3, 1, 4), (1, 8))
     with pytest.raises(ValueError, match="out of range"):
         core.kmeans_dequantize(codes + 4, torch.zeros(2, 1, 4), (1, 8))
+
+
+def test_symmetric_codes_mirror_exactly_near_half_steps():
+    # Adding the zero point before rounding dropped low bits of x / scale, so x and -x could round to
+    # codes that are not mirror images (found by the property test above with x = 3e-4, 5 bits).
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(1, 4096, generator=g) * 3e-4).double()
+    scale = torch.tensor([[2.17e-5]], dtype=torch.float32)
+    x = ((torch.round(x / scale.double()) + 0.5) * scale.double()).float().reshape(1, -1)  # near half steps
+    x = torch.cat([x, torch.nextafter(x, torch.zeros_like(x))], 1)
+    zp = torch.tensor([[16.0]])
+    codes = core.quantize_affine(x, scale, zp, 5, (1, x.shape[1]), symmetric=True).int() - 16
+    neg = core.quantize_affine(-x, scale, zp, 5, (1, x.shape[1]), symmetric=True).int() - 16
+    assert torch.equal(neg, -codes)

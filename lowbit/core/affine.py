@@ -152,7 +152,8 @@ def _check_scale(scale: torch.Tensor) -> None:
 def quantize_affine(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
                     block_size: Sequence[int], qmin: int | None = None, qmax: int | None = None,
                     symmetric: bool = False) -> torch.Tensor:
-    """uint8 codes = clamp(round(x / scale + zero_point), qmin, qmax), bits in 1..8.
+    """uint8 codes = clamp(round(x / scale + zero_point), qmin, qmax), bits in 1..8 (symmetric:
+    clamp(round(x / scale) + zero_point, ...)).
 
     Defaults: qmin = 0, qmax = 2**bits - 1. With symmetric=True (bits >= 2) qmin defaults to 1, the
     restricted range that matches choose_qparams_affine(..., symmetric=True). Explicit qmin/qmax win.
@@ -174,7 +175,9 @@ def quantize_affine(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     s = param_view(scale, x.shape, block_size)
     z = param_view(zero_point.float(), x.shape, block_size)
     xb = x.reshape(blocked_shape(x.shape, block_size))
-    q = torch.round(xb / s + z).clamp_(qmin, qmax)
+    # Symmetric: round x / scale before adding the zero point. Adding it first drops low bits of the
+    # fraction, so x and -x could round to codes that are not mirror images.
+    q = (torch.round(xb / s) + z if symmetric else torch.round(xb / s + z)).clamp_(qmin, qmax)
     return q.to(torch.uint8).reshape(x.shape)
 
 
