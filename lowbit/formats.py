@@ -482,12 +482,9 @@ class AffineScheme(_Coded):
             return hqq_quantize(x, self.bits, lay.block[1])
         if self.symmetric:
             s = self._own_params(x, lay)[0] if scale is None else scale
-            # Round x / s (not x / s + zero: adding the zero point first would lose low bits of the quotient).
-            q = self.int8_qmax
-            xb = x.reshape(core.blocked_shape(x.shape, lay.block))
-            c = torch.round(xb / core.param_view(s, x.shape, lay.block)).clamp_(-q, q)
-            u = (c + self.zero).to(torch.uint8).reshape(x.shape)
-            return u, s, torch.full_like(s, self.zero)
+            z, q = torch.full_like(s, self.zero), self.int8_qmax
+            u = core.quantize_affine(x, s, z, self.bits, lay.block, self.zero - q, self.zero + q, symmetric=True)
+            return u, s, z
         if (scale is None) != (zero is None):
             raise ValueError(f"{self.name} takes a fixed scale and zero point together")
         s, z = self._own_params(x, lay) if scale is None else (scale, zero)

@@ -223,14 +223,3 @@ def summary_row(mod: nn.Module) -> dict | None:
 def weight_count(mod: QuantModule) -> int:
     """How many weights a quantized layer stands for (its float weight's numel)."""
     return int(torch.Size(mod.float_weight_shape()).numel())
-
-
-# Canonical tensors that are not part of the weight's encoding: counted apart from bits per weight.
-NOT_WEIGHT = ("bias", "act_scale", "act_zero_point")
-
-
-def bits_per_weight(mod: QuantModule) -> float:
-    """Storage bits per weight of a quantized layer: its codes with every scale, zero point, codebook and
-    input scale it keeps (the canonical state a checkpoint stores), the bias and activation ranges apart."""
-    nbytes = sum(t.numel() * t.element_size() for n, t in mod.canonical_state().items() if n not in NOT_WEIGHT)
-    return nbytes * 8 / max(weight_count(mod), 1)

@@ -620,7 +620,7 @@ def summary(model: nn.Module) -> Summary:
             continue
         row = {"layer": name, "type": fields["type"], "shape": fields["shape"], "recipe": mod.config.name,
                "kernel": fields["kernel"], "act_dtype": fields["act_dtype"], "simulated": fields["simulated"],
-               "bits_per_weight": layers.bits_per_weight(mod), "weights": layers.weight_count(mod)}
+               "bits_per_weight": mod.bits_per_weight, "weights": layers.weight_count(mod)}
         if name in slower:
             row["reason"] = slower[name]["reason"]
         rows.append(row)

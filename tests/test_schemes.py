@@ -13,7 +13,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 import lowbit
-from lowbit import core, formats, layers
+from lowbit import core, formats
 from lowbit.modules import QuantLinear
 from lowbit.recipes import RECIPES, parse_recipe
 from lowbit.w8a8 import W8A8Linear
@@ -389,7 +389,9 @@ def test_every_recipe_has_its_scheme_and_layers_report_bits_per_weight():
         kernel = "dequant" if recipe[0] != "f" else "auto"
         layer = QuantLinear.from_float(lin, parse_recipe(recipe), kernel=kernel)
         assert layer.bits_per_weight == pytest.approx(bpw), recipe
-        assert layer.bits_per_weight == pytest.approx(layers.bits_per_weight(layer))  # what summary shows
+        stored = sum(t.numel() * t.element_size() for n, t in layer.canonical_state().items() if n != "bias")
+        assert layer.bits_per_weight == pytest.approx(stored * 8 / lin.weight.numel())  # what the state holds
+        assert lowbit.summary(nn.Sequential(layer))[0]["bits_per_weight"] == layer.bits_per_weight
     w8 = W8A8Linear.from_float(lin, parse_recipe("w8a8-dynamic"), kernel="reference")
     assert w8.bits_per_weight == pytest.approx(8 + 32 / 256)
     assert w8.scheme.signed and w8.scheme.runs_on == "int8"
