@@ -83,6 +83,18 @@ class QuantModule(nn.Module):
     def canonical_state(self) -> dict[str, torch.Tensor]:
         return {name: b for name, b in self.named_buffers(recurse=False)}
 
+    def _derive(self) -> None:
+        """Rebuild what the layer derives from its canonical buffers (unpacked codes, the kernel's form)."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # load_state_dict copies into the buffers in place (or assigns new tensors): the derived forms would
+        # then compute with the old weights. Re-derive them when any buffer changed; lowbit.load assigns the
+        # very tensors the layer was built from, which costs nothing here.
+        before = {n: (id(b), b._version) for n, b in self._buffers.items() if b is not None}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if before != {n: (id(b), b._version) for n, b in self._buffers.items() if b is not None}:
+            self._derive()
+
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight the layer computes with (an input scale, if any, folded into its columns)."""
         w = self.scheme.decode(self.canonical_state(), self.float_weight_shape())
@@ -149,6 +161,9 @@ class QuantLinear(QuantModule):
     def set_kernel(self, name: str) -> None:
         self._setup_kernel(name)
 
+    def _derive(self) -> None:
+        self._setup_kernel(self.kernel_name)
+
     @property
     def kernel(self) -> str:
         return self.kernel_name
@@ -188,8 +203,11 @@ class QuantEmbedding(QuantModule):
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self._init_state(num_embeddings, embedding_dim, config, state)
         self.kernel_name = "gather"
+        self._derive()
+
+    def _derive(self) -> None:
         # Unpacked once (not per lookup), when the format has codes.
-        self._codes = self.scheme.row_codes(state, (num_embeddings, embedding_dim))
+        self._codes = self.scheme.row_codes(self._buffers, (self.num_embeddings, self.embedding_dim))
 
     @classmethod
     def from_float(cls, emb: nn.Embedding, config: QuantConfig, scale: torch.Tensor | None = None,

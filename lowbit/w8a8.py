@@ -56,14 +56,21 @@ class _W8A8(QuantModule):
         self._init_state(shape[0], int(torch.Size(shape[1:]).numel()), config, state)
         # The canonical weight as the kernels read it; its int8 codes (derived once: for narrower formats an
         # unpacked copy) are also what the layer's range and dequantized weight are computed from.
-        self._stored = StoredWeight(self.scheme, self._buffers, self.weight_shape)
-        self.codes = self._stored.int8_codes()[0]
+        self._derive_codes()
         if bias is not None:
             self.register_buffer("bias", bias.detach().float().clone())
         else:
             self.bias = None
         self.relu = relu
         self.kernel_name = "reference"
+
+    def _derive_codes(self) -> None:
+        self._stored = StoredWeight(self.scheme, self._buffers, self.weight_shape)
+        self.codes = self._stored.int8_codes()[0]
+
+    def _derive(self) -> None:
+        self._derive_codes()
+        self.set_kernel(self.kernel_name)
 
     @property
     def static(self) -> bool:

@@ -271,3 +271,18 @@ def test_usual_modes_follow_the_umask():
     finally:
         os.umask(old)
     assert files.FILE_MODE == 0o666 & ~files.UMASK and files.DIR_MODE == 0o777 & ~files.UMASK
+
+
+@pytest.mark.parametrize("recipe", ["int4-g128", "int8", "w8a8-dynamic", "int4-a8-dynamic", "kmeans4"])
+def test_load_state_dict_in_place_recomputes_what_the_kernels_hold(recipe):
+    # load_state_dict copies into the existing buffers: unpacked codes and kernel forms must follow.
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Embedding(50, 64), nn.Linear(64, 32))
+    a = lowbit.quantize(make(), recipe, backend="auto")
+    b = lowbit.quantize(make(), recipe, backend="auto")
+    ids = torch.randint(0, 50, (2, 4))
+    with torch.no_grad():
+        assert not torch.equal(a(ids), b(ids))
+        a.load_state_dict(b.state_dict())
+        for rows in (ids[:1, :1], ids):  # one row (GEMV paths) and several (GEMM paths)
+            assert torch.equal(a(rows), b(rows))
