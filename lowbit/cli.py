@@ -122,7 +122,7 @@ def quantize_cmd(src: str, recipe: str, out: str, exclude: tuple[str, ...], cali
                 click.echo(f"{src}: {checkpoint_bytes(path) / 1e9:.1f} GB of weights; quantizing one block at a "
                            "time (--in-memory to override)", err=True)
         if low_memory:
-            _quantize_low_memory(path, recipe, out, exclude, calib, calib_size, needs_calib)
+            _quantize_low_memory(path, recipe, out, exclude, calib, calib_size, needs_calib, backend)
             return
         model, tokenizer = hf.load_hf_model(path)
         calibration = None
@@ -142,7 +142,7 @@ def _memory_bytes() -> int:
 
 
 def _quantize_low_memory(path, recipe: str, out: str, exclude: tuple[str, ...], calib: str | None, calib_size: int,
-                         needs_calib: bool) -> None:
+                         needs_calib: bool, backend: str = "auto") -> None:
     from transformers import AutoTokenizer
 
     from . import checkpoint, hf
@@ -159,7 +159,8 @@ def _quantize_low_memory(path, recipe: str, out: str, exclude: tuple[str, ...], 
         calibration, note = _calibration(tokenizer, calib, calib_size, hf.is_causal_lm(path))
         click.echo(note, err=True)
     t0 = time.perf_counter()
-    quantize_folder(path, out, recipe, calibration=calibration, exclude=exclude, tokenizer=tokenizer)
+    quantize_folder(path, out, recipe, calibration=calibration, exclude=exclude, tokenizer=tokenizer,
+                    backend=backend)
     size = checkpoint.tensor_bytes(checkpoint.read_manifest(out)) / 1e6
     click.echo(f"saved {recipe} checkpoint to {out} ({size:.1f} MB) in {time.perf_counter() - t0:.0f} s")
 
@@ -176,9 +177,8 @@ def eval_cmd(model: str, task: str, data: str | None) -> None:
     from .bench import load_any
     from .perplexity import eval_text_perplexity
 
-    TASKS = _workbench("evaluate").TASKS
-    if task not in TASKS:
-        _fail(ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}"))
+    if task not in ("stsb", "ppl"):
+        _fail(ValueError(f"unknown task {task!r}; valid: stsb, ppl"))
     if data is not None and task != "ppl":
         _fail(ValueError(f"--data is for --task ppl; {task} scores its own data set"))
     try:
@@ -191,7 +191,7 @@ def eval_cmd(model: str, task: str, data: str | None) -> None:
                        f"moving by {result['stride']}", err=True)
             score = result["ppl"]
         else:
-            score = TASKS[task](m, tokenizer, progress=True)
+            score = _workbench("evaluate").TASKS[task](m, tokenizer, progress=True)  # lowbit's own data
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
     click.echo(f"{label}: {task} = {score:.2f}")

@@ -109,7 +109,7 @@ def _linear_row(m: nn.Module) -> dict:
             "act_dtype": str(m.act_dtype).replace("torch.", ""), "simulated": m.simulated}
 
 
-def _w8a8(cls: type, name: str, entry: dict, config: QuantConfig, state: dict, args: tuple) -> nn.Module:
+def _w8a8(cls: type, name: str, entry: dict, args: tuple) -> nn.Module:
     try:
         return cls(*args, kernel=entry["kernel"], relu=entry["relu"])
     except ValueError:
@@ -120,7 +120,7 @@ def _w8a8(cls: type, name: str, entry: dict, config: QuantConfig, state: dict, a
 
 def _rebuild_w8a8_linear(name: str, entry: dict, config: QuantConfig, state: dict) -> nn.Module:
     bias = state.pop("bias", None)
-    return _w8a8(W8A8Linear, name, entry, config, state,
+    return _w8a8(W8A8Linear, name, entry,
                  (entry["in_features"], entry["out_features"], config, state, bias))
 
 
@@ -128,7 +128,7 @@ def _rebuild_w8a8_conv(name: str, entry: dict, config: QuantConfig, state: dict)
     bias = state.pop("bias", None)
     geo = {k: entry[k] for k in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
                                  "groups")}
-    return _w8a8(W8A8Conv, name, entry, config, state, (geo, config, state, bias))
+    return _w8a8(W8A8Conv, name, entry, (geo, config, state, bias))
 
 
 def _rebuild_linear(name: str, entry: dict, config: QuantConfig, state: dict) -> nn.Module:
