@@ -291,6 +291,24 @@ def _print_layer_reports(ref: nn.Module, quantized: list[tuple[str, str, nn.Modu
         click.echo(format_layer_report(rows))
 
 
+@main.command("export")
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "-f", "fmt", required=True,
+              type=click.Choice(["onnx", "gguf", "compressed-tensors"]),
+              help="onnx: run and checked in ONNX Runtime; gguf: llama.cpp; compressed-tensors: a Hugging Face "
+                   "folder that loads without lowbit")
+@click.option("--out", "-o", required=True, type=click.Path(), help="file (onnx, gguf) or folder to write")
+def export_cmd(checkpoint: str, fmt: str, out: str) -> None:
+    """Export CHECKPOINT (a folder written by `lowbit quantize` or lowbit.save) to another runtime."""
+    from . import export
+
+    try:
+        path = export.from_checkpoint(checkpoint, fmt, out, echo=click.echo)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    click.echo(f"wrote {path}")
+
+
 @main.command("info")
 def info_cmd() -> None:
     """CPU features, torch version, and which kernels run here (and which formats are simulated)."""
