@@ -44,8 +44,9 @@ def tokenizer():
 
 def tiny_llama(seed: int = 0):
     config = transformers.LlamaConfig(vocab_size=VOCAB_ROWS, hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-                                      head_dim=HEAD_DIM, max_position_embeddings=64, rms_norm_eps=1e-5,
+                                      num_hidden_layers=2, num_attention_heads=HEADS,
+                                      num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
+                                      max_position_embeddings=64, rms_norm_eps=1e-5,
                                       tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(config).eval()
@@ -80,10 +81,12 @@ def hf_permute(w, heads):
 
 
 SYM4 = lowbit.QuantConfig("int", 4, 32, symmetric=True)
-CASES = [("int8", "Q8_0"), (SYM4, "Q4_0"), ("int4-g32", "Q4_1"), ("int4-g128", "Q4_1"), ("int4-g32-hqq", "Q4_1")]
+CASES = [("int8", "Q8_0"), (SYM4, "Q4_0"), ("int4-g32", "Q4_1"), ("int4-g128", "Q4_1"),
+         ("int4-g32-hqq", "Q4_1")]
 
 
-@pytest.mark.parametrize("recipe,qtype", CASES, ids=["int8", "int4-g32-sym", "int4-g32", "int4-g128", "int4-g32-hqq"])
+@pytest.mark.parametrize("recipe,qtype", CASES,
+                         ids=["int8", "int4-g32-sym", "int4-g32", "int4-g128", "int4-g32-hqq"])
 def test_export_reads_back_as_lowbit_weights(tmp_path, tokenizer, recipe, qtype):
     model = quantized(recipe)
     lines = []
@@ -114,10 +117,10 @@ def test_export_reads_back_as_lowbit_weights(tmp_path, tokenizer, recipe, qtype)
             want = hf_permute(want, KV_HEADS)
         # Only the scales (and Q4_1's min) are rounded to fp16: relative 2**-11 of (|u| + |zero|) * scale,
         # at most (255 + 0) or (15 + 15) steps of a scale; a scale is at most max |w| / 7 here.
-        bound = 2.0 ** -11 * 30 * want.abs().max() if qtype != "Q8_0" else 2.0 ** -11 * want.abs().max() * 1.01
+        bound = 2.0 ** -11 * want.abs().max() * (30 if qtype != "Q8_0" else 1.01)
         err = (got - want).abs().max()
         assert err <= bound, (name, err, bound)
-        assert err > 0 or qtype == "Q8_0"  # the fp16 rounding really happened (a test that compares something)
+        assert err > 0 or qtype == "Q8_0"  # the fp16 rounding really happened: the test compares something
     for name, t in tensors.items():
         if "norm" in name:
             assert t.tensor_type.name == "F32"
@@ -132,7 +135,8 @@ def test_metadata_and_tokenizer(tmp_path, tokenizer):
     expect = {"llama.block_count": 2, "llama.context_length": 64, "llama.embedding_length": 64,
               "llama.feed_forward_length": 128, "llama.attention.head_count": HEADS,
               "llama.attention.head_count_kv": KV_HEADS, "llama.rope.dimension_count": HEAD_DIM,
-              "llama.vocab_size": VOCAB_ROWS, "tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.eos_token_id": 1,
+              "llama.vocab_size": VOCAB_ROWS, "tokenizer.ggml.bos_token_id": 0,
+              "tokenizer.ggml.eos_token_id": 1,
               "general.file_type": int(gguf.LlamaFileType.ALL_F32)}
     for key, value in expect.items():
         assert field(reader, key) == value, key
@@ -276,7 +280,8 @@ def test_cli_exports_a_saved_checkpoint(tmp_path, tokenizer):
     assert "read back" in r.output and f"wrote {out}" in r.output
     reader, tensors = read(out)
     assert tensors["blk.0.ffn_down.weight"].tensor_type.name == "Q4_1"
-    assert field(reader, "tokenizer.ggml.pre") == "gpt-2" and len(field(reader, "tokenizer.ggml.tokens")) == VOCAB_ROWS
+    assert field(reader, "tokenizer.ggml.pre") == "gpt-2"
+    assert len(field(reader, "tokenizer.ggml.tokens")) == VOCAB_ROWS
     # Same codes as exporting the in-memory model: loading the checkpoint changed nothing.
     direct = export_gguf(model, tmp_path / "direct.gguf", tokenizer=tokenizer, echo=lambda s: None)
     _, again = read(direct)
@@ -284,5 +289,39 @@ def test_cli_exports_a_saved_checkpoint(tmp_path, tokenizer):
     r = CliRunner().invoke(main, ["export", str(tmp_path / "ckpt"), "--format", "gguf", "-o", str(out)])
     assert r.exit_code == 0
     lowbit.save(quantized("kmeans4"), tmp_path / "km")
-    r = CliRunner().invoke(main, ["export", str(tmp_path / "km"), "--format", "gguf", "-o", str(tmp_path / "k.gguf")])
+    r = CliRunner().invoke(main, ["export", str(tmp_path / "km"), "-f", "gguf", "-o",
+                                  str(tmp_path / "k.gguf")])
     assert r.exit_code != 0 and "kmeans4" in r.output and not (tmp_path / "k.gguf").exists()
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "llama-tied-fp16"])
+def test_other_llama_family_shapes(tmp_path, tokenizer, kind):
+    shape = {"vocab_size": VOCAB_ROWS, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+             "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "max_position_embeddings": 64}
+    torch.manual_seed(0)
+    if kind == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**shape))
+    elif kind == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape, tie_word_embeddings=False))
+    else:
+        config = transformers.LlamaConfig(**shape, tie_word_embeddings=True)
+        model = transformers.LlamaForCausalLM(config).half()
+    if kind != "llama-tied-fp16":
+        lowbit.quantize(model, "int4-g32", keep_float_if_slower=False)
+    path = export_gguf(model.eval(), tmp_path / "m.gguf", tokenizer=tokenizer, echo=lambda s: None)
+    reader, tensors = read(path)
+    assert field(reader, "general.architecture") == ("qwen2" if kind == "qwen2" else "llama")
+    attn = model.model.layers[0].self_attn
+    q = torch.from_numpy(np.array(gguf.quants.dequantize(tensors["blk.0.attn_q.weight"].data,
+                                                         tensors["blk.0.attn_q.weight"].tensor_type)))
+    want = attn.q_proj.weight.float()
+    if kind != "qwen2":  # llama.cpp's qwen2 ropes each head's halves, as Hugging Face does: not permuted
+        want = hf_permute(want, HEADS)
+    torch.testing.assert_close(q, want, rtol=0, atol=2.0 ** -10 * 30 * want.abs().max().item())
+    if kind == "qwen2":
+        bias = torch.from_numpy(np.array(tensors["blk.0.attn_k.bias"].data))
+        assert torch.equal(bias, attn.k_proj.bias.float())
+    if kind == "llama-tied-fp16":  # a tied head is read from token_embd; fp16 weights stay F16, norms F32
+        assert "output.weight" not in tensors
+        assert tensors["blk.0.attn_v.weight"].tensor_type.name == "F16"
+        assert tensors["blk.0.attn_norm.weight"].tensor_type.name == "F32"

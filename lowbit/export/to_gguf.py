@@ -29,6 +29,7 @@ to a temporary name and renamed into place only when it agrees.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -42,7 +43,7 @@ from torch import nn
 
 from ..formats import AffineScheme, FloatScheme
 from ..modules import QuantEmbedding, QuantLinear, QuantModule
-from .verify import ExportError, compare
+from .verify import Agreement, ExportError
 
 __all__ = ["export", "from_checkpoint"]
 
@@ -69,15 +70,17 @@ _NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5
 
 @dataclass
 class _Tensor:
-    """One tensor as written: GGUF name, type name, payload (raw blocks uint8 [N, bytes] or float array),
-    and what it must read back as: lowbit's weight (in the file's row order) and the allowed error."""
+    """One tensor as written: GGUF name, type name, payload (raw blocks uint8 [N, bytes] or float array,
+    rows in the file's order), and what it must read back as, in the model's row order: expect() gives
+    lowbit's weight and the allowed error (computed when checked, so that a large model's float weights
+    are not all held at once)."""
 
     name: str
     source: str  # the model's layer or parameter name, for messages
     qtype: str  # "Q8_0", "Q4_0", "Q4_1", "F32", "F16"
     data: np.ndarray
-    reference: torch.Tensor
-    bound: torch.Tensor | float
+    expect: Callable[[], tuple[torch.Tensor, torch.Tensor | float]]
+    perm: torch.Tensor | None = None  # row r of the file is row perm[r] of the model's weight
     recipe: str = "float"
 
 
@@ -120,7 +123,7 @@ def _nibbles(u: torch.Tensor) -> torch.Tensor:
 
 
 def pack_q4_0(u: torch.Tensor, d: torch.Tensor) -> np.ndarray:
-    """u codes [N, K] in [0, 15] (w = d * (u - 8)), d float16 [N, K / 32] -> Q4_0 rows (18 bytes per block)."""
+    """u codes [N, K] in [0, 15] (w = d * (u - 8)), d float16 [N, K / 32] -> Q4_0 rows (18 bytes a block)."""
     n, k = u.shape
     return _with_d([_half_bytes(d), _nibbles(u)], n, k // BLOCK)
 
@@ -144,9 +147,10 @@ def _permutation(rows: int, heads: int) -> torch.Tensor:
 
 
 def _refuse(name: str, what: str, why: str) -> ExportError:
-    return ExportError(f"layer {name!r} ({what}) cannot be written to GGUF: {why}. GGUF takes int8 symmetric "
-                       "(Q8_0) and int4 (Q4_0 symmetric, Q4_1 asymmetric) with one scale per row or per group of "
-                       "a multiple of 32, and float layers; exclude the layer from quantization or re-quantize it")
+    return ExportError(f"layer {name!r} ({what}) cannot be written to GGUF: {why}. GGUF takes int8 "
+                       "symmetric (Q8_0) and int4 (Q4_0 symmetric, Q4_1 asymmetric) with one scale per row "
+                       "or per group of a multiple of 32, and float layers; exclude the layer from "
+                       "quantization or re-quantize it")
 
 
 def _quantized(gguf_name: str, name: str, mod: QuantModule, perm: torch.Tensor | None) -> _Tensor:
@@ -158,25 +162,29 @@ def _quantized(gguf_name: str, name: str, mod: QuantModule, perm: torch.Tensor |
     if len(shape) != 2:
         raise _refuse(name, recipe, f"its weight has shape {tuple(shape)}, not a matrix")
     if "input_scale" in mod.canonical_state():
-        raise _refuse(name, recipe, "it multiplies its inputs by a per-channel scale that GGUF has no place for")
+        raise _refuse(name, recipe, "it multiplies its inputs by a per-channel scale that GGUF has no "
+                                    "place for")
     scheme, state = mod.scheme, mod.canonical_state()
     n, k = shape
     if isinstance(scheme, FloatScheme):
         w = scheme.decode(state, shape)
-        w = w if perm is None else w[perm]
-        if scheme.fmt == "fp16":  # exact in F16; bf16 and fp8 values are exact in F32
-            return _Tensor(gguf_name, name, "F16", w.to(torch.float16).numpy(), w, 0.0, recipe)
-        return _Tensor(gguf_name, name, "F32", w.numpy(), w, 0.0, recipe)
+        data = w if perm is None else w[perm]
+        # fp16 values are exact in F16; bf16 and fp8 values in F32.
+        data, qtype = (data.to(torch.float16), "F16") if scheme.fmt == "fp16" else (data, "F32")
+        return _Tensor(gguf_name, name, qtype, data.numpy(), lambda: (scheme.decode(state, shape), 0.0), perm,
+                       recipe)
     if not isinstance(scheme, AffineScheme) or scheme.signed:
         raise _refuse(name, recipe, f"{scheme.name} weights have no GGUF block type that holds them exactly")
     if scheme.bits not in (4, 8):
         raise _refuse(name, recipe, f"GGUF has no {scheme.bits}-bit block type lowbit's codes fit exactly")
     if scheme.bits == 8 and not scheme.symmetric:
-        raise _refuse(name, recipe, "8-bit codes with zero points have no GGUF block type (Q8_0 is symmetric)")
+        raise _refuse(name, recipe, "8-bit codes with zero points have no GGUF block type (Q8_0 is "
+                                    "symmetric)")
     lay = scheme.layout(shape)
     group = lay.block[1]
     if lay.block[0] != 1 or group % BLOCK:
-        raise _refuse(name, recipe, f"its groups of {group} inputs are not a multiple of GGUF's 32-input blocks")
+        raise _refuse(name, recipe, f"its groups of {group} inputs are not a multiple of GGUF's 32-input "
+                                    "blocks")
     if k % BLOCK:
         raise _refuse(name, recipe, f"its {k} inputs per row are not a multiple of GGUF's 32-input blocks")
     u, s, z = scheme.affine_codes(state, shape)  # u [N, Kp], s / z [N, Kp / G]: W = (u - z) * s
@@ -184,39 +192,42 @@ def _quantized(gguf_name: str, name: str, mod: QuantModule, perm: torch.Tensor |
     # One scale (and zero point) per 32-input block: the group's, repeated over its blocks.
     s = s.float().repeat_interleave(group // BLOCK, dim=1)[:, :k // BLOCK]
     z = z.float().repeat_interleave(group // BLOCK, dim=1)[:, :k // BLOCK]
-    reference = mod.dequantized_weight().reshape(n, k).float()
-    if perm is not None:
-        u, s, z, reference = u[perm], s[perm], z[perm], reference[perm]
     d = _fp16(s, name, "scale")
-    ds = (s - d.float()).abs()
-    uf = u.float().reshape(n, k // BLOCK, BLOCK)
-    # float32 arithmetic on both sides (lowbit's (u - z) * s, gguf's d * q (+ m)) adds a few ulps.
-    ulps = 2.0 ** -20 * (uf.abs() + z.abs().unsqueeze(-1)) * s.abs().unsqueeze(-1)
-    if scheme.symmetric:
-        zero = int(scheme.zero)
-        q = u.to(torch.int16) - zero
-        bound = q.float().abs().reshape(n, k // BLOCK, BLOCK) * ds.unsqueeze(-1) + ulps
-        if scheme.bits == 8:
-            data, qtype = pack_q8_0(q, d), "Q8_0"
-        else:
-            data, qtype = pack_q4_0((q + 8).to(torch.uint8), d), "Q4_0"
+    mz = -z * s
+    m = _fp16(mz, name, "zero point times scale")  # Q4_1's offset
+    if perm is None:
+        pu, pd, pm = u, d, m
     else:
-        mz = -z * s
-        m = _fp16(mz, name, "zero point times scale")
-        bound = (uf * ds.unsqueeze(-1) + (mz - m.float()).abs().unsqueeze(-1)) + ulps
-        data, qtype = pack_q4_1(u, d, m), "Q4_1"
-    return _Tensor(gguf_name, name, qtype, data, reference, bound.reshape(n, k), recipe)
+        pu, pd, pm = u[perm], d[perm], m[perm]
+    if not scheme.symmetric:
+        data, qtype = pack_q4_1(pu, pd, pm), "Q4_1"
+    elif scheme.bits == 8:
+        data, qtype = pack_q8_0(pu.to(torch.int16) - int(scheme.zero), pd), "Q8_0"
+    else:  # Q4_0's zero is 8, lowbit's symmetric 4-bit zero too: the codes go in as they are
+        data, qtype = pack_q4_0(pu.to(torch.int16) - int(scheme.zero) + 8, pd), "Q4_0"
+
+    def expect() -> tuple[torch.Tensor, torch.Tensor]:
+        # The weight moves by the fp16 rounding of its block's scale times |u - zero| (Q8_0, Q4_0), or of
+        # scale times |u| plus that of m (Q4_1); float32 arithmetic on both sides adds a few ulps.
+        uf = u.float().reshape(n, k // BLOCK, BLOCK)
+        ds = (s - d.float()).abs().unsqueeze(-1)
+        if scheme.symmetric:
+            bound = (uf - scheme.zero).abs() * ds
+        else:
+            bound = uf * ds + (mz - m.float()).abs().unsqueeze(-1)
+        bound = bound + 2.0 ** -20 * (uf + z.abs().unsqueeze(-1)) * s.abs().unsqueeze(-1)
+        return mod.dequantized_weight().reshape(n, k).float(), bound.reshape(n, k)
+
+    return _Tensor(gguf_name, name, qtype, data, expect, perm, recipe)
 
 
 def _float(gguf_name: str, name: str, t: torch.Tensor, perm: torch.Tensor | None = None,
            force_f32: bool = False) -> _Tensor:
     """A float parameter as F32 (norms always: llama.cpp computes them in F32), or F16 when it is fp16."""
-    w = t.detach().float()
-    if perm is not None:
-        w = w[perm]
-    if t.dtype == torch.float16 and not force_f32:
-        return _Tensor(gguf_name, name, "F16", w.to(torch.float16).numpy(), w, 0.0)
-    return _Tensor(gguf_name, name, "F32", w.contiguous().numpy(), w, 0.0)
+    w = t.detach()
+    qtype = "F16" if t.dtype == torch.float16 and not force_f32 else "F32"
+    data = (w if perm is None else w[perm]).to(torch.float16 if qtype == "F16" else torch.float32)
+    return _Tensor(gguf_name, name, qtype, data.contiguous().numpy(), lambda: (w.float(), 0.0), perm)
 
 
 def _weight(gguf_name: str, name: str, mod: nn.Module, perm: torch.Tensor | None = None) -> _Tensor:
@@ -257,22 +268,24 @@ def _config_shape(model: nn.Module) -> _Shape:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:
-        raise ExportError(f"GGUF export takes Llama-family causal LMs ({', '.join(ARCHITECTURES)}); this model is "
-                          f"{type(model).__name__} (model_type {model_type!r})")
+        raise ExportError(f"GGUF export takes Llama-family causal LMs ({', '.join(ARCHITECTURES)}); this "
+                          f"model is {type(model).__name__} (model_type {model_type!r})")
     if not hasattr(model, "lm_head") or not hasattr(getattr(model, "model", None), "layers"):
-        raise ExportError(f"GGUF export takes a causal LM with its head ({model_type.capitalize()}ForCausalLM); "
-                          f"got {type(model).__name__}")
+        raise ExportError(f"GGUF export takes a causal LM with its head "
+                          f"({model_type.capitalize()}ForCausalLM); got {type(model).__name__}")
     arch, permute = ARCHITECTURES[model_type]
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-        raise ExportError(f"rope scaling {rope_type!r} is not written to GGUF by lowbit (only the default rope)")
+        raise ExportError(f"rope scaling {rope_type!r} is not written to GGUF by lowbit (only the default "
+                          "rope)")
     theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     if getattr(config, "mlp_bias", False):
         raise ExportError("MLP biases have no place in llama.cpp's Llama graph")
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return _Shape(arch, permute, config.num_hidden_layers, config.hidden_size, config.intermediate_size, heads,
+    return _Shape(arch, permute, config.num_hidden_layers, config.hidden_size, config.intermediate_size,
+                  heads,
                   getattr(config, "num_key_value_heads", None) or heads, head_dim,
                   config.max_position_embeddings, float(config.rms_norm_eps), float(theta),
                   int(model.model.embed_tokens.num_embeddings))
@@ -311,11 +324,12 @@ def _tensors(model: nn.Module, shape: _Shape) -> list[_Tensor]:
 
 
 def _tokenizer_fields(tokenizer: Any, vocab_rows: int) -> dict[str, Any]:
-    """What llama.cpp's "gpt2" tokenizer reads: tokens by id, their types, merges, special ids, pre-tokenizer."""
+    """What llama.cpp's "gpt2" tokenizer reads: tokens by id, their types, merges, special ids and the
+    pre-tokenizer's name."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise ExportError(f"the tokenizer {type(tokenizer).__name__} is not a fast (tokenizers) tokenizer; GGUF "
-                          "export writes byte-level BPE tokenizers only")
+        raise ExportError(f"the tokenizer {type(tokenizer).__name__} is not a fast (tokenizers) tokenizer; "
+                          "GGUF export writes byte-level BPE tokenizers only")
     spec = json.loads(backend.to_str())
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
@@ -326,8 +340,8 @@ def _tokenizer_fields(tokenizer: Any, vocab_rows: int) -> dict[str, Any]:
     for added in spec.get("added_tokens") or []:
         vocab[added["content"]] = added["id"]
     if max(vocab.values(), default=-1) >= vocab_rows:
-        raise ExportError(f"the tokenizer has token id {max(vocab.values())} but the model's embedding has only "
-                          f"{vocab_rows} rows")
+        raise ExportError(f"the tokenizer has token id {max(vocab.values())} but the model's embedding has "
+                          f"only {vocab_rows} rows")
     added = {a["id"]: a for a in spec.get("added_tokens") or []}
     by_id = {i: t for t, i in vocab.items()}
     tokens, types = [], []
@@ -337,7 +351,8 @@ def _tokenizer_fields(tokenizer: Any, vocab_rows: int) -> dict[str, Any]:
             types.append(_UNUSED)
         else:
             tokens.append(by_id[i])
-            types.append(_NORMAL if i not in added else _CONTROL if added[i].get("special") else _USER_DEFINED)
+            kind = _NORMAL if i not in added else _CONTROL if added[i].get("special") else _USER_DEFINED
+            types.append(kind)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     # add_bos / add_eos: what the tokenizer itself adds around a text.
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
@@ -366,8 +381,8 @@ def _pre_tokenizer_name(pre: dict | None, normalizer: dict | None) -> str:
                 and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert")):
             name = PRE_TOKENIZERS.get((steps[0].get("pattern") or {}).get("Regex"))
     if name is None:
-        raise ExportError(f"the tokenizer's pre-tokenizer ({json.dumps(pre)[:200]}) is none llama.cpp knows by name "
-                          "(GGUF export takes GPT-2's byte-level regex, Llama 3's or Qwen2's)")
+        raise ExportError(f"the tokenizer's pre-tokenizer ({json.dumps(pre)[:200]}) is none llama.cpp knows "
+                          "by name (GGUF export takes GPT-2's byte-level regex, Llama 3's or Qwen2's)")
     if normalizer is not None and not (name == "qwen2" and normalizer.get("type") == "NFC"):
         raise ExportError(f"the tokenizer normalizes text ({normalizer.get('type')}), which llama.cpp's "
                           f"{name!r} tokenizer does not")
@@ -385,8 +400,8 @@ def _write(path: Path, shape: _Shape, tensors: list[_Tensor], tok: dict[str, Any
     writer.add_name(name)
     counts: dict[str, int] = {}
     for t in tensors:
-        if t.reference.dim() == 2:
-            counts[t.qtype] = counts.get(t.qtype, 0) + t.reference.numel()
+        if t.data.ndim == 2:
+            counts[t.qtype] = counts.get(t.qtype, 0) + t.data.shape[0]
     main = max(counts, key=counts.get) if counts else "F32"
     file_types = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
                   "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
@@ -428,7 +443,7 @@ def _write(path: Path, shape: _Shape, tensors: list[_Tensor], tok: dict[str, Any
     writer.close()
 
 
-def _verify(path: Path, tensors: list[_Tensor], perms: dict[str, torch.Tensor]) -> str:
+def _verify(path: Path, tensors: list[_Tensor]) -> str:
     """Read `path` back with gguf's reader, dequantize each tensor with gguf's own code, and check it against
     lowbit's weights within the stated bound. Returns the line to print."""
     import gguf
@@ -438,45 +453,51 @@ def _verify(path: Path, tensors: list[_Tensor], perms: dict[str, torch.Tensor]) 
     got = {t.name: t for t in reader.tensors}
     expected = {t.name: t for t in tensors}
     if set(got) != set(expected):
-        raise ExportError(f"{path} holds tensors {sorted(set(got) ^ set(expected))} it should not, or lacks them")
-    refs, outs, worst, worst_name = [], [], 0.0, ""
+        raise ExportError(f"{path} holds tensors {sorted(set(got) ^ set(expected))} it should not, or lacks "
+                          "them")
+    # Over all weights: max and sum of |diff|, and the sums cosine similarity needs (float64).
+    max_abs, sum_abs, count, dot, ref_sq, out_sq = 0.0, 0.0, 0, 0.0, 0.0, 0.0
+    worst, worst_name = 0.0, ""
     types: dict[str, int] = {}
     for name, t in expected.items():
         r = got[name]
         if r.tensor_type.name != t.qtype:
             raise ExportError(f"{name} ({t.source}) reads back as {r.tensor_type.name}, written as {t.qtype}")
+        ref, bound = t.expect()
         values = torch.from_numpy(np.array(dequantize(r.data, r.tensor_type), dtype=np.float32))
-        values = values.reshape(t.reference.shape)
-        ref = t.reference
-        if name in perms:  # undo the rope permutation: compare in the model's own row order
-            inverse = torch.argsort(perms[name])
-            values, ref = values[inverse], ref[inverse]
-            bound = t.bound[inverse] if isinstance(t.bound, torch.Tensor) else t.bound
-        else:
-            bound = t.bound
+        values = values.reshape(ref.shape)
+        if t.perm is not None:  # undo the rope permutation: compare in the model's own row order
+            values = values[torch.argsort(t.perm)]
         diff = (values - ref).abs()
         excess = diff - bound
-        if (excess > 0).any() or not torch.isfinite(values).all():
-            at = int(torch.argmax(excess.flatten()))
+        if not torch.isfinite(values).all() or (excess > 0).any():
+            at = int(torch.argmax(torch.nan_to_num(excess, nan=math.inf).flatten()))
             idx = tuple(int(i) for i in np.unravel_index(at, tuple(diff.shape)))
-            raise ExportError(f"{name} ({t.source}, {t.recipe}) read back from {path} differs from lowbit's weight "
-                              f"at {idx}: {values[idx].item():.6g} vs {ref[idx].item():.6g}, beyond fp16 rounding "
-                              f"of its scales ({(bound[idx] if isinstance(bound, torch.Tensor) else bound):.3g})")
-        if t.reference.dim() == 2:
-            scale = ref.abs().max().item() or 1.0
-            rel = diff.max().item() / scale
+            allowed = bound[idx].item() if isinstance(bound, torch.Tensor) else bound
+            raise ExportError(f"{name} ({t.source}, {t.recipe}) read back from {path} differs from lowbit's "
+                              f"weight at {idx}: {values[idx].item():.6g} vs {ref[idx].item():.6g}, beyond "
+                              f"fp16 rounding of its scales ({allowed:.3g})")
+        if ref.dim() == 2:
+            rel = diff.max().item() / (ref.abs().max().item() or 1.0)
             if rel >= worst:
                 worst, worst_name = rel, name
         types[t.qtype] = types.get(t.qtype, 0) + 1
-        refs.append(ref.flatten())
-        outs.append(values.flatten())
-    agreement = compare(torch.cat(refs), torch.cat(outs), "gguf reader + dequantize")
+        r64, v64 = ref.double(), values.double()
+        max_abs = max(max_abs, diff.max().item())
+        sum_abs += diff.double().sum().item()
+        count += diff.numel()
+        dot += (r64 * v64).sum().item()
+        ref_sq += (r64 * r64).sum().item()
+        out_sq += (v64 * v64).sum().item()
+    cosine = dot / math.sqrt(ref_sq * out_sq) if ref_sq and out_sq else 1.0
+    agreement = Agreement("gguf reader + dequantize", max_abs, sum_abs / max(count, 1), cosine)
     kinds = ", ".join(f"{n} {q}" for q, n in sorted(types.items()))
+    head = f"GGUF read back ({len(expected)} tensors: {kinds}): every weight equals lowbit's"
     if not any(t.qtype.startswith("Q") for t in tensors):
-        return f"GGUF read back ({len(expected)} tensors: {kinds}): every weight equals lowbit's exactly; {agreement}"
-    return (f"GGUF read back ({len(expected)} tensors: {kinds}): every weight equals lowbit's up to fp16 rounding "
-            f"of the block scales (|diff| <= |u - zero| * |scale - fp16(scale)| [+ |m - fp16(m)|]); {agreement}; "
-            f"largest difference {worst:.2g} of its tensor's max |w| ({worst_name})")
+        return f"{head} exactly; {agreement}"
+    return (f"{head} up to fp16 rounding of the block scales (|diff| <= |u - zero| * |scale - fp16(scale)| "
+            f"[+ |m - fp16(m)|]); {agreement}; largest difference {worst:.2g} of its tensor's max |w| "
+            f"({worst_name})")
 
 
 def export(model: nn.Module, path: str | Path, *, tokenizer: Any = None,
@@ -488,13 +509,6 @@ def export(model: nn.Module, path: str | Path, *, tokenizer: Any = None,
     shape = _config_shape(model)
     with torch.no_grad():
         tensors = _tensors(model, shape)
-    perms: dict[str, torch.Tensor] = {}
-    if shape.permute:
-        for i in range(shape.layers):
-            perms[f"blk.{i}.attn_q.weight"] = perms[f"blk.{i}.attn_q.bias"] = _permutation(
-                shape.heads * shape.head_dim, shape.heads)
-            perms[f"blk.{i}.attn_k.weight"] = perms[f"blk.{i}.attn_k.bias"] = _permutation(
-                shape.kv_heads * shape.head_dim, shape.kv_heads)
     tok = None if tokenizer is None else _tokenizer_fields(tokenizer, shape.vocab)
     if tok is None:
         echo("no tokenizer given: the GGUF file has no vocabulary (llama.cpp can then take token ids only)")
@@ -505,7 +519,7 @@ def export(model: nn.Module, path: str | Path, *, tokenizer: Any = None,
     tmp = Path(tmp_name)
     try:
         _write(tmp, shape, tensors, tok, Path(str(name)).name or "model")
-        echo(_verify(tmp, tensors, perms))
+        echo(_verify(tmp, tensors))
         os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; an exported model is read like any other
         os.replace(tmp, path)
     except BaseException:
@@ -517,14 +531,16 @@ def export(model: nn.Module, path: str | Path, *, tokenizer: Any = None,
     return path
 
 
-def from_checkpoint(checkpoint: Path, out: Path, *, echo: Callable[[str], Any] = print, **options: Any) -> Path:
+def from_checkpoint(checkpoint: Path, out: Path, *, echo: Callable[[str], Any] = print,
+                    **options: Any) -> Path:
     """Export the lowbit checkpoint folder `checkpoint` (a Llama-family causal LM, with the tokenizer saved
     beside it when it has one) to the GGUF file `out`."""
     from ..checkpoint import load
 
     model = load(checkpoint)
     tokenizer = options.pop("tokenizer", None)
-    if tokenizer is None and any((Path(checkpoint) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+    saved = ("tokenizer.json", "tokenizer_config.json")
+    if tokenizer is None and any((Path(checkpoint) / f).is_file() for f in saved):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
