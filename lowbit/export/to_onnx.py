@@ -28,14 +28,19 @@ sums differs, which moves outputs by ~1e-6 relative per layer).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import importlib
 import inspect
+import logging
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -43,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import core
+from ..files import set_usual_mode
 from ..formats import Scheme
 from ..layers import set_child
 from ..modules import QuantEmbedding, QuantLinear, QuantModule
@@ -59,6 +65,11 @@ MAX_ABS_REL = 1e-3
 STANDINS: dict[type[nn.Module], Callable[[nn.Module, str], nn.Module]] = {}
 # custom op overload (e.g. torch.ops.lowbit_onnx.matmul_nbits.default) -> its onnxscript translation
 TRANSLATIONS: dict[Any, Callable] = {}
+
+
+# Options of the export under way that stand-in factories read (accuracy_level: MatMulNBits' attribute).
+OPTIONS: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar("lowbit_onnx_options",
+                                                                            default=MappingProxyType({}))
 
 
 def register(layer_type: type[nn.Module], standin_factory: Callable[[nn.Module, str], nn.Module],
@@ -78,7 +89,8 @@ PER_CHANNEL_BLOCK = 128  # block size for per-output-channel scales (the op need
 
 @torch.library.custom_op("lowbit_onnx::matmul_nbits", mutates_args=())
 def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
-                 bias: torch.Tensor | None, k: int, n: int, bits: int, block_size: int) -> torch.Tensor:
+                 bias: torch.Tensor | None, k: int, n: int, bits: int, block_size: int,
+                 accuracy_level: int = 0) -> torch.Tensor:
     """What MatMulNBits computes, from the very tensors written to the file (so that running a stand-in in
     PyTorch checks the packing): x @ ((codes - zero_points) * scales).T + bias, codes unpacked along K."""
     blocks = packed.shape[1]
@@ -94,7 +106,7 @@ def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
 
 
 @matmul_nbits.register_fake
-def _(x, packed, scales, zero_points, bias, k, n, bits, block_size):
+def _(x, packed, scales, zero_points, bias, k, n, bits, block_size, accuracy_level=0):
     return x.new_empty((*x.shape[:-1], n))
 
 
@@ -125,15 +137,17 @@ _FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 _MATMUL_NBITS = None
 
 
-def _onnx_matmul_nbits(x, packed, scales, zero_points, bias, k: int, n: int, bits: int, block_size: int):
+def _onnx_matmul_nbits(x, packed, scales, zero_points, bias, k: int, n: int, bits: int, block_size: int,
+                       accuracy_level: int = 0):
     global _MATMUL_NBITS
     if _MATMUL_NBITS is None:
         _MATMUL_NBITS = contrib_op(
             "MatMulNBits", ["A:T1", "B:T2", "scales:T1", "zero_points:T3?", "g_idx:T4?", "bias:T1?"], ["Y:T1"],
             {"T1": _FLOATS, "T2": ["tensor(uint8)"], "T3": ["tensor(uint8)", *_FLOATS], "T4": ["tensor(int32)"]},
-            {"K": "int", "N": "int", "bits": "int", "block_size": "int"})
+            {"K": "int", "N": "int", "bits": "int", "block_size": "int", "accuracy_level": "int"})
     # g_idx (input 4) is deprecated: left empty
-    return _MATMUL_NBITS(x, packed, scales, zero_points, None, bias, K=k, N=n, bits=bits, block_size=block_size)
+    return _MATMUL_NBITS(x, packed, scales, zero_points, None, bias, K=k, N=n, bits=bits, block_size=block_size,
+                         accuracy_level=accuracy_level)
 
 
 def _nbits_layout(scheme: Scheme, shape: tuple[int, int], name: str, recipe: str) -> tuple[int, int]:
@@ -182,6 +196,7 @@ class NBitsLinear(nn.Module):
         else:
             zero_points = zero
         self.k, self.n, self.bits, self.block = k, n, bits, block
+        self.accuracy_level = int(OPTIONS.get().get("accuracy_level", 0))
         self.register_buffer("packed", core.pack_bits(codes, bits).reshape(n, blocks, block * bits // 8))
         self.register_buffer("scales", scale)
         self.register_buffer("zero_points", zero_points)
@@ -189,13 +204,14 @@ class NBitsLinear(nn.Module):
         self.register_buffer("input_scale", layer._buffers.get("input_scale"))
         self.note = (f"MatMulNBits {bits}-bit block {block}"
                      + (f" ({scheme.bits}-bit codes stored as {bits}-bit)" if bits != scheme.bits else "")
-                     + ("" if integral else ", float zero points"))
+                     + ("" if integral else ", float zero points")
+                     + (f", accuracy_level {self.accuracy_level}" if self.accuracy_level else ""))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:  # AWQ's per-channel scale that no op before could take
             x = x * self.input_scale
         return torch.ops.lowbit_onnx.matmul_nbits(x, self.packed, self.scales, self.zero_points, self.bias,
-                                                  self.k, self.n, self.bits, self.block)
+                                                  self.k, self.n, self.bits, self.block, self.accuracy_level)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -372,6 +388,32 @@ def _dynamic_shapes(inputs: tuple[torch.Tensor, ...], dynamic: bool) -> Any:
     return (tuple(dims(t) for t in inputs),)
 
 
+def _strip_trace_metadata(model: Any) -> None:
+    """Drop what the exporter notes per node and value for debugging (Python stack traces with this machine's
+    paths, FX node text): a third of a small model's file, and no business of whoever runs it."""
+    for node in model.graph.all_nodes():
+        node.metadata_props.clear()
+        for value in node.outputs:
+            value.metadata_props.clear()
+    for value in [*model.graph.inputs, *model.graph.initializers.values()]:
+        value.metadata_props.clear()
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """torch.onnx's exporter logs and warns about things that do not concern the user (torchvision's ops
+    missing, deprecations inside torch.export); lowbit reports what it did itself."""
+    log = logging.getLogger("torch.onnx")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning, UserWarning))
+            yield
+    finally:
+        log.setLevel(level)
+
+
 def _inputs(example_inputs: Any) -> tuple[tuple[torch.Tensor, ...], list[str] | None]:
     """(the input tensors in order, their keyword names when the model takes a dict)."""
     if isinstance(example_inputs, Mapping):
@@ -391,7 +433,7 @@ def _inputs(example_inputs: Any) -> tuple[tuple[torch.Tensor, ...], list[str] | 
 def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
            input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
            dynamic: bool = True, verify: bool = True, echo: Callable[[str], Any] = print,
-           dequantize_unsupported: bool = False, openvino: bool | None = None) -> Path:
+           dequantize_unsupported: bool = False, openvino: bool | None = None, accuracy_level: int = 0) -> Path:
     """Write `model` (lowbit-quantized, float32) as ONNX at `path` and check it in ONNX Runtime.
 
     example_inputs: a tuple of tensors (model(*inputs)) or a dict (model(**inputs), as transformers models
@@ -399,8 +441,11 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
     ONNX Runtime (optimizations off, then all on) and OpenVINO (when it imports and `openvino` is not False)
     and raise ExportError when an output strays past the bounds (see the module's docstring); nothing is left
     at `path` then. dequantize_unsupported: write layers that have no ONNX form as float weights (listed)
-    instead of refusing. A transformers model's output is its last_hidden_state (or logits). Weights are kept
-    inside the file (no external data), which ONNX limits to 2 GB."""
+    instead of refusing. accuracy_level: MatMulNBits' attribute; 0 (the default) computes in float32 from the
+    exact weights; 4 lets ONNX Runtime quantize the activations to int8 per block (faster, especially for 8-
+    and 2-bit codes, which its float kernel dequantizes on every call; no longer lowbit's numbers: the
+    verification bounds still apply). A transformers model's output is its last_hidden_state (or logits).
+    Weights are kept inside the file (no external data), which ONNX limits to 2 GB."""
     import onnx  # noqa: F401  (a clear ImportError up front when the export extra is missing)
 
     path = Path(path)
@@ -411,17 +456,19 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
         raise ExportError(f"{len(names)} input names for {len(inputs)} inputs")
     was_training = model.training
     model.eval()
+    token = OPTIONS.set({"accuracy_level": accuracy_level})
     try:
         standin, notes = prepare(model, dequantize_unsupported=dequantize_unsupported)
         with torch.no_grad():
             reference = _as_list(_Traced(model, keywords)(*inputs))
     finally:
+        OPTIONS.reset(token)
         model.train(was_training)
     for note in notes:
         echo(note)
     if output_names is None:
         output_names = ["output"] if len(reference) == 1 else [f"output_{i}" for i in range(len(reference))]
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(_Traced(standin, keywords).eval(), inputs, dynamo=True,
                                     custom_translation_table=dict(TRANSLATIONS),
                                     dynamic_shapes=_dynamic_shapes(inputs, dynamic), input_names=names,
@@ -432,7 +479,9 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        _strip_trace_metadata(program.model)
         program.save(str(tmp), external_data=False)
+        set_usual_mode(tmp)  # mkstemp made it owner-only
         if verify:
             verify_file(tmp, dict(zip(names, inputs, strict=True)), reference, echo=echo, openvino=openvino)
         os.replace(tmp, path)
@@ -504,14 +553,9 @@ def verify_file(path: Path, feeds: Mapping[str, torch.Tensor], reference: list[t
     for optimize in (False, True):
         label = f"ONNX Runtime (optimizations {'all' if optimize else 'off'})"
         try:
-            sess = ort_session(path, optimize=optimize)
-            got = run_onnxruntime(path, feeds, session=sess)
-        except ExportError:
-            raise
-        except Exception as e:  # ORT's own errors carry the reason; say whose they are
+            got = run_onnxruntime(path, feeds, optimize=optimize)  # one session at a time, dropped after
+        except Exception as e:  # noqa: BLE001  (ORT raises its own types; the message carries the reason)
             raise ExportError(f"{label} cannot run the exported file: {e}") from None
-        finally:
-            sess = None
         found = _check(reference, got, label)
         agreements += found
         for a in found:
