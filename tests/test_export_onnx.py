@@ -181,8 +181,11 @@ def test_standin_computes_what_the_file_holds():
         assert torch.allclose(standin(x), q(x), rtol=1e-5, atol=1e-6)
 
 
-def _tiny_bert_checkpoint(tmp_path):
+@pytest.fixture(scope="module")
+def bert_checkpoint(tmp_path_factory):
+    """A saved int4-g32 tiny BERT with its tokenizer, as `lowbit quantize` writes it."""
     transformers = pytest.importorskip("transformers")
+    tmp_path = tmp_path_factory.mktemp("bert")
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "quantized", "model", "runs", "in", "onnx",
              "runtime", ".", "short", "text", "the", "quick", "brown", "fox"] + [chr(c) for c in range(97, 123)]
     vocab = tmp_path / "vocab.txt"
@@ -191,24 +194,44 @@ def _tiny_bert_checkpoint(tmp_path):
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=len(words), hidden_size=64, num_hidden_layers=1,
                                      num_attention_heads=2, intermediate_size=128, max_position_embeddings=64)
-    q = lowbit.quantize(transformers.BertModel(config).eval(), "int4-g32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = lowbit.quantize(transformers.BertModel(config).eval(), "int4-g32")
     return lowbit.save(q, tmp_path / "ckpt", tokenizer=tokenizer)
 
 
-def test_cli_export_of_a_saved_checkpoint(tmp_path):
+def test_cli_export_then_bench_beside_the_checkpoint(bert_checkpoint, tmp_path):
     from click.testing import CliRunner
 
     from lowbit.cli import main
 
-    ckpt = _tiny_bert_checkpoint(tmp_path)
     out = tmp_path / "out" / "model.onnx"
-    r = CliRunner().invoke(main, ["export", str(ckpt), "--format", "onnx", "-o", str(out)])
+    r = CliRunner().invoke(main, ["export", str(bert_checkpoint), "--format", "onnx", "-o", str(out)])
     assert r.exit_code == 0, r.output
     assert "ONNX Runtime (optimizations all)" in r.output and f"wrote {out}" in r.output
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx"]
     model, _ = _graph(out)
     assert {i.name for i in model.graph.input} >= {"input_ids", "attention_mask"}
-    # A checkpoint of a plain nn.Module has no config or tokenizer to trace with: one clear error.
+    # `lowbit bench` times the file in ONNX Runtime in the same table as the checkpoint itself.
+    pytest.importorskip("lowbit_workbench")
+    r = CliRunner().invoke(main, ["bench", str(bert_checkpoint), "--onnx", str(out), "--batch", "2", "--seq", "16",
+                                  "--iters", "2"])
+    assert r.exit_code == 0, r.output
+    rows = [line for line in r.output.splitlines() if line.startswith(f"| ONNX Runtime: {out} | 2 | 16 |")]
+    assert len(rows) == 1
+    assert float(rows[0].split("|")[7]) > 0.9999  # the same quantized model as the reference, run by ORT
+    assert float(rows[0].split("|")[4]) == pytest.approx(out.stat().st_size / 1e6, abs=0.06)
+    r = CliRunner().invoke(main, ["bench", str(bert_checkpoint)])
+    assert r.exit_code != 0 and "--onnx" in r.output
+
+
+def test_cli_export_of_a_plain_module_checkpoint_says_what_to_do(tmp_path):
+    """A checkpoint of a plain nn.Module has no config or tokenizer to trace with: one clear error."""
+    from click.testing import CliRunner
+
+    from lowbit.cli import main
+
     lowbit.save(_mlp("int8"), tmp_path / "mlp")
     r = CliRunner().invoke(main, ["export", str(tmp_path / "mlp"), "--format", "onnx", "-o", str(tmp_path / "x")])
     assert r.exit_code != 0 and "not a transformers model" in r.output and "lowbit.export.onnx" in r.output
+    assert not (tmp_path / "x").exists()
