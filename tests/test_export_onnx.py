@@ -102,6 +102,7 @@ def test_tiny_bert_with_quantized_embeddings(tmp_path):
     path = lowbit.export.onnx(q, inputs, tmp_path / "q.onnx", echo=lambda s: None)
     model, inits = _graph(path)
     assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask"]
+    assert [o.name for o in model.graph.output] == ["last_hidden_state"]
     # 6 per layer; the pooler is not on the way to last_hidden_state, so the export drops it
     assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 2 * 6
     assert _float_weight_matmuls(model, inits) == []
@@ -121,6 +122,18 @@ def test_tiny_bert_with_quantized_embeddings(tmp_path):
     for optimize in (False, True):
         got = to_onnx.run_onnxruntime(path, {"input_ids": ids, "attention_mask": mask}, optimize=optimize)[0]
         assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_bound_follows_lowbit_kernels_with_bf16_activations(tmp_path):
+    """PyTorch's int4 kernel runs on bf16 activations: lowbit's outputs are rounded to 8 bits there, the file's
+    are not; the max |diff| bound says so and widens to MAX_ABS_REL_HALF, cosine still >= MIN_COSINE."""
+    torch.manual_seed(0)
+    q = lowbit.quantize(nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128)).eval(), "int4-g32",
+                        backend="torch_int4pack")
+    assert {m.act_dtype for m in q.modules() if isinstance(m, QuantLinear)} == {torch.bfloat16}
+    lines = []
+    lowbit.export.onnx(q, (torch.randn(16, 128),), tmp_path / "m.onnx", echo=lines.append)
+    assert any("bf16/fp16 activations" in line and "(e.g. 0)" in line for line in lines)
 
 
 def test_refuses_formats_without_an_onnx_form_naming_the_layer(tmp_path):
