@@ -87,15 +87,8 @@ def test_weight_only_recipes_run_in_onnxruntime(recipe, tmp_path):
         assert any("input_scale" in m._buffers for m in q.modules() if isinstance(m, QuantLinear))
 
 
-def test_tiny_bert_with_quantized_embeddings(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=96, max_position_embeddings=64)
-    fp32 = transformers.BertModel(config).eval()
-    fp32_path = lowbit.export.onnx(fp32, {"input_ids": torch.randint(0, 500, (2, 7))}, tmp_path / "fp32.onnx",
-                                   echo=lambda s: None, verify=False)
-    q = lowbit.quantize(transformers.BertModel(config).eval(), "int4-g32")
+def test_tiny_bert_with_quantized_embeddings(bert_checkpoint, tmp_path):
+    q = lowbit.load(bert_checkpoint)
     assert any(type(m).__name__ == "QuantEmbedding" for m in q.modules())
     ids = torch.randint(0, 500, (2, 7))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -111,7 +104,8 @@ def test_tiny_bert_with_quantized_embeddings(tmp_path):
                   and len(t.dims) == 2 and t.dims[0] * t.dims[1] >= 500 * 64]
     assert big_floats == []
     assert any(t.data_type == onnx.TensorProto.UINT8 and list(t.dims) == [500, 64] for t in inits.values())
-    assert path.stat().st_size < 0.35 * fp32_path.stat().st_size  # graph text included: a small model
+    fp32_bytes = 4 * sum(m.weight.numel() for m in q.modules() if hasattr(m, "weight"))  # pooler included
+    assert path.stat().st_size < 0.4 * fp32_bytes  # the graph's text included: a small model
     assert b"/work" not in path.read_bytes() and b"stack_trace" not in path.read_bytes()  # no debug notes
     # Dynamic batch and length: another shape than the traced one, padding included.
     ids = torch.randint(0, 500, (5, 12))
@@ -119,9 +113,10 @@ def test_tiny_bert_with_quantized_embeddings(tmp_path):
     mask[1, 6:] = 0
     with torch.inference_mode():
         ref = q(input_ids=ids, attention_mask=mask).last_hidden_state
+    bound = to_onnx.MAX_ABS_REL_HALF if to_onnx._half_activation_layers(q) else 1e-4
     for optimize in (False, True):
         got = to_onnx.run_onnxruntime(path, {"input_ids": ids, "attention_mask": mask}, optimize=optimize)[0]
-        assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+        assert (got - ref).abs().max() <= bound * ref.abs().max()
 
 
 def test_bound_follows_lowbit_kernels_with_bf16_activations(tmp_path):
@@ -205,8 +200,8 @@ def bert_checkpoint(tmp_path_factory):
     vocab.write_text("\n".join(words) + "\n")
     tokenizer = transformers.BertTokenizerFast(vocab_file=str(vocab))
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=len(words), hidden_size=64, num_hidden_layers=1,
-                                     num_attention_heads=2, intermediate_size=128, max_position_embeddings=64)
+    config = transformers.BertConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=96, max_position_embeddings=64)  # ids >= 45 unused here
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         q = lowbit.quantize(transformers.BertModel(config).eval(), "int4-g32")
