@@ -99,11 +99,11 @@ def test_tiny_bert_with_quantized_embeddings(bert_checkpoint, tmp_path):
     # 6 per layer; the pooler is not on the way to last_hidden_state, so the export drops it
     assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 2 * 6
     assert _float_weight_matmuls(model, inits) == []
-    # The word embedding table is in the file as its codes, never as floats.
+    # The word embedding table is in the file as its codes (4-bit, two to a byte), never as floats.
     big_floats = [t.name for t in inits.values() if t.data_type == onnx.TensorProto.FLOAT
                   and len(t.dims) == 2 and t.dims[0] * t.dims[1] >= 500 * 64]
     assert big_floats == []
-    assert any(t.data_type == onnx.TensorProto.UINT8 and list(t.dims) == [500, 64] for t in inits.values())
+    assert any(t.data_type == onnx.TensorProto.UINT8 and list(t.dims) == [500, 32] for t in inits.values())
     fp32_bytes = 4 * sum(m.weight.numel() for m in q.modules() if hasattr(m, "weight"))  # pooler included
     assert path.stat().st_size < 0.4 * fp32_bytes  # the graph's text included: a small model
     assert b"/work" not in path.read_bytes() and b"stack_trace" not in path.read_bytes()  # no debug notes
@@ -180,13 +180,31 @@ def test_failed_verification_leaves_no_file(tmp_path, monkeypatch):
 
 
 def test_standin_computes_what_the_file_holds():
-    """The stand-in's eager op unpacks the very tensors written to the file: lowbit's outputs in PyTorch."""
+    """The stand-ins unpack the very tensors written to the file: lowbit's outputs in PyTorch."""
     q = _mlp("int3-g64")
     standin, notes = to_onnx.prepare(q)
     assert len(notes) == 3 and isinstance(q.fc1, QuantLinear) and not isinstance(standin.fc1, QuantLinear)
     x = torch.randn(5, 100)
     with torch.inference_mode():
         assert torch.allclose(standin(x), q(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("recipe", ["int4-g32", "int3-g64", "binary"])
+def test_embedding_codes_packed_and_exact(recipe, tmp_path):
+    torch.manual_seed(0)
+    q = lowbit.quantize(nn.Sequential(nn.Embedding(50, 99)), recipe)  # 99: rows end mid-byte
+    ids = torch.randint(0, 50, (3, 5))
+    standin, _ = to_onnx.prepare(q)
+    with torch.inference_mode():
+        assert torch.equal(standin(ids), q(ids))
+    path = lowbit.export.onnx(q, (ids,), tmp_path / "e.onnx", echo=lambda s: None)
+    codes = [t for t in _graph(path)[1].values() if t.data_type == onnx.TensorProto.UINT8]
+    width, group = {"int4-g32": (4, 32), "int3-g64": (4, 64), "binary": (2, 99)}[recipe]
+    padded = -(-99 // group) * group  # lowbit pads each row to whole groups
+    assert [list(t.dims) for t in codes] == [[50, -(-padded * width // 8)]]
+    other = torch.randint(0, 50, (7, 2))
+    with torch.inference_mode():
+        assert torch.equal(to_onnx.run_onnxruntime(path, {"input": other})[0], q(other))  # same floats, same ops
 
 
 @pytest.fixture(scope="module")

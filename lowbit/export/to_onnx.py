@@ -221,8 +221,10 @@ class NBitsLinear(nn.Module):
 
 
 class CodesEmbedding(nn.Module):
-    """Export stand-in of a QuantEmbedding: gathers rows of uint8 codes and of their scales and zero points,
-    then (codes - zero) * scale; plain ops (Gather, Cast, Sub, Mul), no float table in the file."""
+    """Export stand-in of a QuantEmbedding: gathers rows of packed codes and of their scales and zero points,
+    unpacks and dequantizes them: (codes - zero) * scale. Codes of up to 2 / 4 bits are packed 4 / 2 to a
+    byte (3-bit ones as 4-bit), wider ones are one byte each. Only plain ops (Gather, Cast, Div, Floor, Mul,
+    Sub), unpacked in float (exact for integers below 256), so that every runtime reads it; no float table."""
 
     def __init__(self, layer: QuantEmbedding, name: str) -> None:
         super().__init__()
@@ -231,15 +233,26 @@ class CodesEmbedding(nn.Module):
             raise ExportError(f"layer {name!r} ({layer.config.name}): {scheme.name} embeddings have no integer "
                               "codes to gather")
         shape = (layer.num_embeddings, layer.embedding_dim)
-        codes, scale, zero = scheme.affine_codes(layer.canonical_state(), shape)
-        self.dim, self.groups = layer.embedding_dim, scale.shape[1]
+        codes, scale, zero = scheme.affine_codes(layer.canonical_state(), shape)  # [V, Kp], [V, Kp / G]
+        self.dim, self.groups, self.kp = layer.embedding_dim, scale.shape[1], codes.shape[1]
+        self.width = next(b for b in (2, 4, 8) if b >= scheme.bits)
+        per = 8 // self.width
+        if per > 1:  # rows padded to whole bytes, so that a row's codes never share a byte with the next row's
+            codes = F.pad(codes, (0, -self.kp % per))
+            codes = core.pack_bits(codes, self.width).reshape(codes.shape[0], -1)
         self.register_buffer("codes", codes.contiguous())
         self.register_buffer("scale", scale.float().contiguous())
         self.register_buffer("zero", zero.float().contiguous())
-        self.note = f"Gather of {scheme.bits}-bit codes (stored as uint8)"
+        self.register_buffer("shifts", torch.tensor([2.0 ** (self.width * j) for j in range(per)]))
+        self.note = f"Gather of {scheme.bits}-bit codes" + (
+            f" (packed at {self.width} bits)" if per > 1 and self.width != scheme.bits else
+            " (packed)" if per > 1 else " (one byte each)")
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         c = self.codes[idx].float()
+        if self.width < 8:  # byte b holds codes floor(b / 2**(w*j)) mod 2**w, lowest bits first
+            v = torch.floor(c.unsqueeze(-1) / self.shifts)
+            c = (v - torch.floor(v / 2.0 ** self.width) * 2.0 ** self.width).flatten(-2)[..., :self.kp]
         c = c.reshape(*c.shape[:-1], self.groups, -1)
         w = (c - self.zero[idx].unsqueeze(-1)) * self.scale[idx].unsqueeze(-1)
         return w.reshape(*w.shape[:-2], -1)[..., :self.dim]
