@@ -189,18 +189,33 @@ def test_refuses_groups_that_do_not_divide_and_other_layer_kinds(tmp_path):
         ct.export(plain, tmp_path / "out")
 
 
+def small_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.train_from_iterator(ct.SENTENCES * 4, trainers.BpeTrainer(vocab_size=150, special_tokens=["[PAD]", "[UNK]"],
+                                                                  show_progress=False))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]")
+
+
 def test_cli_exports_a_saved_checkpoint(tmp_path):
+    """With the tokenizer saved beside the checkpoint, the folder gets it and the check runs on text."""
     pytest.importorskip("click")
     from click.testing import CliRunner
 
     from lowbit.cli import main
 
     model = quantized(llama, "int4-g32")
-    lowbit.save(model, tmp_path / "ckpt")
+    tokenizer = small_tokenizer()
+    inputs = ct._example_inputs(model, tokenizer)
+    assert set(inputs) >= {"input_ids", "attention_mask"} and inputs["input_ids"].shape[0] == len(ct.SENTENCES)
+    lowbit.save(model, tmp_path / "ckpt", tokenizer=tokenizer)
     out = tmp_path / "out"
     r = CliRunner().invoke(main, ["export", str(tmp_path / "ckpt"), "--format", "compressed-tensors", "-o", str(out)])
     assert r.exit_code == 0, r.output
     assert "verified (loaded with CompressedTensorsConfig(dequantize=True)" in r.output
+    assert (out / "tokenizer.json").is_file()
     direct = ct.export(model, tmp_path / "direct", verify_export=False, echo=lambda s: None)
     a, b = load_file(str(out / "model.safetensors")), load_file(str(direct / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
