@@ -1,0 +1,339 @@
+"""ONNX forms of lowbit's W8A8 layers (lowbit.w8a8), registered with the ONNX writer (to_onnx).
+
+Each W8A8Linear / W8A8Conv is replaced, for the export only, by a stand-in module whose forward calls one
+of the custom ops below; each op becomes ONNX nodes that compute lowbit's own numbers (the same int8
+weight codes and scales, the same activation codes), so that the exported file and lowbit's model differ
+by float rounding only:
+
+- static activations (one calibrated scale and zero point): QDQ, which ONNX Runtime runs as an integer
+  matmul / convolution. The activation is QuantizeLinear(x * (1 / scale), 1, zero) followed by
+  DequantizeLinear(scale, zero): lowbit multiplies by the float32 reciprocal of the scale where
+  QuantizeLinear divides, and the two round differently at a few ties; the weight is
+  DequantizeLinear(int8 codes, per-channel scale). Then MatMul (or Conv), bias, ReLU.
+- dynamic activations (per row at run time): ONNX's DynamicQuantizeLinear takes one scale for the whole
+  tensor and ONNX Runtime's MatMulInteger only one activation zero point, so the per-row quantization is
+  written out in ops (ReduceMin/ReduceMax, scale, zero point, Round half to even as lowbit's kernels,
+  Clip, Cast to uint8), then MatMulInteger(uint8 x, int8 weight) -> int32, and lowbit's own epilogue:
+      y[m, n] = sx[m] * (acc[m, n] * sw[n]) - sx[m] * zx[m] * (sw[n] * sum_k w[n, k]) + b[n]
+  Layers that lowbit runs on its int8 GEMV for calls of at most GEMV_MAX_ROWS rows (unquantized float32
+  activations there) do the same in the graph: the rows go to a float MatMul over the same dequantized
+  int8 weight when there are that few of them, to the integer path otherwise (two slices of the input,
+  one of them empty, so no branch is needed).
+- weights with scales per group of inputs (`int4-g32-a8-dynamic`), which lowbit runs on its reference
+  kernel: the activation is quantized and dequantized in float ops and multiplied with the weight
+  dequantized from its int8 codes by a float MatMul, as that kernel does.
+
+ONNX Runtime's faster per-tensor forms (DynamicQuantizeLinear + MatMulInteger, com.microsoft
+DynamicQuantizeMatMul) quantize the activations differently from lowbit and are not used.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from onnxscript import ir
+from onnxscript import opset18 as op
+from torch import nn
+
+from ..backends.int8 import fake_quant_rows, fake_quant_tensor
+from ..backends.ops import GEMV_MAX_ROWS
+from ..w8a8 import W8A8Conv, W8A8Linear
+from .verify import ExportError
+
+__all__ = ["TRANSLATIONS", "W8A8ConvStandin", "W8A8LinearStandin", "standin"]
+
+_MIN_STEP = 1e-12  # lowbit's smallest per-row activation step (backends/int8.py, act_quant.h)
+_UINT8 = ir.DataType.UINT8.value
+_INT8 = ir.DataType.INT8.value
+_FLOAT = ir.DataType.FLOAT.value
+
+
+# ---------------------------------------------------------------- the custom ops (eager: lowbit's numbers)
+
+
+def _dequantized(weight_t: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """int8 codes [K, N] and per-channel scale [N] -> float32 W [N, K]."""
+    return (weight_t.float() * w_scale).t()
+
+
+@torch.library.custom_op("lowbit_onnx::w8a8_linear_dynamic", mutates_args=())
+def _linear_dynamic(x: torch.Tensor, weight_t: torch.Tensor, w_scale: torch.Tensor, csw: torch.Tensor,
+                    bias: torch.Tensor | None, gemv_rows: int, relu: bool) -> torch.Tensor:
+    w = _dequantized(weight_t, w_scale)
+    xq = x if x.shape[0] <= gemv_rows else fake_quant_rows(x)
+    y = torch.nn.functional.linear(xq, w, bias)
+    return y.relu() if relu else y
+
+
+@_linear_dynamic.register_fake
+def _(x, weight_t, w_scale, csw, bias, gemv_rows, relu):
+    return x.new_empty((x.shape[0], weight_t.shape[1]))
+
+
+@torch.library.custom_op("lowbit_onnx::w8a8_linear_static", mutates_args=())
+def _linear_static(x: torch.Tensor, weight_t: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                   inv_scale: torch.Tensor, act_scale: torch.Tensor, act_zero: torch.Tensor,
+                   relu: bool) -> torch.Tensor:
+    xq = fake_quant_tensor(x, float(act_scale.item()), int(act_zero.item()))
+    y = torch.nn.functional.linear(xq, _dequantized(weight_t, w_scale), bias)
+    return y.relu() if relu else y
+
+
+@_linear_static.register_fake
+def _(x, weight_t, w_scale, bias, inv_scale, act_scale, act_zero, relu):
+    return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
+
+
+@torch.library.custom_op("lowbit_onnx::w8a8_conv_static", mutates_args=())
+def _conv_static(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                 inv_scale: torch.Tensor, act_scale: torch.Tensor, act_zero: torch.Tensor, stride: list[int],
+                 padding: list[int], dilation: list[int], groups: int, relu: bool) -> torch.Tensor:
+    xq = fake_quant_tensor(x, float(act_scale.item()), int(act_zero.item()))
+    w = weight.float() * w_scale.reshape((-1,) + (1,) * (weight.dim() - 1))
+    conv = torch.nn.functional.conv1d if weight.dim() == 3 else torch.nn.functional.conv2d
+    y = conv(xq, w, bias, stride, padding, dilation, groups)
+    return y.relu() if relu else y
+
+
+@_conv_static.register_fake
+def _(x, weight, w_scale, bias, inv_scale, act_scale, act_zero, stride, padding, dilation, groups, relu):
+    spatial = [(size + 2 * p - d * (k - 1) - 1) // s + 1
+               for size, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
+    return x.new_empty((x.shape[0], weight.shape[0], *spatial))
+
+
+@torch.library.custom_op("lowbit_onnx::w8a8_linear_grouped", mutates_args=())
+def _linear_grouped(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                    act_scale: torch.Tensor, act_zero: torch.Tensor, static: bool, relu: bool) -> torch.Tensor:
+    n, groups = scale.shape
+    w = (codes.float().reshape(n, groups, -1) * scale[:, :, None]).reshape(codes.shape)
+    if static:
+        xq = fake_quant_tensor(x, float(act_scale.item()), int(act_zero.item()))
+    else:
+        xq = fake_quant_rows(x)
+    y = torch.nn.functional.linear(xq, w, bias)
+    return y.relu() if relu else y
+
+
+@_linear_grouped.register_fake
+def _(x, codes, scale, bias, act_scale, act_zero, static, relu):
+    return x.new_empty((x.shape[0], codes.shape[0]))
+
+
+# ---------------------------------------------------------------- the ONNX nodes of each op
+
+
+def _const(value: float) -> ir.Value:
+    return op.Constant(value_float=value)
+
+
+def _ints(values: list[int]) -> ir.Value:
+    return op.Constant(value_ints=list(values))
+
+
+def _quantize_rows(x):
+    """Per-row asymmetric uint8 codes of x [M, K] as lowbit's kernels compute them (act_quant.h):
+    range [min(row, 0), max(row, 0)], step max(range / 255, 1e-12), zero point round(-min / step),
+    codes clamp(round(x * (1 / step)) + zero, 0, 255); Round is half to even, as lowbit's rounding.
+    Returns (codes uint8 [M, K], step [M, 1], zero point as float [M, 1])."""
+    axes, zero, top = _ints([-1]), _const(0.0), _const(255.0)
+    lo = op.Min(op.ReduceMin(x, axes, keepdims=1), zero)
+    hi = op.Max(op.ReduceMax(x, axes, keepdims=1), zero)
+    step = op.Max(op.Div(op.Sub(hi, lo), top), _const(_MIN_STEP))
+    inv = op.Div(_const(1.0), step)
+    zp = op.Clip(op.Round(op.Mul(op.Neg(lo), inv)), zero, top)
+    q = op.Cast(op.Clip(op.Add(op.Round(op.Mul(x, inv)), zp), zero, top), to=_UINT8)
+    return q, step, zp
+
+
+def _fake_quant_rows(x):
+    """What lowbit's reference kernel feeds its float matmul: the per-row codes, dequantized."""
+    q, step, zp = _quantize_rows(x)
+    return op.Mul(op.Sub(op.Cast(q, to=_FLOAT), zp), step)
+
+
+def _quantize_tensor(x, inv_scale, act_zero):
+    """uint8 codes clamp(round(x * inv_scale) + zero, 0, 255), as lowbit's static kernels (they multiply
+    by the float32 reciprocal of the scale; QuantizeLinear alone would divide by the scale)."""
+    return op.QuantizeLinear(op.Mul(x, inv_scale), _const(1.0), act_zero)
+
+
+def _epilogue(y, bias, relu: bool):
+    if bias is not None:
+        y = op.Add(y, bias)
+    return op.Relu(y) if relu else y
+
+
+def _linear_dynamic_onnx(x, weight_t, w_scale, csw, bias, gemv_rows: int, relu: bool):
+    def integer(xs):
+        q, step, zp = _quantize_rows(xs)
+        acc = op.MatMulInteger(q, weight_t)  # int32 [M, N]: uint8 x int8, no zero points
+        y = op.Mul(op.Cast(acc, to=_FLOAT), w_scale)
+        # lowbit's row epilogue (linear_dynamic in backends/onednn.py), in its order
+        return op.Sub(op.Mul(y, step), op.Mul(op.Mul(step, zp), csw))
+
+    if not gemv_rows:
+        return _epilogue(integer(x), bias, relu)
+    # Few rows: lowbit's GEMV multiplies the float32 rows by the dequantized codes. The first `few` rows
+    # (all of them when there are at most gemv_rows, else none) go that way, the others the integer way.
+    rows = op.Shape(x, start=0, end=1)
+    few = op.Where(op.LessOrEqual(rows, _ints([gemv_rows])), rows, _ints([0]))
+    axis0 = _ints([0])
+    x_few = op.Slice(x, _ints([0]), few, axis0)
+    x_many = op.Slice(x, few, rows, axis0)
+    w = op.DequantizeLinear(weight_t, w_scale, axis=1)
+    y = op.Concat(op.MatMul(x_few, w), integer(x_many), axis=0)
+    return _epilogue(y, bias, relu)
+
+
+def _linear_static_onnx(x, weight_t, w_scale, bias, inv_scale, act_scale, act_zero, relu: bool):
+    xd = op.DequantizeLinear(_quantize_tensor(x, inv_scale, act_zero), act_scale, act_zero)
+    w = op.DequantizeLinear(weight_t, w_scale, axis=1)
+    return _epilogue(op.MatMul(xd, w), bias, relu)
+
+
+def _conv_static_onnx(x, weight, w_scale, bias, inv_scale, act_scale, act_zero, stride: list[int],
+                      padding: list[int], dilation: list[int], groups: int, relu: bool):
+    xd = op.DequantizeLinear(_quantize_tensor(x, inv_scale, act_zero), act_scale, act_zero)
+    w = op.DequantizeLinear(weight, w_scale, axis=0)
+    pads = list(padding) * 2  # ONNX: all begins, then all ends
+    if bias is not None:
+        y = op.Conv(xd, w, bias, strides=list(stride), pads=pads, dilations=list(dilation), group=groups)
+    else:
+        y = op.Conv(xd, w, strides=list(stride), pads=pads, dilations=list(dilation), group=groups)
+    return op.Relu(y) if relu else y
+
+
+def _linear_grouped_onnx(x, codes, scale, bias, act_scale, act_zero, static: bool, relu: bool):
+    if static:
+        xq = _quantize_tensor(x, op.Div(_const(1.0), act_scale), act_zero)
+        xd = op.DequantizeLinear(xq, act_scale, act_zero)
+    else:
+        xd = _fake_quant_rows(x)
+    # W [N, K] = codes * scale per group of inputs; constant, so ONNX Runtime folds it once
+    n_groups = op.Shape(scale)
+    grouped = op.Reshape(op.Cast(codes, to=_FLOAT), op.Concat(n_groups, _ints([-1]), axis=0))
+    w = op.Reshape(op.Mul(grouped, op.Unsqueeze(scale, _ints([2]))), op.Shape(codes))
+    return _epilogue(op.MatMul(xd, op.Transpose(w, perm=[1, 0])), bias, relu)
+
+
+TRANSLATIONS = {
+    torch.ops.lowbit_onnx.w8a8_linear_dynamic.default: _linear_dynamic_onnx,
+    torch.ops.lowbit_onnx.w8a8_linear_static.default: _linear_static_onnx,
+    torch.ops.lowbit_onnx.w8a8_conv_static.default: _conv_static_onnx,
+    torch.ops.lowbit_onnx.w8a8_linear_grouped.default: _linear_grouped_onnx,
+}
+
+
+# ---------------------------------------------------------------- stand-ins
+
+
+class _Standin(nn.Module):
+    """Holds a W8A8 layer's export tensors as buffers (they become the ONNX file's initializers)."""
+
+    def __init__(self, layer: W8A8Linear | W8A8Conv):
+        super().__init__()
+        self.relu = bool(layer.relu)
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float().clone())
+        if layer.static:
+            s, z = layer.act_qparams
+            if not 0 <= z <= 255:
+                raise ValueError(f"activation zero point {z} is outside uint8")
+            # lowbit's static kernels quantize with the float32 reciprocal of the (float32) scale
+            self.register_buffer("inv_scale", torch.tensor(np.float32(1.0 / s)))
+            self.register_buffer("act_scale", torch.tensor(s, dtype=torch.float32))
+            self.register_buffer("act_zero", torch.tensor(z, dtype=torch.uint8))
+        else:
+            self.register_buffer("inv_scale", None)
+            self.register_buffer("act_scale", torch.tensor(1.0))
+            self.register_buffer("act_zero", torch.tensor(0, dtype=torch.uint8))
+
+
+class W8A8LinearStandin(_Standin):
+    """A W8A8Linear as ONNX nodes: int8 codes [K, N] (MatMul's layout), per-channel scales, bias."""
+
+    def __init__(self, layer: W8A8Linear):
+        super().__init__(layer)
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.static = layer.static
+        codes, scale = layer._stored.int8_codes()
+        codes, scale = codes.to(torch.int8), scale.float()
+        self.grouped = scale.dim() == 2 and scale.shape[1] > 1
+        if self.grouped:
+            self.register_buffer("codes", codes.contiguous())
+            self.register_buffer("w_scale", scale.contiguous())
+            return
+        scale = scale.reshape(-1)
+        self.register_buffer("weight_t", codes.t().contiguous())
+        self.register_buffer("w_scale", scale.contiguous())
+        # sum_k w[n, k] * sw[n], the dynamic epilogue's zero-point term, as lowbit computes it
+        self.register_buffer("csw", (codes.sum(1, dtype=torch.int64).float() * scale).contiguous())
+        # lowbit runs calls of at most GEMV_MAX_ROWS rows on its int8 GEMV (float activations) when the
+        # layer's kernel has one (ops.w8a8_linear_dynamic)
+        prep = getattr(layer, "_prep", None) or {}
+        self.gemv_rows = GEMV_MAX_ROWS if prep.get("gemv") is not None else 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).float()
+        if self.grouped:
+            y = torch.ops.lowbit_onnx.w8a8_linear_grouped(x2, self.codes, self.w_scale, self.bias, self.act_scale,
+                                                          self.act_zero, self.static, self.relu)
+        elif self.static:
+            # [1, M, K]: ONNX Runtime fuses MatMul + Add of 2-D inputs into a float Gemm before it looks
+            # for QDQ groups, which then runs the layer in float; a 3-D MatMul becomes MatMulIntegerToFloat
+            y = torch.ops.lowbit_onnx.w8a8_linear_static(x2[None], self.weight_t, self.w_scale, self.bias, self.inv_scale,
+                                                         self.act_scale, self.act_zero, self.relu)
+        else:
+            y = torch.ops.lowbit_onnx.w8a8_linear_dynamic(x2, self.weight_t, self.w_scale, self.csw, self.bias,
+                                                          self.gemv_rows, self.relu)
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+
+class W8A8ConvStandin(_Standin):
+    """A W8A8Conv as QDQ Conv: int8 codes [C_out, C_in / groups, *k], per-channel scales, bias."""
+
+    def __init__(self, layer: W8A8Conv):
+        super().__init__(layer)
+        codes, scale = layer._stored.int8_codes()
+        if scale.dim() == 2 and scale.shape[1] > 1:
+            raise ValueError("convolution weights with scales per group of inputs have no QDQ form")
+        self.register_buffer("weight", codes.to(torch.int8).contiguous())
+        self.register_buffer("w_scale", scale.float().reshape(-1).contiguous())
+        self.stride, self.padding = list(layer.stride), list(layer.padding)
+        self.dilation, self.groups = list(layer.dilation), int(layer.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.lowbit_onnx.w8a8_conv_static(x.float(), self.weight, self.w_scale, self.bias, self.inv_scale,
+                                                   self.act_scale, self.act_zero, self.stride, self.padding,
+                                                   self.dilation, self.groups, self.relu)
+        return y.to(x.dtype)
+
+
+def standin(layer: nn.Module, name: str) -> nn.Module:
+    """The export stand-in of the W8A8 layer `layer` (qualified name `name`), or ExportError saying why not."""
+    if isinstance(layer, W8A8Conv) and not layer.static:
+        raise ExportError(f"layer {name!r}: W8A8 convolutions with dynamic activations have no ONNX form")
+    if layer.config.act not in ("static", "dynamic"):
+        raise ExportError(f"layer {name!r}: activation quantization {layer.config.act!r} has no ONNX form")
+    try:
+        if isinstance(layer, W8A8Conv):
+            return W8A8ConvStandin(layer)
+        if isinstance(layer, W8A8Linear):
+            return W8A8LinearStandin(layer)
+    except ValueError as e:
+        raise ExportError(f"layer {name!r} ({layer.config.name}) cannot be written as ONNX: {e}") from None
+    raise ExportError(f"layer {name!r}: {type(layer).__name__} is not a W8A8 layer")
+
+
+def _register() -> None:
+    from . import to_onnx
+
+    for layer_type in (W8A8Linear, W8A8Conv):
+        to_onnx.register(layer_type, standin, TRANSLATIONS)
+
+
+try:
+    _register()
+except ImportError:  # the ONNX writer is not there: the stand-ins and translations are still usable
+    pass
