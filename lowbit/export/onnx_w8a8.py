@@ -57,7 +57,7 @@ def _dequantized(weight_t: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("lowbit_onnx::w8a8_linear_dynamic", mutates_args=())
-def _linear_dynamic(x: torch.Tensor, weight_t: torch.Tensor, w_scale: torch.Tensor, csw: torch.Tensor,
+def _linear_dynamic(x: torch.Tensor, weight_t: torch.Tensor, w_scale: torch.Tensor, corr: torch.Tensor,
                     bias: torch.Tensor | None, gemv_rows: int, relu: bool) -> torch.Tensor:
     w = _dequantized(weight_t, w_scale)
     xq = x if x.shape[0] <= gemv_rows else fake_quant_rows(x)
@@ -66,7 +66,7 @@ def _linear_dynamic(x: torch.Tensor, weight_t: torch.Tensor, w_scale: torch.Tens
 
 
 @_linear_dynamic.register_fake
-def _(x, weight_t, w_scale, csw, bias, gemv_rows, relu):
+def _(x, weight_t, w_scale, corr, bias, gemv_rows, relu):
     return x.new_empty((x.shape[0], weight_t.shape[1]))
 
 
@@ -164,26 +164,64 @@ def _epilogue(y, bias, relu: bool):
     return op.Relu(y) if relu else y
 
 
-def _linear_dynamic_onnx(x, weight_t, w_scale, csw, bias, gemv_rows: int, relu: bool):
+_MATMUL_INTEGER_TO_FLOAT = None
+
+
+def _matmul_integer_to_float():
+    """ONNX Runtime's com.microsoft MatMulIntegerToFloat: uint8 A times int8 B, int32 sums, scaled to float
+    by a_scale * b_scale (b_scale per column). The onnx package holds no schema for ONNX Runtime's domain and
+    the exporter needs one to build the node: it is described here."""
+    global _MATMUL_INTEGER_TO_FLOAT
+    if _MATMUL_INTEGER_TO_FLOAT is None:
+        from onnx.defs import OpSchema
+        from onnxscript import values
+
+        def param(name: str, t: str, optional: bool = False) -> OpSchema.FormalParameter:
+            option = OpSchema.FormalParameterOption.Optional if optional else OpSchema.FormalParameterOption.Single
+            return OpSchema.FormalParameter(name, t, param_option=option)
+
+        schema = OpSchema(
+            "MatMulIntegerToFloat", "com.microsoft", 1,
+            inputs=[param("A", "T1"), param("B", "T2"), param("a_scale", "T3"), param("b_scale", "T3"),
+                    param("a_zero_point", "T1", True), param("b_zero_point", "T2", True), param("bias", "T3", True)],
+            outputs=[param("Y", "T3")],
+            type_constraints=[("T1", ["tensor(uint8)", "tensor(int8)"], ""), ("T2", ["tensor(uint8)", "tensor(int8)"], ""),
+                              ("T3", ["tensor(float)"], "")])
+        _MATMUL_INTEGER_TO_FLOAT = values.Op(values.Opset("com.microsoft", 1), "MatMulIntegerToFloat", schema)
+    return _MATMUL_INTEGER_TO_FLOAT
+
+
+def _linear_dynamic_onnx(x, weight_t, w_scale, corr, bias, gemv_rows: int, relu: bool):
     def integer(xs):
         q, step, zp = _quantize_rows(xs)
-        acc = op.MatMulInteger(q, weight_t)  # int32 [M, N]: uint8 x int8, no zero points
-        y = op.Mul(op.Cast(acc, to=_FLOAT), w_scale)
-        # lowbit's row epilogue (linear_dynamic in backends/onednn.py), in its order
-        return op.Sub(op.Mul(y, step), op.Mul(op.Mul(step, zp), csw))
+        # acc[m, n] * sw[n] from the exact int32 sums of uint8 codes times int8 codes, as oneDNN returns it
+        y = op.Mul(_matmul_integer_to_float()(q, weight_t, _const(1.0), w_scale), step)
+        # lowbit's row epilogue (linear_dynamic in backends/onednn.py): y * sx[m] - sx[m] * zx[m] * csw[n] + b[n],
+        # the last two terms as one rank-2 product [-sx * zx, 1] @ [csw; b] added by Gemm in the same pass
+        rows = [op.Neg(op.Mul(step, zp))]
+        if bias is not None:
+            rows.append(op.Expand(_const(1.0), op.Shape(step)))
+        return op.Gemm(op.Concat(*rows, axis=1), corr, y)
 
     if not gemv_rows:
-        return _epilogue(integer(x), bias, relu)
-    # Few rows: lowbit's GEMV multiplies the float32 rows by the dequantized codes. The first `few` rows
-    # (all of them when there are at most gemv_rows, else none) go that way, the others the integer way.
-    rows = op.Shape(x, start=0, end=1)
-    few = op.Where(op.LessOrEqual(rows, _ints([gemv_rows])), rows, _ints([0]))
-    axis0 = _ints([0])
-    x_few = op.Slice(x, _ints([0]), few, axis0)
-    x_many = op.Slice(x, few, rows, axis0)
-    w = op.DequantizeLinear(weight_t, w_scale, axis=1)
-    y = op.Concat(op.MatMul(x_few, w), integer(x_many), axis=0)
-    return _epilogue(y, bias, relu)
+        y = integer(x)
+    else:
+        # Few rows: lowbit's GEMV multiplies the float32 rows by the dequantized codes. The first `few` rows
+        # (all of them when there are at most gemv_rows, else none) go that way, the others the integer way.
+        # The weight is dequantized only when there are such rows: with none, x_few is [0, 0] and the
+        # weight's slice [0, N], so that no node touches the whole weight on the integer route.
+        rows = op.Shape(x, start=0, end=1)
+        none = _ints([0])
+        use = op.LessOrEqual(rows, _ints([gemv_rows]))
+        few = op.Where(use, rows, none)
+        k = op.Where(use, op.Shape(weight_t, start=0, end=1), none)
+        axis0 = _ints([0])
+        x_few = op.Slice(x, op.Concat(none, none, axis=0), op.Concat(few, k, axis=0), _ints([0, 1]))
+        y_few = op.MatMul(x_few, op.DequantizeLinear(op.Slice(weight_t, none, k, axis0), w_scale, axis=1))
+        if bias is not None:
+            y_few = op.Add(y_few, bias)
+        y = op.Concat(y_few, integer(op.Slice(x, few, rows, axis0)), axis=0)
+    return op.Relu(y) if relu else y
 
 
 def _linear_static_onnx(x, weight_t, w_scale, bias, inv_scale, act_scale, act_zero, relu: bool):
@@ -266,8 +304,10 @@ class W8A8LinearStandin(_Standin):
         scale = scale.reshape(-1)
         self.register_buffer("weight_t", codes.t().contiguous())
         self.register_buffer("w_scale", scale.contiguous())
-        # sum_k w[n, k] * sw[n], the dynamic epilogue's zero-point term, as lowbit computes it
-        self.register_buffer("csw", (codes.sum(1, dtype=torch.int64).float() * scale).contiguous())
+        # sum_k w[n, k] * sw[n], the dynamic epilogue's zero-point term, as lowbit computes it; with the bias
+        # under it, for the graph's rank-2 Gemm
+        csw = codes.sum(1, dtype=torch.int64).float() * scale
+        self.register_buffer("corr", torch.stack([csw] if self.bias is None else [csw, self.bias]).contiguous())
         # lowbit runs calls of at most GEMV_MAX_ROWS rows on its int8 GEMV (float activations) when the
         # layer's kernel has one (ops.w8a8_linear_dynamic)
         prep = getattr(layer, "_prep", None) or {}
@@ -285,7 +325,7 @@ class W8A8LinearStandin(_Standin):
             y = torch.ops.lowbit_onnx.w8a8_linear_static(x2[None], self.weight_t, self.w_scale, self.bias, self.inv_scale,
                                                          self.act_scale, self.act_zero, self.relu)
         else:
-            y = torch.ops.lowbit_onnx.w8a8_linear_dynamic(x2, self.weight_t, self.w_scale, self.csw, self.bias,
+            y = torch.ops.lowbit_onnx.w8a8_linear_dynamic(x2, self.weight_t, self.w_scale, self.corr, self.bias,
                                                           self.gemv_rows, self.relu)
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
