@@ -1,11 +1,14 @@
 """lowbit: quantize PyTorch models, run them on real low-bit kernels, and measure what it cost."""
 
-from . import qat
+from . import hf_quantizer, qat
 from .checkpoint import CheckpointError, load, save
 from .quantize import quantize, summary
 from .recipes import RECIPES, QuantConfig, parse_recipe
 from .report import format_layer_report, layer_report, worst_layers
 from .version import __version__ as __version__  # the alias marks a re-export
+
+# transformers' from_pretrained finds lowbit-saved folders' quantizer (registered without importing transformers)
+hf_quantizer.install()
 
 __all__ = ["RECIPES", "CheckpointError", "QuantConfig", "format_layer_report", "layer_report", "load",
            "parse_recipe", "qat", "quantize", "save", "summary", "worst_layers"]

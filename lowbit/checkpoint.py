@@ -29,11 +29,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import layers
+from . import hf_quantizer, layers
 from .files import set_usual_modes
 from .recipes import QuantConfig
+from .version import FORMAT_VERSION
 
-FORMAT_VERSION = 1
 MANIFEST = "lowbit.json"
 TENSORS = "model.safetensors"
 
@@ -55,6 +55,9 @@ def _model_entry(model: nn.Module) -> dict:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         entry["hf_config"] = config.to_dict()
+        # The lowbit quantization_config repeats the manifest's layers: the manifest is what load reads.
+        if hf_quantizer.is_lowbit_config(entry["hf_config"].get("quantization_config")):
+            del entry["hf_config"]["quantization_config"]
         entry["hf_config_class"] = type(config).__name__
     return entry
 
@@ -334,4 +337,5 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, verify
     model.lowbit_unquantized_layers = manifest.get("unquantized_layers", [])
     if manifest.get("config"):
         model.lowbit_recipe = QuantConfig.from_dict(manifest["config"])
+    hf_quantizer.attach(model)  # a transformers model: save_pretrained writes it as lowbit-quantized
     return model.eval()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import autotune, fit, layers
+from . import autotune, fit, hf_quantizer, layers
 from .core.observers import make_observer
 from .layers import set_child
 from .modules import QuantEmbedding, QuantLinear, QuantModule
@@ -447,6 +447,7 @@ class Builder:
         model.lowbit_float_layers = self.kept
         model.lowbit_slower_layers = self.slower
         model.lowbit_unquantized_layers = self.plan.left_float
+        hf_quantizer.attach(model)  # a transformers model: save_pretrained / from_pretrained keep it quantized
         where = "each layer and its reason: lowbit.summary(model) or model.{}"
         if self.kept:
             warnings.warn(f"{len(self.kept)} layer(s) kept in float because no kernel beats float here (the fastest "

@@ -17,7 +17,8 @@ from lowbit.recipes import RECIPES, parse_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "lowbit"
-OPTIONAL = ("transformers", "click", "matplotlib")
+OPTIONAL = ("transformers", "click", "matplotlib", "gguf")
+OPTIONAL += ("onnx", "onnxruntime", "onnxscript", "openvino")  # the ONNX export's, imported where it runs
 WORKBENCH = "lowbit_workbench"
 
 # Installed before anything else in a child interpreter: importing any of `names` (or a submodule) fails as

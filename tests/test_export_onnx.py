@@ -1,0 +1,214 @@
+"""ONNX export: lowbit's codes written as MatMulNBits / code gathers, run in ONNX Runtime (optimizations off and
+all on) and OpenVINO when it imports, against lowbit's own outputs; refusals, files and the command line."""
+
+import importlib.util
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.export import ExportError, to_onnx
+from lowbit.modules import QuantLinear
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
+
+
+class MLP(nn.Module):
+    """Odd widths: 100 inputs (no group size divides it: K is padded), 72 and 40 hidden."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(100, 72), nn.Linear(72, 40), nn.Linear(40, 8, bias=False)
+
+    def forward(self, x):
+        return self.fc3(nn.functional.gelu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def _mlp(recipe, **kw):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "runs slower than float here" on layers this small
+        return lowbit.quantize(MLP().eval(), recipe, **kw)
+
+
+def _graph(path):
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    return model, inits
+
+
+def _float_weight_matmuls(model, inits):
+    """MatMul / Gemm nodes reading a float initializer of 2+ dims (a float weight)."""
+    return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm")
+            and any(i in inits and inits[i].data_type == onnx.TensorProto.FLOAT and len(inits[i].dims) >= 2
+                    for i in n.input)]
+
+
+def _check_runs(path, model, inputs, feeds_name="input"):
+    """The file at another batch size, in ONNX Runtime with optimizations off and all on: lowbit's numbers."""
+    with torch.inference_mode():
+        ref = model(inputs)
+    for optimize in (False, True):
+        got = to_onnx.run_onnxruntime(path, {feeds_name: inputs}, optimize=optimize)[0]
+        assert got.shape == ref.shape
+        cos = torch.nn.functional.cosine_similarity(got.flatten().double(), ref.flatten().double(), dim=0)
+        assert cos >= 0.99999
+        assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+CALIB = [torch.randn(16, 100, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+RECIPES = {"int8": 8, "int4-g32": 4, "int3-g64": 4, "int2-g32": 2, "int4-g64-hqq": 4, "int4-g32-awq": 4,
+           "ternary": 2}
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_weight_only_recipes_run_in_onnxruntime(recipe, tmp_path):
+    q = _mlp(recipe, calibration=CALIB if recipe.endswith("awq") else None)
+    lines = []
+    path = lowbit.export.onnx(q, (torch.randn(4, 100),), tmp_path / "m.onnx", echo=lines.append)
+    assert path == tmp_path / "m.onnx" and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    text = "\n".join(lines)
+    assert text.count("ONNX Runtime (optimizations") == 2
+    assert ("OpenVINO (CPU, f32)" in text) == HAS_OPENVINO
+    if recipe.startswith("int3"):
+        assert "3-bit codes stored as 4-bit" in text
+    model, inits = _graph(path)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 3 and all(n.domain == "com.microsoft" for n in nbits)
+    assert {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {RECIPES[recipe]}
+    assert _float_weight_matmuls(model, inits) == []
+    _check_runs(path, q, torch.randn(9, 100))
+    if recipe.endswith("awq"):  # an input scale stays on a layer after the GELU: multiplied in the graph
+        assert any("input_scale" in m._buffers for m in q.modules() if isinstance(m, QuantLinear))
+
+
+def test_tiny_bert_with_quantized_embeddings(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=96, max_position_embeddings=64)
+    fp32 = transformers.BertModel(config).eval()
+    fp32_path = lowbit.export.onnx(fp32, {"input_ids": torch.randint(0, 500, (2, 7))}, tmp_path / "fp32.onnx",
+                                   echo=lambda s: None, verify=False)
+    q = lowbit.quantize(transformers.BertModel(config).eval(), "int4-g32")
+    assert any(type(m).__name__ == "QuantEmbedding" for m in q.modules())
+    ids = torch.randint(0, 500, (2, 7))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    path = lowbit.export.onnx(q, inputs, tmp_path / "q.onnx", echo=lambda s: None)
+    model, inits = _graph(path)
+    assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask"]
+    # 6 per layer; the pooler is not on the way to last_hidden_state, so the export drops it
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 2 * 6
+    assert _float_weight_matmuls(model, inits) == []
+    # The word embedding table is in the file as its codes, never as floats.
+    big_floats = [t.name for t in inits.values() if t.data_type == onnx.TensorProto.FLOAT
+                  and len(t.dims) == 2 and t.dims[0] * t.dims[1] >= 500 * 64]
+    assert big_floats == []
+    assert any(t.data_type == onnx.TensorProto.UINT8 and list(t.dims) == [500, 64] for t in inits.values())
+    assert path.stat().st_size < 0.35 * fp32_path.stat().st_size  # graph text included: a small model
+    assert b"/work" not in path.read_bytes() and b"stack_trace" not in path.read_bytes()  # no debug notes
+    # Dynamic batch and length: another shape than the traced one, padding included.
+    ids = torch.randint(0, 500, (5, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.inference_mode():
+        ref = q(input_ids=ids, attention_mask=mask).last_hidden_state
+    for optimize in (False, True):
+        got = to_onnx.run_onnxruntime(path, {"input_ids": ids, "attention_mask": mask}, optimize=optimize)[0]
+        assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_refuses_formats_without_an_onnx_form_naming_the_layer(tmp_path):
+    q = _mlp("int4-g32", exclude=["fc2"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q.fc2 = lowbit.quantize(q.fc2, "kmeans4")
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    with pytest.raises(ExportError, match=r"layer 'fc2' \(kmeans4\).*dequantize_unsupported=True"):
+        lowbit.export.onnx(q, (torch.randn(3, 100),), tmp_path / "m.onnx", echo=lambda s: None)
+    assert list(tmp_path.iterdir()) == []
+    lines = []
+    path = lowbit.export.onnx(q, (torch.randn(3, 100),), tmp_path / "m.onnx", echo=lines.append,
+                              dequantize_unsupported=True)
+    assert any("float weights" in line and "fc2 (kmeans4)" in line for line in lines)
+    model, _ = _graph(path)
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 2
+    # The user's model is the same object, unchanged, still running lowbit's kernels.
+    after = q.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert isinstance(q.fc1, QuantLinear) and not q.training
+
+
+@pytest.mark.parametrize("recipe", ["fp8", "bf16"])
+def test_refuses_float_formats(recipe, tmp_path):
+    q = _mlp(recipe)
+    with pytest.raises(ExportError, match=rf"layer 'fc1' \({recipe}\)"):
+        lowbit.export.onnx(q, (torch.randn(3, 100),), tmp_path / "m.onnx", echo=lambda s: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_w8a8_refused_until_its_writer_exists(tmp_path):
+    if importlib.util.find_spec("lowbit.export.onnx_w8a8") is not None:
+        pytest.skip("the W8A8 writer is installed: its own tests cover W8A8 layers")
+    q = _mlp("w8a8-dynamic", backend="reference")  # kept int8 even where float would be faster
+    w8a8 = [n for n, m in q.named_modules() if type(m).__name__ == "W8A8Linear"]
+    if not w8a8:
+        pytest.skip("no W8A8 layer kept on this machine")
+    with pytest.raises(ExportError, match=rf"layer '{w8a8[0]}' \(w8a8-dynamic\)"):
+        lowbit.export.onnx(q, (torch.randn(3, 100),), tmp_path / "m.onnx", echo=lambda s: None)
+
+
+def test_failed_verification_leaves_no_file(tmp_path, monkeypatch):
+    q = _mlp("int4-g32")
+    monkeypatch.setattr(to_onnx, "MIN_COSINE", 1.5)  # no output can pass
+    with pytest.raises(ExportError, match="does not match lowbit's"):
+        lowbit.export.onnx(q, (torch.randn(3, 100),), tmp_path / "m.onnx", echo=lambda s: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_standin_computes_what_the_file_holds():
+    """The stand-in's eager op unpacks the very tensors written to the file: lowbit's outputs in PyTorch."""
+    q = _mlp("int3-g64")
+    standin, notes = to_onnx.prepare(q)
+    assert len(notes) == 3 and isinstance(q.fc1, QuantLinear) and not isinstance(standin.fc1, QuantLinear)
+    x = torch.randn(5, 100)
+    with torch.inference_mode():
+        assert torch.allclose(standin(x), q(x), rtol=1e-5, atol=1e-6)
+
+
+def _tiny_bert_checkpoint(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "quantized", "model", "runs", "in", "onnx",
+             "runtime", ".", "short", "text", "the", "quick", "brown", "fox"] + [chr(c) for c in range(97, 123)]
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(words) + "\n")
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(vocab))
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(words), hidden_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=128, max_position_embeddings=64)
+    q = lowbit.quantize(transformers.BertModel(config).eval(), "int4-g32")
+    return lowbit.save(q, tmp_path / "ckpt", tokenizer=tokenizer)
+
+
+def test_cli_export_of_a_saved_checkpoint(tmp_path):
+    from click.testing import CliRunner
+
+    from lowbit.cli import main
+
+    ckpt = _tiny_bert_checkpoint(tmp_path)
+    out = tmp_path / "out" / "model.onnx"
+    r = CliRunner().invoke(main, ["export", str(ckpt), "--format", "onnx", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "ONNX Runtime (optimizations all)" in r.output and f"wrote {out}" in r.output
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx"]
+    model, _ = _graph(out)
+    assert {i.name for i in model.graph.input} >= {"input_ids", "attention_mask"}
+    # A checkpoint of a plain nn.Module has no config or tokenizer to trace with: one clear error.
+    lowbit.save(_mlp("int8"), tmp_path / "mlp")
+    r = CliRunner().invoke(main, ["export", str(tmp_path / "mlp"), "--format", "onnx", "-o", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "not a transformers model" in r.output and "lowbit.export.onnx" in r.output
