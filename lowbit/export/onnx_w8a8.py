@@ -41,10 +41,10 @@ from ..w8a8 import W8A8Conv, W8A8Linear
 from . import to_onnx
 from .verify import ExportError
 
-__all__ = ["DYNAMIC_BOUNDS", "TRANSLATIONS", "W8A8ConvStandin", "W8A8LinearStandin", "standin"]
+__all__ = ["DYNAMIC_BOUNDS", "STATIC_BOUNDS", "TRANSLATIONS", "W8A8ConvStandin", "W8A8LinearStandin", "standin"]
 
-# (min cosine, max |diff| / max |output|) the export of a model with dynamic W8A8 layers is checked
-# against (see W8A8LinearStandin); static layers keep to_onnx's default bounds
+# (min cosine, max |diff| / max |output|) the export of a model with W8A8 layers is checked against (see _Standin)
+STATIC_BOUNDS = (0.9999, 0.01)
 DYNAMIC_BOUNDS = (0.999, 0.05)
 _MIN_STEP = 1e-12  # lowbit's smallest per-row activation step (backends/int8.py, act_quant.h)
 _UINT8 = ir.DataType.UINT8.value
@@ -265,6 +265,13 @@ class _Standin(nn.Module):
     def __init__(self, layer: W8A8Linear | W8A8Conv):
         super().__init__()
         self.relu = bool(layer.relu)
+        # Activation codes round: a difference in the last place of a value (another order of float sums,
+        # anywhere upstream) can move it across a rounding step, and later layers carry that on. Per-row
+        # steps follow each row's extremes, so dynamic layers flip codes far more often; lowbit's own model
+        # moves as much when its activations are nudged by one unit in the last place (all-MiniLM-L6-v2 at
+        # w8a8-dynamic: embeddings' cosine 0.9996, max |diff| 1.2% of the largest output). The export is
+        # checked against bounds of that size (to_onnx.verify_bounds reads them).
+        self.verify_bounds = STATIC_BOUNDS if layer.static else DYNAMIC_BOUNDS
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float().clone())
         if layer.static:
             s, z = layer.act_qparams
@@ -314,12 +321,6 @@ class W8A8LinearStandin(_Standin):
         few = f"; calls of at most {self.gemv_rows} rows in float, as lowbit's GEMV" if self.gemv_rows else ""
         self.note = (f"W8A8 dynamic ({layer.config.name}): uint8 codes per row, MatMulIntegerToFloat over int8 "
                      f"codes{few}")
-        # Per-row activation steps follow each row's extremes: a difference of one unit in the last place
-        # (another order of float sums, anywhere upstream) can flip an activation code, which later layers
-        # carry on. lowbit's own model moves as much when its activations are nudged by one unit (measured on
-        # all-MiniLM-L6-v2 at w8a8-dynamic: cosine 0.9996, max |diff| 1.2% of the output's largest value),
-        # so the export is checked against bounds of that size (to_onnx reads them).
-        self.verify_bounds = DYNAMIC_BOUNDS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -361,18 +362,16 @@ class W8A8ConvStandin(_Standin):
 
 def standin(layer: nn.Module, name: str) -> nn.Module:
     """The export stand-in of the W8A8 layer `layer` (qualified name `name`), or ExportError saying why not."""
+    if not isinstance(layer, (W8A8Linear, W8A8Conv)):
+        raise ExportError(f"layer {name!r}: {type(layer).__name__} is not a W8A8 layer")
     if isinstance(layer, W8A8Conv) and not layer.static:
         raise ExportError(f"layer {name!r}: W8A8 convolutions with dynamic activations have no ONNX form")
     if layer.config.act not in ("static", "dynamic"):
         raise ExportError(f"layer {name!r}: activation quantization {layer.config.act!r} has no ONNX form")
     try:
-        if isinstance(layer, W8A8Conv):
-            return W8A8ConvStandin(layer)
-        if isinstance(layer, W8A8Linear):
-            return W8A8LinearStandin(layer)
+        return W8A8ConvStandin(layer) if isinstance(layer, W8A8Conv) else W8A8LinearStandin(layer)
     except ValueError as e:
         raise ExportError(f"layer {name!r} ({layer.config.name}) cannot be written as ONNX: {e}") from None
-    raise ExportError(f"layer {name!r}: {type(layer).__name__} is not a W8A8 layer")
 
 
 for _layer_type in (W8A8Linear, W8A8Conv):

@@ -23,8 +23,8 @@ Verification (on by default): the written file is run in ONNX Runtime with graph
 on (fusions have miscomputed before), and in OpenVINO on CPU with float32 precision when `openvino` imports;
 each output is compared with lowbit's own model on the example inputs. Bounds: cosine >= MIN_COSINE and max
 |diff| <= MAX_ABS_REL * max |lowbit's output| (the numbers are the same quantized ones: only the order of float
-sums differs, which moves outputs by ~1e-6 relative per layer). Layers that quantize activations per row at run time
-(W8A8 dynamic) loosen them (verify_bounds): there a float difference in the last place can flip a code.
+sums differs, which moves outputs by ~1e-6 relative per layer). Layers that quantize activations
+(W8A8) loosen them (verify_bounds): there a float difference in the last place can flip a code.
 """
 
 from __future__ import annotations
@@ -541,7 +541,7 @@ def _bounds(reference: torch.Tensor, max_abs_rel: float = MAX_ABS_REL) -> float:
 def verify_bounds(standin: nn.Module) -> tuple[float, float]:
     """(min cosine, max |diff| relative to max |output|) for a model prepared for export: MIN_COSINE and
     MAX_ABS_REL, or the looser bounds a stand-in in it asks for with a `verify_bounds` attribute (layers that
-    quantize activations per row at run time, whose codes flip on float rounding: see onnx_w8a8)."""
+    quantize activations, whose codes flip on float rounding: see onnx_w8a8)."""
     cos, rel = MIN_COSINE, MAX_ABS_REL
     for mod in standin.modules():
         asked = getattr(mod, "verify_bounds", None)
