@@ -77,9 +77,7 @@ LINEAR_CASES = [
     pytest.param("w8a8-dynamic", "onednn", marks=needs_onednn),
     ("w8a8-dynamic", "reference"),
     pytest.param("w8a8-static", "onednn", marks=needs_onednn),
-    ("w8a8-static", "reference"),
     pytest.param("int4-a8", "onednn", marks=needs_onednn),  # 4-bit codes in the int8 layout
-    ("ternary-a8", "reference"),
     ("int4-g32-a8-dynamic", "reference"),  # weight scales per group of 32 inputs
 ]
 
@@ -89,28 +87,23 @@ def test_linear_recipes_give_lowbits_numbers(recipe, backend, tmp_path):
     q = _quantized(MLP(), recipe, backend)
     assert q.fc1.relu  # the ReLU is fused into the layer: the graph must apply it
     lines = []
-    path = lowbit.export.onnx(q, (torch.randn(3, 10, 64),), tmp_path / "m.onnx", echo=lines.append)
+    path = lowbit.export.onnx(q, (torch.randn(3, 10, 64),), tmp_path / "m.onnx", echo=lines.append, openvino=False)
     text = "\n".join(lines)
     assert text.count("W8A8") == 3 and text.count("ONNX Runtime (optimizations") == 2
     # other batch sizes and lengths than the traced ones, few rows included (lowbit's GEMV route)
     for shape in [(5, 33, 64), (1, 3, 64), (2, 2, 64)]:
         _agree(path, q, torch.randn(*shape) * 2, **FLIPS)
-    # the first layer alone: float rounding only
-    x = torch.randn(7, 64)
-    first = to_onnx.run_onnxruntime(lowbit.export.onnx(q.fc1, (x,), tmp_path / "fc1.onnx", echo=lambda s: None),
-                                    {"input": x})[0]
-    with torch.inference_mode():
-        assert (first - q.fc1(x)).abs().max() <= 1e-5 * q.fc1(x).abs().max()
 
 
 @needs_onednn
 def test_few_row_calls_follow_lowbits_float_gemv(tmp_path):
     """Dynamic layers run calls of at most GEMV_MAX_ROWS rows in float (unquantized activations): the file
-    does too, and that differs from quantizing them (so this test would see a graph that ignored it)."""
+    does too, and that differs from quantizing them (so this test would see a graph that ignored it). One
+    layer: float rounding only, either way."""
     q = _quantized(nn.Sequential(nn.Linear(64, 32)), "w8a8-dynamic", "onednn")
     layer = q[0]
     assert layer._prep["gemv"] is not None
-    path = lowbit.export.onnx(q, (torch.randn(8, 64),), tmp_path / "m.onnx", echo=lambda s: None)
+    path = lowbit.export.onnx(q, (torch.randn(8, 64),), tmp_path / "m.onnx", echo=lambda s: None, openvino=False)
     x = torch.randn(3, 64)
     quantized = nn.functional.linear(fake_quant_rows(x), layer.dequantized_weight(), layer.bias)
     with torch.inference_mode():
@@ -118,6 +111,7 @@ def test_few_row_calls_follow_lowbits_float_gemv(tmp_path):
     assert (quantized - ref).abs().max() > 1e-3 * ref.abs().max()
     _agree(path, q, x)
     _agree(path, q, torch.randn(5, 64))  # one row more: the integer route
+    _agree(path, q, torch.randn(300, 64) * 3)
 
 
 @needs_onednn
@@ -125,10 +119,12 @@ def test_few_row_calls_follow_lowbits_float_gemv(tmp_path):
 def test_file_holds_int8_weights_and_runs_an_integer_matmul(recipe, tmp_path):
     torch.manual_seed(0)
     float_model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256)).eval()
-    fp32 = lowbit.export.onnx(float_model, (torch.randn(2, 8, 256),), tmp_path / "fp32.onnx", echo=lambda s: None)
+    fp32 = lowbit.export.onnx(float_model, (torch.randn(2, 8, 256),), tmp_path / "fp32.onnx", echo=lambda s: None,
+                              verify=False)
     calib = [torch.randn(2, 8, 256) for _ in range(4)]
     q = _quantized(copy.deepcopy(float_model), recipe, "onednn", calibration=calib)
-    path = lowbit.export.onnx(q, (torch.randn(2, 8, 256),), tmp_path / "q.onnx", echo=lambda s: None)
+    path = lowbit.export.onnx(q, (torch.randn(2, 8, 256),), tmp_path / "q.onnx", echo=lambda s: None,
+                              openvino=False)
     model = onnx.load(str(path))
     weights = [t for t in model.graph.initializer if len(t.dims) == 2]
     assert sorted(tuple(t.dims) for t in weights if t.data_type == onnx.TensorProto.INT8) == [(256, 512), (512, 256)]
@@ -142,8 +138,7 @@ def test_file_holds_int8_weights_and_runs_an_integer_matmul(recipe, tmp_path):
     _agree(path, q, torch.randn(4, 20, 256), **FLIPS)
 
 
-@pytest.mark.parametrize("dims", [1, 2])
-@pytest.mark.parametrize("backend", [pytest.param("onednn", marks=needs_onednn), "reference"])
+@pytest.mark.parametrize("dims,backend", [pytest.param(1, "onednn", marks=needs_onednn), (2, "reference")])
 def test_static_convolutions_as_qdq(dims, backend, tmp_path):
     conv = nn.Conv1d if dims == 1 else nn.Conv2d
     torch.manual_seed(0)
@@ -155,7 +150,7 @@ def test_static_convolutions_as_qdq(dims, backend, tmp_path):
     q = _quantized(net, "w8a8-static", backend, calibration=calib)
     assert sum(isinstance(m, W8A8Conv) for m in q.modules()) == 3
     lines = []
-    path = lowbit.export.onnx(q, (torch.randn(2, *shape),), tmp_path / "c.onnx", echo=lines.append)
+    path = lowbit.export.onnx(q, (torch.randn(2, *shape),), tmp_path / "c.onnx", echo=lines.append, openvino=False)
     assert sum("QDQ Conv" in line for line in lines) == 3
     model = onnx.load(str(path))
     assert sum(t.data_type == onnx.TensorProto.INT8 for t in model.graph.initializer) == 4  # 3 convs, 1 linear
@@ -163,7 +158,7 @@ def test_static_convolutions_as_qdq(dims, backend, tmp_path):
 
 
 def _tiny_bert(transformers):
-    config = transformers.BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+    config = transformers.BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=128, max_position_embeddings=64)
     torch.manual_seed(0)
     return transformers.BertModel(config).eval()
@@ -176,10 +171,12 @@ def test_tiny_bert(recipe, tmp_path):
     g = torch.Generator().manual_seed(1)
     calib = [{"input_ids": torch.randint(0, 300, (4, 16), generator=g)} for _ in range(4)]
     q = _quantized(_tiny_bert(transformers), recipe, "onednn", calibration=calib)
-    assert sum(isinstance(m, W8A8Linear) for m in q.modules()) >= 2 * 6
+    assert sum(isinstance(m, W8A8Linear) for m in q.modules()) >= 6
     ids = torch.randint(0, 300, (2, 9), generator=g)
+    lines = []  # OpenVINO, where it installs, reads the file too (and runs MatMulIntegerToFloat)
     path = lowbit.export.onnx(q, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, tmp_path / "b.onnx",
-                              echo=lambda s: None)
+                              echo=lines.append, openvino=recipe == "w8a8-dynamic" and None)
+    assert sum(line.startswith("ONNX Runtime") for line in lines) == 2
     ids = torch.randint(0, 300, (5, 14), generator=g)
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
