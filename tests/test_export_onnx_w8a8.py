@@ -210,9 +210,10 @@ def test_minilm_w8a8_dynamic(tmp_path):
 
     path = hf.resolve_model_path("minilm")
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    texts = ["A man is playing a guitar.", "Two dogs run across a snowy field.", "Stocks fell sharply on Monday."]
+    texts = ["A man is playing a guitar.", "Two dogs run across a snowy field.", "Stocks fell sharply on Monday.",
+             "A woman slices an onion in the kitchen.", "The quick brown fox jumps over the lazy dog."]
     q = lowbit.quantize(transformers.AutoModel.from_pretrained(path).eval(), "w8a8-dynamic",
-                        calibration=[dict(tokenizer(texts, padding=True, return_tensors="pt"))])
+                        calibration=[dict(tokenizer(texts, padding=True, return_tensors="pt"))] * 2)
     batch = dict(tokenizer(texts, padding=True, return_tensors="pt"))
     out = lowbit.export.onnx(q, batch, tmp_path / "minilm.onnx", echo=lambda s: None)
     with torch.inference_mode():
