@@ -7,6 +7,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -28,8 +29,35 @@ def load_any(src: str) -> tuple[nn.Module, object, str]:
     return model, tokenizer, "fp32"
 
 
+class OnnxModel(nn.Module):
+    """An ONNX file (as lowbit.export.onnx writes a transformers encoder) run in ONNX Runtime on the CPU, called
+    like the encoder: model(**batch).last_hidden_state, so that it is timed and compared beside lowbit's."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        try:
+            from .export.to_onnx import ort_session
+
+            self.session = ort_session(path)  # spinning off: it shares the cores with the other models timed
+        except ImportError as e:
+            raise ValueError(f"timing {path} needs onnxruntime ({e}): pip install 'lowbit[export]'") from None
+        except Exception as e:  # noqa: BLE001  (ORT's own exception types: a file it cannot load)
+            raise ValueError(f"ONNX Runtime cannot load {path}: {e}") from None
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.file_bytes = Path(path).stat().st_size
+
+    def forward(self, **inputs: torch.Tensor) -> SimpleNamespace:
+        missing = [n for n in self.input_names if n not in inputs]
+        if missing:
+            raise ValueError(f"the ONNX file takes inputs {self.input_names}; the tokenizer gives no {missing}")
+        out = self.session.run(None, {n: inputs[n].numpy() for n in self.input_names})[0]
+        return SimpleNamespace(last_hidden_state=torch.from_numpy(out))
+
+
 def state_bytes(model: nn.Module) -> int:
-    """Bytes of every tensor the model would save (parameters and persistent buffers)."""
+    """Bytes of every tensor the model would save (parameters and persistent buffers); an ONNX file's size."""
+    if isinstance(model, OnnxModel):
+        return model.file_bytes
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 

@@ -225,7 +225,10 @@ def generate_cmd(model: str, prompt: str, max_new_tokens: int) -> None:
 
 @main.command("bench")
 @click.argument("src")
-@click.argument("models", nargs=-1, required=True)
+@click.argument("models", nargs=-1)
+@click.option("--onnx", "onnx_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="an ONNX file of SRC (lowbit export --format onnx) to time in ONNX Runtime beside MODELS; "
+                   "repeatable")
 @click.option("--batch", "-b", multiple=True, type=int, default=(1, 32), show_default=True)
 @click.option("--seq", default=128, show_default=True)
 @click.option("--iters", default=10, show_default=True)
@@ -234,14 +237,16 @@ def generate_cmd(model: str, prompt: str, max_new_tokens: int) -> None:
 @click.option("--calib", type=click.Path(dir_okay=False), default=None,
               help=CALIB_HELP + " for --layers (default: STS-B train sentences)")
 @click.option("--calib-size", type=click.IntRange(min=1), default=64, show_default=True, help=CALIB_SIZE_HELP)
-def bench_cmd(src: str, models: tuple[str, ...], batch: tuple[int, ...], seq: int, iters: int, layers: bool,
-              calib: str | None, calib_size: int) -> None:
+def bench_cmd(src: str, models: tuple[str, ...], onnx_files: tuple[str, ...], batch: tuple[int, ...], seq: int,
+              iters: int, layers: bool, calib: str | None, calib_size: int) -> None:
     """Size, latency, speed-up and cosine of quantized MODELS against the float SRC, in one run.
 
     With --layers: the noise each quantized layer of MODELS adds, against SRC's layer on the same input.
     """
     from . import bench
 
+    if not models and not onnx_files:
+        raise click.UsageError("give MODELS to compare with SRC, or --onnx FILE")
     kernel_note = _workbench("demo").kernel_note
     timing_texts = _workbench("calib").timing_texts
 
@@ -253,6 +258,8 @@ def bench_cmd(src: str, models: tuple[str, ...], batch: tuple[int, ...], seq: in
             model, _, label = bench.load_any(m)
             loaded[f"{label} ({m})" if label in loaded else label] = model
             quantized.append((label, m, model))
+        for f in onnx_files:
+            loaded[f"ONNX Runtime: {f}"] = bench.OnnxModel(f)
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
     if layers:
@@ -267,10 +274,16 @@ def bench_cmd(src: str, models: tuple[str, ...], batch: tuple[int, ...], seq: in
             _fail(e)
         for r in rows:
             click.echo(f"| {r['model']} | {b} | {seq} | {r['state_mb']:.1f} | {r['latency_ms']:.2f} | "
-                       f"{r['speedup']:.2f}x | {r['cosine']:.5f} | {kernel_note(loaded[r['model']])} |")
+                       f"{r['speedup']:.2f}x | {r['cosine']:.5f} | {_kernels(loaded[r['model']], kernel_note)} |")
     for label, model in loaded.items():
         for note in getattr(model, "lowbit_float_layers", []):
             click.echo(f"{label}: {note['layer']} kept in float: {note['reason']}")
+
+
+def _kernels(model: nn.Module, kernel_note: Any) -> str:
+    from .bench import OnnxModel
+
+    return "ONNX Runtime (CPU; MB: file size)" if isinstance(model, OnnxModel) else kernel_note(model)
 
 
 def _print_layer_reports(ref: nn.Module, quantized: list[tuple[str, str, nn.Module]], tokenizer: Any,

@@ -23,8 +23,10 @@ Verification (on by default): the written file is run in ONNX Runtime with graph
 on (fusions have miscomputed before), and in OpenVINO on CPU with float32 precision when `openvino` imports;
 each output is compared with lowbit's own model on the example inputs. Bounds: cosine >= MIN_COSINE and max
 |diff| <= MAX_ABS_REL * max |lowbit's output| (the numbers are the same quantized ones: only the order of float
-sums differs, which moves outputs by ~1e-6 relative per layer). Layers that quantize activations
-(W8A8) loosen them (verify_bounds): there a float difference in the last place can flip a code.
+sums differs, which moves outputs by ~1e-6 relative per layer), or MAX_ABS_REL_HALF when lowbit itself runs
+layers with bf16 / fp16 activations (PyTorch's int4 / int8 kernels), which round to 8 / 11 bits. Layers that
+quantize activations (W8A8) loosen them (verify_bounds): there a float difference in the last place can flip
+an activation code.
 """
 
 from __future__ import annotations
@@ -55,11 +57,12 @@ from ..layers import set_child
 from ..modules import QuantEmbedding, QuantLinear, QuantModule
 from .verify import Agreement, ExportError, compare
 
-__all__ = ["MAX_ABS_REL", "MIN_COSINE", "STANDINS", "TRANSLATIONS", "export", "from_checkpoint", "register",
+__all__ = ["MAX_ABS_REL", "MAX_ABS_REL_HALF", "MIN_COSINE", "STANDINS", "TRANSLATIONS", "export", "from_checkpoint", "register",
            "run_onnxruntime"]
 
 MIN_COSINE = 0.9999
 MAX_ABS_REL = 1e-3
+MAX_ABS_REL_HALF = 2e-2
 
 # lowbit layer class -> factory(layer, qualified name) -> the stand-in module written in its place. Looked up
 # along the layer class's MRO (the nearest registered base wins).
@@ -220,8 +223,10 @@ class NBitsLinear(nn.Module):
 
 
 class CodesEmbedding(nn.Module):
-    """Export stand-in of a QuantEmbedding: gathers rows of uint8 codes and of their scales and zero points,
-    then (codes - zero) * scale; plain ops (Gather, Cast, Sub, Mul), no float table in the file."""
+    """Export stand-in of a QuantEmbedding: gathers rows of packed codes and of their scales and zero points,
+    unpacks and dequantizes them: (codes - zero) * scale. Codes of up to 2 / 4 bits are packed 4 / 2 to a
+    byte (3-bit ones as 4-bit), wider ones are one byte each. Only plain ops (Gather, Cast, Div, Floor, Mul,
+    Sub), unpacked in float (exact for integers below 256), so that every runtime reads it; no float table."""
 
     def __init__(self, layer: QuantEmbedding, name: str) -> None:
         super().__init__()
@@ -230,15 +235,26 @@ class CodesEmbedding(nn.Module):
             raise ExportError(f"layer {name!r} ({layer.config.name}): {scheme.name} embeddings have no integer "
                               "codes to gather")
         shape = (layer.num_embeddings, layer.embedding_dim)
-        codes, scale, zero = scheme.affine_codes(layer.canonical_state(), shape)
-        self.dim, self.groups = layer.embedding_dim, scale.shape[1]
+        codes, scale, zero = scheme.affine_codes(layer.canonical_state(), shape)  # [V, Kp], [V, Kp / G]
+        self.dim, self.groups, self.kp = layer.embedding_dim, scale.shape[1], codes.shape[1]
+        self.width = next(b for b in (2, 4, 8) if b >= scheme.bits)
+        per = 8 // self.width
+        if per > 1:  # rows padded to whole bytes, so that a row's codes never share a byte with the next row's
+            codes = F.pad(codes, (0, -self.kp % per))
+            codes = core.pack_bits(codes, self.width).reshape(codes.shape[0], -1)
         self.register_buffer("codes", codes.contiguous())
         self.register_buffer("scale", scale.float().contiguous())
         self.register_buffer("zero", zero.float().contiguous())
-        self.note = f"Gather of {scheme.bits}-bit codes (stored as uint8)"
+        self.register_buffer("shifts", torch.tensor([2.0 ** (self.width * j) for j in range(per)]))
+        self.note = f"Gather of {scheme.bits}-bit codes" + (
+            f" (packed at {self.width} bits)" if per > 1 and self.width != scheme.bits else
+            " (packed)" if per > 1 else " (one byte each)")
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         c = self.codes[idx].float()
+        if self.width < 8:  # byte b holds codes floor(b / 2**(w*j)) mod 2**w, lowest bits first
+            v = torch.floor(c.unsqueeze(-1) / self.shifts)
+            c = (v - torch.floor(v / 2.0 ** self.width) * 2.0 ** self.width).flatten(-2)[..., :self.kp]
         c = c.reshape(*c.shape[:-1], self.groups, -1)
         w = (c - self.zero[idx].unsqueeze(-1)) * self.scale[idx].unsqueeze(-1)
         return w.reshape(*w.shape[:-2], -1)[..., :self.dim]
@@ -353,14 +369,24 @@ class _Traced(nn.Module):
         return plain_outputs(self.model(**dict(zip(self.names, args, strict=True))))
 
 
+HF_OUTPUTS = ("last_hidden_state", "logits")  # what a transformers model's export returns, the first found
+
+
+def _output_key(out: Any) -> str | None:
+    if isinstance(out, Mapping):
+        return next((k for k in HF_OUTPUTS if isinstance(out.get(k), torch.Tensor)), None)
+    return None
+
+
 def plain_outputs(out: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
-    """A model's output as a tensor or a tuple of tensors (what an ONNX graph returns)."""
+    """A model's output as a tensor or a tuple of tensors (what an ONNX graph returns): a transformers
+    ModelOutput gives its last_hidden_state, else its logits."""
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, Mapping):  # transformers' ModelOutput is an OrderedDict
-        for key in ("last_hidden_state", "logits"):
-            if isinstance(out.get(key), torch.Tensor):
-                return out[key]
+        key = _output_key(out)
+        if key is not None:
+            return out[key]
         tensors = tuple(v for v in out.values() if isinstance(v, torch.Tensor))
     elif isinstance(out, (tuple, list)):
         tensors = tuple(v for v in out if isinstance(v, torch.Tensor))
@@ -461,20 +487,22 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
     try:
         standin, notes = prepare(model, dequantize_unsupported=dequantize_unsupported)
         with torch.no_grad():
-            reference = _as_list(_Traced(model, keywords)(*inputs))
+            raw = model(**dict(zip(keywords, inputs, strict=True))) if keywords else model(*inputs)
+            reference, key = _as_list(plain_outputs(raw)), _output_key(raw)
     finally:
         OPTIONS.reset(token)
         model.train(was_training)
     for note in notes:
         echo(note)
-    if output_names is None:
-        output_names = ["output"] if len(reference) == 1 else [f"output_{i}" for i in range(len(reference))]
+    if output_names is None:  # not the name of a value inside the graph (such a model does not load)
+        output_names = [key or "output"] if len(reference) == 1 else [f"output_{i}" for i in range(len(reference))]
     with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(_Traced(standin, keywords).eval(), inputs, dynamo=True,
                                     custom_translation_table=dict(TRANSLATIONS),
                                     dynamic_shapes=_dynamic_shapes(inputs, dynamic), input_names=names,
                                     output_names=list(output_names), external_data=False, optimize=True,
                                     verbose=False, report=False)
+    echo(f"inputs: {', '.join(names)}; outputs: {', '.join(output_names)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -484,8 +512,14 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
         program.save(str(tmp), external_data=False)
         set_usual_mode(tmp)  # mkstemp made it owner-only
         if verify:
+            half = _half_activation_layers(model)
+            if half:
+                echo(f"lowbit runs {len(half)} layer(s) with bf16/fp16 activations (e.g. {half[0]}), the file in "
+                     f"float32: max |diff| bound {MAX_ABS_REL_HALF:g} of the output's scale")
+            min_cosine, max_abs_rel = verify_bounds(standin)
             verify_file(tmp, dict(zip(names, inputs, strict=True)), reference, echo=echo, openvino=openvino,
-                        bounds=verify_bounds(standin))
+                        max_abs_rel=max(max_abs_rel, MAX_ABS_REL_HALF) if half else max_abs_rel,
+                        min_cosine=min_cosine)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -534,10 +568,6 @@ def _run_openvino(path: Path, feeds: Mapping[str, torch.Tensor]) -> list[torch.T
     return [torch.from_numpy(result[o].copy()) for o in compiled.outputs]
 
 
-def _bounds(reference: torch.Tensor, max_abs_rel: float = MAX_ABS_REL) -> float:
-    return max_abs_rel * max(reference.detach().abs().max().item() if reference.numel() else 0.0, 1e-6)
-
-
 def verify_bounds(standin: nn.Module) -> tuple[float, float]:
     """(min cosine, max |diff| relative to max |output|) for a model prepared for export: MIN_COSINE and
     MAX_ABS_REL, or the looser bounds a stand-in in it asks for with a `verify_bounds` attribute (layers that
@@ -551,21 +581,29 @@ def verify_bounds(standin: nn.Module) -> tuple[float, float]:
 
 
 def _check(reference: list[torch.Tensor], got: list[torch.Tensor], runtime: str,
-           bounds: tuple[float, float] = (MIN_COSINE, MAX_ABS_REL)) -> list[Agreement]:
+           max_abs_rel: float, min_cosine: float = MIN_COSINE) -> list[Agreement]:
     if len(got) != len(reference):
         raise ExportError(f"{runtime} returned {len(got)} outputs where lowbit's model gives {len(reference)}")
     many = len(reference) > 1
-    return [compare(r, g, f"{runtime} output {i}" if many else runtime, min_cosine=bounds[0],
-                    max_abs=_bounds(r, bounds[1]))
+    return [compare(r, g, f"{runtime} output {i}" if many else runtime, min_cosine=min_cosine,
+                    max_abs=max_abs_rel * max(r.detach().abs().max().item() if r.numel() else 0.0, 1e-6))
             for i, (r, g) in enumerate(zip(reference, got, strict=True))]
+
+
+def _half_activation_layers(model: nn.Module) -> list[str]:
+    """Layers lowbit runs with bf16 / fp16 activations: its outputs are rounded to those, the file's are not."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, QuantModule) and getattr(m, "act_dtype", None) in (torch.bfloat16, torch.float16)]
 
 
 def verify_file(path: Path, feeds: Mapping[str, torch.Tensor], reference: list[torch.Tensor], *,
                 echo: Callable[[str], Any] = print, openvino: bool | None = None,
-                bounds: tuple[float, float] = (MIN_COSINE, MAX_ABS_REL)) -> list[Agreement]:
+                max_abs_rel: float | None = None, min_cosine: float = MIN_COSINE) -> list[Agreement]:
     """Run the ONNX file in ONNX Runtime (optimizations off and all on) and OpenVINO; compare with
-    `reference` (lowbit's outputs); ExportError past the bounds. OpenVINO failing to read or compile the
-    file is reported, not raised (its ONNX reader lacks some contrib ops)."""
+    `reference` (lowbit's outputs); ExportError past the bounds (cosine >= min_cosine; max |diff| <=
+    max_abs_rel, MAX_ABS_REL by default, times the output's largest magnitude). OpenVINO failing to read or compile the file is reported,
+    not raised (its ONNX reader lacks some contrib ops)."""
+    max_abs_rel = MAX_ABS_REL if max_abs_rel is None else max_abs_rel
     agreements = []
     for optimize in (False, True):
         label = f"ONNX Runtime (optimizations {'all' if optimize else 'off'})"
@@ -573,7 +611,7 @@ def verify_file(path: Path, feeds: Mapping[str, torch.Tensor], reference: list[t
             got = run_onnxruntime(path, feeds, optimize=optimize)  # one session at a time, dropped after
         except Exception as e:  # noqa: BLE001  (ORT raises its own types; the message carries the reason)
             raise ExportError(f"{label} cannot run the exported file: {e}") from None
-        found = _check(reference, got, label, bounds)
+        found = _check(reference, got, label, max_abs_rel, min_cosine)
         agreements += found
         for a in found:
             echo(str(a))
@@ -590,7 +628,7 @@ def verify_file(path: Path, feeds: Mapping[str, torch.Tensor], reference: list[t
     except Exception as e:  # noqa: BLE001  (any reader or compiler failure means: not supported)
         echo(f"OpenVINO: not supported ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})")
         return agreements
-    found = _check(reference, got, "OpenVINO (CPU, f32)", bounds)
+    found = _check(reference, got, "OpenVINO (CPU, f32)", max_abs_rel, min_cosine)
     agreements += found
     for a in found:
         echo(str(a))
@@ -630,6 +668,5 @@ def from_checkpoint(checkpoint: Path, out: Path, *, echo: Callable[[str], Any] =
     inputs = {k: v for k, v in batch.items() if k in accepted}
     started = time.perf_counter()
     path = export(model, inputs, out, echo=echo, **options)
-    echo(f"exported {checkpoint} in {time.perf_counter() - started:.1f} s: inputs {', '.join(inputs)}; "
-         f"output last_hidden_state (or logits)")
+    echo(f"exported {checkpoint} in {time.perf_counter() - started:.1f} s: inputs {', '.join(inputs)}")
     return path
