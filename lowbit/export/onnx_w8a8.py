@@ -2,37 +2,37 @@
 
 Each W8A8Linear / W8A8Conv is replaced, for the export only, by a stand-in module whose forward calls one
 of the custom ops below; each op becomes ONNX nodes that compute lowbit's own numbers (the same int8
-weight codes and scales, the same activation codes), so that the exported file and lowbit's model differ
-by float rounding only:
+weight codes and scales, the same activation codes), so that the file and lowbit's model differ by float
+rounding (and what it does to activation codes downstream: see _Standin):
 
-- static activations (one calibrated scale and zero point): QDQ, which ONNX Runtime runs as an integer
-  matmul / convolution. The activation is QuantizeLinear(x * (1 / scale), 1, zero) followed by
-  DequantizeLinear(scale, zero): lowbit multiplies by the float32 reciprocal of the scale where
-  QuantizeLinear divides, and the two round differently at a few ties; the weight is
-  DequantizeLinear(int8 codes, per-channel scale). Then MatMul (or Conv), bias, ReLU.
-- dynamic activations (per row at run time): ONNX's DynamicQuantizeLinear takes one scale for the whole
-  tensor and ONNX Runtime's MatMulInteger only one activation zero point, so the per-row quantization is
-  written out in ops (ReduceMin/ReduceMax, scale, zero point, Round half to even as lowbit's kernels,
-  Clip, Cast to uint8), then MatMulInteger(uint8 x, int8 weight) -> int32, and lowbit's own epilogue:
+- static activations (one calibrated scale and zero point): QDQ. The activation is
+  QuantizeLinear(x * (1 / scale), 1, zero) then DequantizeLinear(scale, zero) (lowbit multiplies by the
+  float32 reciprocal of the scale where QuantizeLinear would divide, which rounds differently at a few
+  ties), the weight DequantizeLinear(int8 codes, per-channel scale); then MatMul (or Conv), bias, ReLU.
+  ONNX Runtime runs the linears as MatMulIntegerToFloat (given a 3-D input: see W8A8LinearStandin), the
+  convolutions in float (a QDQ Conv without an output QuantizeLinear is not fused; same numbers).
+- dynamic activations (per row at run time): ONNX's DynamicQuantizeLinear and ONNX Runtime's
+  DynamicQuantizeMatMul take one scale for the whole tensor (on a MiniLM-sized layer with an outlier
+  column, cosine 0.994 against lowbit), and MatMulInteger / MatMulIntegerToFloat one activation zero point,
+  so the per-row quantization is written out in ops (ReduceMin/ReduceMax, step, zero point, Round half to
+  even as lowbit's kernels, Clip, Cast to uint8), then com.microsoft MatMulIntegerToFloat with scale 1 and
+  no zero point (exact int32 sums times the weight scales) and lowbit's row epilogue:
       y[m, n] = sx[m] * (acc[m, n] * sw[n]) - sx[m] * zx[m] * (sw[n] * sum_k w[n, k]) + b[n]
+  with the last two terms as one rank-2 Gemm accumulated onto the first (one pass over the output).
   Layers that lowbit runs on its int8 GEMV for calls of at most GEMV_MAX_ROWS rows (unquantized float32
-  activations there) do the same in the graph: the rows go to a float MatMul over the same dequantized
-  int8 weight when there are that few of them, to the integer path otherwise (two slices of the input,
-  one of them empty, so no branch is needed).
+  activations there) do the same in the graph: such rows go to a float MatMul over the dequantized codes,
+  other calls to the integer route (slices of the input, one of them empty, so no branch is needed).
 - weights with scales per group of inputs (`int4-g32-a8-dynamic`), which lowbit runs on its reference
   kernel: the activation is quantized and dequantized in float ops and multiplied with the weight
   dequantized from its int8 codes by a float MatMul, as that kernel does.
-
-ONNX Runtime's faster per-tensor forms (DynamicQuantizeLinear + MatMulInteger, com.microsoft
-DynamicQuantizeMatMul) quantize the activations differently from lowbit and are not used.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
-from onnxscript import ir
-from onnxscript import opset18 as op
 from torch import nn
 
 from ..backends.int8 import fake_quant_rows, fake_quant_tensor
@@ -47,9 +47,20 @@ __all__ = ["DYNAMIC_BOUNDS", "STATIC_BOUNDS", "TRANSLATIONS", "W8A8ConvStandin",
 STATIC_BOUNDS = (0.9999, 0.01)
 DYNAMIC_BOUNDS = (0.999, 0.05)
 _MIN_STEP = 1e-12  # lowbit's smallest per-row activation step (backends/int8.py, act_quant.h)
-_UINT8 = ir.DataType.UINT8.value
-_INT8 = ir.DataType.INT8.value
-_FLOAT = ir.DataType.FLOAT.value
+_UINT8, _FLOAT = 2, 1  # ONNX's TensorProto.DataType numbers
+
+
+class _Opset:
+    """onnxscript's ONNX opset 18, imported when a translation first runs (onnxscript is an optional extra:
+    importing this module must not need it)."""
+
+    def __getattr__(self, name: str) -> Any:
+        from onnxscript import opset18
+
+        return getattr(opset18, name)
+
+
+op = _Opset()
 
 
 # ---------------------------------------------------------------- the custom ops (eager: lowbit's numbers)
@@ -127,11 +138,11 @@ def _(x, codes, scale, bias, act_scale, act_zero, static, relu):
 # ---------------------------------------------------------------- the ONNX nodes of each op
 
 
-def _const(value: float) -> ir.Value:
+def _const(value: float) -> Any:
     return op.Constant(value_float=value)
 
 
-def _ints(values: list[int]) -> ir.Value:
+def _ints(values: list[int]) -> Any:
     return op.Constant(value_ints=list(values))
 
 
