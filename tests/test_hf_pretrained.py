@@ -245,3 +245,30 @@ def test_loading_without_lowbit_is_not_silent(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Unknown quantization type, got lowbit" in r.stderr
     assert "MISSING" in r.stderr and "encoder.layer.{0, 1}.attention.self.query.weight" in r.stderr
+
+
+def test_bf16_model_round_trip(tmp_path):
+    """A model loaded in bf16 and quantized keeps its dtype and its exact outputs through the round trip."""
+    llama().save_pretrained(tmp_path / "float")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = lowbit.quantize(AutoModelForCausalLM.from_pretrained(tmp_path / "float", dtype=torch.bfloat16),
+                            "int4-g32")
+    before = output(q)
+    assert before.dtype == torch.bfloat16
+    q.save_pretrained(tmp_path / "q")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert {m.float_dtype for m in loaded.modules() if isinstance(m, QuantModule)} == {torch.bfloat16}
+    assert torch.equal(output(loaded), before)
+
+
+def test_base_model_loads_under_a_head(tmp_path):
+    """A quantized base model saved on its own loads inside a model with a head (names gain its prefix)."""
+    q = quantized("bert", "int8")
+    before = output(q)
+    q.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        headed = transformers.BertForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert isinstance(headed.bert.encoder.layer[0].attention.self.query, QuantModule)
+    assert torch.equal(output(headed.bert), before)

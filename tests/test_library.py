@@ -17,7 +17,7 @@ from lowbit.recipes import RECIPES, parse_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "lowbit"
-OPTIONAL = ("transformers", "click", "matplotlib", "gguf")
+OPTIONAL = ("transformers", "click", "matplotlib", "gguf", "compressed_tensors")
 OPTIONAL += ("onnx", "onnxruntime", "onnxscript", "openvino")  # the ONNX export's, imported where it runs
 WORKBENCH = "lowbit_workbench"
 
