@@ -62,8 +62,8 @@ def _check_runs(path, model, inputs, feeds_name="input"):
 
 
 CALIB = [torch.randn(16, 100, generator=torch.Generator().manual_seed(i)) for i in range(8)]
-RECIPES = {"int8": 8, "int4-g32": 4, "int3-g64": 4, "int2-g32": 2, "int4-g64-hqq": 4, "int4-g32-awq": 4,
-           "ternary": 2}
+# int4-g32 is the tiny BERT's recipe below
+RECIPES = {"int8": 8, "int3-g64": 4, "int2-g32": 2, "int4-g64-hqq": 4, "int4-g32-awq": 4, "ternary": 2}
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
@@ -261,3 +261,18 @@ def test_cli_export_of_a_plain_module_checkpoint_says_what_to_do(tmp_path):
     r = CliRunner().invoke(main, ["export", str(tmp_path / "mlp"), "--format", "onnx", "-o", str(tmp_path / "x")])
     assert r.exit_code != 0 and "not a transformers model" in r.output and "lowbit.export.onnx" in r.output
     assert not (tmp_path / "x").exists()
+
+
+def test_untraceable_model_is_one_clear_error(tmp_path):
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.fc(x) if x.sum() > 0 else -self.fc(x)  # a branch on the data: nothing to trace
+
+    q = lowbit.quantize(Branchy().eval(), "int4-g32")
+    with pytest.raises(ExportError, match="could not trace the model: .*data-dependent"):
+        lowbit.export.onnx(q, (torch.randn(4, 64),), tmp_path / "m.onnx", echo=lambda s: None)
+    assert list(tmp_path.iterdir()) == []

@@ -407,8 +407,9 @@ def _dynamic_shapes(inputs: tuple[torch.Tensor, ...], dynamic: bool) -> Any:
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
 
     def dims(t: torch.Tensor) -> dict[int, Any] | None:
-        free = t.dim() - 1 if t.is_floating_point() else t.dim()  # a float input's last dim is its features
-        return {i: d for i, d in zip(range(min(free, 2)), (batch, seq), strict=False)} or None
+        # token ids [B, S]; float activations [B, S, D] or [B, D]; images [B, C, H, W] free in B only
+        free = t.dim() if not t.is_floating_point() else 2 if t.dim() == 3 else 1
+        return {i: d for i, d in zip(range(min(free, t.dim())), (batch, seq), strict=False)} or None
 
     return (tuple(dims(t) for t in inputs),)
 
@@ -494,12 +495,21 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
         echo(note)
     if output_names is None:  # not the name of a value inside the graph (such a model does not load)
         output_names = [key or "output"] if len(reference) == 1 else [f"output_{i}" for i in range(len(reference))]
-    with torch.no_grad(), _quiet_exporter():
-        program = torch.onnx.export(_Traced(standin, keywords).eval(), inputs, dynamo=True,
-                                    custom_translation_table=dict(TRANSLATIONS),
-                                    dynamic_shapes=_dynamic_shapes(inputs, dynamic), input_names=names,
-                                    output_names=list(output_names), external_data=False, optimize=True,
-                                    verbose=False, report=False)
+    try:
+        with torch.no_grad(), _quiet_exporter():
+            program = torch.onnx.export(_Traced(standin, keywords).eval(), inputs, dynamo=True,
+                                        custom_translation_table=dict(TRANSLATIONS),
+                                        dynamic_shapes=_dynamic_shapes(inputs, dynamic), input_names=names,
+                                        output_names=list(output_names), external_data=False, optimize=True,
+                                        verbose=False, report=False)
+    except Exception as e:  # torch.export / torch.onnx raise many types; the full error stays chained
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        # torch.onnx's message opens with generic advice; its "Exception summary" says what went wrong
+        at = next((i + 1 for i, line in enumerate(lines) if "Exception summary" in line), 0)
+        first = lines[at] if at < len(lines) else type(e).__name__
+        shapes = dynamic and any(w in first.lower() for w in ("constraint", "dynamic", "specializ"))
+        hint = " (dynamic=False traces fixed shapes)" if shapes else ""
+        raise ExportError(f"torch.onnx.export could not trace the model: {first}{hint}") from e
     echo(f"inputs: {', '.join(names)}; outputs: {', '.join(output_names)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
