@@ -13,7 +13,7 @@ weights against lowbit's), then
     Face tokenizer's;
   - decode and prefill speed: `llama-bench` (tg --gen tokens, pp --ctx tokens) against lowbit's model
     (model.generate with its KV cache, greedy, --gen new tokens; one forward of --ctx tokens), on
-    --threads threads, the best of 5 runs each.
+    --threads threads, in interleaved rounds, the best round of each kept.
 llama.cpp is not part of lowbit: pass the folder of its built tools (llama-perplexity, llama-bench,
 llama-tokenize). Without it, or when they do not run, the llama.cpp columns are skipped and the reason
 is printed.
@@ -71,25 +71,23 @@ def chunked_perplexity(model: torch.nn.Module, ids: torch.Tensor, n_ctx: int, bo
 
 
 def lowbit_speed(model: torch.nn.Module, prompt: torch.Tensor, n_ctx: int, n_gen: int,
-                 reps: int = 5) -> tuple[float, float]:
+                 warmup: bool = False) -> tuple[float, float]:
     """(decode tokens/s of model.generate with its KV cache, greedy, n_gen new tokens after `prompt`;
-    prefill tokens/s of one forward over n_ctx tokens), the best of `reps` runs after a warm-up (on a
-    shared machine the best run is the one least slowed by others; llama-bench's are taken alike)."""
+    prefill tokens/s of one forward over n_ctx tokens), one run (after one unmeasured run if `warmup`)."""
     x = prompt[:n_ctx].unsqueeze(0)
     start = prompt[:8].unsqueeze(0)
     gen_kw = {"max_new_tokens": n_gen, "min_new_tokens": n_gen, "do_sample": False, "pad_token_id": 0}
     with torch.inference_mode():
-        model.generate(start, **gen_kw)
-        model(input_ids=x, use_cache=False)
-        decode, prefill = [], []
-        for _ in range(reps):
-            t = time.perf_counter()
-            out = model.generate(start, **gen_kw)
-            decode.append((out.shape[1] - start.shape[1]) / (time.perf_counter() - t))
-            t = time.perf_counter()
+        if warmup:
+            model.generate(start, **gen_kw)
             model(input_ids=x, use_cache=False)
-            prefill.append(n_ctx / (time.perf_counter() - t))
-    return max(decode), max(prefill)
+        t = time.perf_counter()
+        out = model.generate(start, **gen_kw)
+        decode = (out.shape[1] - start.shape[1]) / (time.perf_counter() - t)
+        t = time.perf_counter()
+        model(input_ids=x, use_cache=False)
+        prefill = n_ctx / (time.perf_counter() - t)
+    return decode, prefill
 
 
 def run(cmd: list[str], timeout: float = 1800) -> str:
@@ -118,9 +116,10 @@ def llama_tokens(bin_dir: Path, gguf: Path, text_file: Path) -> list[int]:
 
 
 def llama_bench(bin_dir: Path, gguf: Path, n_ctx: int, n_gen: int, threads: int) -> tuple[float, float]:
-    """(tg tokens/s, pp tokens/s) of llama-bench, the best of its 5 repetitions."""
+    """(tg tokens/s, pp tokens/s) of one llama-bench run (it warms up first), the best of its 2
+    repetitions."""
     out = run([str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(n_ctx), "-n",
-               str(n_gen), "-r", "5", "-o", "json"])
+               str(n_gen), "-r", "2", "-o", "json"])
     rows = json.loads(out[out.index("["):out.rindex("]") + 1])
     tg = next(max(r["samples_ts"]) for r in rows if r["n_gen"] > 0)
     pp = next(max(r["samples_ts"]) for r in rows if r["n_prompt"] > 0)
@@ -130,12 +129,15 @@ def llama_bench(bin_dir: Path, gguf: Path, n_ctx: int, n_gen: int, threads: int)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="the LM's folder (default: runs/tiny-llama)")
-    ap.add_argument("--llama-cpp-bin", default=None, help="folder of llama-perplexity, llama-bench, llama-tokenize")
+    ap.add_argument("--llama-cpp-bin", default=None,
+                    help="folder of llama-perplexity, llama-bench, llama-tokenize")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--ctx", type=int, default=256, help="perplexity chunk and prefill length")
     ap.add_argument("--gen", type=int, default=128, help="tokens decoded for the speed figures")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out-dir", default=None, help="where to keep the GGUF files (default: a temporary folder)")
+    ap.add_argument("--rounds", type=int, default=5, help="speed rounds (the best is kept)")
+    ap.add_argument("--out-dir", default=None,
+                    help="where to keep the GGUF files (default: a temporary folder)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     folder = Path(args.model or lm.tiny_llama_path())
@@ -174,9 +176,8 @@ def main() -> None:
         path = export_gguf(model, out_dir / f"tiny-llama-{name}.gguf", tokenizer=tok,
                                   echo=lambda s, name=name: print(f"  [{name}] {s}"))
         ppl, scored = chunked_perplexity(model, ids, args.ctx, tok.bos_token_id)
-        decode, prefill = lowbit_speed(model, ids, args.ctx, args.gen)
-        row = {"variant": name, "gguf": qtype, "mib": path.stat().st_size / 2**20, "ppl": ppl, "scored": scored,
-               "decode": decode, "prefill": prefill}
+        row = {"variant": name, "gguf": qtype, "mib": path.stat().st_size / 2**20, "ppl": ppl,
+               "scored": scored, "model": model, "path": path, "decode": 0.0, "prefill": 0.0}
         if skip is None:
             try:
                 if not tokens_checked:
@@ -184,33 +185,48 @@ def main() -> None:
                     same = theirs == ids.tolist()
                     where = next((i for i, (a, b) in enumerate(zip(theirs, ids.tolist())) if a != b),
                                  min(len(theirs), len(ids)))
-                    print(f"token ids: llama.cpp's tokenizer (from the GGUF file) gives {len(theirs)}, Hugging Face's "
-                          f"{len(ids)}: " + ("identical" if same else f"they differ first at position {where}"))
+                    print(f"token ids: llama.cpp's tokenizer (from the GGUF file) gives {len(theirs)}, "
+                          f"Hugging Face's {len(ids)}: "
+                          + ("identical" if same else f"they differ first at position {where}"))
                     tokens_checked = True
                 row["llama_ppl"] = llama_perplexity(bin_dir, path, text_file, args.ctx, args.threads)
-                row["llama_tg"], row["llama_pp"] = llama_bench(bin_dir, path, args.ctx, args.gen, args.threads)
             except (RuntimeError, subprocess.TimeoutExpired, OSError, ValueError) as e:
                 skip = f"llama.cpp failed on {path.name}: {e}"
         rows.append(row)
-        print(f"  [{name}] lowbit ppl {ppl:.4f} ({scored} tokens scored), decode {decode:.1f} tok/s"
+        print(f"  [{name}] lowbit ppl {ppl:.4f} ({scored} tokens scored)"
               + (f"; llama.cpp ppl {row['llama_ppl']:.4f}" if "llama_ppl" in row else ""), flush=True)
 
+    # Speed in rounds, every variant on both sides once per round, the best round kept: on a shared
+    # machine the best run is the one least slowed by others, and interleaving spreads drift over all.
+    for rnd in range(args.rounds):
+        for row in rows:
+            decode, prefill = lowbit_speed(row["model"], ids, args.ctx, args.gen, warmup=rnd == 0)
+            row["decode"], row["prefill"] = max(row["decode"], decode), max(row["prefill"], prefill)
+            if skip is None and "llama_ppl" in row:
+                try:
+                    tg, pp = llama_bench(bin_dir, row["path"], args.ctx, args.gen, args.threads)
+                except (RuntimeError, subprocess.TimeoutExpired, OSError, ValueError) as e:
+                    skip = f"llama-bench failed on {row['path'].name}: {e}"
+                    continue
+                row["llama_tg"] = max(row.get("llama_tg", 0.0), tg)
+                row["llama_pp"] = max(row.get("llama_pp", 0.0), pp)
+
     print()
-    print("| variant | GGUF | MiB | ppl lowbit | ppl llama.cpp | ratio | decode tok/s lowbit | llama.cpp tg | "
-          "prefill tok/s lowbit | llama.cpp pp |")
+    print("| variant | GGUF | MiB | ppl lowbit | ppl llama.cpp | ratio | decode tok/s lowbit | llama.cpp tg "
+          "| prefill tok/s lowbit | llama.cpp pp |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        has = "llama_ppl" in r
-        ratio = f"{r['llama_ppl'] / r['ppl']:.4f}" if has else "-"
+        def cell(key: str, fmt: str, r: dict = r) -> str:
+            return format(r[key], fmt) if key in r else "-"
+
+        ratio = f"{r['llama_ppl'] / r['ppl']:.4f}" if "llama_ppl" in r else "-"
         print(f"| {r['variant']} | {r['gguf']} | {r['mib']:.2f} | {r['ppl']:.3f} | "
-              f"{r['llama_ppl']:.3f} | {ratio} | {r['decode']:.0f} | {r['llama_tg']:.0f} | "
-              f"{r['prefill']:.0f} | {r['llama_pp']:.0f} |" if has else
-              f"| {r['variant']} | {r['gguf']} | {r['mib']:.2f} | {r['ppl']:.3f} | - | - | {r['decode']:.0f} | - | "
-              f"{r['prefill']:.0f} | - |")
+              f"{cell('llama_ppl', '.3f')} | {ratio} | {r['decode']:.0f} | {cell('llama_tg', '.0f')} | "
+              f"{r['prefill']:.0f} | {cell('llama_pp', '.0f')} |")
     if skip is not None:
         print(f"\nllama.cpp skipped: {skip}")
     else:
-        worst = max(abs(r["llama_ppl"] / r["ppl"] - 1) for r in rows)
+        worst = max(abs(r["llama_ppl"] / r["ppl"] - 1) for r in rows if "llama_ppl" in r)
         print(f"\nlargest perplexity difference llama.cpp vs lowbit: {worst:.3%} "
               f"({'within' if worst <= 0.005 else 'OUTSIDE'} 0.5%)")
     print(f"GGUF files in {out_dir}")
