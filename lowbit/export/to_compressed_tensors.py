@@ -404,7 +404,8 @@ for job in json.loads(open(sys.argv[1]).read()):
         value = result[0]
     save_file({"out": value.detach().float().contiguous()}, job["out"])
     reports.append({"quantized_modules": sum(hasattr(m, "quantization_scheme") for m in model.modules())})
-print(json.dumps({"reports": reports, "lowbit_loaded": sys.modules.get("lowbit") is not None}))
+loaded = [n for n, m in sys.modules.items() if m is not None and n.split(".")[0] == "lowbit"]
+print(json.dumps({"reports": reports, "lowbit_loaded": loaded}))
 """
 
 
@@ -434,16 +435,18 @@ def run_without_lowbit(jobs: list[Job], *, timeout: float = 900) -> list[tuple[t
                          "dequantize": job.dequantize})
         (Path(tmp) / "jobs.json").write_text(json.dumps(spec))
         (Path(tmp) / "run.py").write_text(textwrap.dedent(RUN))
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        # The environment as it is (transformers may be found through PYTHONPATH): the script's own import
+        # blocker keeps lowbit out wherever it is installed.
         r = subprocess.run([sys.executable, "run.py", "jobs.json"], capture_output=True, text=True, cwd=tmp,
-                           env=env, timeout=timeout, check=False)
+                           timeout=timeout, check=False)
         if r.returncode != 0:
             folders = ", ".join(str(j.folder) for j in jobs)
             raise ExportError(f"transformers + compressed-tensors could not load or run {folders}:\n"
                               + r.stderr.strip()[-3000:])
         result = json.loads(r.stdout.strip().splitlines()[-1])
         if result["lowbit_loaded"]:
-            raise ExportError("the check was not independent of lowbit: lowbit was imported while loading")
+            raise ExportError("the check was not independent of lowbit: loading imported "
+                              + ", ".join(result["lowbit_loaded"]))
         return [(load_file(f"{tmp}/out{i}.safetensors")["out"], rep["quantized_modules"])
                 for i, rep in enumerate(result["reports"])]
 

@@ -57,8 +57,8 @@ from ..layers import set_child
 from ..modules import QuantEmbedding, QuantLinear, QuantModule
 from .verify import Agreement, ExportError, compare
 
-__all__ = ["MAX_ABS_REL", "MAX_ABS_REL_HALF", "MIN_COSINE", "STANDINS", "TRANSLATIONS", "export", "from_checkpoint", "register",
-           "run_onnxruntime"]
+__all__ = ["MAX_ABS_REL", "MAX_ABS_REL_HALF", "MIN_COSINE", "OPTIONS", "STANDINS", "TRANSLATIONS", "contrib_op",
+           "export", "from_checkpoint", "ort_session", "prepare", "register", "run_onnxruntime", "verify_file"]
 
 MIN_COSINE = 0.9999
 MAX_ABS_REL = 1e-3
