@@ -58,7 +58,8 @@ from ..modules import QuantEmbedding, QuantLinear, QuantModule
 from .verify import Agreement, ExportError, compare
 
 __all__ = ["MAX_ABS_REL", "MAX_ABS_REL_HALF", "MIN_COSINE", "OPTIONS", "STANDINS", "TRANSLATIONS", "contrib_op",
-           "export", "from_checkpoint", "ort_session", "prepare", "register", "run_onnxruntime", "verify_file"]
+           "export", "from_checkpoint", "ort_session", "prepare", "register", "run_onnxruntime", "verify_bounds",
+           "verify_file"]
 
 MIN_COSINE = 0.9999
 MAX_ABS_REL = 1e-3
