@@ -157,7 +157,11 @@ def _quantize_rows(x):
     step = op.Max(op.Div(op.Sub(hi, lo), top), _const(_MIN_STEP))
     inv = op.Div(_const(1.0), step)
     zp = op.Clip(op.Round(op.Mul(op.Neg(lo), inv)), zero, top)
-    q = op.Cast(op.Clip(op.Add(op.Round(op.Mul(x, inv)), zp), zero, top), to=_UINT8)
+    # QuantizeLinear per row (axis 0) with step 1 and the row's zero point: saturate(round(x * inv) + zero),
+    # one pass (x * inv / 1 is x * inv exactly)
+    rows = op.Shape(x, start=0, end=1)
+    q = op.QuantizeLinear(op.Mul(x, inv), op.Expand(_const(1.0), rows), op.Cast(op.Squeeze(zp, axes), to=_UINT8),
+                          axis=0)
     return q, step, zp
 
 
