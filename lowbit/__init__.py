@@ -1,6 +1,6 @@
 """lowbit: quantize PyTorch models, run them on real low-bit kernels, and measure what it cost."""
 
-from . import hf_quantizer, qat
+from . import export, hf_quantizer, qat  # export: the runtimes' packages load only when one runs
 from .checkpoint import CheckpointError, load, save
 from .quantize import quantize, summary
 from .recipes import RECIPES, QuantConfig, parse_recipe
@@ -10,5 +10,5 @@ from .version import __version__ as __version__  # the alias marks a re-export
 # transformers' from_pretrained finds lowbit-saved folders' quantizer (registered without importing transformers)
 hf_quantizer.install()
 
-__all__ = ["RECIPES", "CheckpointError", "QuantConfig", "format_layer_report", "layer_report", "load",
+__all__ = ["RECIPES", "CheckpointError", "QuantConfig", "export", "format_layer_report", "layer_report", "load",
            "parse_recipe", "qat", "quantize", "save", "summary", "worst_layers"]

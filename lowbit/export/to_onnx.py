@@ -25,7 +25,7 @@ each output is compared with lowbit's own model on the example inputs. Bounds: c
 |diff| <= MAX_ABS_REL * max |lowbit's output| (the numbers are the same quantized ones: only the order of float
 sums differs, which moves outputs by ~1e-6 relative per layer). Where lowbit itself runs layers with bf16 /
 fp16 activations (PyTorch's int4 / int8 kernels, which round to 8 / 11 bits), the reference is a copy with those
-layers computed in float32 from the same codes, and the model as it runs is compared within MAX_ABS_REL_HALF. Layers that
+layers computed in float32 from the same codes, and the agreement with the model as it runs is reported. Layers that
 quantize activations (W8A8) loosen them (verify_bounds): there a float difference in the last place can flip
 an activation code.
 """
@@ -58,13 +58,12 @@ from ..layers import set_child
 from ..modules import QuantEmbedding, QuantLinear, QuantModule
 from .verify import Agreement, ExportError, compare
 
-__all__ = ["MAX_ABS_REL", "MAX_ABS_REL_HALF", "MIN_COSINE", "OPTIONS", "STANDINS", "TRANSLATIONS", "contrib_op",
+__all__ = ["MAX_ABS_REL", "MIN_COSINE", "OPTIONS", "STANDINS", "TRANSLATIONS", "contrib_op",
            "export", "from_checkpoint", "ort_session", "prepare", "register", "run_onnxruntime", "verify_bounds",
            "verify_file"]
 
 MIN_COSINE = 0.9999
 MAX_ABS_REL = 1e-3
-MAX_ABS_REL_HALF = 2e-2
 
 # lowbit layer class -> factory(layer, qualified name) -> the stand-in module written in its place. Looked up
 # along the layer class's MRO (the nearest registered base wins).
@@ -535,16 +534,14 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
             if half:
                 echo(f"lowbit runs {len(half)} layer(s) with bf16/fp16 activations (e.g. {half[0]}); the file "
                      "computes in float32, so it is checked against those layers run in float32 from the same "
-                     "codes, and against the model as it runs (max |diff| bound "
-                     f"{MAX_ABS_REL_HALF:g} of the output's scale)")
+                     "codes; its agreement with the model as it runs is reported")
             min_cosine, max_abs_rel = verify_bounds(standin)
             verify_file(tmp, feeds, reference, echo=echo, openvino=openvino, max_abs_rel=max_abs_rel,
                         min_cosine=min_cosine)
-            if half:
-                found = _check(as_run, run_onnxruntime(tmp, feeds), "ONNX Runtime vs lowbit's bf16 kernels",
-                               max(max_abs_rel, MAX_ABS_REL_HALF), min_cosine)
-                for a in found:
-                    echo(str(a))
+            if half:  # reported, not bounded: the difference is lowbit's own bf16 rounding, not the file's
+                got = run_onnxruntime(tmp, feeds)
+                for i, (r, g) in enumerate(zip(as_run, got, strict=True)):
+                    echo(str(compare(r, g, "ONNX Runtime vs lowbit's bf16 kernels" + (f" output {i}" if i else ""))))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
