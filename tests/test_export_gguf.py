@@ -82,11 +82,14 @@ def hf_permute(w, heads):
 
 SYM4 = lowbit.QuantConfig("int", 4, 32, symmetric=True)
 CASES = [("int8", "Q8_0"), (SYM4, "Q4_0"), ("int4-g32", "Q4_1"), ("int4-g128", "Q4_1"),
-         ("int4-g32-hqq", "Q4_1")]
+         ("int4-g32-hqq", "Q4_1"), ("int3-g64", "Q4_1"), ("int2-g32", "Q4_1"),
+         (lowbit.QuantConfig("int", 3, 64, symmetric=True), "Q4_0"),
+         (lowbit.QuantConfig("int", 6, 32, symmetric=True), "Q8_0")]
 
 
 @pytest.mark.parametrize("recipe,qtype", CASES,
-                         ids=["int8", "int4-g32-sym", "int4-g32", "int4-g128", "int4-g32-hqq"])
+                         ids=["int8", "int4-g32-sym", "int4-g32", "int4-g128", "int4-g32-hqq", "int3-g64",
+                              "int2-g32", "int3-g64-sym", "int6-g32-sym"])
 def test_export_reads_back_as_lowbit_weights(tmp_path, tokenizer, recipe, qtype):
     model = quantized(recipe)
     lines = []
@@ -240,7 +243,7 @@ def test_verification_catches_a_wrong_nibble_order(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("recipe,words", [
-    ("int3-g64", ["int3", "3-bit"]),
+    ("int6-g32", ["int6", "6-bit", "zero points"]),
     ("kmeans4", ["kmeans4"]),
     ("int4-g48", ["48", "multiple of 32"]),
     ("w8a8-dynamic", ["w8a8-dynamic", "activations"]),

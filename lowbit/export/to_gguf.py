@@ -6,12 +6,13 @@
 Weights go to the GGUF block type that holds lowbit's numbers exactly, packed here (nothing is
 re-quantized): int8 symmetric -> Q8_0 (fp16 d, 32 int8 per block: w = d * q), int4 symmetric -> Q4_0
 (fp16 d, 32 nibbles: w = d * (u - 8)), int4 asymmetric (HQQ's fractional zero points included) -> Q4_1
-(fp16 d and m: w = d * u + m, d = scale, m = -zero_point * scale). A GGUF block is 32 inputs; a lowbit
+(fp16 d and m: w = d * u + m, d = scale, m = -zero_point * scale); 2- and 3-bit codes go into the same
+4-bit blocks and symmetric 5..7-bit ones into Q8_0 (the same values in more bytes). A GGUF block is 32 inputs; a lowbit
 group of 64 or 128 (or one scale per row) becomes several blocks repeating the group's scale. Only the
 scales are rounded, to fp16: each weight moves by at most |u - zero| * |scale - fp16(scale)| (plus
 |zero * scale - fp16(zero * scale)| in Q4_1), about 2**-11 of (|u| + |zero|) * scale. Float layers
 (norms, embeddings and heads left in float) are written F32 (F16 when they are fp16). Anything else -
-other widths, codebooks, ternary, groups that are not a multiple of 32, int8-activation layers - is
+asymmetric 5..8-bit codes, codebooks, ternary, groups that are not a multiple of 32, int8-activation layers - is
 refused with one ExportError naming the layer and its format.
 
 llama.cpp computes rotary embeddings on interleaved pairs, Hugging Face's Llama on the two halves of
@@ -175,11 +176,10 @@ def _quantized(gguf_name: str, name: str, mod: QuantModule, perm: torch.Tensor |
                        recipe)
     if not isinstance(scheme, AffineScheme) or scheme.signed:
         raise _refuse(name, recipe, f"{scheme.name} weights have no GGUF block type that holds them exactly")
-    if scheme.bits not in (4, 8):
-        raise _refuse(name, recipe, f"GGUF has no {scheme.bits}-bit block type lowbit's codes fit exactly")
-    if scheme.bits == 8 and not scheme.symmetric:
-        raise _refuse(name, recipe, "8-bit codes with zero points have no GGUF block type (Q8_0 is "
-                                    "symmetric)")
+    # 2- and 3-bit codes fit 4-bit blocks and symmetric 5..7-bit ones Q8_0 exactly (same values, more bytes).
+    if scheme.bits > 4 and not scheme.symmetric:
+        raise _refuse(name, recipe, f"{scheme.bits}-bit codes with zero points have no GGUF block type (Q8_0 is "
+                                    "symmetric; Q4_1 holds 4 bits)")
     lay = scheme.layout(shape)
     group = lay.block[1]
     if lay.block[0] != 1 or group % BLOCK:
@@ -201,9 +201,9 @@ def _quantized(gguf_name: str, name: str, mod: QuantModule, perm: torch.Tensor |
         pu, pd, pm = u[perm], d[perm], m[perm]
     if not scheme.symmetric:
         data, qtype = pack_q4_1(pu, pd, pm), "Q4_1"
-    elif scheme.bits == 8:
+    elif scheme.bits > 4:
         data, qtype = pack_q8_0(pu.to(torch.int16) - int(scheme.zero), pd), "Q8_0"
-    else:  # Q4_0's zero is 8, lowbit's symmetric 4-bit zero too: the codes go in as they are
+    else:  # Q4_0's zero is 8, as lowbit's symmetric 4-bit zero: 4-bit codes go in as they are
         data, qtype = pack_q4_0(pu.to(torch.int16) - int(scheme.zero) + 8, pd), "Q4_0"
 
     def expect() -> tuple[torch.Tensor, torch.Tensor]:
