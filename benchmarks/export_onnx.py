@@ -88,7 +88,11 @@ def main() -> None:
                 warnings.simplefilter("ignore")
                 q = lowbit.quantize(copy.deepcopy(model), recipe, calibration=calib)
             t1 = time.perf_counter()
-            path = lowbit.export.onnx(q, calib[0], work / f"{recipe}.onnx", output_names=["last_hidden_state"])
+            try:
+                path = lowbit.export.onnx(q, calib[0], work / f"{recipe}.onnx", output_names=["last_hidden_state"])
+            except lowbit.export.ExportError as e:
+                print(f"{recipe}: export refused: {e}", flush=True)
+                continue
             t2 = time.perf_counter()
             om = peers.OrtModel(path)
             emb_lb, rho_lb = stsb(q, tokenizer)
@@ -106,7 +110,8 @@ def main() -> None:
                 row[b] = t
             rows.append(row)
             print(f"{recipe}: quantized in {row['quantize_s']:.1f} s, exported and checked in "
-                  f"{row['export_s']:.1f} s; {row['mb']:.1f} MB (fp32 file {row['fp32_mb']:.1f} MB)", flush=True)
+                  f"{row['export_s']:.1f} s; {row['mb']:.1f} MB (fp32 file {row['fp32_mb']:.1f} MB); {row}",
+                  flush=True)
     print()
     head = "| recipe | file MB | cosine ORT vs lowbit (mean / min) | STS-B lowbit | STS-B ORT | diff |"
     sep = "| --- | --- | --- | --- | --- | --- |"

@@ -287,3 +287,19 @@ def test_untraceable_model_is_one_clear_error(tmp_path):
     with pytest.raises(ExportError, match="could not trace the model: .*data-dependent"):
         lowbit.export.onnx(q, (torch.randn(4, 64),), tmp_path / "m.onnx", echo=lambda s: None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_openvino_disagreeing_is_reported_loudly_and_fails_when_asked_for(tmp_path, monkeypatch):
+    """ONNX Runtime's result bounds the export; OpenVINO reading the file otherwise is a warning, or an error
+    with openvino=True. (OpenVINO's output is replaced here by a wrong one.)"""
+    pytest.importorskip("openvino", reason="openvino is not installed")
+    q = _mlp("int4-g32")
+    x = (torch.randn(3, 100),)
+    monkeypatch.setattr(to_onnx, "_run_openvino", lambda path, feeds: [torch.zeros(3, 8)])
+    lines = []
+    with pytest.warns(UserWarning, match="OpenVINO computes this file differently"):
+        path = lowbit.export.onnx(q, x, tmp_path / "m.onnx", echo=lines.append)
+    assert path.exists() and any("OpenVINO computes this file differently" in line for line in lines)
+    with pytest.raises(ExportError, match="OpenVINO"):
+        lowbit.export.onnx(q, x, tmp_path / "n.onnx", echo=lambda s: None, openvino=True)
+    assert not (tmp_path / "n.onnx").exists()

@@ -44,7 +44,10 @@ from .verify import ExportError
 __all__ = ["DYNAMIC_BOUNDS", "STATIC_BOUNDS", "TRANSLATIONS", "W8A8ConvStandin", "W8A8LinearStandin", "standin"]
 
 # (min cosine, max |diff| / max |output|) the export of a model with W8A8 layers is checked against (see _Standin)
-STATIC_BOUNDS = (0.9999, 0.01)
+# Static layers flip codes less often than dynamic ones, but through a whole model the flips still add up:
+# all-MiniLM-L6-v2 at w8a8-static on oneDNN moves by max |diff| 1.3% of its largest output (cosine 0.999995)
+# against its ONNX file, and lowbit's own oneDNN and reference kernels differ by 5% there (cosine 0.99945).
+STATIC_BOUNDS = (0.999, 0.05)
 DYNAMIC_BOUNDS = (0.999, 0.05)
 _MIN_STEP = 1e-12  # lowbit's smallest per-row activation step (backends/int8.py, act_quant.h)
 _UINT8, _FLOAT = 2, 1  # ONNX's TensorProto.DataType numbers

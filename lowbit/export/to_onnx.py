@@ -636,7 +636,8 @@ def verify_file(path: Path, feeds: Mapping[str, torch.Tensor], reference: list[t
     """Run the ONNX file in ONNX Runtime (optimizations off and all on) and OpenVINO; compare with
     `reference` (lowbit's outputs); ExportError past the bounds (cosine >= min_cosine; max |diff| <=
     max_abs_rel, MAX_ABS_REL by default, times the output's largest magnitude). OpenVINO failing to read or compile the file is reported,
-    not raised (its ONNX reader lacks some contrib ops)."""
+    not raised (its ONNX reader lacks some contrib ops), and so is an OpenVINO result past the bounds, unless
+    openvino=True asks for it."""
     max_abs_rel = MAX_ABS_REL if max_abs_rel is None else max_abs_rel
     agreements = []
     for optimize in (False, True):
@@ -662,7 +663,16 @@ def verify_file(path: Path, feeds: Mapping[str, torch.Tensor], reference: list[t
     except Exception as e:  # noqa: BLE001  (any reader or compiler failure means: not supported)
         echo(f"OpenVINO: not supported ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})")
         return agreements
-    found = _check(reference, got, "OpenVINO (CPU, f32)", max_abs_rel, min_cosine)
+    try:
+        found = _check(reference, got, "OpenVINO (CPU, f32)", max_abs_rel, min_cosine)
+    except ExportError as e:
+        if openvino:  # asked for explicitly: its result is part of the bar
+            raise
+        # The file is ONNX Runtime's to run (checked above); OpenVINO reading it otherwise is reported loudly.
+        message = f"OpenVINO computes this file differently: {e}"
+        warnings.warn(message, stacklevel=3)
+        echo(message)
+        return agreements
     agreements += found
     for a in found:
         echo(str(a))
