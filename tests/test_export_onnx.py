@@ -171,15 +171,18 @@ def test_refuses_float_formats(recipe, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_w8a8_refused_until_its_writer_exists(tmp_path):
-    if importlib.util.find_spec("lowbit.export.onnx_w8a8") is not None:
-        pytest.skip("the W8A8 writer is installed: its own tests cover W8A8 layers")
+def test_layer_types_without_a_standin_are_refused(tmp_path, monkeypatch):
+    """A lowbit layer type that no writer registered is refused naming the layer (W8A8's writer unplugged)."""
+    from lowbit.w8a8 import W8A8Linear
+
+    importlib.import_module("lowbit.export.onnx_w8a8")  # registers W8A8Linear; dropped again below
+    monkeypatch.setattr(to_onnx, "STANDINS", {k: v for k, v in to_onnx.STANDINS.items() if k is not W8A8Linear})
     q = _mlp("w8a8-dynamic", backend="reference")  # kept int8 even where float would be faster
-    w8a8 = [n for n, m in q.named_modules() if type(m).__name__ == "W8A8Linear"]
-    if not w8a8:
-        pytest.skip("no W8A8 layer kept on this machine")
+    w8a8 = [n for n, m in q.named_modules() if isinstance(m, W8A8Linear)]
+    assert w8a8
     with pytest.raises(ExportError, match=rf"layer '{w8a8[0]}' \(w8a8-dynamic\)"):
         lowbit.export.onnx(q, (torch.randn(3, 100),), tmp_path / "m.onnx", echo=lambda s: None)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_failed_verification_leaves_no_file(tmp_path, monkeypatch):
