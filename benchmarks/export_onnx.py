@@ -33,19 +33,11 @@ from lowbit_workbench import peers
 from lowbit_workbench.calib import timing_texts
 from lowbit_workbench.evaluate import load_stsb, spearman
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from minilm_w8a8 import calibration_batches  # the same STS-B train sentences as the W8A8 benchmark
+
 SEQ = 128
 RECIPES = ("int8", "int4-g32", "int4-g128-gptq", "w8a8-dynamic", "w8a8-static")
-
-
-def calibration_batches(tokenizer, n: int, batch: int = 32) -> list[dict[str, torch.Tensor]]:
-    """`n` batches of STS-B train sentences (both sides, spread over the split), cut to 128 tokens."""
-    s1, s2, _ = load_stsb("train")
-    sentences = [s for pair in zip(s1, s2) for s in pair]
-    step = max(1, len(sentences) // (n * batch))
-    picked = sentences[::step][: n * batch]
-    return [dict(tokenizer(picked[i: i + batch], padding=True, truncation=True, max_length=SEQ,
-                           return_tensors="pt"))
-            for i in range(0, len(picked), batch)]
 
 
 def stsb(model, tokenizer) -> tuple[torch.Tensor, float]:
