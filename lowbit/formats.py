@@ -16,8 +16,10 @@ inputs, (1, None) per output channel, (None, None) per tensor, None meaning the 
 
 Integer formats have two storage layouts, each exactly as checkpoints have always held it:
   weight-only (signed=False): qweight = the unsigned codes of [N, Kp] packed at B bits, K zero-padded
-      to a multiple of the group; scale and zero_point float32 on the block grid [N / rows, Kp / G];
-      W = (codes - zero_point) * scale.
+      to a multiple of the group; scale and zero_point on the block grid [N / rows, Kp / G];
+      W = (codes - zero_point) * scale. Integer formats choose float16 values for them and store them
+      as float16 (a tensor with a value float16 cannot hold, and the float32 option, stays float32);
+      ternary and binary store float32. Either dtype loads: decoding computes in float32.
   int8 kernels (signed=True, the W8A8 layers): codes c in [-qmax, qmax], W = c * scale; qweight = c as
       int8 in the weight's shape for 8 bits, else the unsigned codes packed at their width; scale
       float32 [N] per channel or [N, K / G] per group; no zero point, and no padding.
@@ -220,7 +222,7 @@ class Scheme:
     def affine_codes(self, state: State,
                      shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """What the weight-only kernels take: unsigned codes uint8 [N, Kp], scale and zero point float32
-        [N, Kp / G] with W = (codes - zero) * scale."""
+        [N, Kp / G] with W = (codes - zero) * scale (float16 values when stored as float16)."""
         raise ValueError(f"{self.name} weights have no affine integer form")
 
     def int8_codes(self, state: State, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,6 +260,15 @@ class _Coded(Scheme):
         """Largest |code| in the int8 form."""
         raise NotImplementedError
 
+    @property
+    def half(self) -> bool:
+        """Whether scales and zero points are chosen as float16 values and stored as float16."""
+        return False
+
+    def _round_scale(self, s: torch.Tensor) -> torch.Tensor:
+        """A scale (own or given) as this format stores it: float16 values when `half` (see core.half_scale)."""
+        return core.half_scale(s) if self.half else s
+
     def _check_signed(self) -> None:
         if self.signed and self.zero is None:
             raise ValueError("the int8 layout takes symmetric formats (its codes have no zero point)")
@@ -285,7 +296,9 @@ class _Coded(Scheme):
         if scale.numel() != lay.blocks:
             raise ValueError(f"learned scale has {scale.numel()} values; the block grid {lay.grid} needs "
                              f"{lay.blocks}")
-        return _grad_scale(scale.reshape(lay.grid), self._lsq_factor(lay)).abs().clamp_min(SCALE_EPS)
+        s = _grad_scale(scale.reshape(lay.grid), self._lsq_factor(lay)).abs().clamp_min(SCALE_EPS)
+        # The value encode stores (rounded to float16 when `half`), the gradient straight through.
+        return _straight_through(s, self._round_scale(s.detach())) if self.half else s
 
     @staticmethod
     def _given(t: torch.Tensor, lay: Layout, what: str, positive: bool) -> torch.Tensor:
@@ -310,7 +323,10 @@ class _Coded(Scheme):
             zero_point = self._given(zero_point, lay, "zero point", False)
         u, s, z = self._encode(x, lay, scale, zero_point, hessian)
         if not self.signed:
-            return {"qweight": core.pack_bits(u, self.bits), "scale": s.float(), "zero_point": z.float()}
+            s, z = s.float(), z.float()
+            if self.half:  # each as float16 when it loses nothing (it nearly always does not)
+                s, z = (t.to(torch.float16) if core.half_exact(t) else t for t in (s, z))
+            return {"qweight": core.pack_bits(u, self.bits), "scale": s, "zero_point": z}
         s = s.float() / self.mult
         if self.block == (1, None):  # per channel: one scale per output, [N], as the int8 kernels take it
             s = s[:, 0]
@@ -332,7 +348,7 @@ class _Coded(Scheme):
     def _params(self, state: State, lay: Layout) -> tuple[torch.Tensor, torch.Tensor]:
         s = _tensor(state, "scale", self.name)
         if not self.signed:
-            return s, _tensor(state, "zero_point", self.name)
+            return s.float(), _tensor(state, "zero_point", self.name).float()
         s = s.float().reshape(lay.grid) * self.mult
         return s, torch.full_like(s, float(self.zero))
 
@@ -354,7 +370,7 @@ class _Coded(Scheme):
             q = _tensor(state, "qweight", self.name)
             codes = q if self.bits == 8 else self._signed_codes(self._unpacked(state, lay)).reshape(lay.shape)
             return codes, _tensor(state, "scale", self.name)
-        s = _tensor(state, "scale", self.name).reshape(lay.grid) / self.mult
+        s = _tensor(state, "scale", self.name).float().reshape(lay.grid) / self.mult
         return self._signed_codes(self._unpacked(state, lay)), (s[:, 0] if self.block == (1, None) else s)
 
     def decode(self, state, shape, dtype=torch.float32):
@@ -394,7 +410,9 @@ class _Coded(Scheme):
         if self.signed:
             codes = lay.n * lay.k if self.bits == 8 else core.packed_nbytes(lay.n * lay.k, self.bits)
             return codes + 4 * lay.blocks
-        return core.packed_nbytes(lay.n * lay.kp, self.bits) + 8 * lay.blocks
+        # A scale and a zero point per block, 2 bytes each when `half` (a tensor whose values float16
+        # cannot hold stays float32: bits_per_weight(state=) counts what is stored).
+        return core.packed_nbytes(lay.n * lay.kp, self.bits) + (4 if self.half else 8) * lay.blocks
 
     def kernel_spec(self, shape):
         if self.signed:
@@ -411,7 +429,10 @@ class _Coded(Scheme):
 class AffineScheme(_Coded):
     """B-bit integers. Symmetric: zero point 2**(B-1), scale max|w| / qmax, codes within +-qmax of it
     (qmax = 2**(B-1) - 1 unless restricted). Asymmetric: the block's [min, max] (widened to 0) over
-    2**B - 1 steps, an integer zero point. Methods: rtn / awq round to nearest, gptq and hqq fit."""
+    2**B - 1 steps, an integer zero point. Methods: rtn / awq round to nearest, gptq and hqq fit.
+    half_params: weight-only scales are rounded to float16 before the codes are chosen from them (zero
+    points are integers, or HQQ's fractions rounded to float16), stored as float16; the int8 layout
+    (signed) keeps float32 scales whatever it says."""
 
     kind: ClassVar[str] = "int"
     bits: int
@@ -420,6 +441,7 @@ class AffineScheme(_Coded):
     method: str = "rtn"
     signed: bool = False
     qmax: int | None = None
+    half_params: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -456,12 +478,16 @@ class AffineScheme(_Coded):
     def _lsq_factor(self, lay):
         return 1.0 / math.sqrt(lay.block[0] * lay.block[1] * self.int8_qmax)
 
+    @property
+    def half(self) -> bool:
+        return self.half_params and not self.signed
+
     def _own_params(self, x: torch.Tensor, lay: Layout) -> tuple[torch.Tensor, torch.Tensor]:
         if self.symmetric:
             amax = core.block_reduce(x.abs(), lay.block, "amax")
-            return core.symmetric_qparams(amax, self.bits, self.int8_qmax)
+            return core.symmetric_qparams(amax, self.bits, self.int8_qmax, half=self.half)
         return core.affine_qparams_from_range(core.block_reduce(x, lay.block, "amin"),
-                                              core.block_reduce(x, lay.block, "amax"), self.bits)
+                                              core.block_reduce(x, lay.block, "amax"), self.bits, half=self.half)
 
     def _own_scale(self, x, lay):
         if not self.symmetric:
@@ -477,17 +503,22 @@ class AffineScheme(_Coded):
         if self.method == "gptq":
             if hessian is None:
                 raise ValueError("gptq needs the layer's calibration Hessian (pass calibration= to quantize)")
-            return gptq_quantize(x, hessian, self.bits, lay.block[1], self.symmetric)
+            return gptq_quantize(x, hessian, self.bits, lay.block[1], self.symmetric, half=self.half)
         if self.method == "hqq":
-            return hqq_quantize(x, self.bits, lay.block[1])
+            return hqq_quantize(x, self.bits, lay.block[1], half=self.half)
         if self.symmetric:
-            s = self._own_params(x, lay)[0] if scale is None else scale
+            s = self._own_params(x, lay)[0] if scale is None else self._round_scale(scale)
             z, q = torch.full_like(s, self.zero), self.int8_qmax
             u = core.quantize_affine(x, s, z, self.bits, lay.block, self.zero - q, self.zero + q, symmetric=True)
             return u, s, z
         if (scale is None) != (zero is None):
             raise ValueError(f"{self.name} takes a fixed scale and zero point together")
-        s, z = self._own_params(x, lay) if scale is None else (scale, zero)
+        if scale is None:
+            s, z = self._own_params(x, lay)
+        else:
+            s, z = self._round_scale(scale), zero
+            if self.half and torch.isfinite(zero.to(torch.float16)).all():
+                z = zero.to(torch.float16).float()
         return core.quantize_affine(x, s, z, self.bits, lay.block), s, z
 
     def _fake(self, x, lay, scale):
@@ -506,7 +537,8 @@ class AffineScheme(_Coded):
     def from_config(cls, config, *, signed=False, qmax=None):
         # The int8 layout is always rounded to nearest (its layers take no fitting method).
         method = "rtn" if signed else config.method
-        return cls(config.bits, config.symmetric, (1, config.group_size), method, signed, qmax)
+        half = config.scale_dtype == "float16" and not signed
+        return cls(config.bits, config.symmetric, (1, config.group_size), method, signed, qmax, half)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ of minmax, ema, percentile, mse, entropy; minmax by default); with SmoothQuant's
 `w8a8-smooth` (dynamic), `w8a8-static-smooth`, either with `-ALPHA` (migration strength, default 0.5).
 Narrower weights with int8 activations: FORMAT[-gGROUP]-a8[-dynamic|-static][-OBSERVER], e.g. `int4-a8`,
 `ternary-a8`, `binary-a8-dynamic`, `int4-g32-a8-dynamic` (static by default; integer weights symmetric).
+Weight-only integer recipes store scales and zero points as float16 values; a `-fp32scales` suffix
+(`int4-g128-fp32scales`, `int4-g128-gptq-fp32scales`) keeps them float32, the earlier layout.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ METHODS = ("rtn", "gptq", "awq", "hqq")
 DEFAULT_SMOOTH_ALPHA = 0.5
 ACT_MODES = ("dynamic", "static")
 OBSERVER_NAMES = ("minmax", "ema", "percentile", "mse", "entropy")  # lowbit.core.observers.OBSERVERS
+SCALE_DTYPES = ("float16", "float32")
+DEFAULT_SCALE_DTYPE = "float16"
 
 # The recipes lowbit documents and tests; the grammar accepts more (any int2..int8, any group).
 RECIPES = (
@@ -49,6 +53,7 @@ class QuantConfig:
     act: str | None = None
     observer: str = "minmax"
     smooth: float | None = None
+    scale_dtype: str = DEFAULT_SCALE_DTYPE
 
     def __post_init__(self) -> None:
         if self.kind not in ("int", "float", "kmeans", "ternary", "binary"):
@@ -74,6 +79,10 @@ class QuantConfig:
             raise ValueError("hqq fits zero points: it takes asymmetric formats (int2..int7)")
         if self.observer not in OBSERVER_NAMES:
             raise ValueError(f"unknown observer {self.observer!r}; valid: {', '.join(OBSERVER_NAMES)}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"unknown scale dtype {self.scale_dtype!r}; valid: {', '.join(SCALE_DTYPES)}")
+        if self.scale_dtype != DEFAULT_SCALE_DTYPE and (self.kind != "int" or self.act is not None):
+            raise ValueError(f"scale dtype {self.scale_dtype} applies to weight-only integer recipes (intB[-gG])")
 
     @property
     def needs_calibration(self) -> bool:
@@ -98,10 +107,17 @@ class QuantConfig:
             base += f"-g{self.group_size}"
         if self.method != "rtn":
             base += f"-{self.method}"
+        if self.scale_dtype == "float32":
+            base += "-fp32scales"
         return base
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        # The default is left out: manifests of other recipes read as before, and by lowbit versions
+        # that predate the option.
+        if d["scale_dtype"] == DEFAULT_SCALE_DTYPE:
+            del d["scale_dtype"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantConfig:
@@ -118,7 +134,8 @@ def valid_recipes_message() -> str:
         + "kmeans2..kmeans8, ternary or binary; METHOD is " + "/".join(METHODS) + "; "
         + "or w8a8-dynamic, w8a8-static[-OBSERVER] with OBSERVER in " + "/".join(OBSERVER_NAMES)
         + "; or w8a8-smooth[-ALPHA], w8a8-static-smooth[-ALPHA] with ALPHA in [0, 1]"
-        + "; or FORMAT[-gGROUP]-a8[-dynamic|-static][-OBSERVER] with FORMAT int2..int8, ternary or binary)"
+        + "; or FORMAT[-gGROUP]-a8[-dynamic|-static][-OBSERVER] with FORMAT int2..int8, ternary or binary"
+        + "; weight-only intB recipes take a final -fp32scales for float32 scales and zero points)"
     )
 
 
@@ -129,6 +146,12 @@ def parse_recipe(recipe: str | QuantConfig) -> QuantConfig:
     if not isinstance(recipe, str):
         raise TypeError(f"recipe must be a string or QuantConfig, got {type(recipe).__name__}")
     text = recipe.strip().lower()
+    if text.endswith("-fp32scales"):
+        config = parse_recipe(text[:-len("-fp32scales")])
+        try:
+            return replace(config, scale_dtype="float32")
+        except ValueError as e:
+            raise ValueError(f"bad recipe {recipe!r}: {e}; {valid_recipes_message()}") from None
     smooth = re.fullmatch(r"w8a8-(static-)?smooth(?:-([0-9.]+))?", text)
     if smooth:
         try:

@@ -43,18 +43,21 @@ def _inverse_cholesky(h: torch.Tensor, order: torch.Tensor, dead: torch.Tensor, 
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, symmetric: bool, *,
                   damp: float = 0.01, act_order: bool = True, block: int = 128,
-                  codebook: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  codebook: torch.Tensor | None = None,
+                  half: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes (uint8 [N, K]), scale and zero point ([N, K // group_size]) for weight w [N, K] given H [K, K].
 
     The codes follow lowbit.core's affine convention: W ~ (codes - zero) * scale. With `codebook`
     ([N, K // group_size, 2**bits], fixed up front like the scales), each weight is rounded to the nearest
     entry of its group's codebook instead, and the codes index it (scale and zero are then unused).
+    half: the scales are float16 values (lowbit.core.half_scale), rounded before the first column, so the
+    error each column passes on is the error of the scales that are stored.
     """
     w = w.detach().float()
     n, k = w.shape
     if k % group_size:
         raise ValueError(f"input size {k} is not a multiple of group size {group_size}")
-    scale, zero = choose_qparams_affine(w, bits, (1, group_size), symmetric)
+    scale, zero = choose_qparams_affine(w, bits, (1, group_size), symmetric, half=half)
     qmin, qmax = (1 if symmetric else 0), 2 ** bits - 1
     # float32, as the paper's implementation does.
     h = h.float()

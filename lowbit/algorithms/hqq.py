@@ -6,7 +6,9 @@ in exchange for a closer fit everywhere else. Half-quadratic splitting alternate
     E <- shrink_p(W - dequant(quant(W)))        (a generalized soft threshold, the l_p proximal step)
     z <- mean over the group of (Q - (W - E) / s)   (closed-form least squares for the zero point)
 with the penalty weight beta growing by kappa each step. Scales stay those of min-max; zero points
-become fractional, which lowbit's format and kernels take as they are.
+become fractional, which lowbit's format and kernels take as they are. With 16-bit parameters the scales
+are rounded to float16 first and every zero point the iteration proposes is rounded to float16 too, so
+the error it keeps the best of is the error of what is stored.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ def _shrink(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
 
 @torch.no_grad()
 def hqq_quantize(w: torch.Tensor, bits: int, group_size: int, *, p: float = 0.7, beta: float = 10.0,
-                 kappa: float = 1.01, iters: int = 20) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes (uint8 [N, K]), scale and fractional zero point ([N, K // group_size]) for weight w [N, K]."""
+                 kappa: float = 1.01, iters: int = 20,
+                 half: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes (uint8 [N, K]), scale and fractional zero point ([N, K // group_size]) for weight w [N, K].
+    half: scales and zero points are float16 values (returned as float32)."""
     n, k = w.shape
     if k % group_size:
         raise ValueError(f"input size {k} is not a multiple of group size {group_size}")
     W = w.detach().float().reshape(n, k // group_size, group_size)
-    scale, zero = choose_qparams_affine(w.detach().float(), bits, (1, group_size), False)
+    scale, zero = choose_qparams_affine(w.detach().float(), bits, (1, group_size), False, half=half)
     s, z = scale[..., None], zero[..., None].clone()
     qmax = 2 ** bits - 1
     best_z, best_err = z.clone(), torch.full_like(z, float("inf"))
@@ -41,6 +45,9 @@ def hqq_quantize(w: torch.Tensor, bits: int, group_size: int, *, p: float = 0.7,
         best_z, best_err = torch.where(better, z, best_z), torch.where(better, cost, best_err)
         e = _shrink(err, beta, p)
         z = (q - (W - e) / s).mean(-1, keepdim=True)
+        if half:
+            # Zero points lie within [-2**bits, 2**(bits+1)] or so: float16 holds them to 2**-3 or finer.
+            z = z.to(torch.float16).float()
         beta *= kappa
     z = best_z
     codes = torch.round(W / s + z).clamp_(0, qmax).to(torch.uint8).reshape(n, k)

@@ -1,6 +1,7 @@
 """Pure tensor functions: affine/ternary/binary integer quantization, bit packing, float formats, codebooks."""
 
 from .affine import (
+    HALF_TINY,
     SCALE_EPS,
     affine_qparams_from_range,
     block_reduce,
@@ -12,6 +13,8 @@ from .affine import (
     choose_qparams_ternary,
     dequantize_affine,
     fake_quantize_affine,
+    half_exact,
+    half_scale,
     param_view,
     quantize_affine,
     quantize_binary,
@@ -26,6 +29,7 @@ from .pack import pack_bits, packed_nbytes, unpack_bits
 
 __all__ = [
     "FLOAT_DTYPES",
+    "HALF_TINY",
     "SCALE_EPS",
     "affine_qparams_from_range",
     "block_reduce",
@@ -38,6 +42,8 @@ __all__ = [
     "dequantize_affine",
     "dequantize_float",
     "fake_quantize_affine",
+    "half_exact",
+    "half_scale",
     "kmeans_dequantize",
     "kmeans_quantize",
     "pack_bits",

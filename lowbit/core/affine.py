@@ -19,6 +19,9 @@ from .pack import packed_nbytes
 # 0/0; the smallest normal float32 keeps the division defined, and (zp - zp) * eps is still exactly 0.
 # Being normal (not subnormal) it also keeps x/scale accurate for blocks of tiny nonzero values.
 SCALE_EPS = torch.finfo(torch.float32).tiny
+# Scales stored in 16 bits are normal float16 values: subnormals would lose relative precision, so a block
+# whose scale is below HALF_TINY (but not all zero) keeps its tensor's scales in float32.
+HALF_TINY = torch.finfo(torch.float16).tiny
 
 
 def blocks_shape(shape: Sequence[int], block_size: Sequence[int]) -> tuple[int, ...]:
@@ -95,8 +98,28 @@ def block_reduce(x: torch.Tensor, block_size: Sequence[int], op: str) -> torch.T
     return getattr(xb, op)(dim=_block_dims(x.dim()))
 
 
+def half_scale(scale: torch.Tensor) -> torch.Tensor:
+    """`scale` (float32, positive) rounded to the nearest float16 values, returned as float32; unchanged
+    when some value has no normal float16 near it (beyond 65504, or a block of tiny nonzero values).
+
+    Scales at SCALE_EPS (blocks of zeros: their codes sit at the zero point whatever the scale) become
+    HALF_TINY, the smallest normal float16. Rounding the scale by at most 2**-11 of itself moves the grid
+    by far less than its step, so round-to-nearest with the rounded scale loses nothing measurable."""
+    s = torch.where(scale <= SCALE_EPS, torch.full_like(scale, HALF_TINY), scale.float())
+    h = s.to(torch.float16).float()
+    if not (torch.isfinite(h).all() and (h >= HALF_TINY).all()):
+        return scale
+    return h
+
+
+def half_exact(t: torch.Tensor) -> bool:
+    """Whether every value of `t` is a float16 value (so storing it as float16 loses nothing)."""
+    h = t.to(torch.float16)
+    return bool(torch.isfinite(h).all() and torch.equal(h.to(t.dtype), t))
+
+
 def choose_qparams_affine(x: torch.Tensor, bits: int, block_size: Sequence[int],
-                          symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                          symmetric: bool, half: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point (float32, shape blocks_shape) for round-to-nearest with `bits` in 2..8.
 
     symmetric: zero_point = 2**(bits-1), scale = amax / (2**(bits-1) - 1), codes restricted to
@@ -104,21 +127,22 @@ def choose_qparams_affine(x: torch.Tensor, bits: int, block_size: Sequence[int],
     asymmetric: range [min(xmin, 0), max(xmax, 0)] over 2**bits - 1 steps, integer zero point so 0.0
     is exactly representable.
     All-zero blocks get scale SCALE_EPS (never 0), so they quantize to the zero point and back to 0.
+    half: scales are float16 values (see half_scale), and zero points follow from the rounded scales.
     """
     _check_bits(bits, 2, 8)
     x = check_input(x)
     if symmetric:
-        return symmetric_qparams(block_reduce(x.abs(), block_size, "amax"), bits)
+        return symmetric_qparams(block_reduce(x.abs(), block_size, "amax"), bits, half=half)
     return affine_qparams_from_range(block_reduce(x, block_size, "amin"),
-                                     block_reduce(x, block_size, "amax"), bits)
+                                     block_reduce(x, block_size, "amax"), bits, half=half)
 
 
-def symmetric_qparams(amax: torch.Tensor, bits: int,
-                      qmax: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def symmetric_qparams(amax: torch.Tensor, bits: int, qmax: int | None = None,
+                      half: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric (scale, zero_point) for per-block max|x|: scale = amax / qmax, zero_point = 2**(bits-1).
 
     qmax, the largest code magnitude, defaults to 2**(bits-1) - 1 (the full symmetric range); a smaller
-    one restricts the grid (int8 kernels that would saturate at 127 take 63).
+    one restricts the grid (int8 kernels that would saturate at 127 take 63). half: see half_scale.
     """
     _check_bits(bits, 2, 8)
     full = 2 ** (bits - 1) - 1
@@ -126,20 +150,25 @@ def symmetric_qparams(amax: torch.Tensor, bits: int,
     if not isinstance(qmax, int) or isinstance(qmax, bool) or not 1 <= qmax <= full:
         raise ValueError(f"qmax must be an integer in [1, {full}] for {bits} bits, got {qmax!r}")
     scale = (amax.float() / qmax).clamp_min(SCALE_EPS)
+    if half:
+        scale = half_scale(scale)
     return scale, torch.full_like(scale, float(2 ** (bits - 1)))
 
 
-def affine_qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor,
-                              bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def affine_qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, bits: int,
+                              half: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric (scale, zero_point) for observed per-block minima and maxima, bits in 1..8.
 
     The range is widened to include 0 and the zero point rounded to an integer, so 0.0 is exact.
+    half: the scale is rounded to float16 (see half_scale) before the zero point is chosen from it.
     """
     _check_bits(bits, 1, 8)
     qmax = 2 ** bits - 1
     lo = xmin.float().clamp_max(0.0)
     hi = xmax.float().clamp_min(0.0)
     scale = ((hi - lo) / qmax).clamp_min(SCALE_EPS)
+    if half:
+        scale = half_scale(scale)
     zero_point = torch.round(-lo / scale).clamp_(0, qmax).abs_()  # abs_ turns -0.0 into 0.0
     return scale, zero_point
 
