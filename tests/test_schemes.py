@@ -189,8 +189,10 @@ def test_storage_counts_every_tensor(case):
     state = scheme.encode(w)
     assert set(state) == set(scheme.state_names) | ({"scale"} if "scale" in state else set())
     stored = sum(t.numel() * t.element_size() for t in state.values())
-    # the estimate is exact (codebooks: fp16 unless a value does not fit, which these weights never hit)
-    assert scheme.nbytes(w.shape) == stored
+    # the estimate is exact (codebooks: fp16 unless a value does not fit, which these weights never hit;
+    # 16-bit scales and zero points: a tensor with a value float16 cannot hold stays float32, 2 bytes more each)
+    wide = sum(t.numel() for n, t in state.items() if n in ("scale", "zero_point") and t.dtype == torch.float32)
+    assert scheme.nbytes(w.shape) + (2 * wide if getattr(scheme, "half", False) else 0) == stored
     numel = w.numel()
     assert scheme.bits_per_weight(w.shape, state) == pytest.approx(8 * stored / numel)
     assert scheme.bits_per_weight(w.shape) == pytest.approx(8 * stored / numel)
@@ -324,7 +326,12 @@ def test_fixed_scale_and_zero_point_are_used_and_checked():
     w = torch.randn(4, 16)
     sym = formats.AffineScheme(4, True, (1, 8))
     s = torch.full((4, 2), 0.05)
+    s16 = s.half().float()  # 16-bit scales (the default): the given scale is rounded, then used
+    assert s16[0, 0] != 0.05
     state = sym.encode(w, scale=s)
+    assert state["scale"].dtype == torch.float16 and torch.equal(state["scale"].float(), s16)
+    assert torch.equal(sym.decode(state, w.shape), (w / s16[0, 0]).round().clamp(-7, 7) * s16[0, 0])
+    state = formats.AffineScheme(4, True, (1, 8), half_params=False).encode(w, scale=s)
     assert torch.equal(state["scale"], s)
     assert torch.equal(sym.decode(state, w.shape), (w / 0.05).round().clamp(-7, 7) * s[0, 0])
     with pytest.raises(ValueError, match="positive"):
@@ -336,8 +343,8 @@ def test_fixed_scale_and_zero_point_are_used_and_checked():
     asym = formats.AffineScheme(3, False, (1, 8))
     z = torch.full((4, 2), 3.0)
     state = asym.encode(w, scale=s, zero_point=z)
-    assert torch.equal(state["zero_point"], z)
-    assert torch.equal(asym.codes(state, w.shape).float(), (w / 0.05 + 3).round().clamp(0, 7))
+    assert state["zero_point"].dtype == torch.float16 and torch.equal(state["zero_point"].float(), z)
+    assert torch.equal(asym.codes(state, w.shape).float(), (w / s16[0, 0] + 3).round().clamp(0, 7))
     with pytest.raises(ValueError, match="together"):
         asym.encode(w, scale=s)
     with pytest.raises(ValueError, match="no scale"):
@@ -383,7 +390,7 @@ def test_every_recipe_has_its_scheme_and_layers_report_bits_per_weight():
         formats.scheme_for(parse_recipe("kmeans4"), signed=True)
     torch.manual_seed(0)
     lin = nn.Linear(256, 64)
-    expected = {"int4-g128": 4 + 64 / 128, "int8": 8 + 64 / 256, "kmeans4": 4 + 16 * 16 / 256,
+    expected = {"int4-g128": 4 + 32 / 128, "int4-g128-fp32scales": 4 + 64 / 128, "int8": 8 + 32 / 256, "kmeans4": 4 + 16 * 16 / 256,
                 "kmeans4-g64": 4 + 16 * 16 / 64, "ternary": 2 + 64 / 256, "fp16": 16, "fp8": 8 + 32 / 256}
     for recipe, bpw in expected.items():
         kernel = "dequant" if recipe[0] != "f" else "auto"
@@ -402,7 +409,7 @@ def test_quantize_takes_fixed_parameters_per_layer():
     model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8))
     s, z = torch.full((16, 1), 0.02), torch.full((16, 1), 7.0)
     q = lowbit.quantize(model, "int4", backend="dequant", fixed={"0": {"scale": s, "zero_point": z}})
-    assert torch.equal(q[0].scale, s) and torch.equal(q[0].zero_point, z)
+    assert torch.equal(q[0].scale, s.half()) and torch.equal(q[0].zero_point, z.half())
     assert not torch.equal(q[2].scale, torch.full_like(q[2].scale, 0.02))
     with pytest.raises(ValueError, match="does not quantize: 1"):
         lowbit.quantize(nn.Sequential(nn.Linear(8, 8), nn.ReLU()), "int4", fixed={"1": {"scale": s}})
