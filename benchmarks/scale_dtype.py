@@ -44,6 +44,9 @@ def main() -> None:
     ap.add_argument("--recipes", nargs="*", default=DEFAULT)
     ap.add_argument("--calib", type=int, default=128)
     ap.add_argument("--seq", type=int, default=256, help="lm: calibration window length")
+    ap.add_argument("--backend", default="dequant",
+                    help="kernel for every layer (default dequant: float32 arithmetic, no timing, so both "
+                         "sides compute alike; auto lets timing pick, which may differ between them)")
     args = ap.parse_args()
     if args.model == "minilm":
         from lowbit import hf
@@ -72,7 +75,7 @@ def main() -> None:
             return lm.held_out_perplexity(m, tok, corpus=corpus)["all"]
 
         metric, fmt = "ppl", "{:.3f}"
-    print(f"fp32 {metric} {fmt.format(score(model))}")
+    print(f"fp32 {metric} {fmt.format(score(model))}; backend {args.backend}", flush=True)
     print(f"| recipe | {metric} fp32 scales | {metric} fp16 scales | diff | bytes fp32 -> fp16 | saved |"
           " float32 left | quantize s |")
     print("|---|---|---|---|---|---|---|---|")
@@ -82,7 +85,7 @@ def main() -> None:
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                q = lowbit.quantize(copy.deepcopy(model), r, calibration=calib)
+                q = lowbit.quantize(copy.deepcopy(model), r, calibration=calib, backend=args.backend)
             row.append((score(q), *stored(q), time.perf_counter() - t0))
             del q
         (a, ba, _, ta), (b, bb, wide, tb) = row

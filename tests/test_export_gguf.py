@@ -123,7 +123,8 @@ def test_export_reads_back_as_lowbit_weights(tmp_path, tokenizer, recipe, qtype)
         bound = 2.0 ** -11 * want.abs().max() * (30 if qtype != "Q8_0" else 1.01)
         err = (got - want).abs().max()
         assert err <= bound, (name, err, bound)
-        assert err > 0 or qtype == "Q8_0"  # the fp16 rounding really happened: the test compares something
+        if layer.scale.dtype == torch.float16 and qtype != "Q4_1":
+            assert err == 0, name  # 16-bit scales are the file's d as they are (Q4_1's m = -zero * d rounds)
     for name, t in tensors.items():
         if "norm" in name:
             assert t.tensor_type.name == "F32"
