@@ -287,9 +287,10 @@ def test_cli_quantize_prints_one_line_for_slower_layers(monkeypatch, tmp_path):
 def test_summary_gives_bits_per_weight():
     k, n = 256, 64
     expected = {
-        "int8": 8 + 2 * 32 / k,  # codes, fp32 scale and zero point per row
-        "int4-g128": 4 + 2 * 32 / 128,
-        "int4-g32": 4 + 2 * 32 / 32,
+        "int8": 8 + 2 * 16 / k,  # codes, 16-bit scale and zero point per row
+        "int4-g128": 4 + 2 * 16 / 128,
+        "int4-g32": 4 + 2 * 16 / 32,
+        "int4-g32-fp32scales": 4 + 2 * 32 / 32,
         "kmeans4-g64": 4 + 16 * 16 / 64,  # a 16-entry fp16 codebook per group of 64
         "kmeans4": 4 + 16 * 16 / k,
         "bf16": 16,
@@ -304,10 +305,10 @@ def test_summary_gives_bits_per_weight():
     model = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 32))
     q = quiet(lowbit.quantize, model, "int4-g32", exclude=["2"])
     rows = lowbit.summary(q)
-    assert len(rows) == 1 and rows.bits_per_weight == pytest.approx(6.0)
+    assert len(rows) == 1 and rows.bits_per_weight == pytest.approx(5.0)
     q = quiet(lowbit.quantize, nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 32)), "int4-g32")
-    assert lowbit.summary(q).bits_per_weight == pytest.approx(6.0)
+    assert lowbit.summary(q).bits_per_weight == pytest.approx(5.0)
     emb = quiet(lowbit.quantize, nn.Sequential(nn.Embedding(100, 64), nn.Linear(64, 32)), "int8")
     rows = lowbit.summary(emb)
-    avg = (100 * 64 * (8 + 64 / 64) + 32 * 64 * (8 + 64 / 64)) / (100 * 64 + 32 * 64)
+    avg = (100 * 64 * (8 + 32 / 64) + 32 * 64 * (8 + 32 / 64)) / (100 * 64 + 32 * 64)
     assert rows.bits_per_weight == pytest.approx(avg)
