@@ -131,14 +131,14 @@ def test_header_checked():
     p32 = lowbit_cpu.prepack(codes, scale, zero, bits, g)["qweight"]
     x = torch.randn(2, k)
     y = lowbit_cpu._C.linear(x, p32, bits, g, n, k)
-    # A buffer without a header (all-zero pad, as packed before headers existed) is the float32 form.
-    legacy = p32.clone()
-    legacy[:8] = 0
-    assert torch.equal(lowbit_cpu._C.linear(x, legacy, bits, g, n, k), y)
-    bad = p32.clone()
-    bad[0] = ord("x")
+    assert torch.equal(lowbit_cpu._C.linear(x, p32.clone(), bits, g, n, k), y)
+    for pos, val in ((0, ord("x")), (4, 3), (6, 1)):
+        bad = p32.clone()
+        bad[pos] = val
+        with pytest.raises(RuntimeError, match="unknown header"):
+            lowbit_cpu._C.linear(x, bad, bits, g, n, k)
     with pytest.raises(RuntimeError, match="unknown header"):
-        lowbit_cpu._C.linear(x, bad, bits, g, n, k)
+        lowbit_cpu.dequant({"qweight": torch.zeros_like(p32)}, bits, g, n, k)
     # A 16-bit form buffer claiming 32-bit scales no longer matches its size.
     p16 = lowbit_cpu.prepack(codes, scale.half(), zero.half(), bits, g)["qweight"].clone()
     p16[4] = 4

@@ -13,8 +13,8 @@
 //     32 rows, in one of two forms: 32-bit (64 floats: the scales, then their -scale*zero) or
 //     16-bit (64 halves: the scales, then the zero points; the kernels form -scale*zero in float32,
 //     exact since a product of two halves fits in a float). So each tile is one sequential stream.
-//   * the buffer starts with a 32-byte pad whose first bytes are a header naming the form (see
-//     kHeaderMagic); an all-zero pad is the 32-bit form (buffers packed before the header existed).
+//   * the buffer starts with a 64-byte pad whose first bytes are a header naming the form (see
+//     kHeaderMagic).
 //
 // GEMV, per step s of a chunk (one column k): w = the 8 rows' codes at k as floats, acc += w * x[k]
 // (x broadcast), with a fused multiply-add per row vector. Per group and row vector:
@@ -65,11 +65,15 @@ struct Layout {
   int64_t scale_bytes() const { return 2 * TR * (int64_t)sb; }
   int64_t group_bytes() const { return cpg * chunk_bytes() + scale_bytes(); }
   int64_t tile_bytes() const { return ngp * group_bytes(); }
-  // 32 bytes of padding on both ends: the int3 loader reads 4 bytes either side of a row vector.
-  // The header lives in the first kHeaderBytes of the leading pad, clear of those reads.
-  static constexpr int64_t kPad = 32;
+  // Padding on both ends: the int3 loaders read 4 bytes before a row vector (AVX2) and 16 after
+  // two (AVX-512). The leading pad is 64 bytes so that the tiles start 64-byte aligned in the
+  // (64-byte aligned) buffer: a zmm load of two row vectors then never splits a cache line (every
+  // chunk and scale block except int3's is a multiple of 64 bytes). The header lives in the first
+  // kHeaderBytes of the leading pad, clear of those reads.
+  static constexpr int64_t kPad = 64;
+  static constexpr int64_t kPadEnd = 32;
   static constexpr int64_t kHeaderBytes = 8;
-  int64_t total_bytes() const { return kPad + ntile * tile_bytes() + kPad; }
+  int64_t total_bytes() const { return kPad + ntile * tile_bytes() + kPadEnd; }
   int64_t tile_offset(int64_t t) const { return kPad + t * tile_bytes(); }
 };
 
@@ -116,11 +120,9 @@ inline void write_header(const Layout& L, uint8_t* out) {
   out[4] = (uint8_t)L.sb;
 }
 
-// The scale width a buffer's header names: 4 or 2, 4 for an all-zero header, 0 for anything else.
+// The scale width a buffer's header names: 4 or 2, 0 for anything else (packed buffers are derived
+// from the canonical weight when a model loads, never stored, so there is no older form to accept).
 inline int read_header(const uint8_t* buf) {
-  bool zero = true;
-  for (int i = 0; i < Layout::kHeaderBytes; ++i) zero &= buf[i] == 0;
-  if (zero) return 4;
   if (std::memcmp(buf, kHeaderMagic, 4) != 0 || buf[5] || buf[6] || buf[7]) return 0;
   return (buf[4] == 2 || buf[4] == 4) ? buf[4] : 0;
 }
@@ -196,10 +198,11 @@ constexpr int MT_MAX = 4;
 // Rows [m0, m1) of x [M, k] -> xp, xs. Rows are grouped MT_MAX at a time (the rows of one pass),
 // and within a group interleaved per column: xp[c][kk][j] for row c * MT_MAX + j, the same for xs
 // per group, so the kernel finds all its rows' activations of one column side by side.
+// raw: copies unscaled, for a kernel that decodes every code to its plain value.
 inline void prep_x_rows(const Layout& L, const float* x, int64_t M, int64_t m0, int64_t m1, float* xp,
-                        float* xs) {
+                        float* xs, bool raw = false) {
   float mult[32];
-  for (int s = 0; s < L.P; ++s) mult[s] = x_mult(L.bits, s);
+  for (int s = 0; s < L.P; ++s) mult[s] = raw ? 1.0f : x_mult(L.bits, s);
   for (int64_t m = m0; m < m1; ++m) {
     const int64_t c0 = m / MT_MAX * MT_MAX, j = m - c0, mt = std::min<int64_t>(MT_MAX, M - c0);
     const float* xr = x + m * L.k;

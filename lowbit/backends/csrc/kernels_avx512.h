@@ -18,6 +18,9 @@
 #elif defined(__GNUC__)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl")
+// GCC 12 warns about the intrinsics' own _mm512_undefined_ps() placeholders.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
 namespace lowbit {
@@ -61,10 +64,29 @@ LOWBIT_INLINE __m512i load_zvec(const uint8_t* p) {
   }
 }
 
-// Code of step s as float, times 2^xexp_of(BITS, s) (see kernels.h).
+// 1- and 2-bit codes are decoded by table: a float permute picks lane values from a 16-entry table by
+// the low 4 bits of each lane, so one shift serves the 2 (int2) or 4 (int1) codes of a nibble and
+// each code costs one permute instead of a mask and a conversion. Those codes come out plain (not
+// scaled by their position), so their activations are prepared unscaled (prep_x_rows' raw).
+constexpr bool by_table(int bits) { return bits <= 2; }
+
+struct DecodeTables {
+  alignas(64) float t[4][16];  // t[r][i]: code r of nibble i
+  constexpr DecodeTables(int bits) : t() {
+    for (int r = 0; r < 4; ++r)
+      for (int i = 0; i < 16; ++i) t[r][i] = (float)((i >> (bits * r)) & ((1 << bits) - 1));
+  }
+};
+inline constexpr DecodeTables kTab2{2}, kTab1{1};
+
+// Code of step s as float, times 2^xexp_of(BITS, s) (see kernels.h); by_table(BITS): the plain code.
 template <int BITS, int s>
-LOWBIT_INLINE __m512 decode_scaled(__m512i v) {
-  if constexpr (top_of(BITS, s)) {
+LOWBIT_INLINE __m512 decode_scaled(__m512i v, const __m512* tab) {
+  if constexpr (by_table(BITS)) {
+    constexpr int per = 4 / BITS, j = s / per, r = s % per;
+    const __m512i idx = j == 0 ? v : _mm512_srli_epi32(v, 4 * j);
+    return _mm512_permutexvar_ps(idx, tab[r]);
+  } else if constexpr (top_of(BITS, s)) {
     return _mm512_cvtepi32_ps(_mm512_srli_epi32(v, pos_of(BITS, s)));
   } else {
     // The mask becomes an embedded broadcast from memory: no register held per step.
@@ -103,6 +125,10 @@ void gemv_tile(const Layout& L, const GemvArgs& a) {
   for (int m = 0; m < MT; ++m)
     for (int u = 0; u < NZ; ++u) tot[m][u] = _mm512_setzero_ps();
 
+  __m512 tab[4];
+  if constexpr (by_table(BITS))
+    for (int r = 0; r < 4; ++r) tab[r] = _mm512_load_ps((BITS == 2 ? kTab2 : kTab1).t[r]);
+
   const uint8_t* p = a.tile;
   const float* xk = a.xp;
   for (int64_t g = 0; g < L.ngp; ++g) {
@@ -119,7 +145,7 @@ void gemv_tile(const Layout& L, const GemvArgs& a) {
       static_for512<P>([&](auto sc) LOWBIT_LAMBDA_INLINE {
         constexpr int s = decltype(sc)::value;
         __m512 q[NZ];
-        for (int u = 0; u < NZ; ++u) q[u] = decode_scaled<BITS, s>(w[u]);
+        for (int u = 0; u < NZ; ++u) q[u] = decode_scaled<BITS, s>(w[u], tab);
         for (int m = 0; m < MT; ++m) {
           const __m512 xb = _mm512_set1_ps(cx[s * MT + m]);
           for (int u = 0; u < NZ; ++u) acc[m][u][s % NACC] = _mm512_fmadd_ps(q[u], xb, acc[m][u][s % NACC]);
@@ -186,7 +212,7 @@ void gemv_tiles_t(const Layout& L, const uint8_t* qw, const float* xp, const flo
   }
 }
 
-// Same contract as lowbit::gemv_tiles.
+// Same contract as lowbit::gemv_tiles, with xp prepared raw when by_table(L.bits).
 inline void gemv_tiles(const Layout& L, const uint8_t* qw, const float* xp, const float* xs, int64_t M,
                        const float* bias, float* y, int64_t t0, int64_t t1) {
   switch (L.bits) {
@@ -240,5 +266,6 @@ inline void dequant_t_tiles(const Layout& L, const uint8_t* qw, int64_t t0, int6
 #if defined(__clang__)
 #pragma clang attribute pop
 #elif defined(__GNUC__)
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 #endif

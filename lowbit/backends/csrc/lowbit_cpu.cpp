@@ -67,9 +67,10 @@ int best_isa() { return cpu_can_run(kAvx512) ? kAvx512 : kAvx2; }
 
 std::atomic<int> g_isa{best_isa()};
 
-void run_gemv_tiles(const Layout& L, const uint8_t* qw, const float* xp, const float* xs, int64_t M,
-                const float* bias, float* y, int64_t t0, int64_t t1) {
-  if (g_isa.load(std::memory_order_relaxed) == kAvx512)
+// isa: read once per call, since the activations are prepared for the path that runs.
+void run_gemv_tiles(int isa, const Layout& L, const uint8_t* qw, const float* xp, const float* xs, int64_t M,
+                    const float* bias, float* y, int64_t t0, int64_t t1) {
+  if (isa == kAvx512)
     lowbit::avx512::gemv_tiles(L, qw, xp, xs, M, bias, y, t0, t1);
   else
     lowbit::gemv_tiles(L, qw, xp, xs, M, bias, y, t0, t1);
@@ -180,16 +181,18 @@ void run_linear(const Layout& L, const at::Tensor& x, const at::Tensor& qw, cons
     float* xpp = xp.data_ptr<float>();
     float* xsp = xs.data_ptr<float>();
     const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+    const int isa = g_isa.load();
+    const bool raw = isa == kAvx512 && lowbit::avx512::by_table(L.bits);
     for (int64_t m0 = 0; m0 < M; m0 += mb) {
       const int64_t rows = std::min(mb, M - m0);
       const float* xptr = x.data_ptr<float>() + m0 * L.k;
       float* yp = y.data_ptr<float>() + m0 * L.n;
       at::parallel_for(0, rows, 32, [&](int64_t r0, int64_t r1) {
-        lowbit::prep_x_rows(L, xptr, rows, r0, r1, xpp, xsp);
+        lowbit::prep_x_rows(L, xptr, rows, r0, r1, xpp, xsp, raw);
       });
       // Each output comes from one thread in a fixed order: results do not depend on the thread count.
       at::parallel_for(0, L.ntile, 1, [&](int64_t t0, int64_t t1) {
-        run_gemv_tiles(L, q, xpp, xsp, rows, bp, yp, t0, t1);
+        run_gemv_tiles(isa, L, q, xpp, xsp, rows, bp, yp, t0, t1);
       });
     }
   } else {
