@@ -1,6 +1,6 @@
 """Builds lowbit._C, the CPU kernel: AVX2/FMA, plus AVX-512 functions chosen at run time when the CPU has
-AVX-512 F/BW/VL (compiled for that target function by function, see csrc/kernels_avx512.h). Package
-metadata lives in pyproject.toml.
+AVX-512 F/BW/VL/VBMI (compiled for that target function by function, see csrc/kernels_avx512.h).
+Package metadata lives in pyproject.toml.
 
     pip install --no-build-isolation -e .       # needs torch installed first
     python setup.py build_ext --inplace         # rebuild the kernel only

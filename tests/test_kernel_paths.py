@@ -1,7 +1,7 @@
 """lowbit's CPU kernel on every instruction-set path this CPU can run, and its 16-bit-scale packed form.
 
-Each path (AVX2/FMA; AVX-512 F/BW/VL) against the float64 reference x @ ((codes - zero) * scale).T, both
-the GEMV and the dequantize + GEMM route; a path this CPU cannot run is skipped, saying why. The packed
+Each path (AVX2/FMA; AVX-512 F/BW/VL/VBMI) against the float64 reference x @ ((codes - zero) * scale).T,
+both the GEMV and the dequantize + GEMM route; a path this CPU cannot run is skipped, saying why. The packed
 form with float16 scale and zero gives the same bits as the float32 form holding the same values.
 """
 
@@ -43,7 +43,7 @@ def rel_err(y, ref):
 @pytest.fixture(params=["avx2", "avx512"])
 def isa(request):
     if request.param not in lowbit_cpu.isas():
-        pytest.skip(f"kernel path {request.param} not run: this CPU lacks avx512f/bw/vl "
+        pytest.skip(f"kernel path {request.param} not run: this CPU lacks avx512f/bw/vl/vbmi "
                     f"(it runs {', '.join(lowbit_cpu.isas())})")
     before = lowbit_cpu.isa()
     lowbit_cpu.set_isa(request.param)
@@ -76,7 +76,7 @@ def test_path_matches_reference(isa, bits, half):
 def test_paths_agree_up_to_summation_order():
     paths = lowbit_cpu.isas()
     if len(paths) < 2:
-        pytest.skip(f"only one kernel path runs on this CPU ({paths}): it lacks avx512f/bw/vl")
+        pytest.skip(f"only one kernel path runs on this CPU ({paths}): it lacks avx512f/bw/vl/vbmi")
     before = lowbit_cpu.isa()
     n, k, g = 300, 512, 64
     try:

@@ -22,8 +22,8 @@ sum(x) (every code * x product exact for |x| > 1e-29, sum(x) in double), so it d
 x @ dequant(W).T by summation order only: ||y - y_ref|| / ||y_ref|| < 1e-5 (the tests' bound;
 typically 1e-7..1e-6).
 
-Kernel paths: the same packed layout runs on an AVX2/FMA path and, where the CPU has AVX-512 F/BW/VL, an
-AVX-512 path (16 rows per instruction), chosen at run time: `isa()` names the path that runs, `isas()` the
+Kernel paths: the same packed layout runs on an AVX2/FMA path and, where the CPU has AVX-512
+F/BW/VL/VBMI, an AVX-512 path (16 rows per instruction), chosen at run time: `isa()` names the path that runs, `isas()` the
 paths this CPU can run, `set_isa(name)` or the environment variable LOWBIT_ISA picks one. The two paths
 differ by float summation order only.
 
@@ -155,13 +155,13 @@ def isas() -> list[str]:
 
 def set_isa(name: str) -> None:
     """Run the given kernel path from now on (process-wide). Raises ValueError for an unknown name and
-    RuntimeError for a path this CPU cannot run (AVX-512 needs AVX-512 F, BW and VL)."""
+    RuntimeError for a path this CPU cannot run (AVX-512 needs AVX-512 F, BW, VL and VBMI)."""
     if name not in ISAS:
         raise ValueError(f"unknown lowbit kernel path {name!r}; the paths are {', '.join(ISAS)}")
     if _C is None:
         raise RuntimeError("lowbit._C is not available (not built, or the CPU lacks AVX2/FMA)")
     if name not in isas():
-        raise RuntimeError(f"lowbit kernel path {name!r} cannot run on this CPU (it lacks avx512f/bw/vl); "
+        raise RuntimeError(f"lowbit kernel path {name!r} cannot run on this CPU (it lacks avx512f/bw/vl/vbmi); "
                            f"paths it can run: {', '.join(isas())}")
     _C.set_isa(name)
 

@@ -1,9 +1,9 @@
-// AVX-512 (F, BW, VL) versions of the GEMV and dequantization in kernels.h, on the same packed
-// layout: a tile's four row vectors of 8 rows are contiguous, so one 64-byte zmm load covers 16 rows
-// (two row vectors; int3: 48 bytes spread to 16 lanes by a dword permute and an in-lane byte
-// shuffle), and the scales of those 16 rows are contiguous too. Same arithmetic as the AVX2 path
-// (every code * x product exact, one accumulation per group folded with the group's scale), so the
-// two differ by float summation order only.
+// AVX-512 (F, BW, VL, VBMI) versions of the GEMV and dequantization in kernels.h, on the same
+// packed layout: a tile's four row vectors of 8 rows are contiguous, so one 64-byte zmm load covers
+// 16 rows (two row vectors; int3: 48 bytes spread to 16 lanes by one byte permute, VBMI's vpermb),
+// and the scales of those 16 rows are contiguous too. Same arithmetic as the AVX2 path (every
+// code * x product exact, one accumulation per group folded with the group's scale), so the two
+// differ by float summation order only.
 //
 // Only the functions defined between the target pragmas below are compiled for AVX-512; everything
 // else in the module (torch, the standard library, the AVX2 kernels) keeps the module's AVX2 flags,
@@ -14,10 +14,10 @@
 #include "kernels.h"
 
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi"))), apply_to = function)
 #elif defined(__GNUC__)
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vbmi")
 // GCC 12 warns about the intrinsics' own _mm512_undefined_ps() placeholders.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -50,15 +50,14 @@ LOWBIT_INLINE void static_for512(Fn&& fn) {
 template <int BITS>
 LOWBIT_INLINE __m512i load_zvec(const uint8_t* p) {
   if constexpr (BITS == 3) {
-    // Rows r = 0..15 sit at bytes 3r..3r+2. 128-bit lane L (rows 4L..4L+3) needs bytes 12L..12L+11,
-    // dwords 3L..3L+2: a dword permute brings them to the lane's start, a byte shuffle spreads them
-    // three per row. The top byte of each row is garbage: int3 masks never reach bit 24. Reads 16
-    // bytes past the 48: the stream always continues there (next chunk, scales or the end pad).
-    const __m512i raw = _mm512_loadu_si512((const void*)p);
-    const __m512i didx = _mm512_setr_epi32(0, 1, 2, 2, 3, 4, 5, 5, 6, 7, 8, 8, 9, 10, 11, 11);
-    const __m512i bidx = _mm512_broadcast_i32x4(
-        _mm_setr_epi8(0, 1, 2, 2, 3, 4, 5, 5, 6, 7, 8, 8, 9, 10, 11, 11));
-    return _mm512_shuffle_epi8(_mm512_permutexvar_epi32(didx, raw), bidx);
+    // Rows r = 0..15 sit at bytes 3r..3r+2: one byte permute spreads them to 4-byte lanes. The top
+    // byte of each lane is garbage: int3 masks never reach bit 24. Reads 16 bytes past the 48: the
+    // stream always continues there (next chunk, scales or the end pad).
+    const __m512i idx = _mm512_set_epi8(47, 47, 46, 45, 44, 44, 43, 42, 41, 41, 40, 39, 38, 38, 37, 36,
+                                        35, 35, 34, 33, 32, 32, 31, 30, 29, 29, 28, 27, 26, 26, 25, 24,
+                                        23, 23, 22, 21, 20, 20, 19, 18, 17, 17, 16, 15, 14, 14, 13, 12,
+                                        11, 11, 10, 9, 8, 8, 7, 6, 5, 5, 4, 3, 2, 2, 1, 0);
+    return _mm512_permutexvar_epi8(idx, _mm512_loadu_si512((const void*)p));
   } else {
     return _mm512_loadu_si512((const void*)p);
   }

@@ -52,7 +52,7 @@ Layout checked_qweight(const at::Tensor& qw, int64_t n, int64_t k, int64_t bits,
   return L;
 }
 
-// Kernel paths. kAvx512 needs AVX-512 F, BW and VL (checked with the OS's support for the zmm state).
+// Kernel paths. kAvx512 needs AVX-512 F, BW, VL and VBMI (checked with the OS's support for the zmm state).
 enum Isa : int { kAvx2 = 0, kAvx512 = 1 };
 const char* const kIsaNames[] = {"avx2", "avx512"};
 
@@ -60,7 +60,7 @@ bool cpu_can_run(int isa) {
   if (isa == kAvx2) return true;  // the module's baseline (lowbit_cpu.py checks it before importing)
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl");
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi");
 }
 
 int best_isa() { return cpu_can_run(kAvx512) ? kAvx512 : kAvx2; }
@@ -243,7 +243,7 @@ void set_isa(const std::string& name) {
   for (int i = kAvx2; i <= kAvx512; ++i) {
     if (name != kIsaNames[i]) continue;
     TORCH_CHECK(cpu_can_run(i), "lowbit: kernel path '", name,
-                "' cannot run on this CPU (it lacks AVX-512 F/BW/VL); paths it can run: ", c10::Join(", ", get_isas()));
+                "' cannot run on this CPU (it lacks AVX-512 F/BW/VL/VBMI); paths it can run: ", c10::Join(", ", get_isas()));
     g_isa = i;
     return;
   }
