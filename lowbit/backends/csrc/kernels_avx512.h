@@ -223,6 +223,140 @@ inline void gemv_tiles(const Layout& L, const uint8_t* qw, const float* xp, cons
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// 1- and 2-bit codes for a few activation rows, by partial-sum tables. A 4-bit nibble of a lane holds
+// the codes of 2 (int2) or 4 (int1) consecutive columns, so a table of the 16 values
+// sum_r code_r(i) * x[column r] per nibble, built once per call for all rows of W, turns one float
+// permute and one add into the contribution of all the nibble's codes: per lane of codes, 8 nibbles
+// take 7 shifts, 8 permutes and 8 adds instead of one mask, conversion and FMA per code. Every
+// code * x product is exact (as in the other paths); the sums are rounded in a fixed order.
+
+constexpr bool by_lut(int bits) { return bits <= 2; }
+constexpr int codes_per_nibble(int bits) { return 4 / bits; }
+
+// Tables for rows [0, M) of x [M, k] (M <= MT_MAX): lut[t][m][i] for nibble t of the padded K
+// (columns t * cpn + r; columns past k count as zero), rows interleaved like prep_x_rows' xp.
+inline void prep_lut(const Layout& L, const float* x, int64_t M, float* lut) {
+  const int cpn = codes_per_nibble(L.bits), mask = (1 << L.bits) - 1;
+  const int64_t nt = L.kp / cpn;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * L.k;
+    for (int64_t t = 0; t < nt; ++t) {
+      float xv[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int r = 0; r < cpn; ++r) {
+        const int64_t kk = t * cpn + r;
+        xv[r] = kk < L.k ? xr[kk] : 0.f;
+      }
+      float* out = lut + (t * M + m) * 16;
+      for (int i = 0; i < 16; ++i) {
+        float p[4];
+        for (int r = 0; r < 4; ++r) p[r] = r < cpn ? (float)((i >> (L.bits * r)) & mask) * xv[r] : 0.f;
+        out[i] = cpn == 2 ? p[0] + p[1] : (p[0] + p[1]) + (p[2] + p[3]);
+      }
+    }
+  }
+}
+
+// MT activation rows (a.xp: their tables from prep_lut) against the whole tile.
+template <int BITS, int MT>
+void gemv_tile_lut(const Layout& L, const GemvArgs& a) {
+  constexpr int VB = vec_bytes(BITS), NIB = 8;
+  constexpr int NACC = MT == 1 ? LOWBIT_NACC512 : (MT == 2 ? 2 : 1);
+  __m512 acc[MT][NZ][NACC], tot[MT][NZ];
+  for (int m = 0; m < MT; ++m)
+    for (int u = 0; u < NZ; ++u) tot[m][u] = _mm512_setzero_ps();
+
+  const uint8_t* p = a.tile;
+  const float* tb = a.xp;
+  for (int64_t g = 0; g < L.ngp; ++g) {
+    for (int m = 0; m < MT; ++m)
+      for (int u = 0; u < NZ; ++u)
+        for (int j = 0; j < NACC; ++j) acc[m][u][j] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < L.cpg; ++c, p += NVT * VB, tb += NIB * MT * 16) {
+      if constexpr (LOWBIT_PF > 0) {
+        _mm_prefetch((const char*)(p + LOWBIT_PF), _MM_HINT_T0);
+        _mm_prefetch((const char*)(p + LOWBIT_PF + 64), _MM_HINT_T0);
+      }
+      __m512i w[NZ];
+      for (int u = 0; u < NZ; ++u) w[u] = _mm512_loadu_si512((const void*)(p + u * 2 * VB));
+      static_for512<NIB>([&](auto tc) LOWBIT_LAMBDA_INLINE {
+        constexpr int t = decltype(tc)::value;
+        __m512i idx[NZ];
+        for (int u = 0; u < NZ; ++u) idx[u] = t == 0 ? w[u] : _mm512_srli_epi32(w[u], 4 * t);
+        for (int m = 0; m < MT; ++m) {
+          const __m512 T = _mm512_loadu_ps(tb + (t * MT + m) * 16);
+          for (int u = 0; u < NZ; ++u)
+            acc[m][u][t % NACC] = _mm512_add_ps(acc[m][u][t % NACC], _mm512_permutexvar_ps(idx[u], T));
+        }
+      });
+    }
+    if constexpr (LOWBIT_PF > 0) {
+      for (int64_t l = 0; l < L.scale_bytes(); l += 64) _mm_prefetch((const char*)(p + LOWBIT_PF + l), _MM_HINT_T0);
+    }
+    for (int u = 0; u < NZ; ++u) {
+      __m512 sc, bz;
+      load_scales(L, p, u * ZR, sc, bz);
+      for (int m = 0; m < MT; ++m) {
+        __m512 sum = acc[m][u][0];
+        for (int j = 1; j < NACC; ++j) sum = _mm512_add_ps(sum, acc[m][u][j]);
+        tot[m][u] = _mm512_fmadd_ps(sum, sc, tot[m][u]);
+        tot[m][u] = _mm512_fmadd_ps(bz, _mm512_set1_ps(a.xs[g * MT + m]), tot[m][u]);
+      }
+    }
+    p += L.scale_bytes();
+  }
+
+  for (int m = 0; m < MT; ++m) {
+    float* yr = a.y + m * L.n;
+    for (int u = 0; u < NZ; ++u) {
+      const int r0 = u * ZR;
+      if (r0 >= a.nvalid) break;
+      const int cnt = a.nvalid - r0 < ZR ? a.nvalid - r0 : ZR;
+      const __mmask16 k = (__mmask16)((1u << cnt) - 1);
+      __m512 out = tot[m][u];
+      if (a.bias) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(k, a.bias + r0));
+      _mm512_mask_storeu_ps(yr + r0, k, out);
+    }
+  }
+}
+
+template <int BITS, int MT>
+void gemv_tiles_lut_t(const Layout& L, const uint8_t* qw, const float* lut, const float* xs, const float* bias,
+                      float* y, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
+    GemvArgs a;
+    a.tile = qw + L.tile_offset(t);
+    a.bias = bias ? bias + t * TR : nullptr;
+    a.nvalid = (int)(L.n - t * TR < TR ? L.n - t * TR : TR);
+    a.xp = lut;
+    a.xs = xs;
+    a.y = y + t * TR;
+    avx512::gemv_tile_lut<BITS, MT>(L, a);
+  }
+}
+
+// GEMV of M <= MT_MAX rows of 1- or 2-bit weights from prep_lut's tables (xs from prep_x_rows).
+inline void gemv_tiles_lut(const Layout& L, const uint8_t* qw, const float* lut, const float* xs, int64_t M,
+                           const float* bias, float* y, int64_t t0, int64_t t1) {
+#define LOWBIT_LUT_CASE(B, MT) avx512::gemv_tiles_lut_t<B, MT>(L, qw, lut, xs, bias, y, t0, t1)
+  if (L.bits == 2) {
+    switch (M) {
+      case 1: LOWBIT_LUT_CASE(2, 1); break;
+      case 2: LOWBIT_LUT_CASE(2, 2); break;
+      case 3: LOWBIT_LUT_CASE(2, 3); break;
+      case 4: LOWBIT_LUT_CASE(2, 4); break;
+    }
+  } else {
+    switch (M) {
+      case 1: LOWBIT_LUT_CASE(1, 1); break;
+      case 2: LOWBIT_LUT_CASE(1, 2); break;
+      case 3: LOWBIT_LUT_CASE(1, 3); break;
+      case 4: LOWBIT_LUT_CASE(1, 4); break;
+    }
+  }
+#undef LOWBIT_LUT_CASE
+}
+
 template <int BITS>
 void dequant_t_tiles_t(const Layout& L, const uint8_t* qw, int64_t t0, int64_t t1, float* wt, int64_t ldw) {
   constexpr int P = codes_per_lane(BITS), VB = vec_bytes(BITS);

@@ -183,6 +183,19 @@ void run_linear(const Layout& L, const at::Tensor& x, const at::Tensor& qw, cons
     const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
     const int isa = g_isa.load();
     const bool raw = isa == kAvx512 && lowbit::avx512::by_table(L.bits);
+    if (isa == kAvx512 && lowbit::avx512::by_lut(L.bits) && M <= lowbit::MT_MAX) {
+      // A few rows of 1/2-bit weights: partial-sum tables (kernels_avx512.h).
+      const float* xptr = x.data_ptr<float>();
+      lowbit::prep_x_rows(L, xptr, M, 0, M, xpp, xsp, true);
+      auto lut = at::empty({L.kp / lowbit::avx512::codes_per_nibble(L.bits) * M * 16}, x.options());
+      float* lp = lut.data_ptr<float>();
+      lowbit::avx512::prep_lut(L, xptr, M, lp);
+      float* yp = y.data_ptr<float>();
+      at::parallel_for(0, L.ntile, 1, [&](int64_t t0, int64_t t1) {
+        lowbit::avx512::gemv_tiles_lut(L, q, lp, xsp, M, bp, yp, t0, t1);
+      });
+      return;
+    }
     for (int64_t m0 = 0; m0 < M; m0 += mb) {
       const int64_t rows = std::min(mb, M - m0);
       const float* xptr = x.data_ptr<float>() + m0 * L.k;
