@@ -234,25 +234,28 @@ inline void gemv_tiles(const Layout& L, const uint8_t* qw, const float* xp, cons
 constexpr bool by_lut(int bits) { return bits <= 2; }
 constexpr int codes_per_nibble(int bits) { return 4 / bits; }
 
-// Tables for rows [0, M) of x [M, k] (M <= MT_MAX): lut[t][m][i] for nibble t of the padded K
-// (columns t * cpn + r; columns past k count as zero), rows interleaved like prep_x_rows' xp.
-inline void prep_lut(const Layout& L, const float* x, int64_t M, float* lut) {
+// Tables for M <= MT_MAX activation rows from xp, their unscaled copies by prep_x_rows (raw; [kp][M],
+// zero past k): lut[t][m][i] = sum_r code_r(i) * x[m][t * cpn + r] for nibble t of the padded K.
+// Products are exact, so the fused multiply-adds below round only the sums, in a fixed order.
+inline void prep_lut(const Layout& L, const float* xp, int64_t M, float* lut) {
   const int cpn = codes_per_nibble(L.bits), mask = (1 << L.bits) - 1;
   const int64_t nt = L.kp / cpn;
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xr = x + m * L.k;
-    for (int64_t t = 0; t < nt; ++t) {
-      float xv[4] = {0.f, 0.f, 0.f, 0.f};
-      for (int r = 0; r < cpn; ++r) {
-        const int64_t kk = t * cpn + r;
-        xv[r] = kk < L.k ? xr[kk] : 0.f;
+  __m512 cv[4];
+  for (int r = 0; r < 4; ++r) {
+    alignas(64) float c[16];
+    for (int i = 0; i < 16; ++i) c[i] = r < cpn ? (float)((i >> (L.bits * r)) & mask) : 0.f;
+    cv[r] = _mm512_load_ps(c);
+  }
+  for (int64_t t = 0; t < nt; ++t) {
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xk = xp + t * cpn * M + m;
+      __m512 v = _mm512_fmadd_ps(cv[1], _mm512_set1_ps(xk[M]), _mm512_mul_ps(cv[0], _mm512_set1_ps(xk[0])));
+      if (cpn == 4) {
+        const __m512 hi =
+            _mm512_fmadd_ps(cv[3], _mm512_set1_ps(xk[3 * M]), _mm512_mul_ps(cv[2], _mm512_set1_ps(xk[2 * M])));
+        v = _mm512_add_ps(v, hi);
       }
-      float* out = lut + (t * M + m) * 16;
-      for (int i = 0; i < 16; ++i) {
-        float p[4];
-        for (int r = 0; r < 4; ++r) p[r] = r < cpn ? (float)((i >> (L.bits * r)) & mask) * xv[r] : 0.f;
-        out[i] = cpn == 2 ? p[0] + p[1] : (p[0] + p[1]) + (p[2] + p[3]);
-      }
+      _mm512_storeu_ps(lut + (t * M + m) * 16, v);
     }
   }
 }

@@ -189,7 +189,7 @@ void run_linear(const Layout& L, const at::Tensor& x, const at::Tensor& qw, cons
       lowbit::prep_x_rows(L, xptr, M, 0, M, xpp, xsp, true);
       auto lut = at::empty({L.kp / lowbit::avx512::codes_per_nibble(L.bits) * M * 16}, x.options());
       float* lp = lut.data_ptr<float>();
-      lowbit::avx512::prep_lut(L, xptr, M, lp);
+      lowbit::avx512::prep_lut(L, xpp, M, lp);
       float* yp = y.data_ptr<float>();
       at::parallel_for(0, L.ntile, 1, [&](int64_t t0, int64_t t1) {
         lowbit::avx512::gemv_tiles_lut(L, q, lp, xsp, M, bp, yp, t0, t1);
