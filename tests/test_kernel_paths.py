@@ -164,3 +164,46 @@ def test_prepare_picks_half_scales_only_when_exact():
         assert lowbit_cpu._C.packed_scale_bits(prep["qweight"]) == want
         y = kernel.run(x, prep, spec, None)
         assert rel_err(y, reference(x, codes, s, zero, g, torch.zeros(n))) < TOL
+
+
+def test_env_picks_the_path():
+    import os
+    import subprocess
+    import sys
+
+    code = "from lowbit.backends import lowbit_cpu; print(lowbit_cpu.isa())"
+    env = dict(os.environ, LOWBIT_ISA="avx2")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "avx2", out.stderr
+    env["LOWBIT_ISA"] = "sse9"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert out.returncode != 0 and "unknown lowbit kernel path 'sse9'" in out.stderr
+
+
+def test_avx512_instructions_only_in_the_avx512_functions():
+    # The module runs on AVX2-only CPUs: an AVX-512 instruction anywhere but in the functions the
+    # dispatcher calls after checking the CPU (lowbit::avx512) would crash there.
+    import re
+    import shutil
+    import subprocess
+
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) not installed: cannot disassemble the module")
+    so = lowbit_cpu._C.__file__
+    text = subprocess.run([objdump, "-d", "--no-show-raw-insn", "-C", so], capture_output=True, text=True,
+                          check=True).stdout
+    evex = re.compile(r"zmm|%k[0-7]|[xy]mm(1[6-9]|2[0-9]|3[01])|\{1to|vpternlog|vpermt2|vpermi2|vpermb")
+    func, offenders, seen = "", set(), 0
+    for line in text.splitlines():
+        if line.endswith(">:"):
+            func = line
+        elif evex.search(line):
+            seen += 1
+            if "lowbit::avx512::" not in func:
+                offenders.add(func)
+    assert not offenders, sorted(offenders)[:5]
+    if "avx512" in lowbit_cpu.isas():
+        assert seen > 0  # the AVX-512 path exists in the binary
