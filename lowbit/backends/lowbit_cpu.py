@@ -147,12 +147,17 @@ def set_gemv_max_m(m: int) -> None:
 
 def isa() -> str:
     """The kernel path that runs: "avx512" or "avx2" (or "none" when the kernel is not available)."""
-    return _C.isa() if _C is not None else "none"
+    if _C is None:
+        return "none"
+    # A module built before the AVX-512 path existed (not rebuilt yet) runs AVX2 only.
+    return _C.isa() if hasattr(_C, "isa") else "avx2"
 
 
 def isas() -> list[str]:
     """The kernel paths this CPU can run, best first (empty when the kernel is not available)."""
-    return list(_C.isas()) if _C is not None else []
+    if _C is None:
+        return []
+    return list(_C.isas()) if hasattr(_C, "isas") else ["avx2"]
 
 
 def set_isa(name: str) -> None:
@@ -165,7 +170,8 @@ def set_isa(name: str) -> None:
     if name not in isas():
         raise RuntimeError(f"lowbit kernel path {name!r} cannot run on this CPU (it lacks avx512f/bw/vl/vbmi); "
                            f"paths it can run: {', '.join(isas())}")
-    _C.set_isa(name)
+    if hasattr(_C, "set_isa"):
+        _C.set_isa(name)
 
 
 def ops():
