@@ -234,7 +234,9 @@ inline void gemv_tiles(const Layout& L, const uint8_t* qw, const float* xp, cons
 // place value), so every term is an exact product of a small integer and x; the sums are rounded
 // in a fixed order.
 
-constexpr bool by_lut(int bits) { return bits <= 3; }
+// 3-bit codes stay on the per-code path for now: their tables (6 per 8 columns) streamed from L2 for
+// every tile slowed the DRAM-bound decode (measured 0.8x of AVX2 single-threaded) though they win in cache.
+constexpr bool by_lut(int bits) { return bits <= 2; }
 constexpr int lut_windows(int bits) { return bits == 3 ? 6 : 8; }  // 4-bit windows per lane
 
 // Tables per chunk of P columns: lut_windows * 16 floats per activation row.
