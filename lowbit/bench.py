@@ -111,8 +111,13 @@ def compile_models(models: dict[str, nn.Module], *, dynamic: bool | None = None,
     are always their own graphs). freeze=True lets inductor fold the weights into the graph as constants
     (its `freezing` option: float linears get oneDNN's prepacked weights); the model must not change after."""
     options = {"freezing": True} if freeze else None
-    return {name: torch.compile(m, backend="inductor", dynamic=dynamic, options=options)
-            for name, m in models.items() if not isinstance(m, OnnxModel)}
+    chosen = {name: m for name, m in models.items() if not isinstance(m, OnnxModel)}
+    # Models of one class share their forward's compiled-code cache, one entry per model structure and shape;
+    # past dynamo's recompile limit (8) a model would silently run eagerly in the "compiled" row.
+    limits = torch._dynamo.config
+    limits.recompile_limit = max(limits.recompile_limit, 8 * len(chosen))
+    limits.accumulated_recompile_limit = max(limits.accumulated_recompile_limit, 32 * len(chosen))
+    return {name: torch.compile(m, backend="inductor", dynamic=dynamic, options=options) for name, m in chosen.items()}
 
 
 def _graphs_compiled() -> int:
