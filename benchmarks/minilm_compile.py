@@ -4,7 +4,7 @@ Every variant is timed round-robin in this one run (medians), at batch 32 and ba
 "vs eager" is the compiled model against the same model run eagerly; "cosine vs eager" compares their
 mean-pooled embeddings. Compile time (the first call at each shape) is printed apart, not in the latency.
 
-    python benchmarks/minilm_compile.py [--recipes int4-g128 w8a8-dynamic] [--backend auto] [--freeze]
+    python benchmarks/minilm_compile.py [--recipes int4-g128 w8a8-dynamic] [--w8a8-backend auto] [--freeze]
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from lowbit_workbench.demo import kernel_note
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--recipes", nargs="*", default=["int4-g128", "w8a8-dynamic"])
-    ap.add_argument("--backend", default="auto",
-                    help="kernel for every layer (auto: measured per layer, may keep slow W8A8 layers in float)")
+    ap.add_argument("--w8a8-backend", default="auto",
+                    help="kernel for the W8A8 recipes' layers (auto: measured per layer, may keep slow ones in float)")
     ap.add_argument("--batches", nargs="*", type=int, default=[32, 1])
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--freeze", action="store_true", help="inductor's freezing (weights as constants)")
@@ -42,7 +42,8 @@ def main() -> None:
     for r in args.recipes:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "slower than float" notes: the kernels column says what runs
-            models[r] = lowbit.quantize(copy.deepcopy(model), r, backend=args.backend)
+            w8a8 = lowbit.parse_recipe(r).act is not None
+            models[r] = lowbit.quantize(copy.deepcopy(model), r, backend=args.w8a8_backend if w8a8 else "auto")
     to_compile = {n: m for n, m in models.items() if not (n == "fp32" and args.no_float_compiled)}
     compiled = bench.compile_models(to_compile, freeze=args.freeze)
     for b in args.batches:
