@@ -32,6 +32,8 @@ from . import lowbit_cpu, onednn
 # at 1 row by 4-8x (Llama-3.2-1B-shaped layers, benchmarks/llama_layer.py --per-layer).
 GEMV_MAX_ROWS = 4
 
+_MIN_STEP = 1e-12  # the C++ ops' smallest activation step (act_quant.h kMinStep)
+
 
 def _eager(x: Tensor) -> bool:
     """True when a call can bypass the dispatcher: not tracing, a plain tensor, no mode active."""
@@ -76,6 +78,8 @@ def _w8a8_dynamic(x: Tensor, codes: Tensor, w_scale: Tensor, csw: Tensor, gemv: 
         # Few rows: float32 activations on lowbit's int8 GEMV over the same codes (see GEMV_MAX_ROWS).
         y = lowbit_cpu.linear(x, {"qweight": gemv}, 8, k, n, k, bias)
         return y.relu_() if relu else y
+    if onednn.int_mm_dynamic():
+        return onednn.linear_dynamic_int(x, codes, w_scale, csw, bias, relu)
     packed, wz = onednn.packed_linear(codes)
     return onednn.linear_dynamic(x, packed, w_scale, wz, csw, bias, relu)
 
@@ -99,7 +103,35 @@ def w8a8_linear_dynamic(x: Tensor, codes: Tensor, w_scale: Tensor, csw: Tensor, 
     codes packed for lowbit's int8 GEMV, which runs calls of at most GEMV_MAX_ROWS rows instead."""
     if _eager(x):
         return _w8a8_dynamic(x, codes, w_scale, csw, gemv, bias, relu)
+    if onednn.int_mm_dynamic() and not (gemv is not None and x.shape[0] <= GEMV_MAX_ROWS):
+        # Traced: the same layer in torch ops, so that the compiler fuses the quantization into the op
+        # before it and the epilogue into the ops after it; only the int8 matmul stays opaque.
+        q, sx, zx = quantize_rows_s8_traceable(x)
+        return int_row_epilogue_traceable(torch._int_mm(q, codes.t()), sx, zx, w_scale, csw, bias, relu)
     return _w8a8_dynamic_op(x, codes, w_scale, csw, gemv, bias, relu)
+
+
+def quantize_rows_s8_traceable(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """lowbit_cpu's quantize_rows_s8 in torch ops (same rounding, same codes): per-row asymmetric codes
+    q = clamp(round(x / s) + z, 0, 255) with [min(row, 0), max(row, 0)] on 256 levels, returned as
+    (q - 128 as int8, s float32 [M], z int32 [M]). Unlike the C++ op it does not refuse NaN or inf."""
+    lo = x.amin(1).clamp_max(0.0)
+    hi = x.amax(1).clamp_min(0.0)
+    scale = ((hi - lo) / 255.0).clamp_min(_MIN_STEP)
+    inv = 1.0 / scale
+    zero = torch.round(-lo * inv).clamp(0.0, 255.0)
+    q = (torch.round(x * inv[:, None]) + zero[:, None]).clamp(0.0, 255.0) - 128.0
+    return q.to(torch.int8), scale, zero.to(torch.int32)
+
+
+def int_row_epilogue_traceable(acc: Tensor, sx: Tensor, zx: Tensor, w_scale: Tensor, csw: Tensor,
+                               bias: Tensor | None, relu: bool) -> Tensor:
+    """lowbit_cpu's int_row_epilogue in torch ops: int32 products of quantize_rows_s8's codes -> float32."""
+    sxc = sx * (128 - zx).to(torch.float32)
+    y = acc.to(torch.float32) * (sx[:, None] * w_scale) + sxc[:, None] * csw
+    if bias is not None:
+        y = y + bias
+    return y.relu() if relu else y
 
 
 # ---------------------------------------------------------------- W8A8 linear, static activations
