@@ -22,7 +22,8 @@ from lowbit.modules import QuantEmbedding
 # The node each kernel puts in an exported graph (the simulated paths are plain ATen arithmetic).
 KERNEL_OPS = {
     ("lowbit_cpu", None): "lowbit.linear.default",
-    ("onednn", "dynamic"): "lowbit.w8a8_linear_dynamic.default",
+    # dynamic W8A8 on VNNI CPUs traces as torch ops around the int8 x int8 matmul (see ops.w8a8_linear_dynamic)
+    ("onednn", "dynamic"): "aten._int_mm.default" if onednn.int_mm_dynamic() else "lowbit.w8a8_linear_dynamic.default",
     ("onednn", "static"): "lowbit.w8a8_linear_static.default",
     ("torch_int4pack", None): "aten._weight_int4pack_mm_for_cpu.default",
     ("torch_int8pack", None): "aten._weight_int8pack_mm.default",

@@ -103,12 +103,18 @@ def w8a8_linear_dynamic(x: Tensor, codes: Tensor, w_scale: Tensor, csw: Tensor, 
     codes packed for lowbit's int8 GEMV, which runs calls of at most GEMV_MAX_ROWS rows instead."""
     if _eager(x):
         return _w8a8_dynamic(x, codes, w_scale, csw, gemv, bias, relu)
-    if onednn.int_mm_dynamic() and not (gemv is not None and x.shape[0] <= GEMV_MAX_ROWS):
+    if _int_mm_dynamic() and not (gemv is not None and x.shape[0] <= GEMV_MAX_ROWS):
         # Traced: the same layer in torch ops, so that the compiler fuses the quantization into the op
         # before it and the epilogue into the ops after it; only the int8 matmul stays opaque.
         q, sx, zx = quantize_rows_s8_traceable(x)
         return int_row_epilogue_traceable(torch._int_mm(q, codes.t()), sx, zx, w_scale, csw, bias, relu)
     return _w8a8_dynamic_op(x, codes, w_scale, csw, gemv, bias, relu)
+
+
+@torch.compiler.assume_constant_result
+def _int_mm_dynamic() -> bool:
+    # A fact about the machine: a constant to the tracer (which cannot look into the cached CPU probe).
+    return onednn.int_mm_dynamic()
 
 
 def quantize_rows_s8_traceable(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -121,7 +121,10 @@ inline void quantize_span_s8(const float* x, int64_t n, float inv, int32_t zero,
 
 // y[m, n] = acc[m, n] * (sx[m] * sw[n]) + sxc[m] * csw[n] + bias[n], relu optional, rows [r0, r1):
 // the float output of an int8 x int8 matmul whose activations were quantized per row (sxc[m] =
-// sx[m] * (128 - zero[m]), csw[n] = sw[n] * sum_k w[n, k]).
+// sx[m] * (128 - zero[m]), csw[n] = sw[n] * sum_k w[n, k]). Every product and sum is rounded on its own,
+// in this order (no fused multiply-add): the same bits as those steps in float32 torch ops, which is
+// what a traced or exported graph of the layer computes (ops.int_row_epilogue_traceable).
+__attribute__((optimize("fp-contract=off")))
 inline void int_row_epilogue(const int32_t* acc, int64_t lda, float* y, int64_t ldy, int64_t ncol,
                              const float* sx, const float* sxc, const float* sw, const float* csw,
                              const float* bias, bool relu, int64_t r0, int64_t r1) {
@@ -133,13 +136,16 @@ inline void int_row_epilogue(const int32_t* acc, int64_t lda, float* y, int64_t 
     for (; n + 8 <= ncol; n += 8) {
       const __m256 s = _mm256_mul_ps(vs, _mm256_loadu_ps(sw + n));
       const __m256 v0 = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + n)));
-      __m256 v = _mm256_fmadd_ps(vc, _mm256_loadu_ps(csw + n), _mm256_mul_ps(v0, s));
+      __m256 v = _mm256_add_ps(_mm256_mul_ps(v0, s), _mm256_mul_ps(vc, _mm256_loadu_ps(csw + n)));
       if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + n));
       if (relu) v = _mm256_max_ps(v, zero);
       _mm256_storeu_ps(row + n, v);
     }
     for (; n < ncol; ++n) {
-      float v = std::fma(sxc[m], csw[n], static_cast<float>(a[n]) * (sx[m] * sw[n]));
+      const float s = sx[m] * sw[n];
+      const float p = static_cast<float>(a[n]) * s;
+      const float c = sxc[m] * csw[n];
+      float v = p + c;
       if (bias) v += bias[n];
       row[n] = relu ? std::max(v, 0.f) : v;
     }
