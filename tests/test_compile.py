@@ -251,4 +251,6 @@ class ReadsWeight(nn.Module):
 def test_reading_weight_does_not_break_the_graph(recipe, backend):
     torch.manual_seed(0)
     q = quantized(ReadsWeight().eval(), recipe, backend, [])
-    check(q, torch.randn(4, 64), {KERNEL_OPS[backend, lowbit.parse_recipe(recipe).act]}, 1e-5)
+    # 4 rows: dynamic W8A8 takes its GEMV, an opaque lowbit op on every machine
+    op = "lowbit.w8a8_linear_dynamic.default" if backend == "onednn" else KERNEL_OPS[backend, None]
+    check(q, torch.randn(4, 64), {op}, 1e-5)
