@@ -143,23 +143,23 @@ def nearest_rows(rows: int, measured: Iterable[int]) -> int:
 ROUTE_TIE = 0.05
 
 
-def row_route(by_rows: dict[str, dict[str, float]],
-              forms: dict[str, str] | None = None) -> list[tuple[int | None, str]]:
+def row_route(by_rows: dict[str, dict[str, float]], forms: dict[str, str] | None = None,
+              order: Iterable[str] = ()) -> list[tuple[int | None, str]]:
     """The fastest quantized kernel at each measured row count, as a route [(most rows, kernel), ...,
     (None, kernel)]: a switch between two measured counts r1 < r2 is placed at sqrt(r1 * r2) rows.
-    `forms` names the prepared weight form of each kernel (kernels sharing one share its memory)."""
+    `forms` names the prepared weight form of each kernel (kernels sharing one share its memory); equal
+    times go to the kernel first in `order` (then by name: the cache file does not keep the order)."""
     forms = forms or {}
+    rank = {name: i for i, name in enumerate(order)}
     points = sorted((int(r), t) for r, t in by_rows.items())
     route: list[tuple[int | None, str]] = []
     for i, (r, t) in enumerate(points):
-        quant = {k: v for k, v in t.items() if k != FLOAT}
-        fastest = min(quant.values())
-        tied = [k for k, v in quant.items() if v <= fastest * (1 + ROUTE_TIE)]
+        quant = sorted((v, rank.get(k, len(rank)), k) for k, v in t.items() if k != FLOAT)
+        fastest = quant[0][0]
+        tied = [k for v, _, k in quant if v <= fastest * (1 + ROUTE_TIE)]  # fastest first
         held = {forms.get(k, k) for _, k in route}
         current = route[-1][1] if route else None
-        name = (current if current in tied else
-                next((k for k in sorted(tied, key=quant.get) if forms.get(k, k) in held), None)
-                or min(quant, key=quant.get))
+        name = current if current in tied else next((k for k in tied if forms.get(k, k) in held), tied[0])
         if route and route[-1][1] == name:
             route.pop()
         nxt = points[i + 1][0] if i + 1 < len(points) else None

@@ -262,13 +262,15 @@ def _tune(tuner: autotune.Tuner, mod: nn.Module, new: nn.Module, config: QuantCo
         if x.dim() == 4:  # the int8 convolutions produce channels_last; later layers see that layout
             x = x.contiguous(memory_format=torch.channels_last)
         fns = {}
-        for name in _contenders(new, keep_float):
+        for name in names:
             variant = _variant(new, name)
             fns[name] = lambda v=variant: v(x)
         fns[autotune.FLOAT] = lambda: mod(x)
         return autotune.time_calls(fns)
 
-    return tuner.timings(_timing_key(mod, new, config, shape), measure)
+    names = _contenders(new, keep_float)
+    skipped = "" if names == new.candidate_kernels() else "|real kernels only"
+    return tuner.timings(_timing_key(mod, new, config, shape) + skipped, measure)
 
 
 def _tune_rows(tuner: autotune.Tuner, mod: nn.Linear, new: QuantLinear, keep_float: bool) -> dict[str, dict[str, float]]:
@@ -277,11 +279,13 @@ def _tune_rows(tuner: autotune.Tuner, mod: nn.Linear, new: QuantLinear, keep_flo
     the recipe: recipes that differ only in how they choose the weights share one measurement."""
     dtype = mod.weight.dtype
     at = "" if dtype == torch.float32 else f"|dtype={str(dtype).replace('torch.', '')}"
+    names = _contenders(new, keep_float)
+    skipped = "" if names == new.candidate_kernels() else "|real kernels only"
     key = (f"rows={','.join(map(str, autotune.TUNE_ROWS))}|{new.spec}|bias={mod.bias is not None}"
-           f"|input_scale={'input_scale' in new._buffers}{at}")
+           f"|input_scale={'input_scale' in new._buffers}{at}{skipped}")
 
     def measure() -> dict[str, dict[str, float]]:
-        variants = {name: _variant(new, name) for name in _contenders(new, keep_float)}
+        variants = {name: _variant(new, name) for name in names}
 
         def make_fns(rows: int) -> dict:
             x = torch.randn(rows, mod.in_features, dtype=dtype)
@@ -472,7 +476,7 @@ class Builder:
         Kept in float (when the plan says so) by its speed at `shape`, the input it was seen with."""
         by_rows = _tune_rows(self.tuner, mod, new, self.plan.keep_float_if_slower)
         forms = {k: getattr(KERNELS[k], "form", k) for t in by_rows.values() for k in t if k in KERNELS}
-        route = autotune.row_route(by_rows, forms)
+        route = autotune.row_route(by_rows, forms, new.candidate_kernels())
         speed = autotune.route_speedups(by_rows, route)  # {rows: (kernel, speed-up over float)}
         kernel, ratio = speed[autotune.nearest_rows(math.prod(shape[:-1]), speed)]
         if self.plan.keep_float_if_slower and ratio < 1.0:
