@@ -44,13 +44,14 @@ def machine_key() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def time_calls(fns: dict[str, Callable[[], object]], *, budget_s: float = 0.3, min_iters: int = 3,
-               max_iters: int = 25) -> dict[str, float]:
+def time_calls(fns: dict[str, Callable[[], object]], *, budget_s: float = 0.1, min_iters: int = 3,
+               max_iters: int = 15) -> dict[str, float]:
     """Fastest seconds per call, candidates interleaved round by round so drift hits all alike.
 
     The minimum, not the median: other processes only ever add time to a call (on a loaded machine a
     parallel region can wait milliseconds for a descheduled thread), so the fastest call is the best
-    estimate of what the kernel costs."""
+    estimate of what the kernel costs, and a few rounds suffice (`budget_s` bounds them: a quantization
+    times every distinct layer shape, at several row counts for weight-only layers)."""
     with torch.inference_mode():
         for fn in fns.values():  # warm-up: first calls allocate, pack, fault pages in
             fn()
