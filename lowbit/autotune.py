@@ -44,17 +44,17 @@ def machine_key() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def time_calls(fns: dict[str, Callable[[], object]], *, budget_s: float = 0.1, min_iters: int = 3,
+def time_calls(fns: dict[str, Callable[[], object]], *, budget_s: float = 0.1, min_iters: int = 2,
                max_iters: int = 15) -> dict[str, float]:
     """Fastest seconds per call, candidates interleaved round by round so drift hits all alike.
 
     The minimum, not the median: other processes only ever add time to a call (on a loaded machine a
     parallel region can wait milliseconds for a descheduled thread), so the fastest call is the best
     estimate of what the kernel costs, and a few rounds suffice (`budget_s` bounds them: a quantization
-    times every distinct layer shape, at several row counts for weight-only layers)."""
+    times every distinct layer shape, at several row counts for weight-only layers). Each function is
+    called once untimed first: first calls allocate, pack and fault pages in."""
     with torch.inference_mode():
-        for fn in fns.values():  # warm-up: first calls allocate, pack, fault pages in
-            fn()
+        for fn in fns.values():
             fn()
         times: dict[str, list[float]] = {name: [] for name in fns}
         start = time.perf_counter()
@@ -125,6 +125,15 @@ def best(timings: dict[str, float], allow_float: bool) -> tuple[str, float]:
 # lowbit_cpu's GEMV range (its GEMV serves up to 256 rows) where every kernel is compute-bound. A call of any
 # other row count takes the kernel of the nearest (on a log scale) of these.
 TUNE_ROWS = (1, 16, 128, 512)
+# Row counts past the first are timed only while a float call stays under this many multiply-adds (a few
+# tens of ms): an LM head of 128k x 2k at 512 rows would take seconds per call. Larger calls take the
+# kernel of the largest row count timed.
+TUNE_MAX_MACS = 1 << 33
+
+
+def tune_rows(n: int, k: int) -> tuple[int, ...]:
+    """The row counts a weight-only [n, k] layer is timed at."""
+    return tuple(r for i, r in enumerate(TUNE_ROWS) if i == 0 or r * n * k <= TUNE_MAX_MACS)
 
 
 def time_rows(make_fns: Callable[[int], dict[str, Callable[[], object]]],

@@ -274,14 +274,15 @@ def _tune(tuner: autotune.Tuner, mod: nn.Module, new: nn.Module, config: QuantCo
 
 
 def _tune_rows(tuner: autotune.Tuner, mod: nn.Linear, new: QuantLinear, keep_float: bool) -> dict[str, dict[str, float]]:
-    """{rows: {kernel or float: seconds per call}} at each of autotune.TUNE_ROWS, for a weight-only linear.
+    """{rows: {kernel or float: seconds per call}} at autotune.tune_rows, for a weight-only linear.
     Keyed by what the kernels see (the weight format's LayerSpec, bias, input scale, input dtype), not by
     the recipe: recipes that differ only in how they choose the weights share one measurement."""
     dtype = mod.weight.dtype
     at = "" if dtype == torch.float32 else f"|dtype={str(dtype).replace('torch.', '')}"
     names = _contenders(new, keep_float)
     skipped = "" if names == new.candidate_kernels() else "|real kernels only"
-    key = (f"rows={','.join(map(str, autotune.TUNE_ROWS))}|{new.spec}|bias={mod.bias is not None}"
+    rows = autotune.tune_rows(mod.out_features, mod.in_features)
+    key = (f"rows={','.join(map(str, rows))}|{new.spec}|bias={mod.bias is not None}"
            f"|input_scale={'input_scale' in new._buffers}{at}{skipped}")
 
     def measure() -> dict[str, dict[str, float]]:
@@ -295,7 +296,7 @@ def _tune_rows(tuner: autotune.Tuner, mod: nn.Linear, new: QuantLinear, keep_flo
             fns[autotune.FLOAT] = lambda: mod(x)
             return fns
 
-        return autotune.time_rows(make_fns)
+        return autotune.time_rows(make_fns, rows)
 
     return tuner.timings(key, measure)
 

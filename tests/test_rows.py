@@ -178,3 +178,10 @@ def test_layers_kept_float_unless_faster_time_no_simulated_kernel(monkeypatch, t
     seen.clear()
     lowbit.quantize(nn.Sequential(nn.Linear(32, 32)), "w8a8-dynamic", keep_float_if_slower=False)
     assert seen == [[autotune.FLOAT, "onednn", "reference"]]
+
+
+def test_large_layers_are_timed_at_fewer_rows():
+    assert autotune.tune_rows(64, 64) == autotune.TUNE_ROWS
+    # an LM head (128k x 2k): 128 rows would be 34 G multiply-adds per call, so it is timed at 1 and 16 rows
+    assert autotune.tune_rows(128256, 2048) == (1, 16)
+    assert autotune.tune_rows(10**9, 10**3) == (1,)  # always at least one row count
