@@ -148,25 +148,26 @@ def nearest_rows(rows: int, measured: Iterable[int]) -> int:
     return min(measured, key=lambda m: (abs(math.log(max(rows, 1) / m)), m))
 
 
-# Kernels within this share of the fastest count as tied: a tie keeps the kernel of the fewer rows before (a
-# route with fewer switches) or one whose weight form the route already holds (no second packed copy).
-ROUTE_TIE = 0.05
+# Kernels within this share of the fastest count as tied (timings on a busy machine vary by more than 5%): a
+# tie keeps the kernel of the fewer rows before (a route with fewer switches), else one whose weight form
+# the route already holds (no second packed copy), else the one first in the order of preference.
+ROUTE_TIE = 0.10
 
 
 def row_route(by_rows: dict[str, dict[str, float]], forms: dict[str, str] | None = None,
               order: Iterable[str] = ()) -> list[tuple[int | None, str]]:
     """The fastest quantized kernel at each measured row count, as a route [(most rows, kernel), ...,
     (None, kernel)]: a switch between two measured counts r1 < r2 is placed at sqrt(r1 * r2) rows.
-    `forms` names the prepared weight form of each kernel (kernels sharing one share its memory); equal
-    times go to the kernel first in `order` (then by name: the cache file does not keep the order)."""
+    `forms` names the prepared weight form of each kernel (kernels sharing one share its memory); ties
+    (ROUTE_TIE) go to the kernel first in `order`, then the faster (the cache file does not keep the order)."""
     forms = forms or {}
     rank = {name: i for i, name in enumerate(order)}
     points = sorted((int(r), t) for r, t in by_rows.items())
     route: list[tuple[int | None, str]] = []
     for i, (r, t) in enumerate(points):
-        quant = sorted((v, rank.get(k, len(rank)), k) for k, v in t.items() if k != FLOAT)
-        fastest = quant[0][0]
-        tied = [k for v, _, k in quant if v <= fastest * (1 + ROUTE_TIE)]  # fastest first
+        quant = sorted((rank.get(k, len(rank)), v, k) for k, v in t.items() if k != FLOAT)
+        fastest = min(v for _, v, _ in quant)
+        tied = [k for _, v, k in quant if v <= fastest * (1 + ROUTE_TIE)]  # preferred first
         held = {forms.get(k, k) for _, k in route}
         current = route[-1][1] if route else None
         name = current if current in tied else next((k for k in tied if forms.get(k, k) in held), tied[0])

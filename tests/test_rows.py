@@ -146,6 +146,10 @@ def test_route_keeps_its_kernel_or_form_on_near_ties():
     assert autotune.row_route(t, {"a": "p", "b": "p", "c": "q"}) == [(45, "a"), (256, "b"), (None, "c")]
     # without forms, every kernel is its own form: c wins at 128 rows already
     assert autotune.row_route(t) == [(45, "a"), (None, "c")]
+    # within the tie margin the kernel preferred by `order` wins; past it, the faster
+    assert autotune.row_route({"1": {"x": 1.0, "y": 0.95}}, order=["x", "y"]) == [(None, "x")]
+    assert autotune.row_route({"1": {"x": 1.0, "y": 0.95}}) == [(None, "y")]
+    assert autotune.row_route({"1": {"x": 1.0, "y": 0.8}}, order=["x", "y"]) == [(None, "y")]
     speed = autotune.route_speedups(t, [(45, "a"), (None, "c")])
     assert speed == {1: ("a", 2.0), 16: ("a", 2.0), 128: ("c", 2.0 / 0.98), 512: ("c", 4.0)}
     assert autotune.nearest_rows(4096, [1, 16, 128, 512]) == 512 and autotune.nearest_rows(3, [1, 16]) == 1
