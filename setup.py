@@ -1,4 +1,6 @@
-"""Builds lowbit._C, the AVX2/FMA CPU kernel. Package metadata lives in pyproject.toml.
+"""Builds lowbit._C, the CPU kernel: AVX2/FMA, plus AVX-512 functions chosen at run time when the CPU has
+AVX-512 F/BW/VL/VBMI (compiled for that target function by function, see csrc/kernels_avx512.h).
+Package metadata lives in pyproject.toml.
 
     pip install --no-build-isolation -e .       # needs torch installed first
     python setup.py build_ext --inplace         # rebuild the kernel only
@@ -18,7 +20,8 @@ if platform.machine().lower() in ("x86_64", "amd64", "x64"):
         CppExtension(
             name="lowbit._C",
             sources=["lowbit/backends/csrc/lowbit_cpu.cpp"],
-            depends=["lowbit/backends/csrc/kernels.h", "lowbit/backends/csrc/act_quant.h"],
+            depends=["lowbit/backends/csrc/kernels.h", "lowbit/backends/csrc/kernels_avx512.h",
+                     "lowbit/backends/csrc/act_quant.h"],
             # -fopenmp: at::parallel_for is a header template that needs it to run on several threads;
             # -g0: no debug info (it would make the module 10x larger).
             extra_compile_args=["-O3", "-g0", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],

@@ -13,7 +13,7 @@ are timed in rounds (a few warm-up passes, then a few timed passes of each metho
 the same machine conditions: on a shared or virtualised host the absolute numbers drift from minute to
 minute, the ratios much less. Reported: median per layer pass (and the fastest pass).
 
-    python benchmarks/kernel_gemv.py [--iters 40] [--threads N]
+    python benchmarks/kernel_gemv.py [--iters 40] [--threads N] [--isa avx2|avx512]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lowbit.backends import lowbit_cpu
+from lowbit.hw import cpu_features, cpu_name
 
 # Llama-3.2-1B decoder layer linears, [out, in].
 SHAPES = {
@@ -168,11 +169,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=40, help="timed iterations per method (>= 20)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--isa", default=None, help="lowbit kernel path (default: the best this CPU runs)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if not lowbit_cpu.available():
         sys.exit("lowbit._C is not available (not built, or the CPU lacks AVX2/FMA)")
+    if args.isa:
+        lowbit_cpu.set_isa(args.isa)
+    print(f"CPU {cpu_name()}; features: {' '.join(f for f, ok in cpu_features().items() if ok)}")
+    print(f"lowbit kernel path: {lowbit_cpu.isa()} (this CPU can run: {', '.join(lowbit_cpu.isas())})")
     gen = torch.Generator().manual_seed(0)
     nweights = sum(n * k for n, k in SHAPES.values())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "

@@ -5,7 +5,13 @@ Each variant is timed round-robin with the others in this one run; four copies o
 the weights do not sit in the 32 MiB L3 cache. Prints time per token, speed-up against fp32 F.linear,
 the bytes of weights read per token, the GB/s achieved, and the machine's read bandwidth measured now.
 
-    python benchmarks/llama_layer.py [--iters 30] [--recipes int8 int4-g128 ...]
+Scales are rounded to float16 first (--f32-scales keeps them), so lowbit's kernel runs its packed form
+with 16-bit scales. Besides the bytes the checkpoint holds, each weight-only format is counted as its
+codes plus 4 bytes per group (a 16-bit scale and zero point; per-channel int8: 4 bytes per row), and the
+share of the read bandwidth on that count is printed. lowbit's kernel runs on every instruction-set path
+this CPU can execute (AVX-512, AVX2), each timed in the same round-robin; the CPU's features are printed.
+
+    python benchmarks/llama_layer.py [--iters 30] [--recipes int8 int4-g128 ...] [--isas avx2]
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ import torch
 from torch import nn
 
 import lowbit
+from lowbit.backends import lowbit_cpu
 from lowbit.bench import time_interleaved
-from lowbit.hw import measure_read_bandwidth
+from lowbit.hw import cpu_features, cpu_name, measure_read_bandwidth
 
 SHAPES = {"q": (2048, 2048), "k": (512, 2048), "v": (512, 2048), "o": (2048, 2048),
           "gate": (8192, 2048), "up": (8192, 2048), "down": (2048, 8192)}
@@ -38,6 +45,36 @@ def weight_bytes(m: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in m.state_dict().values())
 
 
+def counted_bytes(m: nn.Module) -> int:
+    """Codes plus 4 bytes per group (16-bit scale and zero point) of every quantized layer; float
+    layers count their weights as stored."""
+    total = 0
+    for mod in m.modules():
+        spec = getattr(mod, "spec", None)
+        if spec is not None and getattr(spec, "bits", None) and hasattr(mod, "scale"):
+            total += spec.n * spec.k * spec.bits // 8 + spec.n * (spec.k // spec.group_size) * 4
+        elif isinstance(mod, nn.Linear):
+            total += mod.weight.numel() * mod.weight.element_size()
+    return total
+
+
+def round_scales_to_half(m: nn.Module) -> None:
+    """Scale and zero point of every quantized layer rounded to float16 values, kernels re-derived."""
+    for mod in m.modules():
+        if hasattr(mod, "set_kernel") and "scale" in mod._buffers:
+            for name in ("scale", "zero_point"):
+                if name in mod._buffers:
+                    mod._buffers[name].copy_(mod._buffers[name].half().float())
+            mod.set_kernel(mod.kernel_name)
+
+
+def with_isa(isa: str, fn):
+    def run():
+        lowbit_cpu.set_isa(isa)
+        fn()
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=30)
@@ -45,50 +82,65 @@ def main() -> None:
                     default=["int8", "int4-g128", "int4-g32", "int3-g64", "int2-g32", "w8a8-dynamic"])
     ap.add_argument("--kernels", nargs="*", default=["auto", "torch_int4pack", "torch_int8pack"],
                     help="kernels to compare for each recipe (skipped where they do not apply)")
+    ap.add_argument("--isas", nargs="*", default=None,
+                    help="lowbit kernel paths to time (default: every path this CPU can run)")
+    ap.add_argument("--f32-scales", action="store_true", help="keep float32 scales (no rounding to float16)")
     ap.add_argument("--per-layer", action="store_true",
                     help="also time every layer of each backend=auto variant against its float layer")
     args = ap.parse_args()
+    isas = args.isas if args.isas is not None else lowbit_cpu.isas()
+    feats = [f for f, ok in cpu_features().items() if ok]
+    print(f"CPU {cpu_name()}; features: {' '.join(feats)}")
+    print(f"lowbit kernel paths this CPU can run: {', '.join(lowbit_cpu.isas()) or 'none'}; "
+          f"default: {lowbit_cpu.isa()}; timed: {', '.join(isas)}")
     torch.manual_seed(0)
     base = [layer().eval() for _ in range(COPIES)]
     for m in base:
         for lin in m.values():
             nn.init.normal_(lin.weight, std=0.02)
-    variants: dict[str, tuple[list[nn.Module], torch.dtype, str]] = {"fp32 F.linear": (base, torch.float32, "-")}
+    variants: dict[str, tuple[list[nn.Module], torch.dtype, str]] = {"fp32 F.linear": (base, torch.float32, "")}
     autos: dict[str, nn.ModuleDict] = {}
-    variants["bf16 F.linear"] = ([copy.deepcopy(m).to(torch.bfloat16) for m in base], torch.bfloat16, "-")
+    variants["bf16 F.linear"] = ([copy.deepcopy(m).to(torch.bfloat16) for m in base], torch.bfloat16, "")
     for recipe in args.recipes:
         for kernel in args.kernels:
             try:
                 q = lowbit.quantize(copy.deepcopy(base[0]), recipe, backend=kernel)
             except ValueError:
                 continue  # this kernel does not take this recipe
+            if not args.f32_scales:
+                round_scales_to_half(q)
             kname = lowbit.summary(q)[0]["kernel"]
             if kernel == "auto":
                 autos[recipe] = q
                 for note in q.lowbit_float_layers:
                     print(f"{recipe}: {note['layer']} kept in float ({note['reason']})")
-            label = f"{recipe} [{kname}]"
-            if label in variants:
-                continue
-            variants[label] = ([q] + [copy.deepcopy(q) for _ in range(COPIES - 1)], torch.float32, kname)
+            copies = [q] + [copy.deepcopy(q) for _ in range(COPIES - 1)]
+            for isa in (isas if kname == "lowbit_cpu" else [""]):
+                label = f"{recipe} [{kname}{' ' + isa if isa else ''}]"
+                if label not in variants:
+                    variants[label] = (copies, torch.float32, isa)
     x = {torch.float32: (torch.randn(1, 2048), torch.randn(1, 8192))}
     x[torch.bfloat16] = tuple(t.to(torch.bfloat16) for t in x[torch.float32])
 
     def make(ms, dt):
         return lambda: [run_layer(m, *x[dt]) for m in ms]
 
-    fns = {name: make(ms, dt) for name, (ms, dt, _) in variants.items()}
+    fns = {name: with_isa(isa, make(ms, dt)) if isa else make(ms, dt) for name, (ms, dt, isa) in variants.items()}
     bw = measure_read_bandwidth()
     times = time_interleaved(fns, warmup=3, iters=args.iters, max_seconds=240)
     bw = max(bw, measure_read_bandwidth())
     ref = times["fp32 F.linear"] / COPIES
     print(f"threads {torch.get_num_threads()}, machine read bandwidth {bw:.1f} GB/s (best of two measurements)")
-    print("| variant | ms/token | speed-up vs fp32 | weight MB read | GB/s | % of read bandwidth |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("Counted MB: codes + 4 bytes per group (16-bit scale and zero point); int8 per-channel 4 per row.")
+    print("| variant | ms/token | speed-up vs fp32 | weight MB stored | GB/s | % of read bandwidth | counted MB "
+          "| % of read bandwidth (counted) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, (ms, _, _) in variants.items():
         t = times[name] / COPIES
         mb = weight_bytes(ms[0]) / 1e6
-        print(f"| {name} | {t * 1e3:.2f} | {ref / t:.2f}x | {mb:.1f} | {mb / 1e3 / t:.1f} | {100 * mb / 1e3 / t / bw:.0f}% |")
+        cmb = counted_bytes(ms[0]) / 1e6
+        print(f"| {name} | {t * 1e3:.2f} | {ref / t:.2f}x | {mb:.1f} | {mb / 1e3 / t:.1f} | "
+              f"{100 * mb / 1e3 / t / bw:.0f}% | {cmb:.1f} | {100 * cmb / 1e3 / t / bw:.0f}% |")
     if args.per_layer:
         per_layer(base[0], autos, x[torch.float32], args.iters)
 

@@ -342,6 +342,9 @@ def info_cmd() -> None:
         click.echo("warning: this CPU has no native bf16 arithmetic: bf16 GEMMs and PyTorch's int8/int4 "
                    "weight-only kernels (which need bf16 activations) run emulated; with many rows a bf16 "
                    "GEMM was ~6x slower than fp32 on such a CPU, so bf16 weights are upcast beyond 16 rows")
+    if kernels["lowbit_cpu"]:
+        from .backends import lowbit_cpu
+        click.echo(f"  lowbit_cpu path: {lowbit_cpu.isa()} (this CPU can run: {', '.join(lowbit_cpu.isas())})")
     if not kernels["lowbit_cpu"]:
         click.echo("warning: lowbit's own kernel is not built or this CPU lacks AVX2/FMA: int formats fall "
                    "back to PyTorch's kernels (bf16 activations) or the simulated path")

@@ -175,7 +175,13 @@ class LowbitCPU(WeightOnlyKernel):
 
     def prepare(self, weight, spec):
         codes, scale, zero = weight.affine_codes()
-        return lowbit_cpu.prepack(codes.contiguous(), scale.float().contiguous(), zero.float().contiguous(),
+        scale, zero = scale.float(), zero.float()
+        # Scales and zero points that float16 holds exactly take the packed form with 16-bit scales
+        # (fewer bytes per token, the same results); any other value keeps them in float32.
+        sh, zh = scale.half(), zero.half()
+        if torch.equal(sh.float(), scale) and torch.equal(zh.float(), zero):
+            scale, zero = sh, zh
+        return lowbit_cpu.prepack(codes.contiguous(), scale.contiguous(), zero.contiguous(),
                                   spec.bits, spec.group_size)
 
     def run(self, x, prep, spec, bias):

@@ -1,11 +1,13 @@
-"""lowbit's own CPU kernel: packed 1/2/3/4/8-bit weights times float32 activations (AVX2 + FMA).
+"""lowbit's own CPU kernel: packed 1/2/3/4/8-bit weights times float32 activations (AVX2 + FMA, AVX-512).
 
 Canonical weight (what the rest of lowbit stores): codes uint8 [N, K] in [0, 2**bits), scale and zero
 float32 [N, K // G], W = (codes - zero) * scale, G == K meaning one group per row (per-channel).
 
 `prepack` turns that into the kernel's layout: one uint8 buffer, rows in tiles of 32, each 32-bit lane
 holding one row's next codes (4 int8, 8 int4, 8 int3 in 24 bits, 16 int2, 32 int1), every group of
-codes followed by that group's scale and -scale*zero (float32). `linear` computes x @ W.T (+ bias):
+codes followed by that group's scale and -scale*zero (float32), or, when scale and zero are given as
+float16, by the scale and zero as float16 (half the bytes; the kernel forms -scale*zero in float32,
+exactly, so the results equal the float32 form's for the same values). `linear` computes x @ W.T (+ bias):
 
 * M <= gemv_max_m() rows (256 by default; decode, small batches): a GEMV that streams the packed
   weights once per call (per 128 rows of x), on all of torch's threads (at::parallel_for over tiles of
@@ -19,6 +21,13 @@ Numerics: float32 throughout. The GEMV sums per group, y = sum_g s_g * sum(code 
 sum(x) (every code * x product exact for |x| > 1e-29, sum(x) in double), so it differs from
 x @ dequant(W).T by summation order only: ||y - y_ref|| / ||y_ref|| < 1e-5 (the tests' bound;
 typically 1e-7..1e-6).
+
+Kernel paths: the same packed layout runs on an AVX2/FMA path and, where the CPU has AVX-512
+F/BW/VL/VBMI, an AVX-512 path (16 rows per instruction), chosen at run time: `isa()` names the path that runs, `isas()` the
+paths this CPU can run, `set_isa(name)` or the environment variable LOWBIT_ISA picks one. The two paths
+differ by float summation order only. On AVX-512, 1- and 2-bit weights for up to 4 rows of x go through
+per-call tables of partial sums (sum of code * x over the 2 or 4 columns one 4-bit nibble holds, for all
+16 nibble values): one permute and one add per nibble instead of a multiply-add per code.
 
 Determinism: the GEMV gives the same bits on every call and for any thread count (each output is
 summed by one thread in a fixed order). The large-M path uses torch's GEMM: same bits for the same
@@ -57,6 +66,15 @@ def _import_kernel():
 
 _C = _import_kernel()
 
+ISAS = ("avx512", "avx2")  # every path the kernel has, best first
+
+
+def _apply_env_isa() -> None:
+    # LOWBIT_ISA picks the path for the whole process (tests and benchmarks compare them this way).
+    name = os.environ.get("LOWBIT_ISA", "")
+    if _C is not None and name:
+        set_isa(name)
+
 
 def available() -> bool:
     """True when lowbit._C is importable and this CPU has AVX2 and FMA.
@@ -93,11 +111,14 @@ def prepack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: 
     Returns {"qweight": uint8 [bytes]}: one buffer holding, per tile of 32 rows, each group's codes
     followed by the group's scale and -scale*zero for those rows (see csrc/kernels.h). Deterministic:
     the same canonical data always gives the same bytes. Codes must be < 2**bits (raises otherwise).
+    scale and zero both float16: the 16-bit form (scale and zero stored as float16, 4 bytes per row and
+    group instead of 8); otherwise both are taken as float32.
     """
     n, k = codes.shape
     _check(n, k, bits, group_size)
-    qweight = _C.prepack(codes.to(torch.uint8).contiguous(), scale.float().contiguous(),
-                         zero.float().contiguous(), bits, group_size)
+    dt = torch.float16 if scale.dtype == zero.dtype == torch.float16 else torch.float32
+    qweight = _C.prepack(codes.to(torch.uint8).contiguous(), scale.to(dt).contiguous(),
+                         zero.to(dt).contiguous(), bits, group_size)
     return {"qweight": qweight}
 
 
@@ -124,8 +145,40 @@ def set_gemv_max_m(m: int) -> None:
     _C.set_gemv_max_m(int(m))
 
 
+def isa() -> str:
+    """The kernel path that runs: "avx512" or "avx2" (or "none" when the kernel is not available)."""
+    if _C is None:
+        return "none"
+    # A module built before the AVX-512 path existed (not rebuilt yet) runs AVX2 only.
+    return _C.isa() if hasattr(_C, "isa") else "avx2"
+
+
+def isas() -> list[str]:
+    """The kernel paths this CPU can run, best first (empty when the kernel is not available)."""
+    if _C is None:
+        return []
+    return list(_C.isas()) if hasattr(_C, "isas") else ["avx2"]
+
+
+def set_isa(name: str) -> None:
+    """Run the given kernel path from now on (process-wide). Raises ValueError for an unknown name and
+    RuntimeError for a path this CPU cannot run (AVX-512 needs AVX-512 F, BW, VL and VBMI)."""
+    if name not in ISAS:
+        raise ValueError(f"unknown lowbit kernel path {name!r}; the paths are {', '.join(ISAS)}")
+    if _C is None:
+        raise RuntimeError("lowbit._C is not available (not built, or the CPU lacks AVX2/FMA)")
+    if name not in isas():
+        raise RuntimeError(f"lowbit kernel path {name!r} cannot run on this CPU (it lacks avx512f/bw/vl/vbmi); "
+                           f"paths it can run: {', '.join(isas())}")
+    if hasattr(_C, "set_isa"):
+        _C.set_isa(name)
+
+
 def ops():
     """The compiled module itself, for the activation-quantization ops the int8 backends call."""
     if _C is None:
         raise RuntimeError("lowbit._C is not available (not built, or the CPU lacks AVX2/FMA)")
     return _C
+
+
+_apply_env_isa()

@@ -9,8 +9,12 @@
 //     row vector belongs to row i, and holds P consecutive codes of that row (P = 32/bits; int3:
 //     8 codes in a 24-bit lane), code s at bit bits*s;
 //   * a "chunk" is P columns of the tile: its four row vectors back to back (32 bytes each, int3 24);
-//   * a tile is its groups in order; a group is its chunks followed by 64 floats: the scale of
-//     the tile's 32 rows, then their -scale*zero. So each tile is one sequential stream.
+//   * a tile is its groups in order; a group is its chunks followed by the scales of the tile's
+//     32 rows, in one of two forms: 32-bit (64 floats: the scales, then their -scale*zero) or
+//     16-bit (64 halves: the scales, then the zero points; the kernels form -scale*zero in float32,
+//     exact since a product of two halves fits in a float). So each tile is one sequential stream.
+//   * the buffer starts with a 64-byte pad whose first bytes are a header naming the form (see
+//     kHeaderMagic).
 //
 // GEMV, per step s of a chunk (one column k): w = the 8 rows' codes at k as floats, acc += w * x[k]
 // (x broadcast), with a fused multiply-add per row vector. Per group and row vector:
@@ -50,6 +54,7 @@ constexpr int xexp_of(int bits, int s) { return top_of(bits, s) ? 0 : pos_of(bit
 
 struct Layout {
   int bits = 0, P = 0, vb = 0;
+  int sb = 4;         // bytes per scale and per zero term: 4 (float32) or 2 (float16)
   int64_t n = 0, k = 0, g = 0;  // canonical shape and group size
   int64_t np = 0, ntile = 0, kp = 0;
   int64_t ng = 0;     // groups per row (canonical)
@@ -57,11 +62,18 @@ struct Layout {
   int64_t geff = 0;   // group length along the padded K
   int64_t cpg = 0;    // chunks per group
   int64_t chunk_bytes() const { return (int64_t)NVT * vb; }
-  int64_t group_bytes() const { return cpg * chunk_bytes() + 2 * TR * (int64_t)sizeof(float); }
+  int64_t scale_bytes() const { return 2 * TR * (int64_t)sb; }
+  int64_t group_bytes() const { return cpg * chunk_bytes() + scale_bytes(); }
   int64_t tile_bytes() const { return ngp * group_bytes(); }
-  // 32 bytes of padding on both ends: the int3 loader reads 4 bytes either side of a row vector.
-  static constexpr int64_t kPad = 32;
-  int64_t total_bytes() const { return kPad + ntile * tile_bytes() + kPad; }
+  // Padding on both ends: the int3 loaders read 4 bytes before a row vector (AVX2) and 16 after
+  // two (AVX-512). The leading pad is 64 bytes so that the tiles start 64-byte aligned in the
+  // (64-byte aligned) buffer: a zmm load of two row vectors then never splits a cache line (every
+  // chunk and scale block except int3's is a multiple of 64 bytes). The header lives in the first
+  // kHeaderBytes of the leading pad, clear of those reads.
+  static constexpr int64_t kPad = 64;
+  static constexpr int64_t kPadEnd = 32;
+  static constexpr int64_t kHeaderBytes = 8;
+  int64_t total_bytes() const { return kPad + ntile * tile_bytes() + kPadEnd; }
   int64_t tile_offset(int64_t t) const { return kPad + t * tile_bytes(); }
 };
 
@@ -71,9 +83,13 @@ inline bool shape_ok(int64_t n, int64_t k, int64_t bits, int64_t g) {
   return g == k || g % 32 == 0;  // per-channel takes any K (padded with zero codes)
 }
 
-// Call only when shape_ok.
-inline Layout make_layout(int64_t n, int64_t k, int64_t bits, int64_t g) {
+// Header of the packed buffer: 4 magic bytes, then the scale width in bytes (2 or 4), then zeros.
+constexpr uint8_t kHeaderMagic[4] = {'l', 'b', 'p', 'k'};
+
+// Call only when shape_ok; sb is 4 (float32 scales) or 2 (float16).
+inline Layout make_layout(int64_t n, int64_t k, int64_t bits, int64_t g, int sb = 4) {
   Layout L;
+  L.sb = sb;
   L.bits = (int)bits;
   L.P = codes_per_lane(L.bits);
   L.vb = vec_bytes(L.bits);
@@ -97,8 +113,21 @@ inline Layout make_layout(int64_t n, int64_t k, int64_t bits, int64_t g) {
 
 // ---------------------------------------------------------------------------------------------
 // Packing: tiles [t0, t1) into a zero-initialised buffer. Returns false if a code needs more bits.
+// scale and zero are float32 [n, ng] for the 32-bit form (sb == 4), float16 bit patterns for sb == 2.
 
-inline bool pack_tiles(const Layout& L, const uint8_t* codes, const float* scale, const float* zero,
+inline void write_header(const Layout& L, uint8_t* out) {
+  std::memcpy(out, kHeaderMagic, 4);
+  out[4] = (uint8_t)L.sb;
+}
+
+// The scale width a buffer's header names: 4 or 2, 0 for anything else (packed buffers are derived
+// from the canonical weight when a model loads, never stored, so there is no older form to accept).
+inline int read_header(const uint8_t* buf) {
+  if (std::memcmp(buf, kHeaderMagic, 4) != 0 || buf[5] || buf[6] || buf[7]) return 0;
+  return (buf[4] == 2 || buf[4] == 4) ? buf[4] : 0;
+}
+
+inline bool pack_tiles(const Layout& L, const uint8_t* codes, const void* scale, const void* zero,
                        int64_t t0, int64_t t1, uint8_t* out) {
   const int P = L.P, bits = L.bits, lane_bytes = L.bits == 3 ? 3 : 4;
   const uint32_t cmax = (1u << bits) - 1;
@@ -123,15 +152,25 @@ inline bool pack_tiles(const Layout& L, const uint8_t* codes, const float* scale
           }
           std::memcpy(gp + c * L.chunk_bytes() + v * L.vb + lane * lane_bytes, &word, lane_bytes);
         }
-        float sz[2] = {0.f, 0.f};
-        if (g < L.ng) {
-          const float s = scale[n * L.ng + g], z = zero[n * L.ng + g];
-          sz[0] = s;
-          sz[1] = -(s * z);
+        uint8_t* sp = gp + L.cpg * L.chunk_bytes();
+        if (L.sb == 2) {
+          uint16_t sz[2] = {0, 0};
+          if (g < L.ng) {
+            sz[0] = ((const uint16_t*)scale)[n * L.ng + g];
+            sz[1] = ((const uint16_t*)zero)[n * L.ng + g];
+          }
+          std::memcpy(sp + 2 * row, &sz[0], 2);
+          std::memcpy(sp + 2 * (TR + row), &sz[1], 2);
+        } else {
+          float sz[2] = {0.f, 0.f};
+          if (g < L.ng) {
+            const float s = ((const float*)scale)[n * L.ng + g], z = ((const float*)zero)[n * L.ng + g];
+            sz[0] = s;
+            sz[1] = -(s * z);
+          }
+          std::memcpy(sp + 4 * row, &sz[0], sizeof(float));
+          std::memcpy(sp + 4 * (TR + row), &sz[1], sizeof(float));
         }
-        float* sp = (float*)(gp + L.cpg * L.chunk_bytes());
-        std::memcpy(sp + row, &sz[0], sizeof(float));
-        std::memcpy(sp + TR + row, &sz[1], sizeof(float));
       }
     }
   }
@@ -159,10 +198,11 @@ constexpr int MT_MAX = 4;
 // Rows [m0, m1) of x [M, k] -> xp, xs. Rows are grouped MT_MAX at a time (the rows of one pass),
 // and within a group interleaved per column: xp[c][kk][j] for row c * MT_MAX + j, the same for xs
 // per group, so the kernel finds all its rows' activations of one column side by side.
+// raw: copies unscaled, for a kernel that decodes every code to its plain value.
 inline void prep_x_rows(const Layout& L, const float* x, int64_t M, int64_t m0, int64_t m1, float* xp,
-                        float* xs) {
+                        float* xs, bool raw = false) {
   float mult[32];
-  for (int s = 0; s < L.P; ++s) mult[s] = x_mult(L.bits, s);
+  for (int s = 0; s < L.P; ++s) mult[s] = raw ? 1.0f : x_mult(L.bits, s);
   for (int64_t m = m0; m < m1; ++m) {
     const int64_t c0 = m / MT_MAX * MT_MAX, j = m - c0, mt = std::min<int64_t>(MT_MAX, M - c0);
     const float* xr = x + m * L.k;
@@ -253,6 +293,22 @@ LOWBIT_INLINE __m256 decode_plain(__m256i v) {
   return _mm256_cvtepi32_ps(q);
 }
 
+// Scales of rows [r0, r0 + 8) of a group whose scale block starts at sp: the scale, and the term
+// that multiplies sum(x), -scale*zero. The 16-bit form stores the zero point; the product of two
+// halves is exact in float32, so -(s * z) here equals the 32-bit form's value bit for bit.
+LOWBIT_INLINE void load_scales(const Layout& L, const uint8_t* sp, int r0, __m256& sc, __m256& bz) {
+  if (L.sb == 2) {
+    const uint16_t* h = (const uint16_t*)sp;
+    sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + r0)));
+    const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + TR + r0)));
+    bz = _mm256_xor_ps(_mm256_mul_ps(sc, z), _mm256_set1_ps(-0.0f));
+  } else {
+    const float* f = (const float*)sp;
+    sc = _mm256_loadu_ps(f + r0);
+    bz = _mm256_loadu_ps(f + TR + r0);
+  }
+}
+
 // Bytes ahead of the current chunk that the GEMV prefetches (0: rely on the hardware prefetcher).
 #ifndef LOWBIT_PF
 #define LOWBIT_PF 4096
@@ -321,13 +377,12 @@ void gemv_tile(const Layout& L, const GemvArgs& a, int v0) {
     for (; c < L.cpg; ++c, p += NVT * VB, xk += P * MT) chunk(p, xk);
     // Fold the group: tot += acc * scale + bias * sum(x in group), 8 rows per instruction.
     if constexpr (LOWBIT_PF > 0) {
-      // The scales take 256 bytes of the stream that the chunk loop did not prefetch.
-      for (int l = 0; l < 4; ++l) _mm_prefetch((const char*)(p + LOWBIT_PF + 64 * l), _MM_HINT_T0);
+      // The scales take 128 or 256 bytes of the stream that the chunk loop did not prefetch.
+      for (int64_t l = 0; l < L.scale_bytes(); l += 64) _mm_prefetch((const char*)(p + LOWBIT_PF + l), _MM_HINT_T0);
     }
-    const float* sp = (const float*)p;
     for (int v = 0; v < NV; ++v) {
-      const __m256 sc = _mm256_loadu_ps(sp + (v0 + v) * VR);
-      const __m256 bz = _mm256_loadu_ps(sp + TR + (v0 + v) * VR);
+      __m256 sc, bz;
+      load_scales(L, p, (v0 + v) * VR, sc, bz);
       for (int m = 0; m < MT; ++m) {
         __m256 sum = acc[m][v][0];
         for (int j = 1; j < NACC; ++j) sum = _mm256_add_ps(sum, acc[m][v][j]);
@@ -335,7 +390,7 @@ void gemv_tile(const Layout& L, const GemvArgs& a, int v0) {
         tot[m][v] = _mm256_fmadd_ps(bz, _mm256_broadcast_ss(a.xs + g * MT + m), tot[m][v]);
       }
     }
-    p += 2 * TR * sizeof(float);
+    p += L.scale_bytes();
   }
 
   for (int m = 0; m < MT; ++m) {
@@ -412,12 +467,8 @@ void dequant_t_tiles_t(const Layout& L, const uint8_t* qw, int64_t t0, int64_t t
     const uint8_t* p = qw + L.tile_offset(t);
     float* wc = wt + (t - t0) * TR;
     for (int64_t g = 0; g < L.ngp; ++g) {
-      const float* sp = (const float*)(p + L.cpg * NVT * VB);
       __m256 sc[NVT], bz[NVT];
-      for (int v = 0; v < NVT; ++v) {
-        sc[v] = _mm256_loadu_ps(sp + v * VR);
-        bz[v] = _mm256_loadu_ps(sp + TR + v * VR);
-      }
+      for (int v = 0; v < NVT; ++v) load_scales(L, p + L.cpg * NVT * VB, v * VR, sc[v], bz[v]);
       for (int64_t c = 0; c < L.cpg; ++c, p += NVT * VB) {
         float* wk = wc + (g * L.geff + c * P) * ldw;
         for (int v = 0; v < NVT; ++v) {
@@ -428,7 +479,7 @@ void dequant_t_tiles_t(const Layout& L, const uint8_t* qw, int64_t t0, int64_t t
           });
         }
       }
-      p += 2 * TR * sizeof(float);
+      p += L.scale_bytes();
     }
   }
 }

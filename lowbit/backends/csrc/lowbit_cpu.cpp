@@ -1,6 +1,7 @@
-// lowbit._C: torch binding of the AVX2/FMA low-bit matmul in kernels.h.
+// lowbit._C: torch binding of the low-bit matmul in kernels.h (AVX2/FMA) and kernels_avx512.h.
 //
-//   prepack(codes, scale, zero, bits, group_size) -> qweight (uint8, one buffer)
+//   prepack(codes, scale, zero, bits, group_size) -> qweight (uint8, one buffer); float16 scale and
+//     zero give the packed form with 16-bit scales (half the scale bytes), anything else float32
 //   linear(x, qweight, bits, group_size, n, k, bias=None, path=0) -> y = x @ W^T (+ bias)
 //     x [..., K] of any float dtype (computed in float32), y [..., N] in x's dtype
 //   dequant(qweight, bits, group_size, n, k) -> W (float32 [n, k])
@@ -8,6 +9,9 @@
 //   quantize_u8(x f32, inv_scale, zero) -> q uint8, same shape and memory layout (per tensor)
 //   row_epilogue_(y [M, N] f32, sx [M], sxz [M], csw [N], bias [N]?) in place:
 //       y = y * sx[m] - sxz[m] * csw[n] + bias[n]
+//
+//   isa() -> "avx512" | "avx2": the kernel path that runs; isas() -> the paths this CPU can run;
+//   set_isa(name) picks one (an error for a path this CPU cannot run)
 //
 // linear: M <= gemv_max_m rows (256) take the streaming GEMV (weights read once per 128 rows of x,
 // all threads split the output rows); more rows dequantize W in slabs to float32 and use torch's GEMM.
@@ -20,6 +24,7 @@
 
 #include "act_quant.h"
 #include "kernels.h"
+#include "kernels_avx512.h"
 
 namespace {
 
@@ -32,11 +37,50 @@ Layout checked_layout(int64_t n, int64_t k, int64_t bits, int64_t group_size) {
   return lowbit::make_layout(n, k, bits, group_size);
 }
 
-void check_qweight(const Layout& L, const at::Tensor& qw) {
+// The layout of a packed buffer: shape from the arguments, scale width from the buffer's header.
+Layout checked_qweight(const at::Tensor& qw, int64_t n, int64_t k, int64_t bits, int64_t group_size) {
+  Layout L = checked_layout(n, k, bits, group_size);
   TORCH_CHECK(qw.device().is_cpu() && qw.scalar_type() == at::kByte && qw.is_contiguous() &&
-                  qw.numel() == L.total_bytes(),
-              "lowbit: packed weight does not match n/k/bits/group_size (expected ", L.total_bytes(),
-              " uint8 bytes, got ", qw.numel(), " of ", qw.scalar_type(), ")");
+                  qw.numel() >= Layout::kPad,
+              "lowbit: packed weight must be a contiguous CPU uint8 buffer (got ", qw.numel(), " of ",
+              qw.scalar_type(), ")");
+  const int sb = lowbit::read_header(qw.data_ptr<uint8_t>());
+  TORCH_CHECK(sb != 0, "lowbit: packed weight has an unknown header (not made by lowbit's prepack?)");
+  L = lowbit::make_layout(n, k, bits, group_size, sb);
+  TORCH_CHECK(qw.numel() == L.total_bytes(), "lowbit: packed weight does not match n/k/bits/group_size (expected ",
+              L.total_bytes(), " uint8 bytes with ", 8 * sb, "-bit scales, got ", qw.numel(), ")");
+  return L;
+}
+
+// Kernel paths. kAvx512 needs AVX-512 F, BW, VL and VBMI (checked with the OS's support for the zmm state).
+enum Isa : int { kAvx2 = 0, kAvx512 = 1 };
+const char* const kIsaNames[] = {"avx2", "avx512"};
+
+bool cpu_can_run(int isa) {
+  if (isa == kAvx2) return true;  // the module's baseline (lowbit_cpu.py checks it before importing)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi");
+}
+
+int best_isa() { return cpu_can_run(kAvx512) ? kAvx512 : kAvx2; }
+
+std::atomic<int> g_isa{best_isa()};
+
+// isa: read once per call, since the activations are prepared for the path that runs.
+void run_gemv_tiles(int isa, const Layout& L, const uint8_t* qw, const float* xp, const float* xs, int64_t M,
+                    const float* bias, float* y, int64_t t0, int64_t t1) {
+  if (isa == kAvx512)
+    lowbit::avx512::gemv_tiles(L, qw, xp, xs, M, bias, y, t0, t1);
+  else
+    lowbit::gemv_tiles(L, qw, xp, xs, M, bias, y, t0, t1);
+}
+
+void run_dequant_t_tiles(const Layout& L, const uint8_t* qw, int64_t t0, int64_t t1, float* wt, int64_t ldw) {
+  if (g_isa.load(std::memory_order_relaxed) == kAvx512)
+    lowbit::avx512::dequant_t_tiles(L, qw, t0, t1, wt, ldw);
+  else
+    lowbit::dequant_t_tiles(L, qw, t0, t1, wt, ldw);
 }
 
 at::Tensor prepack(at::Tensor codes, at::Tensor scale, at::Tensor zero, int64_t bits, int64_t group_size) {
@@ -47,17 +91,21 @@ at::Tensor prepack(at::Tensor codes, at::Tensor scale, at::Tensor zero, int64_t 
   TORCH_CHECK(scale.dim() == 2 && scale.size(0) == n && scale.size(1) == L.ng,
               "lowbit: scale must be [N, K/G]");
   TORCH_CHECK(zero.dim() == 2 && zero.size(0) == n && zero.size(1) == L.ng, "lowbit: zero must be [N, K/G]");
+  // Both float16: the 16-bit form (the values are kept exactly); otherwise float32.
+  const bool half = scale.scalar_type() == at::kHalf && zero.scalar_type() == at::kHalf;
+  const Layout LP = lowbit::make_layout(n, k, bits, group_size, half ? 2 : 4);
   codes = codes.contiguous();
-  scale = scale.to(at::kFloat).contiguous();
-  zero = zero.to(at::kFloat).contiguous();
-  auto qw = at::zeros({L.total_bytes()}, at::TensorOptions().dtype(at::kByte));
+  scale = scale.to(half ? at::kHalf : at::kFloat).contiguous();
+  zero = zero.to(half ? at::kHalf : at::kFloat).contiguous();
+  auto qw = at::zeros({LP.total_bytes()}, at::TensorOptions().dtype(at::kByte));
   const uint8_t* cp = codes.data_ptr<uint8_t>();
-  const float* sp = scale.data_ptr<float>();
-  const float* zp = zero.data_ptr<float>();
+  const void* sp = scale.data_ptr();
+  const void* zp = zero.data_ptr();
   uint8_t* out = qw.data_ptr<uint8_t>();
+  lowbit::write_header(LP, out);
   std::atomic<bool> ok{true};
   at::parallel_for(0, L.ntile, 1, [&](int64_t t0, int64_t t1) {
-    if (!lowbit::pack_tiles(L, cp, sp, zp, t0, t1, out)) ok = false;
+    if (!lowbit::pack_tiles(LP, cp, sp, zp, t0, t1, out)) ok = false;
   });
   TORCH_CHECK(ok.load(), "lowbit: a code does not fit in ", bits, " bits");
   return qw;
@@ -79,7 +127,7 @@ void dequant_mm(const Layout& L, at::Tensor x, const uint8_t* qw, const at::Tens
   for (int64_t t0 = 0; t0 < L.ntile; t0 += tiles) {
     const int64_t t1 = std::min(L.ntile, t0 + tiles);
     at::parallel_for(t0, t1, 1, [&](int64_t a, int64_t b) {
-      lowbit::dequant_t_tiles(L, qw, a, b, wp + (a - t0) * lowbit::TR, ldw);
+      run_dequant_t_tiles(L, qw, a, b, wp + (a - t0) * lowbit::TR, ldw);
     });
     const int64_t c0 = t0 * lowbit::TR, c1 = std::min(L.n, t1 * lowbit::TR);
     const auto w = wt.narrow(0, 0, L.k).narrow(1, 0, c1 - c0);
@@ -101,8 +149,7 @@ void run_linear(const Layout& L, const at::Tensor& x, const at::Tensor& qw, cons
 
 at::Tensor linear(at::Tensor x, at::Tensor qw, int64_t bits, int64_t group_size, int64_t n, int64_t k,
                   c10::optional<at::Tensor> bias, int64_t path) {
-  const Layout L = checked_layout(n, k, bits, group_size);
-  check_qweight(L, qw);
+  const Layout L = checked_qweight(qw, n, k, bits, group_size);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k && x.device().is_cpu(),
               "lowbit: x must be a CPU [..., K] tensor");
   TORCH_CHECK(path >= 0 && path <= 2, "lowbit: path is 0 (auto), 1 (gemv) or 2 (dequant + mm)");
@@ -134,16 +181,31 @@ void run_linear(const Layout& L, const at::Tensor& x, const at::Tensor& qw, cons
     float* xpp = xp.data_ptr<float>();
     float* xsp = xs.data_ptr<float>();
     const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+    const int isa = g_isa.load();
+    const bool raw = isa == kAvx512 && lowbit::avx512::by_table(L.bits);
+    if (isa == kAvx512 && lowbit::avx512::by_lut(L.bits) && M <= lowbit::MT_MAX) {
+      // A few rows of 1/2-bit weights: partial-sum tables (kernels_avx512.h).
+      const float* xptr = x.data_ptr<float>();
+      lowbit::prep_x_rows(L, xptr, M, 0, M, xpp, xsp, true);
+      auto lut = at::empty({L.kp / lowbit::avx512::codes_per_nibble(L.bits) * M * 16}, x.options());
+      float* lp = lut.data_ptr<float>();
+      lowbit::avx512::prep_lut(L, xpp, M, lp);
+      float* yp = y.data_ptr<float>();
+      at::parallel_for(0, L.ntile, 1, [&](int64_t t0, int64_t t1) {
+        lowbit::avx512::gemv_tiles_lut(L, q, lp, xsp, M, bp, yp, t0, t1);
+      });
+      return;
+    }
     for (int64_t m0 = 0; m0 < M; m0 += mb) {
       const int64_t rows = std::min(mb, M - m0);
       const float* xptr = x.data_ptr<float>() + m0 * L.k;
       float* yp = y.data_ptr<float>() + m0 * L.n;
       at::parallel_for(0, rows, 32, [&](int64_t r0, int64_t r1) {
-        lowbit::prep_x_rows(L, xptr, rows, r0, r1, xpp, xsp);
+        lowbit::prep_x_rows(L, xptr, rows, r0, r1, xpp, xsp, raw);
       });
       // Each output comes from one thread in a fixed order: results do not depend on the thread count.
       at::parallel_for(0, L.ntile, 1, [&](int64_t t0, int64_t t1) {
-        lowbit::gemv_tiles(L, q, xpp, xsp, rows, bp, yp, t0, t1);
+        run_gemv_tiles(isa, L, q, xpp, xsp, rows, bp, yp, t0, t1);
       });
     }
   } else {
@@ -152,13 +214,12 @@ void run_linear(const Layout& L, const at::Tensor& x, const at::Tensor& qw, cons
 }
 
 at::Tensor dequant(at::Tensor qw, int64_t bits, int64_t group_size, int64_t n, int64_t k) {
-  const Layout L = checked_layout(n, k, bits, group_size);
-  check_qweight(L, qw);
+  const Layout L = checked_qweight(qw, n, k, bits, group_size);
   auto wt = at::empty({L.kp, L.np}, at::TensorOptions().dtype(at::kFloat));
   const uint8_t* q = qw.data_ptr<uint8_t>();
   float* wp = wt.data_ptr<float>();
   at::parallel_for(0, L.ntile, 1, [&](int64_t a, int64_t b) {
-    lowbit::dequant_t_tiles(L, q, a, b, wp + a * lowbit::TR, L.np);
+    run_dequant_t_tiles(L, q, a, b, wp + a * lowbit::TR, L.np);
   });
   return wt.narrow(0, 0, k).narrow(1, 0, n).t().contiguous();
 }
@@ -167,8 +228,39 @@ bool supports(int64_t n, int64_t k, int64_t bits, int64_t group_size) {
   return lowbit::shape_ok(n, k, bits, group_size);
 }
 
-int64_t packed_bytes(int64_t n, int64_t k, int64_t bits, int64_t group_size) {
-  return checked_layout(n, k, bits, group_size).total_bytes();
+int64_t packed_bytes(int64_t n, int64_t k, int64_t bits, int64_t group_size, int64_t scale_bits) {
+  TORCH_CHECK(scale_bits == 16 || scale_bits == 32, "lowbit: scale_bits is 16 or 32");
+  checked_layout(n, k, bits, group_size);
+  return lowbit::make_layout(n, k, bits, group_size, (int)scale_bits / 8).total_bytes();
+}
+
+int64_t packed_scale_bits(at::Tensor qw) {
+  TORCH_CHECK(qw.device().is_cpu() && qw.scalar_type() == at::kByte && qw.is_contiguous() &&
+                  qw.numel() >= Layout::kPad,
+              "lowbit: packed weight must be a contiguous CPU uint8 buffer");
+  const int sb = lowbit::read_header(qw.data_ptr<uint8_t>());
+  TORCH_CHECK(sb != 0, "lowbit: packed weight has an unknown header (not made by lowbit's prepack?)");
+  return 8 * sb;
+}
+
+std::string get_isa() { return kIsaNames[g_isa.load()]; }
+
+std::vector<std::string> get_isas() {
+  std::vector<std::string> out;
+  for (int i = kAvx512; i >= kAvx2; --i)
+    if (cpu_can_run(i)) out.push_back(kIsaNames[i]);
+  return out;
+}
+
+void set_isa(const std::string& name) {
+  for (int i = kAvx2; i <= kAvx512; ++i) {
+    if (name != kIsaNames[i]) continue;
+    TORCH_CHECK(cpu_can_run(i), "lowbit: kernel path '", name,
+                "' cannot run on this CPU (it lacks AVX-512 F/BW/VL/VBMI); paths it can run: ", c10::Join(", ", get_isas()));
+    g_isa = i;
+    return;
+  }
+  TORCH_CHECK(false, "lowbit: unknown kernel path '", name, "' (avx2 or avx512)");
 }
 
 void set_gemv_max_m(int64_t m) { g_gemv_max_m = m; }
@@ -239,9 +331,14 @@ void row_epilogue_(at::Tensor y, at::Tensor sx, at::Tensor sxz, at::Tensor csw, 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "lowbit CPU kernels (AVX2/FMA): packed low-bit weights x float32 activations";
+  m.doc() = "lowbit CPU kernels (AVX2/FMA, AVX-512): packed low-bit weights x float32 activations";
   m.def("supports", &supports, "whether (n, k, bits, group_size) has a packed layout");
-  m.def("packed_bytes", &packed_bytes, "size of the packed weight buffer in bytes");
+  m.def("packed_bytes", &packed_bytes, "size of the packed weight buffer in bytes", py::arg("n"), py::arg("k"),
+        py::arg("bits"), py::arg("group_size"), py::arg("scale_bits") = 32);
+  m.def("packed_scale_bits", &packed_scale_bits, "16 or 32: the scale width a packed buffer holds");
+  m.def("isa", &get_isa, "the kernel path that runs: avx512 or avx2");
+  m.def("isas", &get_isas, "the kernel paths this CPU can run, best first");
+  m.def("set_isa", &set_isa, "run the given kernel path (avx512 or avx2)");
   m.def("prepack", &prepack, "canonical codes/scale/zero -> packed uint8 buffer");
   m.def("linear", &linear, "x [..., K] @ W^T (+bias); path 0=auto 1=gemv 2=dequant+mm", py::arg("x"),
         py::arg("qweight"), py::arg("bits"), py::arg("group_size"), py::arg("n"), py::arg("k"),

@@ -1,0 +1,209 @@
+"""lowbit's CPU kernel on every instruction-set path this CPU can run, and its 16-bit-scale packed form.
+
+Each path (AVX2/FMA; AVX-512 F/BW/VL/VBMI) against the float64 reference x @ ((codes - zero) * scale).T,
+both the GEMV and the dequantize + GEMM route; a path this CPU cannot run is skipped, saying why. The packed
+form with float16 scale and zero gives the same bits as the float32 form holding the same values.
+"""
+
+import pytest
+import torch
+
+from lowbit.backends import lowbit_cpu
+
+pytestmark = pytest.mark.skipif(
+    not lowbit_cpu.available(),
+    reason="lowbit._C not built or CPU without AVX2+FMA (build: pip install --no-build-isolation -e .)",
+)
+
+TOL = 1e-5
+BITS = (1, 2, 3, 4, 8)
+# Odd N, K not a multiple of 8 (per-channel), groups of 32/64/128/96 and per-channel.
+SHAPES = [(37, 256, 32), (45, 384, 64), (33, 512, 128), (29, 200, 200), (7, 192, 96), (70, 320, 320)]
+ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 33, 300)
+
+
+def canonical(n, k, bits, g, seed):
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8, generator=gen)
+    scale = torch.rand(n, k // g, generator=gen) * 0.05 + 0.001
+    zero = torch.randint(0, 2**bits, (n, k // g), generator=gen).float()
+    zero = zero + torch.rand(n, k // g, generator=gen) - 0.5  # fractional zero points too
+    return codes, scale, zero
+
+
+def reference(x, codes, scale, zero, g, bias):
+    w = (codes.double() - zero.double().repeat_interleave(g, 1)) * scale.double().repeat_interleave(g, 1)
+    return x.double() @ w.T + bias.double()
+
+
+def rel_err(y, ref):
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.fixture(params=["avx2", "avx512"])
+def isa(request):
+    if request.param not in lowbit_cpu.isas():
+        pytest.skip(f"kernel path {request.param} not run: this CPU lacks avx512f/bw/vl/vbmi "
+                    f"(it runs {', '.join(lowbit_cpu.isas())})")
+    before = lowbit_cpu.isa()
+    lowbit_cpu.set_isa(request.param)
+    assert lowbit_cpu.isa() == request.param
+    yield request.param
+    lowbit_cpu.set_isa(before)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("half", [False, True], ids=["f32-scales", "f16-scales"])
+def test_path_matches_reference(isa, bits, half):
+    for n, k, g in SHAPES:
+        codes, scale, zero = canonical(n, k, bits, g, seed=bits * 100 + n)
+        if half:
+            scale, zero = scale.half(), zero.half()
+        packed = lowbit_cpu.prepack(codes, scale, zero, bits, g)
+        bias = torch.randn(n)
+        for m in ROWS:
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+            ref = reference(x, codes, scale.float(), zero.float(), g, bias)
+            for route in (1, 2):  # 1: streaming GEMV, 2: dequantize + GEMM
+                y = lowbit_cpu._C.linear(x, packed["qweight"], bits, g, n, k, bias, route)
+                err = rel_err(y, ref)
+                assert err < TOL, f"{isa} bits={bits} n={n} k={k} g={g} m={m} route={route}: {err:.2e}"
+        w = lowbit_cpu.dequant(packed, bits, g, n, k)
+        wref = (codes.double() - zero.double().repeat_interleave(g, 1)) * scale.double().repeat_interleave(g, 1)
+        assert (w.double() - wref).abs().max().item() <= 1e-6 * wref.abs().max().item() + 1e-7
+
+
+def test_paths_agree_up_to_summation_order():
+    paths = lowbit_cpu.isas()
+    if len(paths) < 2:
+        pytest.skip(f"only one kernel path runs on this CPU ({paths}): it lacks avx512f/bw/vl/vbmi")
+    before = lowbit_cpu.isa()
+    n, k, g = 300, 512, 64
+    try:
+        for bits in BITS:
+            codes, scale, zero = canonical(n, k, bits, g, seed=bits)
+            packed = lowbit_cpu.prepack(codes, scale.half(), zero.half(), bits, g)
+            for m in (1, 4, 5):  # AVX-512 takes 1/2-bit weights by partial-sum tables up to 4 rows
+                x = torch.randn(m, k)
+                out = {}
+                for p in paths:
+                    lowbit_cpu.set_isa(p)
+                    out[p] = lowbit_cpu.linear(x, packed, bits, g, n, k)
+                    # A path is deterministic.
+                    assert torch.equal(lowbit_cpu.linear(x, packed, bits, g, n, k), out[p])
+                a, b = out.values()
+                assert ((a - b).norm() / a.norm()).item() < 1e-6
+    finally:
+        lowbit_cpu.set_isa(before)
+
+
+def test_isa_api():
+    assert lowbit_cpu.isa() in lowbit_cpu.isas()
+    assert "avx2" in lowbit_cpu.isas()
+    with pytest.raises(ValueError, match="unknown"):
+        lowbit_cpu.set_isa("sse2")
+    if "avx512" not in lowbit_cpu.isas():
+        with pytest.raises(RuntimeError, match="cannot run on this CPU"):
+            lowbit_cpu.set_isa("avx512")
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_half_scales_same_bits_as_float32_form(bits):
+    n, k, g = 45, 384, 64
+    codes, scale, zero = canonical(n, k, bits, g, seed=11)
+    sh, zh = scale.half(), zero.half()
+    p16 = lowbit_cpu.prepack(codes, sh, zh, bits, g)
+    p32 = lowbit_cpu.prepack(codes, sh.float(), zh.float(), bits, g)
+    assert lowbit_cpu._C.packed_scale_bits(p16["qweight"]) == 16
+    assert lowbit_cpu._C.packed_scale_bits(p32["qweight"]) == 32
+    assert p16["qweight"].numel() == lowbit_cpu._C.packed_bytes(n, k, bits, g, 16)
+    assert p32["qweight"].numel() == lowbit_cpu._C.packed_bytes(n, k, bits, g)
+    # Scale and zero term: 4 of their 8 bytes per row and group saved, 128 per 32-row tile and group.
+    assert p32["qweight"].numel() - p16["qweight"].numel() == 128 * ((n + 31) // 32) * (k // g)
+    for m in (1, 4, 300):
+        x = torch.randn(m, k)
+        assert torch.equal(lowbit_cpu.linear(x, p16, bits, g, n, k), lowbit_cpu.linear(x, p32, bits, g, n, k))
+    assert torch.equal(lowbit_cpu.dequant(p16, bits, g, n, k), lowbit_cpu.dequant(p32, bits, g, n, k))
+
+
+def test_header_checked():
+    n, k, g, bits = 37, 256, 32, 4
+    codes, scale, zero = canonical(n, k, bits, g, seed=1)
+    p32 = lowbit_cpu.prepack(codes, scale, zero, bits, g)["qweight"]
+    x = torch.randn(2, k)
+    y = lowbit_cpu._C.linear(x, p32, bits, g, n, k)
+    assert torch.equal(lowbit_cpu._C.linear(x, p32.clone(), bits, g, n, k), y)
+    for pos, val in ((0, ord("x")), (4, 3), (6, 1)):
+        bad = p32.clone()
+        bad[pos] = val
+        with pytest.raises(RuntimeError, match="unknown header"):
+            lowbit_cpu._C.linear(x, bad, bits, g, n, k)
+    with pytest.raises(RuntimeError, match="unknown header"):
+        lowbit_cpu.dequant({"qweight": torch.zeros_like(p32)}, bits, g, n, k)
+    # A 16-bit form buffer claiming 32-bit scales no longer matches its size.
+    p16 = lowbit_cpu.prepack(codes, scale.half(), zero.half(), bits, g)["qweight"].clone()
+    p16[4] = 4
+    with pytest.raises(RuntimeError, match="does not match"):
+        lowbit_cpu._C.linear(x, p16, bits, g, n, k)
+
+
+def test_prepare_picks_half_scales_only_when_exact():
+    from lowbit import core
+    from lowbit.backends import KERNELS, LayerSpec, StoredWeight
+    from lowbit.formats import AffineScheme
+
+    n, k, g, bits = 64, 256, 64, 4
+    codes, scale, zero = canonical(n, k, bits, g, seed=5)
+    zero = zero.round().clamp(0, 15)
+    spec = LayerSpec(n=n, k=k, bits=bits, group_size=g, symmetric=False)
+    kernel = KERNELS["lowbit_cpu"]
+    x = torch.randn(3, k)
+    for s, want in ((scale, 32), (scale.half().float(), 16)):
+        state = {"qweight": core.pack_bits(codes, bits), "scale": s, "zero_point": zero}
+        prep = kernel.prepare(StoredWeight(AffineScheme(bits, block=(1, g)), state, (n, k)), spec)
+        assert lowbit_cpu._C.packed_scale_bits(prep["qweight"]) == want
+        y = kernel.run(x, prep, spec, None)
+        assert rel_err(y, reference(x, codes, s, zero, g, torch.zeros(n))) < TOL
+
+
+def test_env_picks_the_path():
+    import os
+    import subprocess
+    import sys
+
+    code = "from lowbit.backends import lowbit_cpu; print(lowbit_cpu.isa())"
+    env = dict(os.environ, LOWBIT_ISA="avx2")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "avx2", out.stderr
+    env["LOWBIT_ISA"] = "sse9"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert out.returncode != 0 and "unknown lowbit kernel path 'sse9'" in out.stderr
+
+
+def test_avx512_instructions_only_in_the_avx512_functions():
+    # The module runs on AVX2-only CPUs: an AVX-512 instruction anywhere but in the functions the
+    # dispatcher calls after checking the CPU (lowbit::avx512) would crash there.
+    import re
+    import shutil
+    import subprocess
+
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) not installed: cannot disassemble the module")
+    so = lowbit_cpu._C.__file__
+    text = subprocess.run([objdump, "-d", "--no-show-raw-insn", "-C", so], capture_output=True, text=True,
+                          check=True).stdout
+    evex = re.compile(r"zmm|%k[0-7]|[xy]mm(1[6-9]|2[0-9]|3[01])|\{1to|vpternlog|vpermt2|vpermi2|vpermb")
+    func, offenders, seen = "", set(), 0
+    for line in text.splitlines():
+        if line.endswith(">:"):
+            func = line
+        elif evex.search(line):
+            seen += 1
+            if "lowbit::avx512::" not in func:
+                offenders.add(func)
+    assert not offenders, sorted(offenders)[:5]
+    if "avx512" in lowbit_cpu.isas():
+        assert seen > 0  # the AVX-512 path exists in the binary
