@@ -125,10 +125,10 @@ def best(timings: dict[str, float], allow_float: bool) -> tuple[str, float]:
 # lowbit_cpu's GEMV range (its GEMV serves up to 256 rows) where every kernel is compute-bound. A call of any
 # other row count takes the kernel of the nearest (on a log scale) of these.
 TUNE_ROWS = (1, 16, 128, 512)
-# Row counts past the first are timed only while a float call stays under this many multiply-adds (a few
-# tens of ms): an LM head of 128k x 2k at 512 rows would take seconds per call. Larger calls take the
-# kernel of the largest row count timed.
-TUNE_MAX_MACS = 1 << 33
+# Row counts past the first are timed only while a float call stays under this many multiply-adds (about
+# 10 ms): an LM head of 128k x 2k at 512 rows would take seconds per call. Larger calls take the kernel of
+# the largest row count timed (a 2048 x 2048 layer: up to 128 rows, already compute-bound).
+TUNE_MAX_MACS = 1 << 30
 
 
 def tune_rows(n: int, k: int) -> tuple[int, ...]:

@@ -186,6 +186,8 @@ def test_layers_kept_float_unless_faster_time_no_simulated_kernel(monkeypatch, t
 
 def test_large_layers_are_timed_at_fewer_rows():
     assert autotune.tune_rows(64, 64) == autotune.TUNE_ROWS
-    # an LM head (128k x 2k): 128 rows would be 34 G multiply-adds per call, so it is timed at 1 and 16 rows
-    assert autotune.tune_rows(128256, 2048) == (1, 16)
+    # a 2k x 2k layer up to 128 rows; an LM head (128k x 2k) at 1 row only (16 would be 4 G multiply-adds)
+    assert autotune.tune_rows(2048, 2048) == (1, 16, 128)
+    assert autotune.tune_rows(128256, 2048) == (1,)
     assert autotune.tune_rows(10**9, 10**3) == (1,)  # always at least one row count
+    assert autotune.tune_rows(1536, 384) == autotune.TUNE_ROWS  # MiniLM's largest layers: every row count
