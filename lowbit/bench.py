@@ -98,20 +98,80 @@ def cosine_to(reference: torch.Tensor, other: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(reference.float(), other.float(), dim=-1).mean().item()
 
 
+COMPILED = " (compiled)"  # suffix of a compiled model's row in compare()
+
+
+def compile_models(models: dict[str, nn.Module], *, dynamic: bool | None = None,
+                   freeze: bool = False) -> dict[str, nn.Module]:
+    """`torch.compile` (inductor) of each model that PyTorch can trace (not ONNX Runtime sessions), by name.
+
+    Nothing is compiled yet: that happens at a model's first call for each input shape, which compare() times
+    apart. dynamic=None is torch's default: the first shape is compiled for itself, a second shape of the same
+    rank once more with the changed sizes symbolic, and that graph then serves every later size (sizes 0 and 1
+    are always their own graphs). freeze=True lets inductor fold the weights into the graph as constants
+    (its `freezing` option: float linears get oneDNN's prepacked weights); the model must not change after."""
+    options = {"freezing": True} if freeze else None
+    chosen = {name: m for name, m in models.items() if not isinstance(m, OnnxModel)}
+    # Models of one class share their forward's compiled-code cache, one entry per model structure and shape;
+    # past dynamo's recompile limit (8) a model would silently run eagerly in the "compiled" row.
+    limits = torch._dynamo.config
+    limits.recompile_limit = max(limits.recompile_limit, 8 * len(chosen))
+    limits.accumulated_recompile_limit = max(limits.accumulated_recompile_limit, 32 * len(chosen))
+    return {name: torch.compile(m, backend="inductor", dynamic=dynamic, options=options) for name, m in chosen.items()}
+
+
+def _graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def compare(models: dict[str, nn.Module], tokenizer, texts: Sequence[str], *, seq: int = 128, iters: int = 10,
-            reference: str | None = None, progress: bool = False) -> list[dict]:
+            reference: str | None = None, progress: bool = False,
+            compiled: dict[str, nn.Module] | None = None) -> list[dict]:
     """Latency, speed-up and cosine of each model against `reference` (the first one by default), on one
-    batch of `texts` (one row each) padded or cut to `seq` tokens."""
+    batch of `texts` (one row each) padded or cut to `seq` tokens.
+
+    `compiled` (from compile_models, keyed by the names in `models`) adds a row "<name> (compiled)" after
+    each such model, timed in the same round-robin: its speed-up is against the eager `reference` too, and it
+    also has "cosine_eager" (to the same model run eagerly), "compile_s" (wall time of its first call at this
+    shape: tracing and code generation, left out of the latency) and "graphs" (graphs that first call made:
+    1 without graph breaks, 0 when an earlier compiled graph already served this shape)."""
     reference = reference or next(iter(models))
+    compiled = compiled or {}
+    unknown = [name for name in compiled if name not in models]
+    if unknown:
+        raise ValueError(f"compiled models {unknown} are not among the models compared: {list(models)}")
     inputs = sample_batch(tokenizer, texts, seq)
     batch = len(texts)
+    runs: dict[str, nn.Module] = {}
+    for name, m in models.items():
+        runs[name] = m
+        if name in compiled:
+            runs[name + COMPILED] = compiled[name]
+    first: dict[str, tuple[float, int]] = {}
     with torch.inference_mode():
-        outs = {name: mean_pool(m, inputs) for name, m in models.items()}
-    times = time_interleaved({name: (lambda m=m: m(**inputs)) for name, m in models.items()}, iters=iters,
+        outs = {}
+        for name, m in runs.items():
+            if name.endswith(COMPILED) and name[:-len(COMPILED)] in compiled:
+                graphs, t0 = _graphs_compiled(), time.perf_counter()
+                try:
+                    outs[name] = mean_pool(m, inputs)
+                except Exception as e:  # dynamo and inductor raise many types: say which model failed
+                    raise ValueError(f"torch.compile of {name[:-len(COMPILED)]} failed: {e}") from e
+                first[name] = (time.perf_counter() - t0, _graphs_compiled() - graphs)
+            else:
+                outs[name] = mean_pool(m, inputs)
+    times = time_interleaved({name: (lambda m=m: m(**inputs)) for name, m in runs.items()}, iters=iters,
                              progress=progress)
     rows = []
-    for name, m in models.items():
-        rows.append({"model": name, "batch": batch, "seq": seq, "latency_ms": times[name] * 1e3,
-                     "speedup": times[reference] / times[name], "cosine": cosine_to(outs[reference], outs[name]),
-                     "state_mb": state_bytes(m) / 1e6})
+    for name, m in runs.items():
+        row = {"model": name, "batch": batch, "seq": seq, "latency_ms": times[name] * 1e3,
+               "speedup": times[reference] / times[name], "cosine": cosine_to(outs[reference], outs[name]),
+               "state_mb": state_bytes(m) / 1e6}
+        if name in first:
+            eager = name[:-len(COMPILED)]
+            row.update(cosine_eager=cosine_to(outs[eager], outs[name]), compile_s=first[name][0],
+                       graphs=first[name][1], speedup_eager=times[eager] / times[name])
+        rows.append(row)
     return rows

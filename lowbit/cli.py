@@ -237,10 +237,16 @@ def generate_cmd(model: str, prompt: str, max_new_tokens: int) -> None:
 @click.option("--calib", type=click.Path(dir_okay=False), default=None,
               help=CALIB_HELP + " for --layers (default: STS-B train sentences)")
 @click.option("--calib-size", type=click.IntRange(min=1), default=64, show_default=True, help=CALIB_SIZE_HELP)
+@click.option("--compile", "compile_", is_flag=True,
+              help="also time each model under torch.compile (inductor) beside its eager run; the first call "
+                   "per shape (compilation) is timed apart")
+@click.option("--freeze", is_flag=True, help="with --compile: inductor's freezing (weights folded in as constants)")
 def bench_cmd(src: str, models: tuple[str, ...], onnx_files: tuple[str, ...], batch: tuple[int, ...], seq: int,
-              iters: int, layers: bool, calib: str | None, calib_size: int) -> None:
+              iters: int, layers: bool, calib: str | None, calib_size: int, compile_: bool, freeze: bool) -> None:
     """Size, latency, speed-up and cosine of quantized MODELS against the float SRC, in one run.
 
+    With --compile: each model also compiled, timed in the same rounds (speed-up against the eager float SRC;
+    "vs eager" and "cosine vs eager" against the same model run eagerly; compile time apart).
     With --layers: the noise each quantized layer of MODELS adds, against SRC's layer on the same input.
     """
     from . import bench
@@ -265,16 +271,31 @@ def bench_cmd(src: str, models: tuple[str, ...], onnx_files: tuple[str, ...], ba
     if layers:
         _print_layer_reports(ref, quantized, tokenizer, calib, calib_size)
         return
-    click.echo("| model | batch | seq | MB in memory | latency ms | speed-up | cosine | kernels |")
-    click.echo("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    if freeze and not compile_:
+        raise click.UsageError("--freeze applies to --compile")
+    compiled = bench.compile_models(loaded, freeze=freeze) if compile_ else None
+    extra = " vs eager | cosine vs eager | compile s |" if compile_ else ""
+    click.echo("| model | batch | seq | MB in memory | latency ms | speed-up | cosine | kernels |" + extra)
+    click.echo("| --- | --- | --- | --- | --- | --- | --- | --- |" + " --- | --- | --- |" * bool(extra))
+    compile_notes = []
     for b in batch:
         try:
-            rows = bench.compare(loaded, tokenizer, timing_texts(b), seq=seq, iters=iters)
+            rows = bench.compare(loaded, tokenizer, timing_texts(b), seq=seq, iters=iters, compiled=compiled)
         except (ValueError, FileNotFoundError) as e:
             _fail(e)
         for r in rows:
-            click.echo(f"| {r['model']} | {b} | {seq} | {r['state_mb']:.1f} | {r['latency_ms']:.2f} | "
-                       f"{r['speedup']:.2f}x | {r['cosine']:.5f} | {_kernels(loaded[r['model']], kernel_note)} |")
+            eager = r["model"].removesuffix(bench.COMPILED) if "compile_s" in r else r["model"]
+            line = (f"| {r['model']} | {b} | {seq} | {r['state_mb']:.1f} | {r['latency_ms']:.2f} | "
+                    f"{r['speedup']:.2f}x | {r['cosine']:.5f} | {_kernels(loaded[eager], kernel_note)} |")
+            if "compile_s" in r:
+                line += f" {r['speedup_eager']:.2f}x | {r['cosine_eager']:.6f} | {r['compile_s']:.1f} |"
+                if r["graphs"] > 1:
+                    compile_notes.append(f"{r['model']}: {r['graphs']} graphs at batch {b} (graph breaks)")
+            elif extra:
+                line += " | | |"
+            click.echo(line)
+    for note in compile_notes:
+        click.echo(note)
     for label, model in loaded.items():
         for note in getattr(model, "lowbit_float_layers", []):
             click.echo(f"{label}: {note['layer']} kept in float: {note['reason']}")

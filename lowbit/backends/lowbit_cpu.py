@@ -25,9 +25,10 @@ typically 1e-7..1e-6).
 Kernel paths: the same packed layout runs on an AVX2/FMA path and, where the CPU has AVX-512
 F/BW/VL/VBMI, an AVX-512 path (16 rows per instruction), chosen at run time: `isa()` names the path that runs, `isas()` the
 paths this CPU can run, `set_isa(name)` or the environment variable LOWBIT_ISA picks one. The two paths
-differ by float summation order only. On AVX-512, 1- and 2-bit weights for up to 4 rows of x go through
-per-call tables of partial sums (sum of code * x over the 2 or 4 columns one 4-bit nibble holds, for all
-16 nibble values): one permute and one add per nibble instead of a multiply-add per code.
+differ by float summation order only. On AVX-512, 1- and 2-bit weights for up to 4 rows of x go
+through per-call tables of partial sums (for each 4-bit window of the packed codes and all its 16 values:
+the sum of code * x over the 2 or 4 columns the window holds): one permute and one add per window
+instead of a multiply-add per code.
 
 Determinism: the GEMV gives the same bits on every call and for any thread count (each output is
 summed by one thread in a fixed order). The large-M path uses torch's GEMM: same bits for the same

@@ -224,38 +224,63 @@ inline void gemv_tiles(const Layout& L, const uint8_t* qw, const float* xp, cons
 }
 
 // ---------------------------------------------------------------------------------------------
-// 1- and 2-bit codes for a few activation rows, by partial-sum tables. A 4-bit nibble of a lane holds
-// the codes of 2 (int2) or 4 (int1) consecutive columns, so a table of the 16 values
-// sum_r code_r(i) * x[column r] per nibble, built once per call for all rows of W, turns one float
-// permute and one add into the contribution of all the nibble's codes: per lane of codes, 8 nibbles
-// take 7 shifts, 8 permutes and 8 adds instead of one mask, conversion and FMA per code. Every
-// code * x product is exact (as in the other paths); the sums are rounded in a fixed order.
+// 1-, 2- and 3-bit codes for a few activation rows, by partial-sum tables. Each 4-bit window of a
+// lane's codes (bits 4t..4t+3) touches the codes of at most 4 (int1), 2 (int2) or 2 (int3, some
+// split across windows) columns; a table of the 16 values sum_r coef_r(i) * x[column r] per window,
+// built once per call for all rows of W, turns one float permute and one add into the window's
+// whole contribution: per lane of codes, 8 windows (int3: 6) take one shift, permute and add each
+// instead of a mask, conversion and FMA per code (16 / 32 / 8 codes). coef_r(i) is the part of
+// code r that window value i holds (int3: the bits of a code split across two windows, times their
+// place value), so every term is an exact product of a small integer and x; the sums are rounded
+// in a fixed order.
 
+// 3-bit codes stay on the per-code path for now: their tables (6 per 8 columns) streamed from L2 for
+// every tile slowed the DRAM-bound decode (measured 0.8x of AVX2 single-threaded) though they win in cache.
 constexpr bool by_lut(int bits) { return bits <= 2; }
-constexpr int codes_per_nibble(int bits) { return 4 / bits; }
+constexpr int lut_windows(int bits) { return bits == 3 ? 6 : 8; }  // 4-bit windows per lane
+
+// Tables per chunk of P columns: lut_windows * 16 floats per activation row.
+inline int64_t lut_floats(const Layout& L, int64_t M) { return L.kp / L.P * lut_windows(L.bits) * M * 16; }
 
 // Tables for M <= MT_MAX activation rows from xp, their unscaled copies by prep_x_rows (raw; [kp][M],
-// zero past k): lut[t][m][i] = sum_r code_r(i) * x[m][t * cpn + r] for nibble t of the padded K.
-// Products are exact, so the fused multiply-adds below round only the sums, in a fixed order.
+// zero past k): lut[c][t][m][i] for window t of chunk c (columns c * P ..).
 inline void prep_lut(const Layout& L, const float* xp, int64_t M, float* lut) {
-  const int cpn = codes_per_nibble(L.bits), mask = (1 << L.bits) - 1;
-  const int64_t nt = L.kp / cpn;
-  __m512 cv[4];
-  for (int r = 0; r < 4; ++r) {
-    alignas(64) float c[16];
-    for (int i = 0; i < 16; ++i) c[i] = r < cpn ? (float)((i >> (L.bits * r)) & mask) : 0.f;
-    cv[r] = _mm512_load_ps(c);
-  }
-  for (int64_t t = 0; t < nt; ++t) {
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xk = xp + t * cpn * M + m;
-      __m512 v = _mm512_fmadd_ps(cv[1], _mm512_set1_ps(xk[M]), _mm512_mul_ps(cv[0], _mm512_set1_ps(xk[0])));
-      if (cpn == 4) {
-        const __m512 hi =
-            _mm512_fmadd_ps(cv[3], _mm512_set1_ps(xk[3 * M]), _mm512_mul_ps(cv[2], _mm512_set1_ps(xk[2 * M])));
-        v = _mm512_add_ps(v, hi);
+  const int bits = L.bits, P = L.P, nw = lut_windows(bits);
+  // coef[t][r]: the code-r part of window value i, for the codes r a window touches (first, count).
+  __m512 coef[8][4];
+  int first[8], count[8];
+  for (int t = 0; t < nw; ++t) {
+    first[t] = 4 * t / bits;
+    count[t] = (4 * t + 3) / bits - first[t] + 1;
+    for (int r = 0; r < count[t]; ++r) {
+      alignas(64) float c[16];
+      const int code = first[t] + r;
+      for (int i = 0; i < 16; ++i) {
+        int v = 0;
+        for (int j = 0; j < 4; ++j) {
+          const int b = 4 * t + j;
+          if (b / bits == code) v += ((i >> j) & 1) << (b - bits * code);
+        }
+        c[i] = (float)v;
       }
-      _mm512_storeu_ps(lut + (t * M + m) * 16, v);
+      coef[t][r] = _mm512_load_ps(c);
+    }
+  }
+  const int64_t nc = L.kp / P;
+  for (int64_t ch = 0; ch < nc; ++ch) {
+    for (int t = 0; t < nw; ++t) {
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xk = xp + (ch * P + first[t]) * M + m;
+        // Products exact: each fused multiply-add rounds one sum.
+        __m512 v = _mm512_mul_ps(coef[t][0], _mm512_set1_ps(xk[0]));
+        if (count[t] >= 2) v = _mm512_fmadd_ps(coef[t][1], _mm512_set1_ps(xk[M]), v);
+        if (count[t] == 4) {
+          const __m512 hi =
+              _mm512_fmadd_ps(coef[t][3], _mm512_set1_ps(xk[3 * M]), _mm512_mul_ps(coef[t][2], _mm512_set1_ps(xk[2 * M])));
+          v = _mm512_add_ps(v, hi);
+        }
+        _mm512_storeu_ps(lut + ((ch * nw + t) * M + m) * 16, v);
+      }
     }
   }
 }
@@ -263,7 +288,7 @@ inline void prep_lut(const Layout& L, const float* xp, int64_t M, float* lut) {
 // MT activation rows (a.xp: their tables from prep_lut) against the whole tile.
 template <int BITS, int MT>
 void gemv_tile_lut(const Layout& L, const GemvArgs& a) {
-  constexpr int VB = vec_bytes(BITS), NIB = 8;
+  constexpr int VB = vec_bytes(BITS), NIB = lut_windows(BITS);
   constexpr int NACC = MT == 1 ? LOWBIT_NACC512 : (MT == 2 ? 2 : 1);
   __m512 acc[MT][NZ][NACC], tot[MT][NZ];
   for (int m = 0; m < MT; ++m)
@@ -281,7 +306,7 @@ void gemv_tile_lut(const Layout& L, const GemvArgs& a) {
         _mm_prefetch((const char*)(p + LOWBIT_PF + 64), _MM_HINT_T0);
       }
       __m512i w[NZ];
-      for (int u = 0; u < NZ; ++u) w[u] = _mm512_loadu_si512((const void*)(p + u * 2 * VB));
+      for (int u = 0; u < NZ; ++u) w[u] = load_zvec<BITS>(p + u * 2 * VB);
       static_for512<NIB>([&](auto tc) LOWBIT_LAMBDA_INLINE {
         constexpr int t = decltype(tc)::value;
         __m512i idx[NZ];
@@ -338,25 +363,23 @@ void gemv_tiles_lut_t(const Layout& L, const uint8_t* qw, const float* lut, cons
   }
 }
 
-// GEMV of M <= MT_MAX rows of 1- or 2-bit weights from prep_lut's tables (xs from prep_x_rows).
+// GEMV of M <= MT_MAX rows of 1-, 2- or 3-bit weights from prep_lut's tables (xs from prep_x_rows).
 inline void gemv_tiles_lut(const Layout& L, const uint8_t* qw, const float* lut, const float* xs, int64_t M,
                            const float* bias, float* y, int64_t t0, int64_t t1) {
 #define LOWBIT_LUT_CASE(B, MT) avx512::gemv_tiles_lut_t<B, MT>(L, qw, lut, xs, bias, y, t0, t1)
-  if (L.bits == 2) {
-    switch (M) {
-      case 1: LOWBIT_LUT_CASE(2, 1); break;
-      case 2: LOWBIT_LUT_CASE(2, 2); break;
-      case 3: LOWBIT_LUT_CASE(2, 3); break;
-      case 4: LOWBIT_LUT_CASE(2, 4); break;
-    }
-  } else {
-    switch (M) {
-      case 1: LOWBIT_LUT_CASE(1, 1); break;
-      case 2: LOWBIT_LUT_CASE(1, 2); break;
-      case 3: LOWBIT_LUT_CASE(1, 3); break;
-      case 4: LOWBIT_LUT_CASE(1, 4); break;
-    }
+#define LOWBIT_LUT_BITS(B)         \
+  switch (M) {                     \
+    case 1: LOWBIT_LUT_CASE(B, 1); break; \
+    case 2: LOWBIT_LUT_CASE(B, 2); break; \
+    case 3: LOWBIT_LUT_CASE(B, 3); break; \
+    case 4: LOWBIT_LUT_CASE(B, 4); break; \
   }
+  switch (L.bits) {
+    case 3: LOWBIT_LUT_BITS(3); break;
+    case 2: LOWBIT_LUT_BITS(2); break;
+    case 1: LOWBIT_LUT_BITS(1); break;
+  }
+#undef LOWBIT_LUT_BITS
 #undef LOWBIT_LUT_CASE
 }
 

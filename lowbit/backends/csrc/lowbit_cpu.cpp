@@ -184,10 +184,10 @@ void run_linear(const Layout& L, const at::Tensor& x, const at::Tensor& qw, cons
     const int isa = g_isa.load();
     const bool raw = isa == kAvx512 && lowbit::avx512::by_table(L.bits);
     if (isa == kAvx512 && lowbit::avx512::by_lut(L.bits) && M <= lowbit::MT_MAX) {
-      // A few rows of 1/2-bit weights: partial-sum tables (kernels_avx512.h).
+      // A few rows of 1/2/3-bit weights: partial-sum tables (kernels_avx512.h).
       const float* xptr = x.data_ptr<float>();
       lowbit::prep_x_rows(L, xptr, M, 0, M, xpp, xsp, true);
-      auto lut = at::empty({L.kp / lowbit::avx512::codes_per_nibble(L.bits) * M * 16}, x.options());
+      auto lut = at::empty({lowbit::avx512::lut_floats(L, M)}, x.options());
       float* lp = lut.data_ptr<float>();
       lowbit::avx512::prep_lut(L, xpp, M, lp);
       float* yp = y.data_ptr<float>();
