@@ -5,6 +5,7 @@ below is a custom op with a fake implementation (output shape, dtype and strides
 alone), which both trace as one opaque node.
 
     lowbit::linear(x, qweight, bits, group_size, n, k, bias)              lowbit's packed low-bit matmul
+    lowbit::dequant(qweight, bits, group_size, n, k)                       that packed weight in float32
     lowbit::w8a8_linear_dynamic(x, codes, w_scale, csw, gemv, bias, relu)  uint8 per row x int8
     lowbit::w8a8_linear_static(x, codes, w_scale, bias, act_scale, act_zero, relu)
     lowbit::w8a8_conv(x, codes, w_scale, bias, act_scale, act_zero, stride, padding, dilation, groups, relu)
@@ -66,6 +67,27 @@ def linear(x: Tensor, qweight: Tensor, bits: int, group_size: int, n: int, k: in
     if _eager(x):
         return _linear(x, qweight, bits, group_size, n, k, bias)
     return _linear_op(x, qweight, bits, group_size, n, k, bias)
+
+
+def _dequant(qweight: Tensor, bits: int, group_size: int, n: int, k: int) -> Tensor:
+    return lowbit_cpu.dequant({"qweight": qweight}, bits, group_size, n, k)
+
+
+@torch.library.custom_op("lowbit::dequant", mutates_args=())
+def _dequant_op(qweight: Tensor, bits: int, group_size: int, n: int, k: int) -> Tensor:
+    return _dequant(qweight, bits, group_size, n, k)
+
+
+@_dequant_op.register_fake
+def _(qweight, bits, group_size, n, k):
+    return qweight.new_empty((n, k), dtype=torch.float32)
+
+
+def dequant(qweight: Tensor, bits: int, group_size: int, n: int, k: int) -> Tensor:
+    """The float32 W [N, K] a weight packed by lowbit_cpu.prepack stands for (a new tensor each call)."""
+    if _eager(qweight):
+        return _dequant(qweight, bits, group_size, n, k)
+    return _dequant_op(qweight, bits, group_size, n, k)
 
 
 # ---------------------------------------------------------------- W8A8 linear, dynamic activations
