@@ -6,8 +6,10 @@ mean-pooled embeddings to fp32's (on the largest batch timed), and STS-B dev Spe
 
 Variants (`--variants`, comma list; fp32 is always there as the reference):
   fp32              the Hugging Face model, eager float32
+  fp32-compiled     the same under torch.compile(freezing=True), for reference
   w8a8-dynamic      lowbit, int8 weights, activations quantized per call
   w8a8-static       lowbit, int8 weights, activation ranges from calibration (STS-B train sentences)
+  w8a8-dynamic-compiled  lowbit w8a8-dynamic under torch.compile(freezing=True), as torchao is timed
   w8a8-*-all        the same with keep_float_if_slower=False: every linear quantized, even where lowbit's
                     kernel timing says float is faster on this machine
   int8              lowbit weight-only int8, for reference
@@ -18,7 +20,9 @@ Variants (`--variants`, comma list; fp32 is always there as the reference):
   ort-static        ONNX Runtime quantize_static, QDQ, per-channel weights, MinMax calibration
 
 The peers need `pip install lowbit[peers]`; a variant whose toolkit is missing or fails is skipped with
-the reason. A variant whose first timed call is more than `--max-slowdown` times slower than fp32 is not
+the reason. The lowbit/torchao ratios (torchao's median / lowbit's, above 1: lowbit faster) are printed
+for lowbit eager and compiled at each batch, with the CPU's features and the W8A8 kernel path. Compiled
+variants run STS-B eagerly (see build_variants). A variant whose first timed call is more than `--max-slowdown` times slower than fp32 is not
 interleaved (it would take the run hostage): its one call is reported instead, marked "1 call".
 lowbit's kernel choice (backend="auto") is timed afresh in this run, in a temporary autotune cache, unless
 `--user-autotune-cache`. Every lowbit variant gets the calibration batches (static ranges; input shapes).
@@ -50,11 +54,13 @@ from lowbit_workbench.calib import timing_texts
 from lowbit_workbench.evaluate import eval_stsb, load_stsb
 
 SEQ = 128
-VARIANTS = ("fp32", "w8a8-dynamic", "w8a8-static", "w8a8-dynamic-all", "w8a8-static-all", "int8", "torchao",
+VARIANTS = ("fp32", "fp32-compiled", "w8a8-dynamic", "w8a8-dynamic-compiled", "w8a8-static", "w8a8-dynamic-all", "w8a8-static-all", "int8", "torchao",
             "torch-ao-dynamic", "ort-fp32", "ort-dynamic", "ort-static")
 LOWBIT = ("w8a8-dynamic", "w8a8-static", "w8a8-dynamic-all", "w8a8-static-all", "int8")
 LABELS = {
     "fp32": "fp32 eager (reference)",
+    "fp32-compiled": "fp32, compiled",
+    "w8a8-dynamic-compiled": "lowbit w8a8-dynamic, compiled",
     "w8a8-dynamic": "lowbit w8a8-dynamic",
     "w8a8-static": "lowbit w8a8-static",
     "w8a8-dynamic-all": "lowbit w8a8-dynamic, every layer",
@@ -121,6 +127,23 @@ def int_mm_check() -> str:
             f"same shape {t['fp32'] * 1e3:.2f} ms ({t['int'] / t['fp32']:.0f}x)")
 
 
+def machine_line() -> str:
+    """The CPU, its int8-relevant features and the path lowbit's dynamic W8A8 layers take on it."""
+    from lowbit.backends import onednn
+    from lowbit.backends.ops import GEMV_MAX_ROWS
+    from lowbit.hw import cpu_features, cpu_name
+
+    feats = [k for k, v in cpu_features().items() if v]
+    if not onednn.available():
+        path = "reference (oneDNN int8 ops or lowbit._C missing)"
+    elif onednn.int_mm_dynamic():
+        path = "int8 x int8 torch._int_mm (oneDNN s8s8s32) + lowbit per-row quantize/epilogue"
+    else:
+        path = f"oneDNN qlinear u8 x s8 (weights |w| <= {onednn.weight_qmax()}) + lowbit per-row quantize/epilogue"
+    return (f"CPU: {cpu_name()}; features: {', '.join(feats) or 'none detected'}\n"
+            f"lowbit W8A8 dynamic path: {path}; <= {GEMV_MAX_ROWS} rows: lowbit int8 GEMV")
+
+
 def build_lowbit(name: str, model: nn.Module, calib: list[dict]) -> Variant:
     recipe = name.removesuffix("-all")
     kwargs = {"keep_float_if_slower": False} if name.endswith("-all") else {}
@@ -154,6 +177,13 @@ def build_variants(names: list[str], model: nn.Module, tokenizer, calib: list[di
         try:
             if name in LOWBIT:
                 v = build_lowbit(name, model, calib)
+            elif name == "w8a8-dynamic-compiled":
+                # The quantized model of w8a8-dynamic (the same layers, kernels and codes), compiled; STS-B
+                # runs it eagerly, like torchao's (one compile per sequence length otherwise).
+                base = variants.get("w8a8-dynamic") or build_lowbit("w8a8-dynamic", model, calib)
+                v = Variant(name, peers.compile_frozen(base.model), base.model, list(base.notes))
+            elif name == "fp32-compiled":
+                v = Variant(name, peers.compile_frozen(copy.deepcopy(model)), None)
             elif name == "torchao":
                 q = peers.torchao_int8_dynamic(copy.deepcopy(model))
                 # Timed compiled; STS-B runs the same quantized module eagerly (its many sequence lengths
@@ -234,6 +264,7 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
 
     load0 = os.getloadavg()[0]
+    print(machine_line())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, capability "
           f"{torch.backends.cpu.get_cpu_capability()}; peers: "
           + ", ".join(f"{k} {v or 'missing'}" for k, v in peers.versions().items()))
@@ -251,6 +282,11 @@ def main() -> None:
         if not args.no_stsb:
             for name, v in variants.items():
                 if v.stsb_model is None:
+                    continue
+                done = next((u for u in variants.values() if u is not v and u.stsb_model is v.stsb_model
+                             and u.spearman is not None), None)
+                if done is not None:  # the same eager module (a compiled variant's): the same score
+                    v.spearman = done.spearman
                     continue
                 slowdown = max(v.seconds[b] / ref_s[b] for b in batches)
                 if slowdown > args.stsb_max_slowdown:
@@ -283,6 +319,13 @@ def main() -> None:
         footnotes += [f"{name}: {n}" for n in v.notes if n]
     for n in footnotes:
         print(f"- {n}")
+    ao = variants.get("torchao")
+    for name in ("w8a8-dynamic", "w8a8-dynamic-compiled"):
+        v = variants.get(name)
+        if v is None or ao is None:
+            continue
+        cells = [f"b{b} {ao.seconds[b] / v.seconds[b]:.2f}x" for b in batches if b in v.seconds and b in ao.seconds]
+        print(f"{LABELS[name]} / torchao compiled (speed, >1: lowbit faster): {', '.join(cells)}")
     if cache is not None:
         cache.cleanup()
 

@@ -1,9 +1,12 @@
 """Measure kernels on this machine and remember the result.
 
-`backend="auto"` times every kernel that can run a layer, and the float layer itself, at the input
-shape the layer sees, once per distinct (layer kind, recipe, shape); the timings are kept in a JSON
-file per machine (CPU model and features, thread count, torch and lowbit versions), so the next
-quantization of the same shapes costs nothing. The cache lives in $LOWBIT_CACHE_DIR, else
+`backend="auto"` times every kernel that can run a layer, and the float layer itself, once per distinct
+(layer kind, recipe, shape). Weight-only linear layers are timed at a few row counts (TUNE_ROWS: one
+row of decoding up to a batch of prompts) and get a route of kernels by rows (`row_route`): a GEMV while
+reading the weight dominates, a GEMM on the dequantized weight when arithmetic does. Layers quantizing
+their activations are timed at the input shape they see. The timings are kept in a JSON file per
+machine (CPU model and features, thread count, torch and lowbit versions), so the next quantization of
+the same shapes costs nothing. The cache lives in $LOWBIT_CACHE_DIR, else
 $XDG_CACHE_HOME/lowbit, else ~/.cache/lowbit; delete the file to measure again.
 """
 
@@ -11,11 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -41,12 +44,17 @@ def machine_key() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def time_calls(fns: dict[str, Callable[[], object]], *, budget_s: float = 0.3, min_iters: int = 3,
-               max_iters: int = 25) -> dict[str, float]:
-    """Median seconds per call, candidates interleaved round by round so drift hits all alike."""
+def time_calls(fns: dict[str, Callable[[], object]], *, budget_s: float = 0.1, min_iters: int = 2,
+               max_iters: int = 15) -> dict[str, float]:
+    """Fastest seconds per call, candidates interleaved round by round so drift hits all alike.
+
+    The minimum, not the median: other processes only ever add time to a call (on a loaded machine a
+    parallel region can wait milliseconds for a descheduled thread), so the fastest call is the best
+    estimate of what the kernel costs, and a few rounds suffice (`budget_s` bounds them: a quantization
+    times every distinct layer shape, at several row counts for weight-only layers). Each function is
+    called once untimed first: first calls allocate, pack and fault pages in."""
     with torch.inference_mode():
-        for fn in fns.values():  # warm-up: first calls allocate, pack, fault pages in
-            fn()
+        for fn in fns.values():
             fn()
         times: dict[str, list[float]] = {name: [] for name in fns}
         start = time.perf_counter()
@@ -57,7 +65,7 @@ def time_calls(fns: dict[str, Callable[[], object]], *, budget_s: float = 0.3, m
                 times[name].append(time.perf_counter() - t0)
             if i + 1 >= min_iters and time.perf_counter() - start > budget_s:
                 break
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: min(ts) for name, ts in times.items()}
 
 
 class Tuner:
@@ -111,6 +119,75 @@ def best(timings: dict[str, float], allow_float: bool) -> tuple[str, float]:
         return FLOAT, 1.0
     ref = timings.get(FLOAT)
     return name, (ref / quant[name]) if ref else float("nan")
+
+
+# Row counts weight-only linears are timed at: decoding (1), small batches (16), a prompt (128), and past
+# lowbit_cpu's GEMV range (its GEMV serves up to 256 rows) where every kernel is compute-bound. A call of any
+# other row count takes the kernel of the nearest (on a log scale) of these.
+TUNE_ROWS = (1, 16, 128, 512)
+# Row counts past the first are timed only while a float call stays under this many multiply-adds (about
+# 10 ms): an LM head of 128k x 2k at 512 rows would take seconds per call. Larger calls take the kernel of
+# the largest row count timed (a 2048 x 2048 layer: up to 128 rows, already compute-bound).
+TUNE_MAX_MACS = 1 << 30
+
+
+def tune_rows(n: int, k: int) -> tuple[int, ...]:
+    """The row counts a weight-only [n, k] layer is timed at."""
+    return tuple(r for i, r in enumerate(TUNE_ROWS) if i == 0 or r * n * k <= TUNE_MAX_MACS)
+
+
+def time_rows(make_fns: Callable[[int], dict[str, Callable[[], object]]],
+              rows: Iterable[int] = TUNE_ROWS) -> dict[str, dict[str, float]]:
+    """time_calls at each row count: {str(rows): {name: seconds}} (string keys: the cache is JSON).
+    make_fns(rows) gives the functions to time on inputs of that many rows."""
+    return {str(r): time_calls(make_fns(r)) for r in rows}
+
+
+def nearest_rows(rows: int, measured: Iterable[int]) -> int:
+    """The measured row count closest to `rows` on a log scale (what a call of `rows` rows is like)."""
+    return min(measured, key=lambda m: (abs(math.log(max(rows, 1) / m)), m))
+
+
+# Kernels within this share of the fastest count as tied (timings on a busy machine vary by more than 5%): a
+# tie keeps the kernel of the fewer rows before (a route with fewer switches), else one whose weight form
+# the route already holds (no second packed copy), else the one first in the order of preference.
+ROUTE_TIE = 0.10
+
+
+def row_route(by_rows: dict[str, dict[str, float]], forms: dict[str, str] | None = None,
+              order: Iterable[str] = ()) -> list[tuple[int | None, str]]:
+    """The fastest quantized kernel at each measured row count, as a route [(most rows, kernel), ...,
+    (None, kernel)]: a switch between two measured counts r1 < r2 is placed at sqrt(r1 * r2) rows.
+    `forms` names the prepared weight form of each kernel (kernels sharing one share its memory); ties
+    (ROUTE_TIE) go to the kernel first in `order`, then the faster (the cache file does not keep the order)."""
+    forms = forms or {}
+    rank = {name: i for i, name in enumerate(order)}
+    points = sorted((int(r), t) for r, t in by_rows.items())
+    route: list[tuple[int | None, str]] = []
+    for i, (r, t) in enumerate(points):
+        quant = sorted((rank.get(k, len(rank)), v, k) for k, v in t.items() if k != FLOAT)
+        fastest = min(v for _, v, _ in quant)
+        tied = [k for _, v, k in quant if v <= fastest * (1 + ROUTE_TIE)]  # preferred first
+        held = {forms.get(k, k) for _, k in route}
+        current = route[-1][1] if route else None
+        name = current if current in tied else next((k for k in tied if forms.get(k, k) in held), tied[0])
+        if route and route[-1][1] == name:
+            route.pop()
+        nxt = points[i + 1][0] if i + 1 < len(points) else None
+        route.append((None if nxt is None else math.isqrt(r * nxt), name))
+    return route
+
+
+def route_speedups(by_rows: dict[str, dict[str, float]],
+                   route: list[tuple[int | None, str]]) -> dict[int, tuple[str, float]]:
+    """At each measured row count: the route's kernel there and its speed-up over float (NaN if float was
+    not timed)."""
+    out = {}
+    for r, t in sorted(by_rows.items(), key=lambda kv: int(kv[0])):
+        rows = int(r)
+        name = next(n for bound, n in route if bound is None or rows <= bound)
+        out[rows] = (name, t[FLOAT] / t[name] if FLOAT in t and name in t else float("nan"))
+    return out
 
 
 # Shapes `lowbit info` reports on: a decode step of a 1B-class decoder (memory-bound), encoder-sized

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from .backends import StoredWeight, candidates, select_kernel
+from .backends import StoredWeight, candidates, format_route, parse_route, select_kernel
 from .formats import Scheme, scheme_for
 from .recipes import QuantConfig
 
@@ -145,14 +145,24 @@ class QuantLinear(QuantModule):
         return cls(linear.in_features, linear.out_features, config, state, linear.bias, kernel)
 
     def _setup_kernel(self, prefer: str) -> None:
-        """Derive the runtime form of the weight from the canonical buffers."""
+        """Derive the runtime form of the weight from the canonical buffers. `prefer` names a kernel, "auto",
+        or a route of kernels by row count ("lowbit_cpu<=256,lowbit_gemm_bf16", see lowbit.backends)."""
         self.spec = self.scheme.kernel_spec((self.out_features, self.in_features))
-        kernel = select_kernel(self.spec, prefer)
         # The module's own buffer dict: a kernel that reads canonical tensors per call sees them as they are.
         weight = StoredWeight(self.scheme, self._buffers, (self.out_features, self.in_features))
-        self._prep = kernel.prepare(weight, self.spec)
-        self._kernel = kernel
-        self.kernel_name = kernel.name
+        forms: dict[str, dict] = {}
+        route = []
+        for rows, name in parse_route(prefer):
+            kernel = select_kernel(self.spec, name)
+            form = getattr(kernel, "form", kernel.name)  # kernels reading one form share one copy of it
+            if form not in forms:
+                forms[form] = kernel.prepare(weight, self.spec)
+            route.append((rows, kernel, forms[form]))
+        weight._forms.clear()  # unpacked codes etc. were only the way to the kernels' forms: do not keep them
+        # (most rows, kernel, prepared form), in increasing bounds; the last takes every larger call.
+        self._route = tuple(route)
+        self._kernel, self._prep = route[-1][1], route[-1][2]
+        self.kernel_name = format_route([(rows, kernel.name) for rows, kernel, _ in route])
 
     def candidate_kernels(self) -> list[str]:
         """Kernels that can run this layer here, in the default order of preference."""
@@ -170,11 +180,13 @@ class QuantLinear(QuantModule):
 
     @property
     def act_dtype(self) -> torch.dtype:
-        return self._kernel.act_dtype
+        """The activations' dtype; with kernels by row count, the narrowest any of them rounds them to."""
+        dtypes = [kernel.act_dtype for _, kernel, _ in self._route]
+        return min(dtypes, key=lambda d: torch.finfo(d).bits if d.is_floating_point else 0)
 
     @property
     def simulated(self) -> bool:
-        return self._kernel.simulated
+        return any(kernel.simulated for _, kernel, _ in self._route)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if "input_scale" in self._buffers:
@@ -183,7 +195,14 @@ class QuantLinear(QuantModule):
         x2 = x.reshape(-1, self.in_features)
         if self.spec.k != self.in_features:
             x2 = F.pad(x2, (0, self.spec.k - self.in_features))
-        y = self._kernel.run(x2, self._prep, self.spec, self.bias)
+        kernel, prep = self._kernel, self._prep
+        if len(self._route) > 1:  # the kernel for this many rows: a compare per bound (a guard when traced)
+            rows = x2.shape[0]
+            for bound, k, p in self._route[:-1]:
+                if rows <= bound:
+                    kernel, prep = k, p
+                    break
+        y = kernel.run(x2, prep, self.spec, self.bias)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

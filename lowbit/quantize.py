@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import autotune, fit, hf_quantizer, layers
+from .backends import KERNELS, format_route
 from .core.observers import make_observer
 from .layers import set_child
 from .modules import QuantEmbedding, QuantLinear, QuantModule
@@ -233,8 +234,26 @@ def _timing_key(mod: nn.Module, new: nn.Module, config: QuantConfig, shape: tupl
     return f"{config.name}|{geo}|relu={getattr(new, 'relu', False)}|input={list(shape)}{at}"
 
 
+def _contenders(new: nn.Module, keep_float: bool) -> list[str]:
+    """The kernels worth timing for a layer. A simulated kernel does the float layer's matmul and more, so
+    it cannot beat float: when the layer goes back to float unless a kernel beats it, and a real kernel
+    exists, timing a simulated one is wasted."""
+    names = new.candidate_kernels()
+    if keep_float:
+        real = [n for n in names if not KERNELS[n].simulated]
+        names = real or names
+    return names
+
+
+def _variant(new: nn.Module, name: str) -> nn.Module:
+    variant = copy.copy(new)  # shares the canonical buffers; only the packed form differs
+    variant._buffers = dict(new._buffers)
+    variant.set_kernel(name)
+    return variant
+
+
 def _tune(tuner: autotune.Tuner, mod: nn.Module, new: nn.Module, config: QuantConfig,
-          shape: tuple[int, ...]) -> dict[str, float]:
+          shape: tuple[int, ...], keep_float: bool = False) -> dict[str, float]:
     """Seconds per call of each kernel the quantized layer can use, and of the float layer, at `shape`, on
     inputs of the float layer's dtype (a bf16 model's layers see bf16 inputs)."""
 
@@ -243,17 +262,43 @@ def _tune(tuner: autotune.Tuner, mod: nn.Module, new: nn.Module, config: QuantCo
         if x.dim() == 4:  # the int8 convolutions produce channels_last; later layers see that layout
             x = x.contiguous(memory_format=torch.channels_last)
         fns = {}
-        for name in new.candidate_kernels():
-            variant = copy.copy(new)  # shares the canonical buffers; only the packed form differs
-            variant._buffers = dict(new._buffers)
-            variant.set_kernel(name)
+        for name in names:
+            variant = _variant(new, name)
             fns[name] = lambda v=variant: v(x)
         fns[autotune.FLOAT] = lambda: mod(x)
         return autotune.time_calls(fns)
 
-    return tuner.timings(_timing_key(mod, new, config, shape), measure)
+    names = _contenders(new, keep_float)
+    skipped = "" if names == new.candidate_kernels() else "|real kernels only"
+    return tuner.timings(_timing_key(mod, new, config, shape) + skipped, measure)
 
 
+def _tune_rows(tuner: autotune.Tuner, mod: nn.Linear, new: QuantLinear, keep_float: bool) -> dict[str, dict[str, float]]:
+    """{rows: {kernel or float: seconds per call}} at autotune.tune_rows, for a weight-only linear.
+    Keyed by what the kernels see (the weight format's LayerSpec, bias, input scale, input dtype), not by
+    the recipe: recipes that differ only in how they choose the weights share one measurement."""
+    dtype = mod.weight.dtype
+    at = "" if dtype == torch.float32 else f"|dtype={str(dtype).replace('torch.', '')}"
+    names = _contenders(new, keep_float)
+    skipped = "" if names == new.candidate_kernels() else "|real kernels only"
+    rows = autotune.tune_rows(mod.out_features, mod.in_features)
+    key = (f"rows={','.join(map(str, rows))}|{new.spec}|bias={mod.bias is not None}"
+           f"|input_scale={'input_scale' in new._buffers}{at}{skipped}")
+
+    def measure() -> dict[str, dict[str, float]]:
+        variants = {name: _variant(new, name) for name in names}
+
+        def make_fns(rows: int) -> dict:
+            x = torch.randn(rows, mod.in_features, dtype=dtype)
+            # Kernels for many rows are not timed where a GEMV must win (Kernel.min_rows).
+            fns = {name: (lambda v=v: v(x)) for name, v in variants.items()
+                   if rows >= getattr(KERNELS[name], "min_rows", 1)}
+            fns[autotune.FLOAT] = lambda: mod(x)
+            return fns
+
+        return autotune.time_rows(make_fns, rows)
+
+    return tuner.timings(key, measure)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -407,7 +452,9 @@ class Builder:
             new.set_kernel("auto")
             self.put(name, new)
             return new
-        timings = _tune(self.tuner, mod, new, config, shape)
+        if isinstance(new, QuantLinear):
+            return self._install_route(name, mod, new, shape)
+        timings = _tune(self.tuner, mod, new, config, shape, self.plan.keep_float_if_slower)
         choice, _ = autotune.best(timings, self.plan.keep_float_if_slower)
         quant_best = min((k for k in timings if k != autotune.FLOAT), key=timings.get)
         ratio = timings[autotune.FLOAT] / timings[quant_best]
@@ -422,6 +469,34 @@ class Builder:
             self.slower.append(note)
         if new.kernel_name != choice:
             new.set_kernel(choice)
+        self.put(name, new)
+        return new
+
+    def _install_route(self, name: str, mod: nn.Module, new: QuantLinear, shape: tuple[int, ...]) -> nn.Module:
+        """A weight-only linear: timed at a few row counts, it gets the fastest kernel for each range of rows.
+        Kept in float (when the plan says so) by its speed at `shape`, the input it was seen with."""
+        by_rows = _tune_rows(self.tuner, mod, new, self.plan.keep_float_if_slower)
+        forms = {k: getattr(KERNELS[k], "form", k) for t in by_rows.values() for k in t if k in KERNELS}
+        route = autotune.row_route(by_rows, forms, new.candidate_kernels())
+        speed = autotune.route_speedups(by_rows, route)  # {rows: (kernel, speed-up over float)}
+        kernel, ratio = speed[autotune.nearest_rows(math.prod(shape[:-1]), speed)]
+        if self.plan.keep_float_if_slower and ratio < 1.0:
+            self.kept.append({"layer": name, "kernel": kernel, "speedup": round(ratio, 3), "input": list(shape),
+                              "reason": f"fastest kernel {kernel} runs at {ratio:.2f}x of float for input "
+                                        f"{list(shape)}"})
+            float_layer = self.originals.get(name, mod)
+            self.put(name, float_layer)
+            return float_layer
+        slow = {rows: ks for rows, ks in speed.items() if ks[1] < 1.0}
+        if slow:
+            worst = min(slow, key=lambda r: slow[r][1])
+            where = ", ".join(f"{s:.2f}x of float at {r} row{'s' * (r > 1)} ({k})" for r, (k, s) in slow.items())
+            self.slower.append({"layer": name, "kernel": slow[worst][0], "speedup": round(slow[worst][1], 3),
+                                "input": list(shape), "rows": sorted(slow),
+                                "reason": f"fastest kernel runs at {where}"})
+        text = format_route(route)
+        if new.kernel_name != text:
+            new.set_kernel(text)
         self.put(name, new)
         return new
 

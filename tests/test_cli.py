@@ -1,5 +1,7 @@
 """The command line, end to end on the real MiniLM (quantize -> eval -> bench), and its errors."""
 
+import re
+
 import pytest
 from click.testing import CliRunner
 
@@ -38,7 +40,8 @@ def test_info_lists_kernels_and_simulated_formats():
     r = CliRunner().invoke(main, ["info"])
     assert r.exit_code == 0, r.output
     assert "avx2=" in r.output and "torch_int4pack" in r.output
-    assert "kmeans4      -> dequant: simulated" in r.output
+    # its kernel, or kernels by row count (a bf16 GEMM for many rows where bf16 is native), are simulated
+    assert re.search(r"kmeans4      -> dequant(<=\d+,dequant_bf16)*: simulated", r.output), r.output
 
 
 CALIB_TEXTS = ["A man is playing a guitar.", "", "The stock market fell sharply on Monday.",

@@ -8,24 +8,40 @@ whether it can run a layer (`supports`, from a LayerSpec), the kernel's own layo
 at quantize or load time from the canonical weight (`prepare`, from a StoredWeight), and the computation
 (`run`). Kernels built on lowbit's C++ code or oneDNN call them through custom ops (ops.py), so
 torch.compile and torch.export can trace them.
+
+A layer may run different kernels by the number of rows of its input (a GEMV for few rows, a GEMM for
+many): its choice is written as a route, "lowbit_cpu<=256,lowbit_gemm_bf16" (each kernel up to that many
+rows, the last for the rest); a single kernel name is a route of one. Kernels that read the same prepared
+form of the weight (`form`) share it, so such a route keeps one packed copy.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
+from ..hw import cpu_features
 from . import lowbit_cpu, onednn, ops
 from .base import ConvSpec, Kernel, LayerSpec, StoredWeight
 from .int8 import OneDNNInt8, ReferenceInt8
 
 __all__ = ["AUTO_ORDER", "BF16_MM_MAX_ROWS", "KERNELS", "ConvSpec", "Kernel", "LayerSpec", "StoredWeight",
-           "available_kernels", "candidates", "select_kernel"]
+           "available_kernels", "candidates", "format_route", "native_bf16", "parse_route", "select_kernel"]
 
 # bf16 weights: a bf16 GEMM wins while the matmul is memory-bound (few rows); beyond that, on CPUs
 # without native bf16 arithmetic (AVX2), upcasting the weight and running fp32 GEMM was ~6x faster at
 # 4096 rows. Measured on a Zen 3 with torch 2.13.
 BF16_MM_MAX_ROWS = 16
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """bf16 GEMMs run on bf16 instructions here (AVX512-BF16 or AMX), about twice float32's speed; elsewhere
+    oneDNN emulates them and they lose to float32 beyond a few rows."""
+    f = cpu_features()
+    return bool(f.get("avx512_bf16") or f.get("amx_bf16"))
 
 
 def _expand(p: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -174,10 +190,129 @@ class LowbitCPU(WeightOnlyKernel):
         return y.to(x.dtype)
 
 
+# Kernels for many rows (compute-bound): the whole weight is dequantized on every call, from the packed form
+# the layer keeps anyway (no float copy stays in memory), then one torch GEMM runs. At 512+ rows a dequantized
+# weight costs well under 5% of the GEMM's time, and the GEMM is torch's best. They are not timed below
+# MIN_ROWS rows, where a GEMV that reads the packed weight once is bound to win.
+
+
+class LowbitGemm(LowbitCPU):
+    """lowbit_cpu's packed weight dequantized to float32 per call (lowbit._C), then one float32 GEMM."""
+
+    name = "lowbit_gemm"
+    form = "lowbit_cpu"
+    min_rows = 64
+
+    def run(self, x, prep, spec, bias):
+        w = ops.dequant(prep["qweight"], spec.bits, spec.group_size, spec.n, spec.k)
+        return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+
+
+class LowbitGemmBF16(LowbitGemm):
+    """lowbit_cpu's packed weight dequantized per call and rounded to bf16, then a bf16 GEMM (bf16
+    activations; on CPUs with native bf16 arithmetic only)."""
+
+    name = "lowbit_gemm_bf16"
+    act_dtype = torch.bfloat16
+
+    def supports(self, spec):
+        return native_bf16() and super().supports(spec)
+
+    def refusal(self, spec):
+        if self._takes(spec) and not native_bf16():
+            return "this CPU has no native bf16 arithmetic (AVX512-BF16 or AMX)"
+        return super().refusal(spec)
+
+    def run(self, x, prep, spec, bias):
+        w = ops.dequant(prep["qweight"], spec.bits, spec.group_size, spec.n, spec.k).to(torch.bfloat16)
+        b = None if bias is None else bias.to(torch.bfloat16)
+        return F.linear(x.to(torch.bfloat16), w, b).to(x.dtype)
+
+
+class BF16Gemm(BF16MM):
+    """bf16 weights: a bf16 GEMM at every row count, on CPUs with native bf16 arithmetic."""
+
+    name = "bf16_gemm"
+    form = "bf16_mm"
+    min_rows = 64
+
+    def supports(self, spec):
+        return native_bf16() and super().supports(spec)
+
+    def refusal(self, spec):
+        if super().supports(spec):
+            return "this CPU has no native bf16 arithmetic (AVX512-BF16 or AMX)"
+        return super().refusal(spec)
+
+    def run(self, x, prep, spec, bias):
+        b = None if bias is None else bias.to(torch.bfloat16)
+        return F.linear(x.to(torch.bfloat16), prep["weight"].state["weight"], b).to(x.dtype)
+
+
+class DequantBF16(Dequant):
+    """Formats without a low-bit kernel (codebooks, fp16, fp8): decoded per call through the format's scheme
+    into bf16, then a bf16 GEMM (native bf16 CPUs only). Simulated, like dequant, at half its GEMM cost."""
+
+    name = "dequant_bf16"
+    form = "dequant"
+    act_dtype = torch.bfloat16
+    min_rows = 64
+
+    def supports(self, spec):
+        # Integer codes go through lowbit_gemm_bf16, which dequantizes the packed form faster; bf16 weights
+        # through bf16_gemm, which needs no decoding.
+        return native_bf16() and spec.act is None and spec.family != "int" and spec.fmt != "bf16"
+
+    def refusal(self, spec):
+        if spec.act is None and spec.family != "int" and spec.fmt != "bf16":
+            return "this CPU has no native bf16 arithmetic (AVX512-BF16 or AMX)"
+        return "it runs formats without a low-bit kernel (codebooks, fp16, fp8), not integer codes or bf16"
+
+    def prepare(self, weight, spec):
+        return {"weight": weight}
+
+    def run(self, x, prep, spec, bias):
+        b = None if bias is None else bias.to(torch.bfloat16)
+        return F.linear(x.to(torch.bfloat16), prep["weight"].decode(torch.bfloat16), b).to(x.dtype)
+
+
 KERNELS: dict[str, Kernel] = {k.name: k for k in (LowbitCPU(), TorchInt4(), TorchInt8(), OneDNNInt8(), BF16MM(),
-                                                   Dequant(), ReferenceInt8())}
+                                                   Dequant(), ReferenceInt8(), LowbitGemm(), LowbitGemmBF16(),
+                                                   BF16Gemm(), DequantBF16())}
 # Preference when nothing is measured (backend="auto" measures these against each other where it can).
-AUTO_ORDER = ("lowbit_cpu", "torch_int4pack", "torch_int8pack", "onednn", "bf16_mm", "dequant", "reference")
+AUTO_ORDER = ("lowbit_cpu", "torch_int4pack", "torch_int8pack", "onednn", "bf16_mm", "dequant", "reference",
+              "lowbit_gemm_bf16", "lowbit_gemm", "bf16_gemm", "dequant_bf16")
+
+
+def parse_route(text: str) -> list[tuple[int | None, str]]:
+    """"a<=16,b<=256,c" -> [(16, "a"), (256, "b"), (None, "c")]: kernel a for calls of up to 16 rows, b up to
+    256, c for more. A single name is a route of one kernel. Raises ValueError for a malformed route."""
+    parts = [p.strip() for p in str(text).split(",")]
+    route: list[tuple[int | None, str]] = []
+    for i, part in enumerate(parts):
+        name, sep, bound = part.partition("<=")
+        last = i == len(parts) - 1
+        if not name or (sep and last) or (not sep and not last):
+            raise ValueError(f"malformed kernel route {text!r}: expected 'kernel<=rows,...,kernel'")
+        try:
+            rows = int(bound) if sep else None
+        except ValueError:
+            raise ValueError(f"malformed kernel route {text!r}: {bound!r} is not a row count") from None
+        if rows is not None and (rows < 1 or (route and rows <= route[-1][0])):
+            raise ValueError(f"malformed kernel route {text!r}: row bounds must be positive and increasing")
+        route.append((rows, name.strip()))
+    return route
+
+
+def format_route(route: list[tuple[int | None, str]]) -> str:
+    """The text form parse_route reads; consecutive entries of one kernel merged."""
+    merged: list[tuple[int | None, str]] = []
+    for rows, name in route:
+        if merged and merged[-1][1] == name:
+            merged[-1] = (rows, name)
+        else:
+            merged.append((rows, name))
+    return ",".join(name if rows is None else f"{name}<={rows}" for rows, name in merged)
 
 
 def candidates(spec: LayerSpec) -> list[Kernel]:
@@ -210,5 +345,9 @@ def available_kernels() -> dict[str, bool]:
         "bf16_mm": True,
         "dequant": True,
         "reference": True,
+        "lowbit_gemm": lowbit_cpu.available(),
+        "lowbit_gemm_bf16": lowbit_cpu.available() and native_bf16(),
+        "bf16_gemm": native_bf16(),
+        "dequant_bf16": native_bf16(),
     }
     return probe

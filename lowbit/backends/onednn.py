@@ -117,6 +117,30 @@ def linear_dynamic(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor,
     return y.relu_() if relu else y
 
 
+@functools.cache
+def int_mm_dynamic() -> bool:
+    """Whether dynamic W8A8 runs on int8 x int8 products (torch._int_mm, oneDNN's s8 x s8 -> s32 matmul).
+
+    Only on CPUs with VNNI, where it was measured faster than qlinear_pointwise's u8 x s8 -> f32 (Zen 4,
+    MiniLM shapes: 20-30% at 128 rows, about even at 4096); elsewhere the u8 path stays, whose exactness
+    on CPUs without VNNI is what weight_qmax guards."""
+    f = cpu_features()
+    vnni = bool(f.get("avx512_vnni") or f.get("avx_vnni") or f.get("amx_int8"))
+    return vnni and lowbit_cpu.available() and hasattr(lowbit_cpu.ops(), "quantize_rows_s8") and hasattr(torch, "_int_mm")
+
+
+def linear_dynamic_int(x: torch.Tensor, codes: torch.Tensor, w_scale: torch.Tensor, w_colsum_scaled: torch.Tensor,
+                       bias: torch.Tensor | None, relu: bool = False) -> torch.Tensor:
+    """The same layer as linear_dynamic on int8 x int8 products: per-row codes shifted to int8 (q - 128),
+    torch._int_mm against the int8 weight, and an epilogue that adds the shift back:
+        y[m, n] = sx[m] * sw[n] * acc[m, n] + sx[m] * (128 - zx[m]) * (sw[n] * sum_k w[n, k]) + b[n]
+    The integer products equal the u8 path's exactly; the float epilogue rounds in another order."""
+    C = lowbit_cpu.ops()
+    q, sx, zx = C.quantize_rows_s8(x)
+    acc = torch._int_mm(q, codes.t())
+    return C.int_row_epilogue(acc, sx, zx, w_scale, w_colsum_scaled, bias, relu)
+
+
 def prepack_conv(w: torch.Tensor, w_scale: torch.Tensor, x_scale: float, x_zero: int, stride: list[int],
                  padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
     return torch.ops.onednn.qconv_prepack(w.contiguous(), w_scale, x_scale, x_zero, stride, padding, dilation,

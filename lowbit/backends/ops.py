@@ -5,6 +5,7 @@ below is a custom op with a fake implementation (output shape, dtype and strides
 alone), which both trace as one opaque node.
 
     lowbit::linear(x, qweight, bits, group_size, n, k, bias)              lowbit's packed low-bit matmul
+    lowbit::dequant(qweight, bits, group_size, n, k)                       that packed weight in float32
     lowbit::w8a8_linear_dynamic(x, codes, w_scale, csw, gemv, bias, relu)  uint8 per row x int8
     lowbit::w8a8_linear_static(x, codes, w_scale, bias, act_scale, act_zero, relu)
     lowbit::w8a8_conv(x, codes, w_scale, bias, act_scale, act_zero, stride, padding, dilation, groups, relu)
@@ -31,6 +32,8 @@ from . import lowbit_cpu, onednn
 # reads the same int8 weights once and skips quantizing the activations, which here beat the int8 GEMM
 # at 1 row by 4-8x (Llama-3.2-1B-shaped layers, benchmarks/llama_layer.py --per-layer).
 GEMV_MAX_ROWS = 4
+
+_MIN_STEP = 1e-12  # the C++ ops' smallest activation step (act_quant.h kMinStep)
 
 
 def _eager(x: Tensor) -> bool:
@@ -66,6 +69,27 @@ def linear(x: Tensor, qweight: Tensor, bits: int, group_size: int, n: int, k: in
     return _linear_op(x, qweight, bits, group_size, n, k, bias)
 
 
+def _dequant(qweight: Tensor, bits: int, group_size: int, n: int, k: int) -> Tensor:
+    return lowbit_cpu.dequant({"qweight": qweight}, bits, group_size, n, k)
+
+
+@torch.library.custom_op("lowbit::dequant", mutates_args=())
+def _dequant_op(qweight: Tensor, bits: int, group_size: int, n: int, k: int) -> Tensor:
+    return _dequant(qweight, bits, group_size, n, k)
+
+
+@_dequant_op.register_fake
+def _(qweight, bits, group_size, n, k):
+    return qweight.new_empty((n, k), dtype=torch.float32)
+
+
+def dequant(qweight: Tensor, bits: int, group_size: int, n: int, k: int) -> Tensor:
+    """The float32 W [N, K] a weight packed by lowbit_cpu.prepack stands for (a new tensor each call)."""
+    if _eager(qweight):
+        return _dequant(qweight, bits, group_size, n, k)
+    return _dequant_op(qweight, bits, group_size, n, k)
+
+
 # ---------------------------------------------------------------- W8A8 linear, dynamic activations
 
 
@@ -76,6 +100,8 @@ def _w8a8_dynamic(x: Tensor, codes: Tensor, w_scale: Tensor, csw: Tensor, gemv: 
         # Few rows: float32 activations on lowbit's int8 GEMV over the same codes (see GEMV_MAX_ROWS).
         y = lowbit_cpu.linear(x, {"qweight": gemv}, 8, k, n, k, bias)
         return y.relu_() if relu else y
+    if onednn.int_mm_dynamic():
+        return onednn.linear_dynamic_int(x, codes, w_scale, csw, bias, relu)
     packed, wz = onednn.packed_linear(codes)
     return onednn.linear_dynamic(x, packed, w_scale, wz, csw, bias, relu)
 
@@ -99,7 +125,41 @@ def w8a8_linear_dynamic(x: Tensor, codes: Tensor, w_scale: Tensor, csw: Tensor, 
     codes packed for lowbit's int8 GEMV, which runs calls of at most GEMV_MAX_ROWS rows instead."""
     if _eager(x):
         return _w8a8_dynamic(x, codes, w_scale, csw, gemv, bias, relu)
+    if _int_mm_dynamic() and not (gemv is not None and x.shape[0] <= GEMV_MAX_ROWS):
+        # Traced: the same layer in torch ops, so that the compiler fuses the quantization into the op
+        # before it and the epilogue into the ops after it; only the int8 matmul stays opaque.
+        q, sx, zx = quantize_rows_s8_traceable(x)
+        return int_row_epilogue_traceable(torch._int_mm(q, codes.t()), sx, zx, w_scale, csw, bias, relu)
     return _w8a8_dynamic_op(x, codes, w_scale, csw, gemv, bias, relu)
+
+
+@torch.compiler.assume_constant_result
+def _int_mm_dynamic() -> bool:
+    # A fact about the machine: a constant to the tracer (which cannot look into the cached CPU probe).
+    return onednn.int_mm_dynamic()
+
+
+def quantize_rows_s8_traceable(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """lowbit_cpu's quantize_rows_s8 in torch ops (same rounding, same codes): per-row asymmetric codes
+    q = clamp(round(x / s) + z, 0, 255) with [min(row, 0), max(row, 0)] on 256 levels, returned as
+    (q - 128 as int8, s float32 [M], z int32 [M]). Unlike the C++ op it does not refuse NaN or inf."""
+    lo = x.amin(1).clamp_max(0.0)
+    hi = x.amax(1).clamp_min(0.0)
+    scale = ((hi - lo) / 255.0).clamp_min(_MIN_STEP)
+    inv = 1.0 / scale
+    zero = torch.round(-lo * inv).clamp(0.0, 255.0)
+    q = (torch.round(x * inv[:, None]) + zero[:, None]).clamp(0.0, 255.0) - 128.0
+    return q.to(torch.int8), scale, zero.to(torch.int32)
+
+
+def int_row_epilogue_traceable(acc: Tensor, sx: Tensor, zx: Tensor, w_scale: Tensor, csw: Tensor,
+                               bias: Tensor | None, relu: bool) -> Tensor:
+    """lowbit_cpu's int_row_epilogue in torch ops: int32 products of quantize_rows_s8's codes -> float32."""
+    sxc = sx * (128 - zx).to(torch.float32)
+    y = acc.to(torch.float32) * (sx[:, None] * w_scale) + sxc[:, None] * csw
+    if bias is not None:
+        y = y + bias
+    return y.relu() if relu else y
 
 
 # ---------------------------------------------------------------- W8A8 linear, static activations

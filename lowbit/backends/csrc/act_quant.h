@@ -102,3 +102,54 @@ inline void row_epilogue(float* y, int64_t ldy, int64_t ncol, const float* sx, c
 }
 
 }  // namespace lowbit
+
+namespace lowbit {
+
+// The codes of quantize_span_u8 shifted to int8 (q - 128), for int8 x int8 matmuls: the same rounding,
+// so q_s8 = q_u8 - 128 exactly, and sum_k q_u8 * w = sum_k q_s8 * w + 128 * sum_k w.
+inline void quantize_span_s8(const float* x, int64_t n, float inv, int32_t zero, int8_t* q) {
+  uint8_t* u = reinterpret_cast<uint8_t*>(q);
+  quantize_span_u8(x, n, inv, zero, u);
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));  // u ^ 0x80 == u - 128 as int8
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    __m256i* p = reinterpret_cast<__m256i*>(u + i);
+    _mm256_storeu_si256(p, _mm256_xor_si256(_mm256_loadu_si256(p), flip));
+  }
+  for (; i < n; ++i) u[i] ^= 0x80;
+}
+
+// y[m, n] = acc[m, n] * (sx[m] * sw[n]) + sxc[m] * csw[n] + bias[n], relu optional, rows [r0, r1):
+// the float output of an int8 x int8 matmul whose activations were quantized per row (sxc[m] =
+// sx[m] * (128 - zero[m]), csw[n] = sw[n] * sum_k w[n, k]). Every product and sum is rounded on its own,
+// in this order (no fused multiply-add): the same bits as those steps in float32 torch ops, which is
+// what a traced or exported graph of the layer computes (ops.int_row_epilogue_traceable).
+__attribute__((optimize("fp-contract=off")))
+inline void int_row_epilogue(const int32_t* acc, int64_t lda, float* y, int64_t ldy, int64_t ncol,
+                             const float* sx, const float* sxc, const float* sw, const float* csw,
+                             const float* bias, bool relu, int64_t r0, int64_t r1) {
+  for (int64_t m = r0; m < r1; ++m) {
+    const int32_t* a = acc + m * lda;
+    float* row = y + m * ldy;
+    const __m256 vs = _mm256_set1_ps(sx[m]), vc = _mm256_set1_ps(sxc[m]), zero = _mm256_setzero_ps();
+    int64_t n = 0;
+    for (; n + 8 <= ncol; n += 8) {
+      const __m256 s = _mm256_mul_ps(vs, _mm256_loadu_ps(sw + n));
+      const __m256 v0 = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + n)));
+      __m256 v = _mm256_add_ps(_mm256_mul_ps(v0, s), _mm256_mul_ps(vc, _mm256_loadu_ps(csw + n)));
+      if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + n));
+      if (relu) v = _mm256_max_ps(v, zero);
+      _mm256_storeu_ps(row + n, v);
+    }
+    for (; n < ncol; ++n) {
+      const float s = sx[m] * sw[n];
+      const float p = static_cast<float>(a[n]) * s;
+      const float c = sxc[m] * csw[n];
+      float v = p + c;
+      if (bias) v += bias[n];
+      row[n] = relu ? std::max(v, 0.f) : v;
+    }
+  }
+}
+
+}  // namespace lowbit

@@ -330,6 +330,70 @@ void row_epilogue_(at::Tensor y, at::Tensor sx, at::Tensor sxz, at::Tensor csw, 
 
 }  // namespace
 
+// ---------------------------------------------------------------- W8A8 dynamic on int8 x int8 matmuls
+// quantize_rows_s8: the per-row codes of quantize_rows_u8 minus 128, as int8, for torch._int_mm.
+// int_row_epilogue: int32 products of those codes with int8 weights -> float32 (see act_quant.h).
+namespace {
+
+std::vector<at::Tensor> quantize_rows_s8(at::Tensor x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
+              "lowbit: quantize_rows_s8 takes a CPU float32 [M, K] tensor");
+  x = x.contiguous();
+  const int64_t m = x.size(0), k = x.size(1);
+  auto q = at::empty({m, k}, x.options().dtype(at::kChar));
+  auto scale = at::empty({m}, x.options());
+  auto zero = at::empty({m}, x.options().dtype(at::kInt));
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = scale.data_ptr<float>();
+  int32_t* zp = zero.data_ptr<int32_t>();
+  at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), [&](int64_t a, int64_t b) {
+    for (int64_t r = a; r < b; ++r) {
+      float lo, hi, inv;
+      TORCH_CHECK(lowbit::row_min_max(xp + r * k, k, lo, hi), "lowbit: activation row ", r,
+                  " is not finite (NaN or inf)");
+      lowbit::row_params_u8(lo, hi, sp[r], inv, zp[r]);
+      lowbit::quantize_span_s8(xp + r * k, k, inv, zp[r], qp + r * k);
+    }
+  });
+  return {q, scale, zero};
+}
+
+at::Tensor int_row_epilogue(at::Tensor acc, at::Tensor sx, at::Tensor zx, at::Tensor sw, at::Tensor csw,
+                            c10::optional<at::Tensor> bias, bool relu) {
+  TORCH_CHECK(acc.scalar_type() == at::kInt && acc.dim() == 2 && acc.stride(1) == 1,
+              "lowbit: int_row_epilogue takes int32 [M, N] products, rows contiguous");
+  const int64_t m = acc.size(0), n = acc.size(1);
+  auto f32 = [](const at::Tensor& t, int64_t len) {
+    return t.numel() == len && t.is_contiguous() && t.scalar_type() == at::kFloat;
+  };
+  TORCH_CHECK(f32(sx, m) && f32(sw, n) && f32(csw, n) && zx.numel() == m && zx.is_contiguous() &&
+                  zx.scalar_type() == at::kInt,
+              "lowbit: int_row_epilogue scales do not match the products");
+  const float* bp = nullptr;
+  if (bias && bias->defined()) {
+    TORCH_CHECK(f32(*bias, n), "lowbit: bias must be f32 [N]");
+    bp = bias->data_ptr<float>();
+  }
+  auto y = at::empty({m, n}, acc.options().dtype(at::kFloat));
+  // sx[m] * (128 - zero[m]), computed as the traced form computes it (float32 product).
+  auto sxc = at::empty({m}, sx.options());
+  const float* sxp = sx.data_ptr<float>();
+  const int32_t* zp = zx.data_ptr<int32_t>();
+  float* cp = sxc.data_ptr<float>();
+  for (int64_t r = 0; r < m; ++r) cp[r] = sxp[r] * static_cast<float>(128 - zp[r]);
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  float* yp = y.data_ptr<float>();
+  const int64_t lda = acc.stride(0);
+  at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t r0, int64_t r1) {
+    lowbit::int_row_epilogue(ap, lda, yp, n, n, sxp, cp, sw.data_ptr<float>(), csw.data_ptr<float>(), bp, relu,
+                             r0, r1);
+  });
+  return y;
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lowbit CPU kernels (AVX2/FMA, AVX-512): packed low-bit weights x float32 activations";
   m.def("supports", &supports, "whether (n, k, bits, group_size) has a packed layout");
@@ -350,4 +414,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("sx"), py::arg("sxz"), py::arg("csw"), py::arg("bias") = py::none());
   m.def("set_gemv_max_m", &set_gemv_max_m);
   m.def("get_gemv_max_m", &get_gemv_max_m);
+  // W8A8 dynamic on int8 x int8 matmuls
+  m.def("quantize_rows_s8", &quantize_rows_s8, "per-row asymmetric quantization, codes - 128 as int8");
+  m.def("int_row_epilogue", &int_row_epilogue, "int32 [M, N] -> acc*sx[m]*sw[n] + sx[m]*(128-zx[m])*csw[n] + b",
+        py::arg("acc"), py::arg("sx"), py::arg("zx"), py::arg("sw"), py::arg("csw"), py::arg("bias") = py::none(),
+        py::arg("relu") = false);
 }
