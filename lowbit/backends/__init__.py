@@ -165,7 +165,7 @@ class TorchInt4(WeightOnlyKernel):
 
 
 class LowbitCPU(WeightOnlyKernel):
-    """lowbit's own AVX2 kernel (lowbit._C): packed 2/3/4/8-bit weights, float32 activations."""
+    """lowbit's own CPU kernel (lowbit._C; AVX2, or AVX-512 where the CPU has it): packed 2/3/4/8-bit weights, float32 activations."""
 
     name = "lowbit_cpu"
 
