@@ -133,10 +133,14 @@ def w8a8_linear_dynamic(x: Tensor, codes: Tensor, w_scale: Tensor, csw: Tensor, 
     return _w8a8_dynamic_op(x, codes, w_scale, csw, gemv, bias, relu)
 
 
-@torch.compiler.assume_constant_result
 def _int_mm_dynamic() -> bool:
-    # A fact about the machine: a constant to the tracer (which cannot look into the cached CPU probe).
-    return onednn.int_mm_dynamic()
+    # A fact about the machine, probed once at import: a plain bool the tracer reads as a constant (it
+    # cannot look into the cached CPU probe). Not torch.compiler.assume_constant_result: that decorator
+    # imports torch._dynamo, which would make `import lowbit` slow.
+    return _INT_MM_DYNAMIC
+
+
+_INT_MM_DYNAMIC = onednn.int_mm_dynamic()
 
 
 def quantize_rows_s8_traceable(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
