@@ -266,16 +266,17 @@ void set_isa(const std::string& name) {
 void set_gemv_max_m(int64_t m) { g_gemv_max_m = m; }
 int64_t get_gemv_max_m() { return g_gemv_max_m.load(); }
 
-std::vector<at::Tensor> quantize_rows_u8(at::Tensor x) {
+// Per-row asymmetric codes of float32 x [M, K]: uint8 codes, or (Signed) the same codes minus 128 as int8.
+template <bool Signed>
+std::vector<at::Tensor> quantize_rows(at::Tensor x, const char* name) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
-              "lowbit: quantize_rows_u8 takes a CPU float32 [M, K] tensor");
+              "lowbit: ", name, " takes a CPU float32 [M, K] tensor");
   x = x.contiguous();
   const int64_t m = x.size(0), k = x.size(1);
-  auto q = at::empty({m, k}, x.options().dtype(at::kByte));
+  auto q = at::empty({m, k}, x.options().dtype(Signed ? at::kChar : at::kByte));
   auto scale = at::empty({m}, x.options());
   auto zero = at::empty({m}, x.options().dtype(at::kInt));
   const float* xp = x.data_ptr<float>();
-  uint8_t* qp = q.data_ptr<uint8_t>();
   float* sp = scale.data_ptr<float>();
   int32_t* zp = zero.data_ptr<int32_t>();
   at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), [&](int64_t a, int64_t b) {
@@ -284,11 +285,16 @@ std::vector<at::Tensor> quantize_rows_u8(at::Tensor x) {
       TORCH_CHECK(lowbit::row_min_max(xp + r * k, k, lo, hi), "lowbit: activation row ", r,
                   " is not finite (NaN or inf)");
       lowbit::row_params_u8(lo, hi, sp[r], inv, zp[r]);
-      lowbit::quantize_span_u8(xp + r * k, k, inv, zp[r], qp + r * k);
+      if constexpr (Signed)
+        lowbit::quantize_span_s8(xp + r * k, k, inv, zp[r], q.data_ptr<int8_t>() + r * k);
+      else
+        lowbit::quantize_span_u8(xp + r * k, k, inv, zp[r], q.data_ptr<uint8_t>() + r * k);
     }
   });
   return {q, scale, zero};
 }
+
+std::vector<at::Tensor> quantize_rows_u8(at::Tensor x) { return quantize_rows<false>(x, "quantize_rows_u8"); }
 
 at::Tensor quantize_u8(at::Tensor x, double inv_scale, int64_t zero) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "lowbit: quantize_u8 takes CPU float32");
@@ -335,29 +341,7 @@ void row_epilogue_(at::Tensor y, at::Tensor sx, at::Tensor sxz, at::Tensor csw, 
 // int_row_epilogue: int32 products of those codes with int8 weights -> float32 (see act_quant.h).
 namespace {
 
-std::vector<at::Tensor> quantize_rows_s8(at::Tensor x) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
-              "lowbit: quantize_rows_s8 takes a CPU float32 [M, K] tensor");
-  x = x.contiguous();
-  const int64_t m = x.size(0), k = x.size(1);
-  auto q = at::empty({m, k}, x.options().dtype(at::kChar));
-  auto scale = at::empty({m}, x.options());
-  auto zero = at::empty({m}, x.options().dtype(at::kInt));
-  const float* xp = x.data_ptr<float>();
-  int8_t* qp = q.data_ptr<int8_t>();
-  float* sp = scale.data_ptr<float>();
-  int32_t* zp = zero.data_ptr<int32_t>();
-  at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), [&](int64_t a, int64_t b) {
-    for (int64_t r = a; r < b; ++r) {
-      float lo, hi, inv;
-      TORCH_CHECK(lowbit::row_min_max(xp + r * k, k, lo, hi), "lowbit: activation row ", r,
-                  " is not finite (NaN or inf)");
-      lowbit::row_params_u8(lo, hi, sp[r], inv, zp[r]);
-      lowbit::quantize_span_s8(xp + r * k, k, inv, zp[r], qp + r * k);
-    }
-  });
-  return {q, scale, zero};
-}
+std::vector<at::Tensor> quantize_rows_s8(at::Tensor x) { return quantize_rows<true>(x, "quantize_rows_s8"); }
 
 at::Tensor int_row_epilogue(at::Tensor acc, at::Tensor sx, at::Tensor zx, at::Tensor sw, at::Tensor csw,
                             c10::optional<at::Tensor> bias, bool relu) {
