@@ -190,6 +190,33 @@ class LowbitCPU(WeightOnlyKernel):
         return y.to(x.dtype)
 
 
+class LowbitQ8(LowbitCPU):
+    """lowbit_cpu's packed weight with the activations rounded to int8 per call, per block of 32 columns
+    (symmetric, as llama.cpp's Q8_0), and integer dot products (AVX-512 VNNI or AVX2): the float GEMV
+    spends more instructions per weight byte than decode leaves it, integer dot products fewer. The
+    activations' rounding changes the results (typically ~0.5% relative per layer), so backend="auto"
+    never picks it: ask for it by name, e.g. backend="lowbit_q8<=16,lowbit_cpu<=256,lowbit_gemm". One row
+    at a time: meant for decode and small batches. int3 on CPUs without AVX-512 VBMI/VNNI keeps float
+    activations."""
+
+    name = "lowbit_q8"
+    form = "lowbit_cpu"
+    act_dtype = torch.int8
+
+    def supports(self, spec):
+        return super().supports(spec) and spec.bits in lowbit_cpu.Q8_BITS
+
+    def refusal(self, spec):
+        if self._takes(spec) and spec.bits not in lowbit_cpu.Q8_BITS:
+            return f"it takes {'/'.join(map(str, lowbit_cpu.Q8_BITS))}-bit weights, not {spec.bits}-bit"
+        return super().refusal(spec)
+
+    def run(self, x, prep, spec, bias):
+        y = ops.linear_q8(x.float().contiguous(), prep["qweight"], spec.bits, spec.group_size, spec.n, spec.k,
+                          None if bias is None else bias.float())
+        return y.to(x.dtype)
+
+
 # Kernels for many rows (compute-bound): the whole weight is dequantized on every call, from the packed form
 # the layer keeps anyway (no float copy stays in memory), then one torch GEMM runs. At 512+ rows a dequantized
 # weight costs well under 5% of the GEMM's time, and the GEMM is torch's best. They are not timed below
@@ -278,7 +305,7 @@ class DequantBF16(Dequant):
 
 KERNELS: dict[str, Kernel] = {k.name: k for k in (LowbitCPU(), TorchInt4(), TorchInt8(), OneDNNInt8(), BF16MM(),
                                                    Dequant(), ReferenceInt8(), LowbitGemm(), LowbitGemmBF16(),
-                                                   BF16Gemm(), DequantBF16())}
+                                                   BF16Gemm(), DequantBF16(), LowbitQ8())}
 # Preference when nothing is measured (backend="auto" measures these against each other where it can).
 AUTO_ORDER = ("lowbit_cpu", "torch_int4pack", "torch_int8pack", "onednn", "bf16_mm", "dequant", "reference",
               "lowbit_gemm_bf16", "lowbit_gemm", "bf16_gemm", "dequant_bf16")
@@ -346,6 +373,7 @@ def available_kernels() -> dict[str, bool]:
         "dequant": True,
         "reference": True,
         "lowbit_gemm": lowbit_cpu.available(),
+        "lowbit_q8": lowbit_cpu.available() and lowbit_cpu.q8_path() != "none",
         "lowbit_gemm_bf16": lowbit_cpu.available() and native_bf16(),
         "bf16_gemm": native_bf16(),
         "dequant_bf16": native_bf16(),

@@ -131,6 +131,28 @@ def linear(x: torch.Tensor, packed: dict[str, torch.Tensor], bits: int, group_si
     return _C.linear(x, packed["qweight"], bits, group_size, n, k, bias)
 
 
+def linear_q8(x: torch.Tensor, packed: dict[str, torch.Tensor], bits: int, group_size: int, n: int, k: int,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ W.T (+ bias) with x rounded to int8 first, per block of 32 columns (symmetric, step
+    max|x| / 127), and integer dot products (AVX-512 VNNI, or AVX2's vpmaddubsw): the product of the
+    dequantized weights with the dequantized activations, for decode where the float GEMV runs out of
+    instructions before the memory runs out of bytes. Bits 8, 4, 3, 2; int3 without AVX-512 VBMI/VNNI
+    keeps float activations (no cheap way to pull 3-bit codes into bytes there). Rows go one at a time."""
+    if bits not in Q8_BITS:
+        raise ValueError(f"the int8-activation GEMV takes {Q8_BITS}-bit weights, not {bits}")
+    return _C.linear_q8(x, packed["qweight"], bits, group_size, n, k, bias)
+
+
+Q8_BITS = (8, 4, 3, 2)
+
+
+def q8_path() -> str:
+    """The int8-activation GEMV's instructions on the kernel path that runs: "vnni" or "avx2"."""
+    if _C is None:
+        return "none"
+    return _C.q8_path() if hasattr(_C, "q8_path") else "none"
+
+
 def dequant(packed: dict[str, torch.Tensor], bits: int, group_size: int, n: int, k: int) -> torch.Tensor:
     """The float32 W [N, K] the packed buffers stand for (scale * code - scale * zero, one rounding)."""
     return _C.dequant(packed["qweight"], bits, group_size, n, k)

@@ -5,6 +5,7 @@ below is a custom op with a fake implementation (output shape, dtype and strides
 alone), which both trace as one opaque node.
 
     lowbit::linear(x, qweight, bits, group_size, n, k, bias)              lowbit's packed low-bit matmul
+    lowbit::linear_q8(x, qweight, bits, group_size, n, k, bias)           the same with int8 activations
     lowbit::dequant(qweight, bits, group_size, n, k)                       that packed weight in float32
     lowbit::w8a8_linear_dynamic(x, codes, w_scale, csw, gemv, bias, relu)  uint8 per row x int8
     lowbit::w8a8_linear_static(x, codes, w_scale, bias, act_scale, act_zero, relu)
@@ -67,6 +68,30 @@ def linear(x: Tensor, qweight: Tensor, bits: int, group_size: int, n: int, k: in
     if _eager(x):
         return _linear(x, qweight, bits, group_size, n, k, bias)
     return _linear_op(x, qweight, bits, group_size, n, k, bias)
+
+
+def _linear_q8(x: Tensor, qweight: Tensor, bits: int, group_size: int, n: int, k: int,
+               bias: Tensor | None) -> Tensor:
+    return lowbit_cpu.linear_q8(x, {"qweight": qweight}, bits, group_size, n, k, bias)
+
+
+@torch.library.custom_op("lowbit::linear_q8", mutates_args=())
+def _linear_q8_op(x: Tensor, qweight: Tensor, bits: int, group_size: int, n: int, k: int,
+                  bias: Tensor | None) -> Tensor:
+    return _linear_q8(x, qweight, bits, group_size, n, k, bias)
+
+
+@_linear_q8_op.register_fake
+def _(x, qweight, bits, group_size, n, k, bias):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def linear_q8(x: Tensor, qweight: Tensor, bits: int, group_size: int, n: int, k: int,
+              bias: Tensor | None = None) -> Tensor:
+    """`linear` with the activations rounded to int8 per 32 columns and integer dot products."""
+    if _eager(x):
+        return _linear_q8(x, qweight, bits, group_size, n, k, bias)
+    return _linear_q8_op(x, qweight, bits, group_size, n, k, bias)
 
 
 def _dequant(qweight: Tensor, bits: int, group_size: int, n: int, k: int) -> Tensor:

@@ -25,6 +25,7 @@
 #include "act_quant.h"
 #include "kernels.h"
 #include "kernels_avx512.h"
+#include "kernels_q8.h"
 
 namespace {
 
@@ -64,6 +65,13 @@ bool cpu_can_run(int isa) {
 }
 
 int best_isa() { return cpu_can_run(kAvx512) ? kAvx512 : kAvx2; }
+
+// AVX-512 VNNI, for the int8-activation GEMV (kernels_q8.h) on the avx512 path.
+bool cpu_has_vnni() {
+  __builtin_cpu_init();
+  return cpu_can_run(kAvx512) && __builtin_cpu_supports("avx512vnni");
+}
+const bool g_vnni = cpu_has_vnni();
 
 std::atomic<int> g_isa{best_isa()};
 
@@ -211,6 +219,61 @@ void run_linear(const Layout& L, const at::Tensor& x, const at::Tensor& qw, cons
   } else {
     dequant_mm(L, x, q, b, y);
   }
+}
+
+// The int8-activation GEMV's instructions for the path that runs: "vnni" (AVX-512 VNNI, bits 8/4/3/2),
+// "avx2" (vpmaddubsw, bits 8/4/2; int3 there runs the float-activation GEMV).
+std::string q8_path(int isa) { return isa == kAvx512 && g_vnni ? "vnni" : "avx2"; }
+
+at::Tensor linear_q8(at::Tensor x, at::Tensor qw, int64_t bits, int64_t group_size, int64_t n, int64_t k,
+                     c10::optional<at::Tensor> bias) {
+  const Layout L = checked_qweight(qw, n, k, bits, group_size);
+  TORCH_CHECK(lowbit::q8::bits_ok((int)bits), "lowbit: the int8-activation GEMV takes 8/4/3/2-bit weights, not ",
+              bits);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k && x.device().is_cpu(), "lowbit: x must be a CPU [..., K] tensor");
+  const auto in_dtype = x.scalar_type();
+  auto out_sizes = x.sizes().vec();
+  out_sizes.back() = n;
+  x = x.reshape({-1, k}).to(at::kFloat).contiguous();
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    b = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == n, "lowbit: bias must be [N]");
+  }
+  const int64_t M = x.size(0);
+  auto y = at::empty({M, n}, x.options());
+  const int isa = g_isa.load();
+  const bool vnni = q8_path(isa) == "vnni";
+  if (M > 0 && !vnni && bits == 3) {
+    run_linear(L, x, qw, b, 1, y);  // no int3 extraction without VBMI's multishift: float activations
+  } else if (M > 0) {
+    const int64_t nb = lowbit::q8::nblocks(L);
+    auto xq = at::empty({M, L.kp}, x.options().dtype(at::kChar));
+    auto sx = at::empty({M, nb}, x.options());
+    auto xs = at::empty({M, L.ngp}, x.options());
+    const float* xp = x.data_ptr<float>();
+    int8_t* qp = xq.data_ptr<int8_t>();
+    float* sp = sx.data_ptr<float>();
+    float* gp = xs.data_ptr<float>();
+    at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) lowbit::q8::prep_row(L, xp + r * k, qp + r * L.kp, sp + r * nb, gp + r * L.ngp);
+    });
+    const uint8_t* q = qw.data_ptr<uint8_t>();
+    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+    float* yp = y.data_ptr<float>();
+    // Tiles split across threads; every row of x against a tile while it is in cache.
+    at::parallel_for(0, L.ntile, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t r = 0; r < M; ++r) {
+          if (vnni)
+            lowbit::avx512::q8::gemv_tiles_vnni(L, q, qp + r * L.kp, sp + r * nb, gp + r * L.ngp, bp, yp + r * n, t, t + 1);
+          else
+            lowbit::q8::gemv_tiles_avx2(L, q, qp + r * L.kp, sp + r * nb, gp + r * L.ngp, bp, yp + r * n, t, t + 1);
+        }
+    });
+  }
+  y = y.view(out_sizes);
+  return in_dtype == at::kFloat ? y : y.to(in_dtype);
 }
 
 at::Tensor dequant(at::Tensor qw, int64_t bits, int64_t group_size, int64_t n, int64_t k) {
@@ -392,6 +455,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qweight"), py::arg("bits"), py::arg("group_size"), py::arg("n"), py::arg("k"),
         py::arg("bias") = py::none(), py::arg("path") = 0);
   m.def("dequant", &dequant, "packed -> float32 W [N, K]");
+  m.def("linear_q8", &linear_q8, "x [..., K] @ W^T (+bias) with x rounded to int8 per 32 columns, integer dot products",
+        py::arg("x"), py::arg("qweight"), py::arg("bits"), py::arg("group_size"), py::arg("n"), py::arg("k"),
+        py::arg("bias") = py::none());
+  m.def("q8_path", []() { return q8_path(g_isa.load()); }, "the int8-activation GEMV's instructions: vnni or avx2");
   m.def("quantize_rows_u8", &quantize_rows_u8, "per-row asymmetric uint8 quantization of float32 [M, K]");
   m.def("quantize_u8", &quantize_u8, "per-tensor uint8 quantization, layout kept");
   m.def("row_epilogue_", &row_epilogue_, "y = y*sx[m] - sxz[m]*csw[n] + bias[n], in place", py::arg("y"),
