@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from .backends import StoredWeight, candidates, format_route, parse_route, select_kernel
+from .backends import StoredWeight, candidates, format_route, ops, parse_route, select_kernel
 from .formats import Scheme, scheme_for
 from .recipes import QuantConfig
 
@@ -162,6 +162,13 @@ class QuantLinear(QuantModule):
         # (most rows, kernel, prepared form), in increasing bounds; the last takes every larger call.
         self._route = tuple(route)
         self._kernel, self._prep = route[-1][1], route[-1][2]
+        # (most input elements, kernel, form) of the first kernel when it has a direct eager call: decode-sized
+        # calls skip the reshapes and casts below (they cost as much as a small layer's GEMV moves bytes).
+        rows, first, prep = route[0]
+        self._fast = None
+        if first.eager is not None and self.spec.k == self.in_features:
+            limit = rows * self.in_features if len(route) > 1 else float("inf")
+            self._fast = (limit, first, prep)
         self.kernel_name = format_route([(rows, kernel.name) for rows, kernel, _ in route])
 
     def candidate_kernels(self) -> list[str]:
@@ -189,6 +196,9 @@ class QuantLinear(QuantModule):
         return any(kernel.simulated for _, kernel, _ in self._route)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self._fast
+        if fast is not None and x.numel() <= fast[0] and "input_scale" not in self._buffers and ops.is_eager(x):
+            return fast[1].eager(x, fast[2], self.spec, self.bias)
         if "input_scale" in self._buffers:
             x = x * self.input_scale
         lead = x.shape[:-1]

@@ -149,3 +149,25 @@ def test_traced_op_gives_the_same_bits():
     eager = ops.linear_q8(x, qw, bits, g, n, k)
     graph = torch.compile(lambda t: ops.linear_q8(t, qw, bits, g, n, k) * 1.0, backend="aot_eager")(x)
     assert torch.equal(eager, graph)
+
+
+def test_direct_eager_call_follows_the_layer():
+    import lowbit
+    from lowbit.modules import QuantLinear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 96)).eval()
+    q = lowbit.quantize(copy.deepcopy(model), "int4-g32", backend="lowbit_q8<=4,lowbit_cpu")
+    layer = q[0]
+    assert isinstance(layer, QuantLinear) and layer._fast is not None
+    twin = copy.deepcopy(layer)
+    # A copy's direct call reads the copy's own packed weight, not the original's.
+    assert twin._fast[2] is twin._route[0][2]
+    assert twin._fast[2]["qweight"].data_ptr() != layer._fast[2]["qweight"].data_ptr()
+    x = torch.randn(2, 3, 128)  # 6 rows: past the bound, through the route's second kernel
+    with torch.no_grad():
+        assert torch.equal(twin(x), layer(x))
+        assert torch.equal(layer(x), layer._route[1][1].run(x.reshape(6, 128), layer._route[1][2], layer.spec,
+                                                               layer.bias).reshape(2, 3, 96))
+        few = x[:1, :2]
+        assert torch.equal(layer(few), lowbit_cpu.linear_q8(few, layer._fast[2], 4, 32, 96, 128, layer.bias))

@@ -77,7 +77,8 @@ def test_each_kernel_agrees_with_reference(kernel, bits, group):
     ref = F.linear(x, q.dequantized_weight(), q.bias)
     out = q(x)
     assert out.shape == (3, 7, 64) and out.dtype == x.dtype
-    assert rel_err(out, ref) < (2e-2 if q.act_dtype == torch.bfloat16 else 1e-5)
+    # bf16 and int8 activations (lowbit_q8, checked against its own rounding in test_q8.py) round x.
+    assert rel_err(out, ref) < (2e-2 if q.act_dtype in (torch.bfloat16, torch.int8) else 1e-5)
 
 
 def test_odd_shapes_and_non_dividing_groups_still_work():

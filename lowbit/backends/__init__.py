@@ -189,6 +189,9 @@ class LowbitCPU(WeightOnlyKernel):
                        None if bias is None else bias.float())
         return y.to(x.dtype)
 
+    def eager(self, x, prep, spec, bias):
+        return lowbit_cpu.linear(x, prep, spec.bits, spec.group_size, spec.n, spec.k, bias)
+
 
 class LowbitQ8(LowbitCPU):
     """lowbit_cpu's packed weight with the activations rounded to int8 per call, per block of 32 columns
@@ -215,6 +218,9 @@ class LowbitQ8(LowbitCPU):
         y = ops.linear_q8(x.float().contiguous(), prep["qweight"], spec.bits, spec.group_size, spec.n, spec.k,
                           None if bias is None else bias.float())
         return y.to(x.dtype)
+
+    def eager(self, x, prep, spec, bias):
+        return lowbit_cpu.linear_q8(x, prep, spec.bits, spec.group_size, spec.n, spec.k, bias)
 
 
 # Kernels for many rows (compute-bound): the whole weight is dequantized on every call, from the packed form

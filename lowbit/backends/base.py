@@ -102,3 +102,8 @@ class Kernel:
     def run(self, x: torch.Tensor, prep: dict[str, Any], spec: LayerSpec,
             bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
+
+    # Optional: `run` for eager calls on inputs of any leading shape and float dtype, result in x's dtype,
+    # with no Python-side reshapes or casts. A decode call of a small layer takes ~20-50 us, and each torch
+    # call made from Python ~1 us; layers call this when it exists and nothing is being traced.
+    eager: Any = None

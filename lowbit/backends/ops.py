@@ -43,6 +43,9 @@ def _eager(x: Tensor) -> bool:
                 or torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack() > 0)
 
 
+is_eager = _eager  # for layers that call a kernel's direct eager form (Kernel.eager)
+
+
 # ---------------------------------------------------------------- lowbit's packed low-bit matmul
 
 
