@@ -207,7 +207,16 @@ inline void prep_x_rows(const Layout& L, const float* x, int64_t M, int64_t m0, 
     const int64_t c0 = m / MT_MAX * MT_MAX, j = m - c0, mt = std::min<int64_t>(MT_MAX, M - c0);
     const float* xr = x + m * L.k;
     float* xpr = xp + c0 * L.kp + j;
-    for (int64_t kb = 0; kb < L.k; kb += L.P) {
+    int64_t kv = 0;
+    if (mt == 1) {
+      // One row alone (decode): contiguous, 32 columns per step (the multipliers repeat every P <= 32).
+      alignas(32) float m32[32];
+      for (int i = 0; i < 32; ++i) m32[i] = mult[i % L.P];
+      for (; kv + 32 <= L.k; kv += 32)
+        for (int i = 0; i < 32; i += 8)
+          _mm256_storeu_ps(xpr + kv + i, _mm256_mul_ps(_mm256_loadu_ps(xr + kv + i), _mm256_load_ps(m32 + i)));
+    }
+    for (int64_t kb = kv; kb < L.k; kb += L.P) {
       const int64_t len = std::min<int64_t>(L.P, L.k - kb);
       for (int64_t i = 0; i < len; ++i) xpr[(kb + i) * mt] = xr[kb + i] * mult[i];
     }
@@ -216,10 +225,16 @@ inline void prep_x_rows(const Layout& L, const float* x, int64_t M, int64_t m0, 
       const int64_t k0 = g * L.geff, k1 = std::min(L.k, k0 + L.geff);
       // Double, since this sum multiplies the zero point; eight fixed partial sums so the compiler
       // can vectorise while the result stays the same on every call.
-      double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      // Partial i sums columns k0 + i, k0 + i + 8, ...: two vectors of four doubles hold them.
+      __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
       int64_t kk = k0;
-      for (; kk + 8 <= k1; kk += 8)
-        for (int i = 0; i < 8; ++i) part[i] += (double)xr[kk + i];
+      for (; kk + 8 <= k1; kk += 8) {
+        lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm_loadu_ps(xr + kk)));
+        hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm_loadu_ps(xr + kk + 4)));
+      }
+      alignas(32) double part[8];
+      _mm256_store_pd(part, lo);
+      _mm256_store_pd(part + 4, hi);
       for (; kk < k1; ++kk) part[0] += (double)xr[kk];
       const double acc =
           ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));

@@ -62,7 +62,41 @@ inline void prep_row(const Layout& L, const float* x, int8_t* xq, float* sx, flo
     heap.resize(nb);
     bsum = heap.data();
   }
-  for (int64_t b = 0; b < nb; ++b) {
+  // Whole blocks of 32 in vector registers: the rounding (cvtps2dq, to nearest even) equals nearbyint's.
+  // Every quantity is computed as the scalar tail below computes it, so both give the same codes.
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  alignas(32) static const int8_t kShuf4[32] = {0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15,
+                                                0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15};
+  alignas(32) static const int8_t kShuf2[32] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                                0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+  const __m256i shuf = _mm256_load_si256((const __m256i*)(L.bits == 4 ? kShuf4 : kShuf2));
+  const __m256 nosign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  int64_t b = 0;
+  for (; (b + 1) * QB <= L.k; ++b) {
+    const float* xb = x + b * QB;
+    __m256 v[4];
+    for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(xb + 8 * i);
+    __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], nosign), _mm256_and_ps(v[1], nosign)),
+                             _mm256_max_ps(_mm256_and_ps(v[2], nosign), _mm256_and_ps(v[3], nosign)));
+    m = _mm256_max_ps(m, _mm256_permute2f128_ps(m, m, 1));
+    m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0x4e));
+    m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0xb1));
+    const float amax = _mm256_cvtss_f32(m);
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    sx[b] = amax / 127.f;
+    const __m256 vi = _mm256_set1_ps(inv);
+    __m256i q[4];
+    for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vi));
+    const __m256i s32 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    alignas(32) int32_t part[8];
+    _mm256_store_si256((__m256i*)part, s32);
+    bsum[b] = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+    __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    bytes = _mm256_permutevar8x32_epi32(bytes, order);  // the packs interleave 128-bit lanes: undo it
+    if (L.bits == 4 || L.bits == 2) bytes = _mm256_shuffle_epi8(bytes, shuf);  // chunks of 8 / 16 stay in a lane
+    _mm256_storeu_si256((__m256i*)(xq + b * QB), bytes);
+  }
+  for (; b < nb; ++b) {
     const int64_t c0 = b * QB, c1 = std::min<int64_t>(L.kp, c0 + QB), ce = std::min<int64_t>(L.k, c1);
     float amax = 0.f;
     for (int64_t c = c0; c < ce; ++c) amax = std::max(amax, std::fabs(x[c]));
