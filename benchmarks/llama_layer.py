@@ -128,7 +128,8 @@ def main() -> None:
                 for note in q.lowbit_float_layers:
                     print(f"{recipe}: {note['layer']} kept in float ({note['reason']})")
             copies = [q] + [copy.deepcopy(q) for _ in range(COPIES - 1)]
-            for isa in (isas if kname in ("lowbit_cpu", "lowbit_q8") else [""]):
+            # lowbit's GEMV (a route starting with it: the 1-row call takes it) on every path this CPU runs
+            for isa in (isas if kname.split("<=")[0] in ("lowbit_cpu", "lowbit_q8") else [""]):
                 label = f"{recipe} [{kname}{' ' + isa if isa else ''}{q8_paths.get(isa, '') if kname == 'lowbit_q8' else ''}]"
                 if label not in variants:
                     variants[label] = (copies, torch.float32, isa)
