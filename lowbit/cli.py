@@ -366,6 +366,9 @@ def info_cmd() -> None:
     if kernels["lowbit_cpu"]:
         from .backends import lowbit_cpu
         click.echo(f"  lowbit_cpu path: {lowbit_cpu.isa()} (this CPU can run: {', '.join(lowbit_cpu.isas())})")
+        q8 = lowbit_cpu.q8_path()
+        int3 = "" if q8 == "vnni" else "; int3 keeps float activations on this path"
+        click.echo(f"  lowbit_q8 (int8 activations, opt-in) dot products: {q8}{int3}")
     if not kernels["lowbit_cpu"]:
         click.echo("warning: lowbit's own kernel is not built or this CPU lacks AVX2/FMA: int formats fall "
                    "back to PyTorch's kernels (bf16 activations) or the simulated path")
