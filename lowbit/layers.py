@@ -110,12 +110,13 @@ def _linear_row(m: nn.Module) -> dict:
 
 
 def _w8a8(cls: type, name: str, entry: dict, args: tuple) -> nn.Module:
+    extra = {"after_act": bool(entry.get("after_act", False))} if cls is W8A8Linear else {}
     try:
-        return cls(*args, kernel=entry["kernel"], relu=entry["relu"])
+        return cls(*args, kernel=entry["kernel"], relu=entry["relu"], **extra)
     except ValueError:
         warnings.warn(f"layer {name!r}: kernel {entry['kernel']!r} cannot run it here; using the float reference "
                       "of the same integer arithmetic (simulated, slower)", stacklevel=5)
-        return cls(*args, kernel="reference", relu=entry["relu"])
+        return cls(*args, kernel="reference", relu=entry["relu"], **extra)
 
 
 def _rebuild_w8a8_linear(name: str, entry: dict, config: QuantConfig, state: dict) -> nn.Module:
@@ -147,7 +148,7 @@ SAVED_KINDS: list[SavedKind] = [
     SavedKind("w8a8_linear", W8A8Linear,
               lambda m: {"type": "w8a8_linear", "in_features": m.in_features, "out_features": m.out_features,
                          "bias": m.bias is not None, "relu": m.relu, "config": m.config.to_dict(),
-                         "kernel": m.kernel_name},
+                         "kernel": m.kernel_name, "after_act": m.after_act},
               _rebuild_w8a8_linear, _linear_row),
     SavedKind("w8a8_conv", W8A8Conv,
               lambda m: {"type": "w8a8_conv", **m.geometry(), "bias": m.bias is not None, "relu": m.relu,

@@ -12,6 +12,7 @@ import copy
 import fnmatch
 import math
 import warnings
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -93,6 +94,21 @@ class _LayerStats:
         self.observer = observer
         self.shape: tuple[int, ...] | None = None  # the largest input seen
         self.calls = 0
+        self.after_act = 0  # calls whose input was an elementwise activation module's output
+
+
+# Elementwise activation modules (torch's and transformers'): see LayerSpec.after_act.
+_ACTIVATIONS = (nn.GELU, nn.SiLU, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Tanh,
+                nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus)
+
+
+def _is_activation(mod: nn.Module) -> bool:
+    return isinstance(mod, _ACTIVATIONS) or type(mod).__module__ == "transformers.activations"
+
+
+def after_activation(st: _LayerStats | None) -> bool:
+    """Whether every calibration call of a layer took an elementwise activation module's output as it is."""
+    return st is not None and st.calls > 0 and st.after_act == st.calls
 
 
 def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], calibration: Iterable,
@@ -104,17 +120,27 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], calibration
                         "not a single tensor or dict")
     stats = {name: _LayerStats(make_observer(observer) if observer else None) for name, _ in layers}
 
+    # The latest output of each activation module, held weakly: a layer whose input is one of them takes
+    # that activation's output directly (only an identity like eval-mode dropout in between).
+    latest: dict[int, weakref.ref] = {}
+
+    def act_hook(mod, args, out):
+        if isinstance(out, torch.Tensor):
+            latest[id(mod)] = weakref.ref(out)
+
     def hook_for(st: _LayerStats):
         def hook(mod, args):
             x = args[0]
             if st.shape is None or x.numel() > torch.Size(st.shape).numel():
                 st.shape = tuple(x.shape)
             st.calls += 1
+            st.after_act += any(ref() is x for ref in latest.values())
             if st.observer is not None:
                 st.observer.update(x.detach())
         return hook
 
     handles = [mod.register_forward_pre_hook(hook_for(stats[name])) for name, mod in layers]
+    handles += [m.register_forward_hook(act_hook) for m in model.modules() if _is_activation(m)]
     batches, samples = feed(model, calibration, handles, progress=progress)
     if batches == 0:
         raise ValueError("calibration data is empty: pass an iterable of model inputs (tensors, tuples or dicts)")
@@ -220,8 +246,9 @@ def _build(mod: nn.Module, config: QuantConfig, st: _LayerStats | None, relu: bo
     if config.act == "static" and act is None:
         scale, zero = st.observer.qparams()
         act = (float(scale), int(zero))
-    cls = W8A8Linear if isinstance(mod, nn.Linear) else W8A8Conv
-    return cls.from_float(mod, config, act, kernel, relu, **weight)
+    if isinstance(mod, nn.Linear):
+        return W8A8Linear.from_float(mod, config, act, kernel, relu, after_act=after_activation(st), **weight)
+    return W8A8Conv.from_float(mod, config, act, kernel, relu, **weight)
 
 
 def _timing_key(mod: nn.Module, new: nn.Module, config: QuantConfig, shape: tuple[int, ...]) -> str:

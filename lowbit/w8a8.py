@@ -93,7 +93,7 @@ class _W8A8(QuantModule):
         groups = self.scale.shape[1] if self.scale.dim() == 2 else 1
         return LayerSpec(n=self._n, k=self._k, bits=self.scheme.bits, group_size=self._k // groups,
                          symmetric=True, act=self.config.act, weight_qmax=self.weight_qmax, conv=self._conv_spec(),
-                         relu=self.relu, act_scale=s, act_zero=z)
+                         relu=self.relu, after_act=getattr(self, "after_act", False), act_scale=s, act_zero=z)
 
     def candidate_kernels(self) -> list[str]:
         """Kernels that compute this layer exactly on this machine (the reference always does)."""
@@ -140,16 +140,19 @@ class W8A8Linear(_W8A8):
     """nn.Linear with int8 weights and uint8 activations (dynamic per row, or static per tensor)."""
 
     def __init__(self, in_features: int, out_features: int, config: QuantConfig, state: dict[str, torch.Tensor],
-                 bias: torch.Tensor | None = None, kernel: str = "auto", relu: bool = False):
+                 bias: torch.Tensor | None = None, kernel: str = "auto", relu: bool = False,
+                 after_act: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        # The input comes from an elementwise activation (found in calibration): see LayerSpec.after_act.
+        self.after_act = bool(after_act)
         self._setup(config, state, bias, relu, (out_features, in_features))
         self.set_kernel(kernel)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, config: QuantConfig, act: tuple[float, int] | None = None,
-                   kernel: str = "auto", relu: bool = False, scale: torch.Tensor | None = None
-                   ) -> W8A8Linear:
+                   kernel: str = "auto", relu: bool = False, scale: torch.Tensor | None = None,
+                   after_act: bool = False) -> W8A8Linear:
         """`scale`, when given, is used instead of the weight scale computed from the weight (QAT's)."""
         state = cls.scheme_for(config).encode(linear.weight, scale=scale)
         if config.act == "static":
@@ -157,7 +160,7 @@ class W8A8Linear(_W8A8):
                 raise ValueError("static activation quantization needs calibrated (scale, zero point)")
             state["act_scale"] = torch.tensor([act[0]], dtype=torch.float32)
             state["act_zero_point"] = torch.tensor([act[1]], dtype=torch.int32)
-        return cls(linear.in_features, linear.out_features, config, state, linear.bias, kernel, relu)
+        return cls(linear.in_features, linear.out_features, config, state, linear.bias, kernel, relu, after_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -168,6 +171,7 @@ class W8A8Linear(_W8A8):
     def extra_repr(self) -> str:
         sim = ", simulated" if self.simulated else ""
         relu = ", relu fused" if self.relu else ""
+        relu += ", input from an activation" if self.after_act else ""
         return (f"in={self.in_features}, out={self.out_features}, recipe={self.config.name}, "
                 f"kernel={self.kernel_name}, {self._act_repr()}{relu}{sim}")
 

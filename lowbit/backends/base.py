@@ -29,7 +29,10 @@ class LayerSpec:
     weight-only layers (act None): unsigned codes [N, K], W = (codes - zero) * scale per group of
     `group_size` inputs. Layers with uint8 activations (act "dynamic": per row at run time, "static":
     one fixed act_scale / act_zero): signed int8 codes, W = codes * scale, `weight_qmax` the largest
-    |code| the layer holds, `conv` its geometry when it is a convolution, `relu` a ReLU fused after it.
+    |code| the layer holds, `conv` its geometry when it is a convolution, `relu` a ReLU fused after it,
+    `after_act` whether its input is the output of an elementwise activation (GELU, SiLU, ...): traced,
+    such a layer quantizes its input with lowbit's own op, since a compiler fusing the activation into
+    the quantization's two passes over each row (range, then codes) computes the activation twice.
     """
 
     n: int  # output features (channels)
@@ -41,6 +44,7 @@ class LayerSpec:
     weight_qmax: int = 0
     conv: ConvSpec | None = None
     relu: bool = False
+    after_act: bool = False
     act_scale: float = 1.0
     act_zero: int = 0
     family: str = "int"

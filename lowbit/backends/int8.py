@@ -92,7 +92,7 @@ class OneDNNInt8(Kernel):
             return ops.w8a8_linear_static(x, prep["codes"], prep["scale"], bias, spec.act_scale, spec.act_zero,
                                           spec.relu)
         return ops.w8a8_linear_dynamic(x, prep["codes"], prep["scale"], prep["csw"], prep["gemv"], bias,
-                                       spec.relu)
+                                       spec.relu, spec.after_act)
 
 
 class ReferenceInt8(Kernel):
