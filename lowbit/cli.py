@@ -96,7 +96,8 @@ def _calibration_batches(tokenizer: Any, calib: str | None, size: int, causal: b
               help=CALIB_HELP + " (recipes with static activation scales use STS-B train sentences without it)")
 @click.option("--calib-size", type=click.IntRange(min=1), default=64, show_default=True, help=CALIB_SIZE_HELP)
 @click.option("--backend", default="auto", show_default=True,
-              help="matmul backend: auto or a name from `lowbit info`")
+              help="matmul backend: auto, a name from `lowbit info`, or a route by rows, "
+                   "e.g. lowbit_q8<=16,lowbit_cpu (int8 activations for decode-sized calls)")
 @click.option("--kernel", "kernel_alias", default=None, hidden=True)  # the old name of --backend
 @click.option("--low-memory/--in-memory", "low_memory", default=None,
               help="read and quantize one block at a time from SRC's safetensors shards (peak memory about one "
