@@ -91,6 +91,20 @@ class QuantModule(nn.Module):
         # then compute with the old weights. Re-derive them when any buffer changed; lowbit.load assigns the
         # very tensors the layer was built from, which costs nothing here.
         before = {n: (id(b), b._version) for n, b in self._buffers.items() if b is not None}
+        local_metadata, error_msgs = args[0], args[4]
+        if not local_metadata.get("assign_to_params_buffers", False):
+            # Copying in place casts to the buffer's dtype: float32 scales into a layer keeping float16 ones
+            # would be rounded without a word. Refuse what the cast would change.
+            for name, b in self._buffers.items():
+                v = state_dict.get(prefix + name)
+                if (b is not None and isinstance(v, torch.Tensor) and v.is_floating_point() and b.is_floating_point()
+                        and v.dtype != b.dtype and not torch.equal(v.to(b.dtype).to(v.dtype), v)):
+                    error_msgs.append(
+                        f"layer {prefix[:-1]!r}: {name!r} is {str(v.dtype).replace('torch.', '')} in the state dict "
+                        f"and {str(b.dtype).replace('torch.', '')} in the layer, and its values do not fit: build "
+                        "the layer with the same scale dtype (QuantConfig(scale_dtype=...), recipe suffix "
+                        "-fp32scales) or load with assign=True")
+                    return
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if before != {n: (id(b), b._version) for n, b in self._buffers.items() if b is not None}:
             self._derive()

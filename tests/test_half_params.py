@@ -2,6 +2,7 @@
 float16, decoded from what is stored; GPTQ and HQQ fit with the rounded values; float32 on request and
 in old checkpoints, which load as they were."""
 
+import copy
 import json
 
 import numpy as np
@@ -219,3 +220,17 @@ def test_old_float32_checkpoints_load_and_compute_as_before(tmp_path):
     # and the same weights with the default float16 parameters differ only by the scales' rounding
     new = lowbit.quantize(_model(), "int4-g8")
     assert torch.allclose(new(x), q(x), rtol=0.05, atol=0.05)
+
+
+def test_load_state_dict_refuses_to_round_scales():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 32))
+    wide = lowbit.quantize(copy.deepcopy(base), "int4-g32-fp32scales", backend="dequant")
+    narrow = lowbit.quantize(copy.deepcopy(base), "int4-g32", backend="dequant")
+    assert wide[0].scale.dtype == torch.float32 and narrow[0].scale.dtype == torch.float16
+    with pytest.raises(RuntimeError, match="'scale' is float32 in the state dict and float16 in the layer"):
+        narrow.load_state_dict(wide.state_dict())
+    # float16 values fit float32 buffers exactly: that direction loads, and computes the same
+    wide.load_state_dict(narrow.state_dict())
+    x = torch.randn(3, 64)
+    assert torch.equal(wide(x), narrow(x))
