@@ -75,6 +75,7 @@ class OneDNNInt8(Kernel):
         if spec.act == "dynamic":
             # sum_k w[n, k] * sw[n]: the dynamic kernel's zero-point correction term.
             prep["csw"] = (codes.sum(1, dtype=torch.int64).float() * scale).contiguous()
+            prep["scale_csw"] = torch.stack([scale, prep["csw"]])
             prep["gemv"] = None
             if lowbit_cpu.available():
                 # The same int8 codes for the few-row GEMV (unsigned codes with zero point 128).
@@ -91,8 +92,14 @@ class OneDNNInt8(Kernel):
         if spec.act == "static":
             return ops.w8a8_linear_static(x, prep["codes"], prep["scale"], bias, spec.act_scale, spec.act_zero,
                                           spec.relu)
-        return ops.w8a8_linear_dynamic(x, prep["codes"], prep["scale"], prep["csw"], prep["gemv"], bias,
-                                       spec.relu, spec.after_act)
+        if ops.is_eager(x):
+            return ops.w8a8_linear_dynamic(x, prep["codes"], prep["scale"], prep["csw"], prep["gemv"], bias,
+                                           spec.relu, spec.after_act)
+        # Traced: a compiled model checks every tensor its graph reads on every call, so read one tensor for
+        # both per-column vectors, and leave the GEMV's form out where this many rows never take it.
+        gemv = prep["gemv"] if x.shape[0] <= ops.GEMV_MAX_ROWS else None
+        sc = prep["scale_csw"]
+        return ops.w8a8_linear_dynamic(x, prep["codes"], sc[0], sc[1], gemv, bias, spec.relu, spec.after_act)
 
 
 class ReferenceInt8(Kernel):
