@@ -194,3 +194,25 @@ def test_large_layers_are_timed_at_fewer_rows():
     assert autotune.tune_rows(128256, 2048) == (1,)
     assert autotune.tune_rows(10**9, 10**3) == (1,)  # always at least one row count
     assert autotune.tune_rows(1536, 384) == autotune.TUNE_ROWS  # MiniLM's largest layers: every row count
+
+
+def test_direct_eager_calls_belong_to_the_kernel_that_runs():
+    # A kernel's direct eager call must compute what its own `run` computes: a subclass that changes `run`
+    # and inherited its parent's `eager` would silently run the parent's kernel.
+    for kernel in KERNELS.values():
+        if kernel.eager is None:
+            continue
+        owner_run = next(c for c in type(kernel).__mro__ if "run" in vars(c))
+        owner_eager = next(c for c in type(kernel).__mro__ if "eager" in vars(c))
+        assert owner_run is owner_eager, f"{kernel.name}: eager from {owner_eager.__name__}, run from {owner_run.__name__}"
+
+
+@needs_kernel
+def test_layers_run_the_kernel_they_name(monkeypatch):
+    torch.manual_seed(0)
+    for name in ("lowbit_gemm", "lowbit_cpu"):
+        q = lowbit.quantize(nn.Sequential(nn.Linear(64, 48)), "int4-g32", backend=name)
+        ran = record_runs(monkeypatch, [name])
+        q(torch.randn(1, 64))
+        q(torch.randn(2, 70, 64))
+        assert ran == [(name, 1), (name, 140)], (name, ran)

@@ -235,6 +235,7 @@ class LowbitGemm(LowbitCPU):
     name = "lowbit_gemm"
     form = "lowbit_cpu"
     min_rows = 64
+    eager = None  # not lowbit_cpu's direct call: this kernel's own run is the computation
 
     def run(self, x, prep, spec, bias):
         w = ops.dequant(prep["qweight"], spec.bits, spec.group_size, spec.n, spec.k)
