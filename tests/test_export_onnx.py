@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import lowbit
+from lowbit.backends import lowbit_cpu
 from lowbit.export import ExportError, to_onnx
 from lowbit.modules import QuantLinear
 
@@ -131,8 +132,8 @@ def test_bound_follows_lowbit_kernels_with_bf16_activations(tmp_path):
     lines = []
     x = torch.randn(16, 128)
     path = lowbit.export.onnx(q, (x,), tmp_path / "m.onnx", echo=lines.append)
-    assert any("bf16/fp16 activations" in line and "(e.g. 0)" in line for line in lines)
-    assert any(line.startswith("ONNX Runtime vs lowbit's bf16 kernels") for line in lines)
+    assert any("bf16/fp16 or int8 activations" in line and "(e.g. 0)" in line for line in lines)
+    assert any(line.startswith("ONNX Runtime vs lowbit's kernels on rounded activations") for line in lines)
     assert {m.kernel for m in q.modules() if isinstance(m, QuantLinear)} == {"torch_int4pack"}
     exact = to_onnx._exact_copy(q, to_onnx._half_activation_layers(q))
     with torch.no_grad():
@@ -140,6 +141,24 @@ def test_bound_follows_lowbit_kernels_with_bf16_activations(tmp_path):
     got = to_onnx.run_onnxruntime(path, {"input": x})[0]
     assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()  # float32 on both sides: tight
     assert (as_run - ref).abs().max() > 1e-3 * ref.abs().max()  # the bf16 kernels do differ
+
+
+@pytest.mark.skipif(not lowbit_cpu.available(), reason="lowbit._C not built or CPU without AVX2+FMA")
+def test_int8_activation_decode_kernel_checked_against_float_activations(tmp_path):
+    """lowbit_q8 rounds activations to int8 for decode-sized calls; the file keeps float activations, so it
+    is checked against the same codes run in float32, and the model as it runs is reported."""
+    torch.manual_seed(0)
+    q = lowbit.quantize(nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32)).eval(), "int4-g32",
+                        backend="lowbit_q8<=16,lowbit_cpu")
+    lines = []
+    x = torch.randn(2, 64)
+    path = lowbit.export.onnx(q, (x,), tmp_path / "m.onnx", echo=lines.append)
+    assert any("int8 activations" in line for line in lines)
+    assert {m.kernel for m in q.modules() if isinstance(m, QuantLinear)} == {"lowbit_q8<=16,lowbit_cpu"}
+    got = to_onnx.run_onnxruntime(path, {"input": x})[0]
+    with torch.no_grad():
+        ref = to_onnx._exact_copy(q, to_onnx._half_activation_layers(q))(x)
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
 def test_refuses_formats_without_an_onnx_form_naming_the_layer(tmp_path):

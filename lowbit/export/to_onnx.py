@@ -493,7 +493,7 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
             raw = _run(model, inputs, keywords)
             as_run, key = _as_list(plain_outputs(raw)), _output_key(raw)
             # The file computes in float32 from the exact weights. Where lowbit runs layers on bf16 / fp16
-            # activations (PyTorch's int4 / int8 kernels), the file is checked against the same layers run in
+            # activations (PyTorch's int4 / int8 kernels) or int8 ones (lowbit_q8), the file is checked against the same layers run in
             # float32 from the same codes ("dequant"), so that the bounds stay tight; the model as it runs is
             # compared too, and reported.
             reference = as_run if not half else _as_list(plain_outputs(_run(_exact_copy(model, half), inputs,
@@ -532,16 +532,17 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
         if verify:
             feeds = dict(zip(names, inputs, strict=True))
             if half:
-                echo(f"lowbit runs {len(half)} layer(s) with bf16/fp16 activations (e.g. {half[0]}); the file "
+                echo(f"lowbit runs {len(half)} layer(s) with bf16/fp16 or int8 activations (e.g. {half[0]}); the file "
                      "computes in float32, so it is checked against those layers run in float32 from the same "
                      "codes; its agreement with the model as it runs is reported")
             min_cosine, max_abs_rel = verify_bounds(standin)
             verify_file(tmp, feeds, reference, echo=echo, openvino=openvino, max_abs_rel=max_abs_rel,
                         min_cosine=min_cosine)
-            if half:  # reported, not bounded: the difference is lowbit's own bf16 rounding, not the file's
+            if half:  # reported, not bounded: the difference is lowbit's own activation rounding, not the file's
                 got = run_onnxruntime(tmp, feeds)
                 for i, (r, g) in enumerate(zip(as_run, got, strict=True)):
-                    echo(str(compare(r, g, "ONNX Runtime vs lowbit's bf16 kernels" + (f" output {i}" if i else ""))))
+                    label = "ONNX Runtime vs lowbit's kernels on rounded activations"
+                    echo(str(compare(r, g, label + (f" output {i}" if i else ""))))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -625,9 +626,11 @@ def _exact_copy(model: nn.Module, layers: Sequence[str]) -> nn.Module:
 
 
 def _half_activation_layers(model: nn.Module) -> list[str]:
-    """Layers lowbit runs with bf16 / fp16 activations: its outputs are rounded to those, the file's are not."""
+    """Weight-only layers lowbit runs with rounded activations (bf16 / fp16, or int8 in lowbit_q8's decode
+    GEMV): its outputs carry that rounding, the file's do not."""
     return [name for name, m in model.named_modules()
-            if isinstance(m, QuantModule) and getattr(m, "act_dtype", None) in (torch.bfloat16, torch.float16)]
+            if isinstance(m, QuantLinear) and m.act_dtype in (torch.bfloat16, torch.float16, torch.int8)
+            or isinstance(m, QuantModule) and getattr(m, "act_dtype", None) in (torch.bfloat16, torch.float16)]
 
 
 def verify_file(path: Path, feeds: Mapping[str, torch.Tensor], reference: list[torch.Tensor], *,
