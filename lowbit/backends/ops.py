@@ -173,10 +173,14 @@ def _int_mm_dynamic() -> bool:
 _INT_MM_DYNAMIC = onednn.int_mm_dynamic()
 
 
-@torch.library.custom_op("lowbit::quantize_rows_s8", mutates_args=())
-def _quantize_rows_s8_op(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _quantize_rows_s8(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     q, scale, zero = lowbit_cpu.ops().quantize_rows_s8(x.float().contiguous())
     return q, scale, zero
+
+
+@torch.library.custom_op("lowbit::quantize_rows_s8", mutates_args=())
+def _quantize_rows_s8_op(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return _quantize_rows_s8(x)
 
 
 @_quantize_rows_s8_op.register_fake
@@ -192,8 +196,7 @@ def quantize_rows_s8(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     activation's output, the compiler then computes the activation once, into x, instead of once per pass
     of a quantization fused into it (measured on MiniLM's GELU: 7% of the whole model at batch 32)."""
     if _eager(x):
-        q, scale, zero = lowbit_cpu.ops().quantize_rows_s8(x.float().contiguous())
-        return q, scale, zero
+        return _quantize_rows_s8(x)
     return _quantize_rows_s8_op(x)
 
 

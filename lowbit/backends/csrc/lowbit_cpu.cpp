@@ -155,12 +155,13 @@ constexpr int64_t kGemvRowBlock = 128;
 void run_linear(const Layout& L, const at::Tensor& x, const at::Tensor& qw, const at::Tensor& b, int64_t path,
                 at::Tensor& y);
 
-at::Tensor linear(at::Tensor x, at::Tensor qw, int64_t bits, int64_t group_size, int64_t n, int64_t k,
-                  c10::optional<at::Tensor> bias, int64_t path) {
-  const Layout L = checked_qweight(qw, n, k, bits, group_size);
+// The plumbing both linears share: x [..., K] of any float dtype as float32 rows [M, K], bias as float32
+// [N]; compute(x, bias, y) fills y [M, N] (M > 0); the result comes back in x's leading shape and dtype.
+template <typename F>
+at::Tensor linear_rows(at::Tensor x, int64_t n, int64_t k, const c10::optional<at::Tensor>& bias,
+                       const F& compute) {
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k && x.device().is_cpu(),
               "lowbit: x must be a CPU [..., K] tensor");
-  TORCH_CHECK(path >= 0 && path <= 2, "lowbit: path is 0 (auto), 1 (gemv) or 2 (dequant + mm)");
   const auto in_dtype = x.scalar_type();
   auto out_sizes = x.sizes().vec();
   out_sizes.back() = n;
@@ -170,11 +171,19 @@ at::Tensor linear(at::Tensor x, at::Tensor qw, int64_t bits, int64_t group_size,
     b = bias->to(at::kFloat).contiguous();
     TORCH_CHECK(b.dim() == 1 && b.size(0) == n, "lowbit: bias must be [N]");
   }
-  const int64_t M = x.size(0);
-  auto y = at::empty({M, n}, x.options());
-  if (M > 0) run_linear(L, x, qw, b, path, y);
+  auto y = at::empty({x.size(0), n}, x.options());
+  if (x.size(0) > 0) compute(x, b, y);
   y = y.view(out_sizes);
   return in_dtype == at::kFloat ? y : y.to(in_dtype);
+}
+
+at::Tensor linear(at::Tensor x, at::Tensor qw, int64_t bits, int64_t group_size, int64_t n, int64_t k,
+                  c10::optional<at::Tensor> bias, int64_t path) {
+  const Layout L = checked_qweight(qw, n, k, bits, group_size);
+  TORCH_CHECK(path >= 0 && path <= 2, "lowbit: path is 0 (auto), 1 (gemv) or 2 (dequant + mm)");
+  return linear_rows(x, n, k, bias, [&](const at::Tensor& xr, const at::Tensor& b, at::Tensor& y) {
+    run_linear(L, xr, qw, b, path, y);
+  });
 }
 
 void run_linear(const Layout& L, const at::Tensor& x, const at::Tensor& qw, const at::Tensor& b, int64_t path,
@@ -223,35 +232,26 @@ void run_linear(const Layout& L, const at::Tensor& x, const at::Tensor& qw, cons
 
 // The int8-activation GEMV's instructions for the path that runs: "vnni" (AVX-512 VNNI, bits 8/4/3/2),
 // "avx2" (vpmaddubsw, bits 8/4/2; int3 there runs the float-activation GEMV).
-std::string q8_path(int isa) { return isa == kAvx512 && g_vnni ? "vnni" : "avx2"; }
+bool q8_vnni(int isa) { return isa == kAvx512 && g_vnni; }
+std::string q8_path(int isa) { return q8_vnni(isa) ? "vnni" : "avx2"; }
 
 at::Tensor linear_q8(at::Tensor x, at::Tensor qw, int64_t bits, int64_t group_size, int64_t n, int64_t k,
                      c10::optional<at::Tensor> bias) {
   const Layout L = checked_qweight(qw, n, k, bits, group_size);
   TORCH_CHECK(lowbit::q8::bits_ok((int)bits), "lowbit: the int8-activation GEMV takes 8/4/3/2-bit weights, not ",
               bits);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k && x.device().is_cpu(), "lowbit: x must be a CPU [..., K] tensor");
-  const auto in_dtype = x.scalar_type();
-  auto out_sizes = x.sizes().vec();
-  out_sizes.back() = n;
-  x = x.reshape({-1, k}).to(at::kFloat).contiguous();
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    b = bias->to(at::kFloat).contiguous();
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == n, "lowbit: bias must be [N]");
-  }
-  const int64_t M = x.size(0);
-  auto y = at::empty({M, n}, x.options());
-  const int isa = g_isa.load();
-  const bool vnni = q8_path(isa) == "vnni";
-  if (M > 0 && !vnni && bits == 3) {
-    run_linear(L, x, qw, b, 1, y);  // no int3 extraction without VBMI's multishift: float activations
-  } else if (M > 0) {
+  const bool vnni = q8_vnni(g_isa.load());
+  return linear_rows(x, n, k, bias, [&](const at::Tensor& xr, const at::Tensor& b, at::Tensor& y) {
+    if (!vnni && bits == 3) {
+      run_linear(L, xr, qw, b, 1, y);  // no int3 extraction without VBMI's multishift: float activations
+      return;
+    }
+    const int64_t M = xr.size(0);
     const int64_t nb = lowbit::q8::nblocks(L);
-    auto xq = at::empty({M, L.kp}, x.options().dtype(at::kChar));
-    auto sx = at::empty({M, nb}, x.options());
-    auto xs = at::empty({M, L.ngp}, x.options());
-    const float* xp = x.data_ptr<float>();
+    auto xq = at::empty({M, L.kp}, xr.options().dtype(at::kChar));
+    auto sx = at::empty({M, nb}, xr.options());
+    auto xs = at::empty({M, L.ngp}, xr.options());
+    const float* xp = xr.data_ptr<float>();
     int8_t* qp = xq.data_ptr<int8_t>();
     float* sp = sx.data_ptr<float>();
     float* gp = xs.data_ptr<float>();
@@ -271,9 +271,7 @@ at::Tensor linear_q8(at::Tensor x, at::Tensor qw, int64_t bits, int64_t group_si
             lowbit::q8::gemv_tiles_avx2(L, q, qp + r * L.kp, sp + r * nb, gp + r * L.ngp, bp, yp + r * n, t, t + 1);
         }
     });
-  }
-  y = y.view(out_sizes);
-  return in_dtype == at::kFloat ? y : y.to(in_dtype);
+  });
 }
 
 at::Tensor dequant(at::Tensor qw, int64_t bits, int64_t group_size, int64_t n, int64_t k) {
