@@ -10,6 +10,8 @@ Variants (`--variants`, comma list; fp32 is always there as the reference):
   w8a8-dynamic      lowbit, int8 weights, activations quantized per call
   w8a8-static       lowbit, int8 weights, activation ranges from calibration (STS-B train sentences)
   w8a8-dynamic-compiled  lowbit w8a8-dynamic under torch.compile(freezing=True), as torchao is timed
+  w8a8-dynamic-bf16attn[-compiled]  the same with attention's matmuls in bf16 (lowbit.attention; torch's
+                    float32 SDPA where the CPU lacks AVX-512 BF16, as the machine line says)
   w8a8-*-all        the same with keep_float_if_slower=False: every linear quantized, even where lowbit's
                     kernel timing says float is faster on this machine
   int8              lowbit weight-only int8, for reference
@@ -54,14 +56,17 @@ from lowbit_workbench.calib import timing_texts
 from lowbit_workbench.evaluate import eval_stsb, load_stsb
 
 SEQ = 128
-VARIANTS = ("fp32", "fp32-compiled", "w8a8-dynamic", "w8a8-dynamic-compiled", "w8a8-static", "w8a8-dynamic-all", "w8a8-static-all", "int8", "torchao",
+VARIANTS = ("fp32", "fp32-compiled", "w8a8-dynamic", "w8a8-dynamic-compiled", "w8a8-dynamic-bf16attn",
+            "w8a8-dynamic-bf16attn-compiled", "w8a8-static", "w8a8-dynamic-all", "w8a8-static-all", "int8", "torchao",
             "torch-ao-dynamic", "ort-fp32", "ort-dynamic", "ort-static")
-LOWBIT = ("w8a8-dynamic", "w8a8-static", "w8a8-dynamic-all", "w8a8-static-all", "int8")
+LOWBIT = ("w8a8-dynamic", "w8a8-dynamic-bf16attn", "w8a8-static", "w8a8-dynamic-all", "w8a8-static-all", "int8")
 LABELS = {
     "fp32": "fp32 eager (reference)",
     "fp32-compiled": "fp32, compiled",
     "w8a8-dynamic-compiled": "lowbit w8a8-dynamic, compiled",
     "w8a8-dynamic": "lowbit w8a8-dynamic",
+    "w8a8-dynamic-bf16attn": "lowbit w8a8-dynamic, bf16 attention",
+    "w8a8-dynamic-bf16attn-compiled": "lowbit w8a8-dynamic, bf16 attention, compiled",
     "w8a8-static": "lowbit w8a8-static",
     "w8a8-dynamic-all": "lowbit w8a8-dynamic, every layer",
     "w8a8-static-all": "lowbit w8a8-static, every layer",
@@ -129,6 +134,7 @@ def int_mm_check() -> str:
 
 def machine_line() -> str:
     """The CPU, its int8-relevant features and the path lowbit's dynamic W8A8 layers take on it."""
+    from lowbit import attention
     from lowbit.backends import onednn
     from lowbit.backends.ops import GEMV_MAX_ROWS
     from lowbit.hw import cpu_features, cpu_name
@@ -141,7 +147,8 @@ def machine_line() -> str:
     else:
         path = f"oneDNN qlinear u8 x s8 (weights |w| <= {onednn.weight_qmax()}) + lowbit per-row quantize/epilogue"
     return (f"CPU: {cpu_name()}; features: {', '.join(feats) or 'none detected'}\n"
-            f"lowbit W8A8 dynamic path: {path}; <= {GEMV_MAX_ROWS} rows: lowbit int8 GEMV")
+            f"lowbit W8A8 dynamic path: {path}; <= {GEMV_MAX_ROWS} rows: lowbit int8 GEMV\n"
+            f"-bf16attn attention: {attention.path()}")
 
 
 def build_lowbit(name: str, model: nn.Module, calib: list[dict]) -> Variant:
@@ -177,10 +184,11 @@ def build_variants(names: list[str], model: nn.Module, tokenizer, calib: list[di
         try:
             if name in LOWBIT:
                 v = build_lowbit(name, model, calib)
-            elif name == "w8a8-dynamic-compiled":
-                # The quantized model of w8a8-dynamic (the same layers, kernels and codes), compiled; STS-B
-                # runs it eagerly, like torchao's (one compile per sequence length otherwise).
-                base = variants.get("w8a8-dynamic") or build_lowbit("w8a8-dynamic", model, calib)
+            elif name.removesuffix("-compiled") in LOWBIT:
+                # The quantized model of the variant without -compiled (the same layers, kernels and codes),
+                # compiled; STS-B runs it eagerly, like torchao's (one compile per sequence length otherwise).
+                plain = name.removesuffix("-compiled")
+                base = variants.get(plain) or build_lowbit(plain, model, calib)
                 v = Variant(name, peers.compile_frozen(base.model), base.model, list(base.notes))
             elif name == "fp32-compiled":
                 v = Variant(name, peers.compile_frozen(copy.deepcopy(model)), None)
@@ -320,7 +328,7 @@ def main() -> None:
     for n in footnotes:
         print(f"- {n}")
     ao = variants.get("torchao")
-    for name in ("w8a8-dynamic", "w8a8-dynamic-compiled"):
+    for name in ("w8a8-dynamic", "w8a8-dynamic-compiled", "w8a8-dynamic-bf16attn", "w8a8-dynamic-bf16attn-compiled"):
         v = variants.get(name)
         if v is None or ao is None:
             continue

@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import hf_quantizer, layers
+from . import attention, hf_quantizer, layers
 from .files import set_usual_modes
 from .recipes import QuantConfig
 from .version import FORMAT_VERSION
@@ -337,5 +337,6 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, verify
     model.lowbit_unquantized_layers = manifest.get("unquantized_layers", [])
     if manifest.get("config"):
         model.lowbit_recipe = QuantConfig.from_dict(manifest["config"])
+        attention.apply(model, model.lowbit_recipe.attention)
     hf_quantizer.attach(model)  # a transformers model: save_pretrained writes it as lowbit-quantized
     return model.eval()

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import layers
+from . import attention, layers
 from .modules import QuantModule
 from .recipes import QuantConfig
 from .version import FORMAT_VERSION
@@ -155,6 +155,7 @@ def _finish(model: nn.Module, record: dict) -> None:
             m._derive()
     if record.get("config"):
         model.lowbit_recipe = QuantConfig.from_dict(record["config"])
+        attention.apply(model, model.lowbit_recipe.attention)
     model.lowbit_float_layers = list(record.get("float_layers") or [])
     model.lowbit_slower_layers = list(record.get("slower_layers") or [])
     model.lowbit_unquantized_layers = list(record.get("unquantized_layers") or [])

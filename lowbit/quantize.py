@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import autotune, fit, hf_quantizer, layers
+from . import attention, autotune, fit, hf_quantizer, layers
 from .backends import KERNELS, format_route
 from .core.observers import make_observer
 from .layers import set_child
@@ -549,6 +549,7 @@ class Builder:
         model.lowbit_float_layers = self.kept
         model.lowbit_slower_layers = self.slower
         model.lowbit_unquantized_layers = self.plan.left_float
+        attention.apply(model, self.plan.config.attention)
         hf_quantizer.attach(model)  # a transformers model: save_pretrained / from_pretrained keep it quantized
         where = "each layer and its reason: lowbit.summary(model) or model.{}"
         if self.kept:
@@ -659,6 +660,8 @@ def quantize(model: nn.Module, recipe: str | QuantConfig, *, calibration: Iterab
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if config.act == "static":  # fold BatchNorms: an eval-mode BN after a conv is part of its weights and bias
         fold_batchnorm_(model)
+    if config.attention is not None:
+        attention.check(model, config.attention)
     the_plan = plan(model, config, exclude, backend, keep_float_if_slower, fixed)  # layers, configs, fusions
     calibration = _calibration_data(the_plan, calibration)  # validate: what the recipe needs
     b = Builder(model, the_plan)

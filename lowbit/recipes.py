@@ -8,6 +8,8 @@ Narrower weights with int8 activations: FORMAT[-gGROUP]-a8[-dynamic|-static][-OB
 `ternary-a8`, `binary-a8-dynamic`, `int4-g32-a8-dynamic` (static by default; integer weights symmetric).
 Weight-only integer recipes store scales and zero points as float16 values; a `-fp32scales` suffix
 (`int4-g128-fp32scales`, `int4-g128-gptq-fp32scales`) keeps them float32, the earlier layout.
+A final `-bf16attn` (`w8a8-dynamic-bf16attn`) also runs a Hugging Face model's attention matmuls in bf16
+(lowbit.attention).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ DEFAULT_SMOOTH_ALPHA = 0.5
 ACT_MODES = ("dynamic", "static")
 OBSERVER_NAMES = ("minmax", "ema", "percentile", "mse", "entropy")  # lowbit.core.observers.OBSERVERS
 SCALE_DTYPES = ("float16", "float32")
+ATTENTION_KINDS = ("bf16",)  # lowbit.attention.KINDS
 DEFAULT_SCALE_DTYPE = "float16"
 
 # The recipes lowbit documents and tests; the grammar accepts more (any int2..int8, any group).
@@ -41,6 +44,7 @@ class QuantConfig:
     act: None (weights only), "dynamic" (activations quantized per row at run time) or "static"
     (per tensor, with ranges from calibration by `observer`). smooth: SmoothQuant's alpha, for w8a8
     recipes that first move activation outliers into the weights; None for no smoothing.
+    attention: None (the model's own) or "bf16": a transformers model's attention matmuls in bf16.
     """
 
     kind: str
@@ -54,6 +58,7 @@ class QuantConfig:
     observer: str = "minmax"
     smooth: float | None = None
     scale_dtype: str = DEFAULT_SCALE_DTYPE
+    attention: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("int", "float", "kmeans", "ternary", "binary"):
@@ -83,6 +88,8 @@ class QuantConfig:
             raise ValueError(f"unknown scale dtype {self.scale_dtype!r}; valid: {', '.join(SCALE_DTYPES)}")
         if self.scale_dtype != DEFAULT_SCALE_DTYPE and (self.kind != "int" or self.act is not None):
             raise ValueError(f"scale dtype {self.scale_dtype} applies to weight-only integer recipes (intB[-gG])")
+        if self.attention is not None and self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"unknown attention {self.attention!r}; valid: {', '.join(ATTENTION_KINDS)}")
 
     @property
     def needs_calibration(self) -> bool:
@@ -90,6 +97,10 @@ class QuantConfig:
 
     @property
     def name(self) -> str:
+        return self._base_name + (f"-{self.attention}attn" if self.attention else "")
+
+    @property
+    def _base_name(self) -> str:
         if self.act is not None:
             suffix = f"-{self.observer}" if self.act == "static" and self.observer != "minmax" else ""
             if (self.kind, self.bits, self.group_size) != ("int", 8, None):
@@ -117,6 +128,8 @@ class QuantConfig:
         # that predate the option.
         if d["scale_dtype"] == DEFAULT_SCALE_DTYPE:
             del d["scale_dtype"]
+        if d["attention"] is None:
+            del d["attention"]
         return d
 
     @classmethod
@@ -135,7 +148,8 @@ def valid_recipes_message() -> str:
         + "or w8a8-dynamic, w8a8-static[-OBSERVER] with OBSERVER in " + "/".join(OBSERVER_NAMES)
         + "; or w8a8-smooth[-ALPHA], w8a8-static-smooth[-ALPHA] with ALPHA in [0, 1]"
         + "; or FORMAT[-gGROUP]-a8[-dynamic|-static][-OBSERVER] with FORMAT int2..int8, ternary or binary"
-        + "; weight-only intB recipes take a final -fp32scales for float32 scales and zero points)"
+        + "; weight-only intB recipes take a final -fp32scales for float32 scales and zero points"
+        + "; any recipe takes a final -bf16attn: a transformers model's attention matmuls in bf16)"
     )
 
 
@@ -146,6 +160,9 @@ def parse_recipe(recipe: str | QuantConfig) -> QuantConfig:
     if not isinstance(recipe, str):
         raise TypeError(f"recipe must be a string or QuantConfig, got {type(recipe).__name__}")
     text = recipe.strip().lower()
+    for kind in ATTENTION_KINDS:
+        if text.endswith(f"-{kind}attn"):
+            return replace(parse_recipe(text[:-len(f"-{kind}attn")]), attention=kind)
     if text.endswith("-fp32scales"):
         config = parse_recipe(text[:-len("-fp32scales")])
         try:

@@ -153,6 +153,19 @@ def q8_path() -> str:
     return _C.q8_path() if hasattr(_C, "q8_path") else "none"
 
 
+def has_attention_bf16() -> bool:
+    """Whether this CPU runs attention_bf16 (AVX-512 BF16)."""
+    return available() and hasattr(_C, "has_attention_bf16") and _C.has_attention_bf16()
+
+
+def attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                   causal: bool) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v with bf16 matmuls, float32 softmax: q [B, H, Sq, D], k and v
+    [B, Hkv, Sk, D] (H a multiple of Hkv), mask additive [B|1, H|1, Sq|1, Sk]; causal: row i sees keys
+    0..i. Returns [B, Sq, H, D] float32. See csrc/attention.h."""
+    return _C.attention_bf16(q, k, v, mask, float(scale), bool(causal))
+
+
 def dequant(packed: dict[str, torch.Tensor], bits: int, group_size: int, n: int, k: int) -> torch.Tensor:
     """The float32 W [N, K] the packed buffers stand for (scale * code - scale * zero, one rounding)."""
     return _C.dequant(packed["qweight"], bits, group_size, n, k)

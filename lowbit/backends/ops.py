@@ -10,6 +10,7 @@ alone), which both trace as one opaque node.
     lowbit::w8a8_linear_dynamic(x, codes, w_scale, csw, gemv, bias, relu)  uint8 per row x int8
     lowbit::w8a8_linear_static(x, codes, w_scale, bias, act_scale, act_zero, relu)
     lowbit::w8a8_conv(x, codes, w_scale, bias, act_scale, act_zero, stride, padding, dilation, groups, relu)
+    lowbit::attention_bf16(q, k, v, mask, scale, causal)                   attention, bf16 matmuls
 
 The W8A8 ops take the plain int8 weight and find oneDNN's packed form of it in a cache (see
 onednn.packed_linear): the packed form is an opaque tensor that graphs cannot carry as a constant.
@@ -116,6 +117,27 @@ def dequant(qweight: Tensor, bits: int, group_size: int, n: int, k: int) -> Tens
     if _eager(qweight):
         return _dequant(qweight, bits, group_size, n, k)
     return _dequant_op(qweight, bits, group_size, n, k)
+
+
+# ---------------------------------------------------------------- attention with bf16 matmuls
+
+
+@torch.library.custom_op("lowbit::attention_bf16", mutates_args=())
+def _attention_bf16_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, causal: bool) -> Tensor:
+    return lowbit_cpu.attention_bf16(q, k, v, mask, scale, causal)
+
+
+@_attention_bf16_op.register_fake
+def _(q, k, v, mask, scale, causal):
+    b, h, sq, d = q.shape
+    return q.new_empty((b, sq, h, d))
+
+
+def attention_bf16(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, causal: bool) -> Tensor:
+    """lowbit_cpu.attention_bf16: [B, H, Sq, D] queries -> [B, Sq, H, D]."""
+    if _eager(q):
+        return lowbit_cpu.attention_bf16(q, k, v, mask, scale, causal)
+    return _attention_bf16_op(q, k, v, mask, scale, causal)
 
 
 # ---------------------------------------------------------------- W8A8 linear, dynamic activations

@@ -23,6 +23,7 @@
 #include <cstdint>
 
 #include "act_quant.h"
+#include "attention.h"
 #include "kernels.h"
 #include "kernels_avx512.h"
 #include "kernels_q8.h"
@@ -439,6 +440,55 @@ at::Tensor int_row_epilogue(at::Tensor acc, at::Tensor sx, at::Tensor zx, at::Te
 
 }  // namespace
 
+// ---------------------------------------------------------------------------------------------
+// Attention with bf16 matmuls (attention.h). q [B, H, Sq, D], k and v [B, Hkv, Sk, D], float32, any
+// strides (columns made contiguous if they are not); mask: additive float32 [B|1, H|1, Sq|1, Sk].
+// Returns [B, Sq, H, D]: heads side by side, the layout the output projection reads.
+const bool g_attn_bf16 = lowbit::attn::cpu_has_bf16_path();
+
+at::Tensor attention_bf16(at::Tensor q, at::Tensor k, at::Tensor v, c10::optional<at::Tensor> mask, double scale,
+                          bool causal) {
+  TORCH_CHECK(g_attn_bf16, "lowbit: bf16 attention needs AVX-512 BF16, which this CPU lacks");
+  for (const auto* t : {&q, &k, &v})
+    TORCH_CHECK(t->dim() == 4 && t->scalar_type() == at::kFloat && t->device().is_cpu(),
+                "lowbit: attention takes CPU float32 [batch, heads, seq, head_dim] tensors");
+  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Sk = k.size(2);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && v.size(2) == Sk,
+              "lowbit: attention: k and v must be [batch, kv_heads, seq_k, head_dim] with q's batch");
+  TORCH_CHECK(k.size(3) == D && v.size(3) == D, "lowbit: attention: q, k and v must share head_dim");
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "lowbit: attention: heads (", H, ") must be a multiple of kv heads (", Hkv, ")");
+  TORCH_CHECK(D % 16 == 0 && D <= 512, "lowbit: attention: head_dim must be a multiple of 16 up to 512, got ", D);
+  if (q.stride(3) != 1) q = q.contiguous();
+  if (k.stride(3) != 1) k = k.contiguous();
+  if (v.stride(3) != 1) v = v.contiguous();
+  lowbit::avx512::attn::Args A{};
+  A.S = {B, H, Hkv, Sq, Sk, D, (Sk + lowbit::attn::KPAD - 1) / lowbit::attn::KPAD * lowbit::attn::KPAD};
+  A.q = q.data_ptr<float>();
+  A.qs[0] = q.stride(0), A.qs[1] = q.stride(1), A.qs[2] = q.stride(2);
+  at::Tensor m;
+  if (mask.has_value() && mask->defined()) {
+    m = *mask;
+    TORCH_CHECK(m.scalar_type() == at::kFloat && m.dim() == 4 && (m.size(0) == B || m.size(0) == 1) &&
+                    (m.size(1) == H || m.size(1) == 1) && (m.size(2) == Sq || m.size(2) == 1) && m.size(3) == Sk,
+                "lowbit: attention: the mask must be float32 and broadcast to [batch, heads, seq_q, seq_k] = [", B,
+                ", ", H, ", ", Sq, ", ", Sk, "], got ", m.sizes());
+    m = m.expand({B, H, Sq, Sk});  // broadcast dimensions get stride 0
+    if (m.stride(3) != 1) m = m.contiguous();
+    A.mask = m.data_ptr<float>();
+    A.ms[0] = m.stride(0), A.ms[1] = m.stride(1), A.ms[2] = m.stride(2);
+  }
+  A.scale = (float)scale;
+  A.causal = causal;
+  auto out = at::empty({B, Sq, H, D}, q.options());
+  if (out.numel() == 0) return out;
+  A.out = out.data_ptr<float>();
+  const int64_t kst[3] = {k.stride(0), k.stride(1), k.stride(2)}, vst[3] = {v.stride(0), v.stride(1), v.stride(2)};
+  if (Sk == 0) return out.zero_();
+  lowbit::avx512::attn::run(A, k.data_ptr<float>(), kst, v.data_ptr<float>(), vst);
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lowbit CPU kernels (AVX2/FMA, AVX-512): packed low-bit weights x float32 activations";
   m.def("supports", &supports, "whether (n, k, bits, group_size) has a packed layout");
@@ -456,6 +506,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_q8", &linear_q8, "x [..., K] @ W^T (+bias) with x rounded to int8 per 32 columns, integer dot products",
         py::arg("x"), py::arg("qweight"), py::arg("bits"), py::arg("group_size"), py::arg("n"), py::arg("k"),
         py::arg("bias") = py::none());
+  m.def("attention_bf16", &attention_bf16, "softmax(q k^T * scale + mask) v with bf16 matmuls -> [B, Sq, H, D]",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"), py::arg("scale"), py::arg("causal"));
+  m.def("has_attention_bf16", []() { return g_attn_bf16; }, "whether this CPU runs attention_bf16 (AVX-512 BF16)");
   m.def("q8_path", []() { return q8_path(g_isa.load()); }, "the int8-activation GEMV's instructions: vnni or avx2");
   m.def("quantize_rows_u8", &quantize_rows_u8, "per-row asymmetric uint8 quantization of float32 [M, K]");
   m.def("quantize_u8", &quantize_u8, "per-tensor uint8 quantization, layout kept");
