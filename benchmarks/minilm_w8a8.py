@@ -10,8 +10,8 @@ Variants (`--variants`, comma list; fp32 is always there as the reference):
   w8a8-dynamic      lowbit, int8 weights, activations quantized per call
   w8a8-static       lowbit, int8 weights, activation ranges from calibration (STS-B train sentences)
   w8a8-dynamic-compiled  lowbit w8a8-dynamic under torch.compile(freezing=True), as torchao is timed
-  w8a8-dynamic-bf16attn[-compiled]  the same with attention's matmuls in bf16 (lowbit.attention; torch's
-                    float32 SDPA where the CPU lacks AVX-512 BF16, as the machine line says)
+  w8a8-dynamic-floatattn[-compiled]  the same with the model's own float32 attention (w8a8 recipes run
+                    attention's matmuls in bf16 where the CPU has AVX-512 BF16, see lowbit.attention)
   w8a8-*-all        the same with keep_float_if_slower=False: every linear quantized, even where lowbit's
                     kernel timing says float is faster on this machine
   int8              lowbit weight-only int8, for reference
@@ -56,17 +56,17 @@ from lowbit_workbench.calib import timing_texts
 from lowbit_workbench.evaluate import eval_stsb, load_stsb
 
 SEQ = 128
-VARIANTS = ("fp32", "fp32-compiled", "w8a8-dynamic", "w8a8-dynamic-compiled", "w8a8-dynamic-bf16attn",
-            "w8a8-dynamic-bf16attn-compiled", "w8a8-static", "w8a8-dynamic-all", "w8a8-static-all", "int8", "torchao",
+VARIANTS = ("fp32", "fp32-compiled", "w8a8-dynamic", "w8a8-dynamic-compiled", "w8a8-dynamic-floatattn",
+            "w8a8-dynamic-floatattn-compiled", "w8a8-static", "w8a8-dynamic-all", "w8a8-static-all", "int8", "torchao",
             "torch-ao-dynamic", "ort-fp32", "ort-dynamic", "ort-static")
-LOWBIT = ("w8a8-dynamic", "w8a8-dynamic-bf16attn", "w8a8-static", "w8a8-dynamic-all", "w8a8-static-all", "int8")
+LOWBIT = ("w8a8-dynamic", "w8a8-dynamic-floatattn", "w8a8-static", "w8a8-dynamic-all", "w8a8-static-all", "int8")
 LABELS = {
     "fp32": "fp32 eager (reference)",
     "fp32-compiled": "fp32, compiled",
     "w8a8-dynamic-compiled": "lowbit w8a8-dynamic, compiled",
     "w8a8-dynamic": "lowbit w8a8-dynamic",
-    "w8a8-dynamic-bf16attn": "lowbit w8a8-dynamic, bf16 attention",
-    "w8a8-dynamic-bf16attn-compiled": "lowbit w8a8-dynamic, bf16 attention, compiled",
+    "w8a8-dynamic-floatattn": "lowbit w8a8-dynamic, float32 attention",
+    "w8a8-dynamic-floatattn-compiled": "lowbit w8a8-dynamic, float32 attention, compiled",
     "w8a8-static": "lowbit w8a8-static",
     "w8a8-dynamic-all": "lowbit w8a8-dynamic, every layer",
     "w8a8-static-all": "lowbit w8a8-static, every layer",
@@ -148,7 +148,7 @@ def machine_line() -> str:
         path = f"oneDNN qlinear u8 x s8 (weights |w| <= {onednn.weight_qmax()}) + lowbit per-row quantize/epilogue"
     return (f"CPU: {cpu_name()}; features: {', '.join(feats) or 'none detected'}\n"
             f"lowbit W8A8 dynamic path: {path}; <= {GEMV_MAX_ROWS} rows: lowbit int8 GEMV\n"
-            f"-bf16attn attention: {attention.path()}")
+            f"lowbit W8A8 attention (transformers models): {attention.path()}")
 
 
 def build_lowbit(name: str, model: nn.Module, calib: list[dict]) -> Variant:
@@ -328,7 +328,7 @@ def main() -> None:
     for n in footnotes:
         print(f"- {n}")
     ao = variants.get("torchao")
-    for name in ("w8a8-dynamic", "w8a8-dynamic-compiled", "w8a8-dynamic-bf16attn", "w8a8-dynamic-bf16attn-compiled"):
+    for name in ("w8a8-dynamic", "w8a8-dynamic-compiled", "w8a8-dynamic-floatattn", "w8a8-dynamic-floatattn-compiled"):
         v = variants.get(name)
         if v is None or ao is None:
             continue

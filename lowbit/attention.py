@@ -1,20 +1,25 @@
-"""Attention with bf16 matmuls for Hugging Face models: the `-bf16attn` recipe option.
+"""Attention with bf16 matmuls for Hugging Face models.
 
 Quantizing the linears leaves attention's two matmuls (Q K^T and P V) in float32: in MiniLM at batch 32 x 128
-they are a quarter of a W8A8 model's time. With `-bf16attn` (`w8a8-dynamic-bf16attn`) lowbit registers its
-own attention function with transformers' attention interface and switches the model to it: Q, K, V and the
-softmax's probabilities are rounded to bf16 and multiplied with AVX-512 BF16 dot products, the softmax in
-float32 (lowbit._C.attention_bf16; lowbit::attention_bf16 under torch.compile).
+they are a quarter of a W8A8 model's time. Recipes that quantize activations (w8a8-*, *-a8) therefore also
+round attention's operands: lowbit registers its own attention function with transformers' attention
+interface and switches the model to it. Q, K, V and the softmax's probabilities are rounded to bf16 and
+multiplied with AVX-512 BF16 dot products, the softmax in float32 (lowbit._C.attention_bf16;
+lowbit::attention_bf16 under torch.compile). `-floatattn` keeps the model's own attention; weight-only recipes
+ask for this one with `-bf16attn`. Models that are not transformers models keep their attention.
 
-Where the kernel cannot run the call, torch's scaled_dot_product_attention runs it instead, in float32, the
-model's own numbers: on CPUs without AVX-512 BF16 (said once in a warning and in `lowbit.summary`), and
-per call for what the kernel does not take (gradients, dropout, other dtypes or devices, head sizes not a
-multiple of 16, position biases, soft-capping, attention weights asked for).
+torch's scaled_dot_product_attention (float32, the model's own numbers) runs instead on CPUs without AVX-512
+BF16 (said in `lowbit.summary` and model.lowbit_attention), and per call for what the kernel does not take
+or does not speed up: fewer than MIN_ROWS queries (decode: packing the cached keys every step costs more
+than it saves), gradients, dropout, other dtypes or devices, head sizes not a multiple of 16, position
+biases, soft-capping, attention weights asked for.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +30,7 @@ KINDS = ("bf16",)
 IMPLEMENTATION = "lowbit_bf16"  # the name registered with transformers' attention interface
 
 _UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks")
+MIN_ROWS = 16  # fewer query rows per call take torch's SDPA
 
 
 # Read once: a call into lowbit._C inside attention_forward would break torch.compile's graph there.
@@ -53,7 +59,7 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
                       **kwargs) -> tuple[Tensor, None]:
     """transformers' attention-interface function: (attn_output [B, S, H, D], None), as its sdpa one."""
     d = query.shape[-1]
-    if (not available() or dropout > 0.0 or query.device.type != "cpu"
+    if (not available() or query.shape[2] < MIN_ROWS or dropout > 0.0 or query.device.type != "cpu"
             or any(t.dtype != torch.float32 for t in (query, key, value))
             or (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
             or d % 16 or d > 512 or key.shape[-1] != d or value.shape[-1] != d
@@ -86,22 +92,42 @@ def _register() -> None:
         AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)  # masks as sdpa takes them (None when all attend)
 
 
-def check(model: nn.Module, kind: str) -> None:
-    """Raise unless `model` can take `kind` attention (before any layer is quantized)."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown attention kind {kind!r}; valid: {', '.join(KINDS)}")
-    if not hasattr(model, "set_attn_implementation") or not hasattr(model, "config"):
-        raise ValueError(f"-{kind}attn replaces a Hugging Face model's attention function; "
-                         f"{type(model).__name__} is not a transformers model")
+def uses(model: nn.Module) -> bool:
+    """Whether `model` runs lowbit's attention function."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == IMPLEMENTATION
 
 
 def apply(model: nn.Module, kind: str | None) -> None:
-    """Switch `model` (a transformers model) to lowbit's `kind` attention; None leaves it as it is."""
+    """Switch `model` to lowbit's `kind` attention where it is a transformers model that takes attention
+    functions; record what runs its attention in model.lowbit_attention. None leaves the model as it is."""
     if kind is None:
         return
-    check(model, kind)
+    if kind not in KINDS:
+        raise ValueError(f"unknown attention kind {kind!r}; valid: {', '.join(KINDS)}")
+    if not hasattr(model, "set_attn_implementation") or not hasattr(model, "config"):
+        model.lowbit_attention = "the model's own (not a transformers model)"
+        return
     _register()
-    model.set_attn_implementation(IMPLEMENTATION)
+    try:
+        model.set_attn_implementation(IMPLEMENTATION)
+    except (ValueError, ImportError, NotImplementedError) as e:  # a model class that takes no custom attention
+        model.lowbit_attention = f"the model's own ({type(model).__name__} takes no attention function: {e})"
+        warnings.warn(f"{kind} attention not applied: {model.lowbit_attention}", stacklevel=3)
+        return
     model.lowbit_attention = path()
     if not available():
-        warnings.warn(f"-{kind}attn: {path()}; the model's attention keeps float32 numbers", stacklevel=3)
+        warnings.warn(f"{kind} attention: {path()}; the model's attention keeps float32 numbers", stacklevel=3)
+
+
+@contextlib.contextmanager
+def own_attention(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block `model` runs torch's SDPA instead of lowbit's attention (export, checks against
+    float runtimes); restored after."""
+    if not uses(model):
+        yield model
+        return
+    model.set_attn_implementation("sdpa")
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(IMPLEMENTATION)

@@ -370,6 +370,8 @@ def info_cmd() -> None:
         q8 = lowbit_cpu.q8_path()
         int3 = "" if q8 == "vnni" else "; int3 keeps float activations on this path"
         click.echo(f"  lowbit_q8 (int8 activations, opt-in) dot products: {q8}{int3}")
+    from . import attention
+    click.echo(f"  attention of w8a8 / -bf16attn transformers models: {attention.path()}")
     if not kernels["lowbit_cpu"]:
         click.echo("warning: lowbit's own kernel is not built or this CPU lacks AVX2/FMA: int formats fall "
                    "back to PyTorch's kernels (bf16 activations) or the simulated path")

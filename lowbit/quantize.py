@@ -660,8 +660,6 @@ def quantize(model: nn.Module, recipe: str | QuantConfig, *, calibration: Iterab
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if config.act == "static":  # fold BatchNorms: an eval-mode BN after a conv is part of its weights and bias
         fold_batchnorm_(model)
-    if config.attention is not None:
-        attention.check(model, config.attention)
     the_plan = plan(model, config, exclude, backend, keep_float_if_slower, fixed)  # layers, configs, fusions
     calibration = _calibration_data(the_plan, calibration)  # validate: what the recipe needs
     b = Builder(model, the_plan)
@@ -691,6 +689,8 @@ class Summary(list):
     def weights(self) -> int:
         return sum(r.get("weights", 0) for r in self)
 
+    attention: str | None = None  # what runs a transformers model's attention, when a recipe chose it
+
     @property
     def bits_per_weight(self) -> float:
         """Storage bits per weight over every listed layer (quantized or float), weighted by size."""
@@ -717,9 +717,11 @@ def summary(model: nn.Module) -> Summary:
     simulated, bits per weight (codes with their scales, zero points and codebooks) and weights; a layer
     that runs slower than float says so in "reason". Then the layers `backend="auto"` kept in float
     (kernel "float") and the layers with weights the recipe left float (type "left float"), each with its
-    reason. `.bits_per_weight` of the result is the average over all of them."""
+    reason. `.bits_per_weight` of the result is the average over all of them; `.attention` says what runs
+    the attention of a model whose recipe chose it (lowbit.attention)."""
     slower = {n["layer"]: n for n in getattr(model, "lowbit_slower_layers", [])}
     rows = Summary()
+    rows.attention = getattr(model, "lowbit_attention", None)
     for name, mod in model.named_modules():
         fields = layers.summary_row(mod)
         if fields is None or not isinstance(mod, QuantModule):

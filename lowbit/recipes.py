@@ -8,8 +8,10 @@ Narrower weights with int8 activations: FORMAT[-gGROUP]-a8[-dynamic|-static][-OB
 `ternary-a8`, `binary-a8-dynamic`, `int4-g32-a8-dynamic` (static by default; integer weights symmetric).
 Weight-only integer recipes store scales and zero points as float16 values; a `-fp32scales` suffix
 (`int4-g128-fp32scales`, `int4-g128-gptq-fp32scales`) keeps them float32, the earlier layout.
-A final `-bf16attn` (`w8a8-dynamic-bf16attn`) also runs a Hugging Face model's attention matmuls in bf16
-(lowbit.attention).
+Attention: recipes that quantize activations also run a transformers model's attention matmuls in bf16
+(lowbit.attention: Q, K, V and the softmax's probabilities rounded to bf16); a final `-floatattn`
+(`w8a8-dynamic-floatattn`) keeps the model's own attention. Weight-only recipes keep it unless they end in
+`-bf16attn` (`int4-g128-bf16attn`).
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ class QuantConfig:
     act: None (weights only), "dynamic" (activations quantized per row at run time) or "static"
     (per tensor, with ranges from calibration by `observer`). smooth: SmoothQuant's alpha, for w8a8
     recipes that first move activation outliers into the weights; None for no smoothing.
-    attention: None (the model's own) or "bf16": a transformers model's attention matmuls in bf16.
+    attention: None (the model's own) or "bf16": a transformers model's attention matmuls in bf16 (the
+    recipe strings of activation-quantizing recipes ask for it unless they end in -floatattn).
     """
 
     kind: str
@@ -97,7 +100,14 @@ class QuantConfig:
 
     @property
     def name(self) -> str:
-        return self._base_name + (f"-{self.attention}attn" if self.attention else "")
+        if self.attention == self.default_attention:
+            return self._base_name
+        return self._base_name + (f"-{self.attention}attn" if self.attention else "-floatattn")
+
+    @property
+    def default_attention(self) -> str | None:
+        """What the recipe string without an attention suffix asks for."""
+        return "bf16" if self.act is not None else None
 
     @property
     def _base_name(self) -> str:
@@ -149,7 +159,8 @@ def valid_recipes_message() -> str:
         + "; or w8a8-smooth[-ALPHA], w8a8-static-smooth[-ALPHA] with ALPHA in [0, 1]"
         + "; or FORMAT[-gGROUP]-a8[-dynamic|-static][-OBSERVER] with FORMAT int2..int8, ternary or binary"
         + "; weight-only intB recipes take a final -fp32scales for float32 scales and zero points"
-        + "; any recipe takes a final -bf16attn: a transformers model's attention matmuls in bf16)"
+        + "; a final -bf16attn / -floatattn runs a transformers model's attention matmuls in bf16 / keeps them"
+        + " (bf16 by default for recipes quantizing activations))"
     )
 
 
@@ -160,9 +171,15 @@ def parse_recipe(recipe: str | QuantConfig) -> QuantConfig:
     if not isinstance(recipe, str):
         raise TypeError(f"recipe must be a string or QuantConfig, got {type(recipe).__name__}")
     text = recipe.strip().lower()
-    for kind in ATTENTION_KINDS:
-        if text.endswith(f"-{kind}attn"):
-            return replace(parse_recipe(text[:-len(f"-{kind}attn")]), attention=kind)
+    for kind in (*ATTENTION_KINDS, None):
+        suffix = f"-{kind or 'float'}attn"
+        if text.endswith(suffix):
+            return replace(parse_recipe(text[:-len(suffix)]), attention=kind)
+    config = _parse(recipe, text)
+    return replace(config, attention=config.default_attention)
+
+
+def _parse(recipe: str, text: str) -> QuantConfig:
     if text.endswith("-fp32scales"):
         config = parse_recipe(text[:-len("-fp32scales")])
         try:

@@ -27,12 +27,14 @@ DEFAULT_RECIPES = ("bf16", "int8", "int4-g128", "int4-g32", "int3-g64", "kmeans4
 def kernel_note(model: torch.nn.Module) -> str:
     """E.g. 'lowbit_cpu (fp32 act)' or 'dequant (simulated)': how the linears of a model run."""
     kinds = {}
-    for row in summary(model):
+    rows = summary(model)
+    for row in rows:
         if row["type"] in ("linear", "kept float"):
             act = "float" if row["type"] == "kept float" else row["act_dtype"] + " act"
             label = f"{row['kernel']} ({'simulated' if row['simulated'] else act})"
             kinds[label] = kinds.get(label, 0) + 1
-    return ", ".join(f"{k} x{v}" for k, v in kinds.items()) or "float"
+    note = ", ".join(f"{k} x{v}" for k, v in kinds.items()) or "float"
+    return note + (f"; attention: {rows.attention}" if rows.attention else "")
 
 
 def run_demo(out: str | os.PathLike = "lowbit-demo", recipes: tuple[str, ...] = DEFAULT_RECIPES,

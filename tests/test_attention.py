@@ -146,11 +146,19 @@ def test_bad_inputs_are_refused():
 # ---------------------------------------------------------------- the recipe option on transformers models
 
 
-def test_recipe_option_parses_and_names():
-    c = parse_recipe("w8a8-dynamic-bf16attn")
-    assert c.attention == "bf16" and c.act == "dynamic" and c.name == "w8a8-dynamic-bf16attn"
+def test_recipe_attention_defaults_and_suffixes():
+    c = parse_recipe("w8a8-dynamic")  # activations quantized: attention in bf16 by default
+    assert c.attention == "bf16" and c.name == "w8a8-dynamic"
+    assert parse_recipe("w8a8-dynamic-bf16attn") == c
+    own = parse_recipe("w8a8-dynamic-floatattn")
+    assert own.attention is None and own.name == "w8a8-dynamic-floatattn" and own.act == "dynamic"
+    assert parse_recipe("int4-a8").attention == "bf16"
+    assert parse_recipe("int4-g128").attention is None  # weight-only: the model's own unless asked
     assert parse_recipe("int4-g128-fp32scales-bf16attn").name == "int4-g128-fp32scales-bf16attn"
-    assert "attention" not in parse_recipe("w8a8-dynamic").to_dict()  # manifests of other recipes unchanged
+    # Manifests of weight-only recipes read as before; a W8A8 manifest without the key (written before the
+    # option) is a model that ran its own attention.
+    assert "attention" not in parse_recipe("int4-g128").to_dict()
+    assert lowbit.QuantConfig.from_dict({k: v for k, v in c.to_dict().items() if k != "attention"}) == own
     with pytest.raises(ValueError, match="unknown attention"):
         lowbit.QuantConfig("int", 8, symmetric=True, attention="int4")
 
@@ -223,9 +231,25 @@ def test_bf16attn_survives_save_and_load(tmp_path):
     assert torch.equal(hidden(back, batches[0]), hidden(model, batches[0]))
 
 
-def test_bf16attn_refuses_a_model_without_attention_interface():
-    with pytest.raises(ValueError, match="not a transformers model"):
-        lowbit.quantize(nn.Sequential(nn.Linear(32, 32)), "int8-bf16attn")
+def test_models_without_attention_interface_keep_theirs():
+    model = lowbit.quantize(nn.Sequential(nn.Linear(32, 32)), "w8a8-dynamic", backend="onednn")
+    assert "not a transformers model" in model.lowbit_attention
+    assert "not a transformers model" in lowbit.summary(model).attention
+
+
+def test_w8a8_on_transformers_runs_bf16_attention_unless_floatattn():
+    batches = bert_batches()
+    backend = "onednn"  # "auto" would keep these tiny layers in float
+    model = lowbit.quantize(tiny_bert(), "w8a8-dynamic", calibration=batches, backend=backend)
+    own = lowbit.quantize(tiny_bert(), "w8a8-dynamic-floatattn", calibration=batches, backend=backend)
+    assert attention.uses(model) and not attention.uses(own)
+    assert lowbit.summary(model).attention == attention.path() and lowbit.summary(own).attention is None
+    keep = batches[0]["attention_mask"].bool()
+    err = (hidden(model, batches[0]) - hidden(own, batches[0]))[keep].abs()
+    assert err.max() < 0.1
+    with attention.own_attention(model):  # export checks run the float attention
+        assert torch.equal(hidden(model, batches[0]), hidden(own, batches[0]))
+    assert attention.uses(model)
 
 
 @needs_bf16

@@ -56,6 +56,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .. import attention
 from ..files import set_usual_modes
 from ..formats import AffineScheme
 from ..modules import QuantEmbedding, QuantLinear, QuantModule
@@ -457,8 +458,9 @@ def is_causal_lm(model: nn.Module) -> bool:
 
 
 def reference_output(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """lowbit's own model's output on `inputs` (logits or last hidden state), float32."""
-    with torch.inference_mode():
+    """lowbit's own model's output on `inputs` (logits or last hidden state), float32; attention in float32
+    (as the loader runs it) where lowbit runs it with bf16 matmuls."""
+    with torch.inference_mode(), attention.own_attention(model):
         return _first_output(model(**inputs)).float()
 
 

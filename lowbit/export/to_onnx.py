@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import core
+from .. import attention, core
 from ..files import set_usual_mode
 from ..formats import Scheme
 from ..layers import set_child
@@ -487,17 +487,22 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
     model.eval()
     token = OPTIONS.set({"accuracy_level": accuracy_level})
     half = _half_activation_layers(model)
+    rounded = bool(half) or attention.uses(model)
     try:
         standin, notes = prepare(model, dequantize_unsupported=dequantize_unsupported)
+        if attention.uses(standin):  # the file's attention: ONNX's float32 ops
+            standin.set_attn_implementation("sdpa")
+            notes.append("attention: float32 in the file (lowbit runs it with bf16 matmuls)")
         with torch.no_grad():
             raw = _run(model, inputs, keywords)
             as_run, key = _as_list(plain_outputs(raw)), _output_key(raw)
             # The file computes in float32 from the exact weights. Where lowbit runs layers on bf16 / fp16
-            # activations (PyTorch's int4 / int8 kernels) or int8 ones (lowbit_q8), the file is checked against the same layers run in
-            # float32 from the same codes ("dequant"), so that the bounds stay tight; the model as it runs is
+            # activations (PyTorch's int4 / int8 kernels) or int8 ones (lowbit_q8), or attention with bf16
+            # matmuls, the file is checked against the same layers run in float32 from the same codes
+            # ("dequant") and float32 attention, so that the bounds stay tight; the model as it runs is
             # compared too, and reported.
-            reference = as_run if not half else _as_list(plain_outputs(_run(_exact_copy(model, half), inputs,
-                                                                              keywords)))
+            reference = as_run if not rounded else _as_list(plain_outputs(_run(_exact_copy(model, half), inputs,
+                                                                                 keywords)))
     finally:
         OPTIONS.reset(token)
         model.train(was_training)
@@ -531,14 +536,15 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
         set_usual_mode(tmp)  # mkstemp made it owner-only
         if verify:
             feeds = dict(zip(names, inputs, strict=True))
-            if half:
-                echo(f"lowbit runs {len(half)} layer(s) with bf16/fp16 or int8 activations (e.g. {half[0]}); the file "
-                     "computes in float32, so it is checked against those layers run in float32 from the same "
-                     "codes; its agreement with the model as it runs is reported")
+            if rounded:
+                what = [f"{len(half)} layer(s) with bf16/fp16 or int8 activations (e.g. {half[0]})"] if half else []
+                what += ["attention with bf16 matmuls"] if attention.uses(model) else []
+                echo(f"lowbit runs {' and '.join(what)}; the file computes in float32, so it is checked against "
+                     "the same codes run in float32; its agreement with the model as it runs is reported")
             min_cosine, max_abs_rel = verify_bounds(standin)
             verify_file(tmp, feeds, reference, echo=echo, openvino=openvino, max_abs_rel=max_abs_rel,
                         min_cosine=min_cosine)
-            if half:  # reported, not bounded: the difference is lowbit's own activation rounding, not the file's
+            if rounded:  # reported, not bounded: the difference is lowbit's own activation rounding, not the file's
                 got = run_onnxruntime(tmp, feeds)
                 for i, (r, g) in enumerate(zip(as_run, got, strict=True)):
                     label = "ONNX Runtime vs lowbit's kernels on rounded activations"
@@ -618,10 +624,13 @@ def _run(model: nn.Module, inputs: Sequence[torch.Tensor], keywords: Sequence[st
 
 
 def _exact_copy(model: nn.Module, layers: Sequence[str]) -> nn.Module:
-    """A copy of `model` whose `layers` run in float32 from their own codes (the "dequant" kernel)."""
+    """A copy of `model` whose `layers` run in float32 from their own codes (the "dequant" kernel), and
+    whose attention is torch's float32 SDPA."""
     exact = copy.deepcopy(model)
     for name in layers:
         exact.get_submodule(name).set_kernel("dequant")
+    if attention.uses(exact):
+        exact.set_attn_implementation("sdpa")
     return exact
 
 

@@ -220,37 +220,52 @@ inline void attend_block(const Args& A, int64_t b, int64_t h, int64_t i0, std::v
       const int64_t i = i0 + r;
       const int64_t lim = std::min(S.Sk, A.causal ? i + 1 : S.Sk);  // keys [0, lim) are seen
       const float* mk = A.mask ? A.mask + b * A.ms[0] + h * A.ms[1] + i * A.ms[2] : nullptr;
-      __m512 vmax = ninf;
-      for (int64_t c = 0; c < kn; c += 16) {
-        const int64_t j = k0 + c;
-        __m512 x = _mm512_loadu_ps(s + c);
-        const __mmask16 valid = _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32((int)std::max<int64_t>(0, std::min<int64_t>(16, lim - j))));
-        // Finite mask values clamped at -1e30: transformers' finfo.min would overflow to -inf once
-        // scaled. As in torch's SDPA, a row masked everywhere by finite values gets uniform weights and
-        // one masked everywhere by -inf gives 0.
-        if (mk && valid) {
-          const __m512 mv = _mm512_maskz_loadu_ps(valid, mk + j);
-          const __m512 mc = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(mv, ninf, _CMP_EQ_OQ), _mm512_max_ps(mv, floor), ninf);
-          x = _mm512_fmadd_ps(mc, l2e, x);
-        }
-        x = _mm512_mask_blend_ps(valid, ninf, x);
-        _mm512_storeu_ps(s + c, x);
-        vmax = _mm512_max_ps(vmax, x);
+      // Vectors [0, full) are wholly seen and, without a mask, taken as they are.
+      const int64_t full = mk ? 0 : std::max<int64_t>(0, std::min<int64_t>(kn, lim - k0)) / 16 * 16;
+      __m512 vmax0 = ninf, vmax1 = ninf;
+      int64_t c = 0;
+      for (; c + 32 <= full; c += 32) {
+        vmax0 = _mm512_max_ps(vmax0, _mm512_loadu_ps(s + c));
+        vmax1 = _mm512_max_ps(vmax1, _mm512_loadu_ps(s + c + 16));
       }
-      const float mnew = std::max(m[r], _mm512_reduce_max_ps(vmax));
+      for (; c < kn; c += 16) {
+        __m512 x = _mm512_loadu_ps(s + c);
+        if (c >= full) {
+          const int64_t j = k0 + c;
+          const __mmask16 valid = _mm512_cmplt_epi32_mask(
+              lane, _mm512_set1_epi32((int)std::max<int64_t>(0, std::min<int64_t>(16, lim - j))));
+          // Finite mask values clamped at -1e30: transformers' finfo.min would overflow to -inf once
+          // scaled. As in torch's SDPA, a row masked everywhere by finite values gets uniform weights and
+          // one masked everywhere by -inf gives 0.
+          if (mk && valid) {
+            const __m512 mv = _mm512_maskz_loadu_ps(valid, mk + j);
+            const __m512 mc =
+                _mm512_mask_blend_ps(_mm512_cmp_ps_mask(mv, ninf, _CMP_EQ_OQ), _mm512_max_ps(mv, floor), ninf);
+            x = _mm512_fmadd_ps(mc, l2e, x);
+          }
+          x = _mm512_mask_blend_ps(valid, ninf, x);
+          _mm512_storeu_ps(s + c, x);
+        }
+        vmax0 = _mm512_max_ps(vmax0, x);
+      }
+      const float mnew = std::max(m[r], _mm512_reduce_max_ps(_mm512_max_ps(vmax0, vmax1)));
       if (mnew == -std::numeric_limits<float>::infinity()) {  // nothing seen yet: P = 0
         std::memset(p16, 0, kn * sizeof(uint16_t));
         continue;
       }
-      const float corr = std::exp2(m[r] - mnew);  // 0 when m was -inf
+      // The earlier blocks' weights shrink by 2^(old max - new max); none on a row's first block.
+      const float corr = m[r] == -std::numeric_limits<float>::infinity() ? 0.f : std::exp2(m[r] - mnew);
       m[r] = mnew;
       const __m512 vm = _mm512_set1_ps(mnew);
-      __m512 vsum = _mm512_setzero_ps();
-      for (int64_t c = 0; c < kn; c += 16) {
-        const __m512 e = exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(s + c), vm));
-        vsum = _mm512_add_ps(vsum, e);
-        store_bf16(p16 + c, e);
+      __m512 vsum0 = _mm512_setzero_ps(), vsum1 = _mm512_setzero_ps();
+      for (c = 0; c + 32 <= kn; c += 32) {
+        const __m512 e0 = exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(s + c), vm));
+        const __m512 e1 = exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(s + c + 16), vm));
+        vsum0 = _mm512_add_ps(vsum0, e0);
+        vsum1 = _mm512_add_ps(vsum1, e1);
+        _mm512_storeu_si512(p16 + c, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
       }
+      const __m512 vsum = _mm512_add_ps(vsum0, vsum1);
       l[r] = l[r] * corr + _mm512_reduce_add_ps(vsum);
       if (corr != 1.f) {
         float* o = obuf.data() + r * D;
