@@ -83,13 +83,39 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     return ops.attention_bf16(query, key, value, mask, scale, is_causal), None
 
 
+def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                 mask_function=None, attention_mask: Tensor | None = None, local_size: int | None = None,
+                 allow_is_causal_skip: bool = True, allow_is_bidirectional_skip: bool = False,
+                 use_vmap: bool = False, device: torch.device | str = "cpu", **kwargs) -> Tensor | None:
+    """transformers' mask-interface function for lowbit's attention: its sdpa masks, except that a plain
+    bidirectional mask (an encoder's padding) stays [batch, 1, 1, keys]: the kernel broadcasts it over heads
+    and queries instead of reading a [batch, 1, queries, keys] mask built on every call."""
+    from transformers.masking_utils import (bidirectional_mask_function, causal_mask_function,
+                                            prepare_padding_mask, sdpa_mask)
+
+    mask_function = causal_mask_function if mask_function is None else mask_function  # sdpa_mask's default
+    if mask_function is bidirectional_mask_function and not use_vmap and local_size is None:
+        padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+        if padding is None:
+            return None if allow_is_bidirectional_skip else torch.ones(
+                batch_size, 1, 1, kv_length, dtype=torch.bool, device=device)
+        padding = padding[:, kv_offset: kv_offset + kv_length].to(device=device, dtype=torch.bool)
+        if allow_is_bidirectional_skip and not torch.compiler.is_compiling() and bool(padding.all()):
+            return None
+        return padding[:, None, None, :].expand(batch_size, 1, 1, kv_length)
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                     local_size=local_size, allow_is_causal_skip=allow_is_causal_skip,
+                     allow_is_bidirectional_skip=allow_is_bidirectional_skip, use_vmap=use_vmap, device=device,
+                     **kwargs)
+
+
 def _register() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(IMPLEMENTATION, attention_forward)
-    if IMPLEMENTATION not in ALL_MASK_ATTENTION_FUNCTIONS:
-        AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)  # masks as sdpa takes them (None when all attend)
+    AttentionMaskInterface.register(IMPLEMENTATION, padding_mask)
 
 
 def uses(model: nn.Module) -> bool:

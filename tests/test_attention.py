@@ -200,7 +200,8 @@ def test_bf16attn_model_switches_and_stays_close(monkeypatch):
     keep = b["attention_mask"].bool()
     err = (out - ref)[keep].abs()
     if attention.available():
-        assert len(calls) == 2 and calls[0] is not None  # both layers, with the padding mask
+        assert len(calls) == 2 and calls[0] is not None  # both layers, with the padding mask...
+        assert calls[0].shape == (4, 1, 1, 24)  # ...one row per sequence, broadcast over heads and queries
         assert err.max() < 0.1 and err.mean() < 0.01
         assert err.max() > 0  # bf16 did round something
     else:
@@ -264,3 +265,31 @@ def test_bf16attn_compiles_in_one_graph():
     assert graph.count("lowbit.attention_bf16") == 2  # one opaque node per layer
     compiled = torch.compile(model, backend="aot_eager")
     torch.testing.assert_close(hidden(compiled, batches[0]), hidden(model, batches[0]), atol=1e-5, rtol=1e-5)
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   max_position_embeddings=128, bos_token_id=0, eos_token_id=1)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_causal_lm_prefill_and_decode(monkeypatch):
+    """A decoder with grouped kv heads: prefill goes through the kernel (causal), decode steps (one query row)
+    through torch's SDPA; both stay close to the model with its own attention."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 100, (2, 24), generator=g)
+    model = lowbit.quantize(tiny_llama(), "int8-bf16attn", calibration=[{"input_ids": ids}] * 4)
+    own = lowbit.quantize(tiny_llama(), "int8", calibration=[{"input_ids": ids}] * 4)
+    rows = []
+    real = ops.attention_bf16
+    monkeypatch.setattr(ops, "attention_bf16", lambda *a: rows.append((a[0].shape[2], a[5])) or real(*a))
+    with torch.inference_mode():
+        logits, ref = model(ids).logits, own(ids).logits
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        out_own = own.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    if attention.available():
+        assert rows and all(r == (24, True) for r in rows)  # prefill only, with the causal flag
+    assert (logits - ref).abs().max() < 0.05 * ref.abs().max()
+    assert out.shape == out_own.shape == (2, 27)
