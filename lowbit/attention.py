@@ -90,8 +90,12 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int =
     """transformers' mask-interface function for lowbit's attention: its sdpa masks, except that a plain
     bidirectional mask (an encoder's padding) stays [batch, 1, 1, keys]: the kernel broadcasts it over heads
     and queries instead of reading a [batch, 1, queries, keys] mask built on every call."""
-    from transformers.masking_utils import (bidirectional_mask_function, causal_mask_function,
-                                            prepare_padding_mask, sdpa_mask)
+    from transformers.masking_utils import (
+        bidirectional_mask_function,
+        causal_mask_function,
+        prepare_padding_mask,
+        sdpa_mask,
+    )
 
     mask_function = causal_mask_function if mask_function is None else mask_function  # sdpa_mask's default
     if mask_function is bidirectional_mask_function and not use_vmap and local_size is None:
