@@ -84,10 +84,20 @@ inline void store_bf16(uint16_t* dst, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(v));
 }
 
+// Software prefetch of `n` rows of `d` floats, `stride` apart (strided rows of a [B, S, H, D] tensor: the
+// hardware prefetcher follows them one miss at a time).
+inline void prefetch_rows(const float* p, int64_t stride, int64_t n, int64_t d) {
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t c = 0; c < d; c += 16) _mm_prefetch(reinterpret_cast<const char*>(p + r * stride + c), _MM_HINT_T0);
+}
+
 // K and V of one (batch, kv head) into the layouts above. tmp: SkP * D bf16 of scratch.
 inline void pack_kv(const Shape& S, const float* k, int64_t ks, const float* v, int64_t vs, uint16_t* kp,
                     uint16_t* vp, uint16_t* tmp) {
   const int64_t D = S.D, Sk = S.Sk, SkP = S.SkP;
+  // Rows of another head lie between consecutive rows: ask for all of them at once.
+  prefetch_rows(k, ks, Sk, D);
+  prefetch_rows(v, vs, Sk, D);
   // K rows in bf16, then each 16-key block's pairs gathered column by column.
   for (int64_t j = 0; j < SkP; ++j) {
     uint16_t* t = tmp + j * D;
@@ -163,8 +173,6 @@ struct Args {
   Shape S;
   const float* q;
   int64_t qs[3];  // strides of batch, head, row (columns contiguous)
-  const uint16_t* kp;
-  const uint16_t* vp;
   const float* mask;  // additive, or nullptr
   int64_t ms[3];      // its strides of batch, head, row (0 where broadcast; columns contiguous)
   float scale;
@@ -173,19 +181,29 @@ struct Args {
 };
 
 // One task: query rows [i0, i0 + QB) of head h of batch b.
-inline void attend_block(const Args& A, int64_t b, int64_t h, int64_t i0, std::vector<uint32_t>& qbuf,
-                         std::vector<float>& sbuf, std::vector<uint32_t>& pbuf, std::vector<float>& obuf) {
+// kp, vp: the packed K and V of head h's kv head in batch b.
+struct Scratch {
+  std::vector<uint32_t> q, p;
+  std::vector<float> s, o;
+  explicit Scratch(int64_t D) : q((size_t)(QB * D / 2)), p((size_t)(QB * KB / 2)), s((size_t)(QB * KB)),
+                                o((size_t)(QB * D)) {}
+};
+
+inline void attend_block(const Args& A, int64_t b, int64_t h, int64_t i0, const uint16_t* kp, const uint16_t* vp,
+                         Scratch& sc) {
   const Shape& S = A.S;
   const int64_t D = S.D, SkP = S.SkP, hp = D / 2;
   const int64_t rows = std::min(QB, S.Sq - i0);
   const int64_t rowsP = (rows + RT - 1) / RT * RT;
-  const int64_t g = h / (S.H / S.Hkv);
-  const uint16_t* kp = A.kp + (b * S.Hkv + g) * SkP * D;
-  const uint16_t* vp = A.vp + (b * S.Hkv + g) * SkP * D;
+  std::vector<uint32_t>& qbuf = sc.q;
+  std::vector<float>& sbuf = sc.s;
+  std::vector<uint32_t>& pbuf = sc.p;
+  std::vector<float>& obuf = sc.o;
 
   // Q rows times scale * log2(e) (exponentials in base 2), bf16.
   const __m512 qscale = _mm512_set1_ps(A.scale * kLog2e);
   uint16_t* q16 = reinterpret_cast<uint16_t*>(qbuf.data());
+  prefetch_rows(A.q + b * A.qs[0] + h * A.qs[1] + i0 * A.qs[2], A.qs[2], rows, D);
   for (int64_t r = 0; r < rowsP; ++r) {
     if (r < rows) {
       const float* qr = A.q + b * A.qs[0] + h * A.qs[1] + (i0 + r) * A.qs[2];
@@ -291,35 +309,48 @@ inline void attend_block(const Args& A, int64_t b, int64_t h, int64_t i0, std::v
   }
 }
 
-inline void run(Args A, const float* k, const int64_t* kst, const float* v, const int64_t* vst) {
+inline void run(const Args& A, const float* k, const int64_t* kst, const float* v, const int64_t* vst) {
   const Shape& S = A.S;
-  const int64_t D = S.D, SkP = S.SkP;
-  // The packed K and V, kept by the calling thread for its next call: fresh pages for a few MB each
-  // call cost more page faults than the packing itself.
+  const int64_t D = S.D, SkP = S.SkP, per = S.H / S.Hkv;
+  const int64_t nq = (S.Sq + QB - 1) / QB;
+  const int64_t groups = S.B * S.Hkv;
+  auto pack = [&](int64_t t, uint16_t* kp, uint16_t* vp, uint16_t* tmp) {
+    const int64_t b = t / S.Hkv, g = t % S.Hkv;
+    pack_kv(S, k + b * kst[0] + g * kst[1], kst[2], v + b * vst[0] + g * vst[1], vst[2], kp, vp, tmp);
+  };
+  if (groups >= 2 * at::get_num_threads()) {
+    // Enough (batch, kv head) pairs for every thread: each packs one pair's K and V and runs all its query
+    // heads and rows while the packed copy is still in its cache.
+    at::parallel_for(0, groups, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<uint16_t> kv((size_t)(3 * SkP * D));
+      Scratch sc(D);
+      for (int64_t t = t0; t < t1; ++t) {
+        pack(t, kv.data(), kv.data() + SkP * D, kv.data() + 2 * SkP * D);
+        const int64_t b = t / S.Hkv, g = t % S.Hkv;
+        for (int64_t h = g * per; h < (g + 1) * per; ++h)
+          for (int64_t qi = 0; qi < nq; ++qi) attend_block(A, b, h, qi * QB, kv.data(), kv.data() + SkP * D, sc);
+      }
+    });
+    return;
+  }
+  // Few pairs (one sequence, few kv heads): pack them all first, then share out blocks of query rows.
+  // The packed copies are kept by the calling thread for its next call: fresh pages for a few MB each call
+  // cost more page faults than the packing itself.
   thread_local std::vector<uint16_t> buf;
-  const size_t n = (size_t)(S.B * S.Hkv * SkP * D);
+  const size_t n = (size_t)(groups * SkP * D);
   if (buf.size() < 2 * n) buf.resize(2 * n);
   uint16_t* kp = buf.data();
   uint16_t* vp = buf.data() + n;
-  at::parallel_for(0, S.B * S.Hkv, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, groups, 1, [&](int64_t t0, int64_t t1) {
     std::vector<uint16_t> tmp((size_t)(SkP * D));
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / S.Hkv, g = t % S.Hkv;
-      pack_kv(S, k + b * kst[0] + g * kst[1], kst[2], v + b * vst[0] + g * vst[1], vst[2],
-              kp + t * SkP * D, vp + t * SkP * D, tmp.data());
-    }
+    for (int64_t t = t0; t < t1; ++t) pack(t, kp + t * SkP * D, vp + t * SkP * D, tmp.data());
   });
-  A.kp = kp;
-  A.vp = vp;
-  const int64_t nq = (S.Sq + QB - 1) / QB;
   at::parallel_for(0, S.B * S.H * nq, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<uint32_t> qbuf((size_t)(QB * D / 2));
-    std::vector<float> sbuf((size_t)(QB * KB));
-    std::vector<uint32_t> pbuf((size_t)(QB * KB / 2));
-    std::vector<float> obuf((size_t)(QB * D));
+    Scratch sc(D);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / nq, qi = t % nq;
-      attend_block(A, bh / S.H, bh % S.H, qi * QB, qbuf, sbuf, pbuf, obuf);
+      const int64_t b = bh / S.H, h = bh % S.H, pair = b * S.Hkv + h / per;
+      attend_block(A, b, h, qi * QB, kp + pair * SkP * D, vp + pair * SkP * D, sc);
     }
   });
 }
