@@ -43,7 +43,7 @@ def available() -> bool:
 
 
 def path() -> str:
-    """What runs attention for a `-bf16attn` model on this machine."""
+    """What runs the attention of a model whose recipe asks for bf16 attention, on this machine."""
     return ("lowbit bf16 attention (AVX-512 BF16 vdpbf16ps)" if available()
             else "torch SDPA in float32 (this CPU lacks AVX-512 BF16)")
 
