@@ -120,7 +120,7 @@ def _rebuild_layers(model: nn.Module, entries: dict[str, dict], files: list[str]
             if name is None:
                 raise ValueError(f"the lowbit quantization_config names layer {saved!r}, which "
                                  f"{type(model).__name__} does not have")
-            if not state[saved] and entry.get("type") not in ("fused_relu", "identity"):
+            if not state[saved] and entry.get("type") not in ("fused_relu", "fused_act", "identity"):
                 raise ValueError(f"layer {saved!r}: the checkpoint files hold none of its tensors "
                                  f"({', '.join(str(f) for f in files)})")
             try:

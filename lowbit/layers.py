@@ -20,7 +20,7 @@ from torch import nn
 
 from .modules import QuantEmbedding, QuantLinear, QuantModule
 from .recipes import QuantConfig
-from .w8a8 import FusedReLU, W8A8Conv, W8A8Linear
+from .w8a8 import FusedAct, FusedReLU, W8A8Conv, W8A8Linear
 
 
 def set_child(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -110,7 +110,8 @@ def _linear_row(m: nn.Module) -> dict:
 
 
 def _w8a8(cls: type, name: str, entry: dict, args: tuple) -> nn.Module:
-    extra = {"after_act": bool(entry.get("after_act", False))} if cls is W8A8Linear else {}
+    extra = ({"after_act": bool(entry.get("after_act", False)), "act_out": entry.get("act_out")}
+             if cls is W8A8Linear else {})
     try:
         return cls(*args, kernel=entry["kernel"], relu=entry["relu"], **extra)
     except ValueError:
@@ -148,7 +149,8 @@ SAVED_KINDS: list[SavedKind] = [
     SavedKind("w8a8_linear", W8A8Linear,
               lambda m: {"type": "w8a8_linear", "in_features": m.in_features, "out_features": m.out_features,
                          "bias": m.bias is not None, "relu": m.relu, "config": m.config.to_dict(),
-                         "kernel": m.kernel_name, "after_act": m.after_act},
+                         "kernel": m.kernel_name, "after_act": m.after_act,
+                         **({"act_out": m.act_out} if m.act_out else {})},
               _rebuild_w8a8_linear, _linear_row),
     SavedKind("w8a8_conv", W8A8Conv,
               lambda m: {"type": "w8a8_conv", **m.geometry(), "bias": m.bias is not None, "relu": m.relu,
@@ -170,6 +172,7 @@ SAVED_KINDS: list[SavedKind] = [
                          "act_dtype": "-", "simulated": False}),
     # Where a ReLU stood whose work the layer before now does, and modules folded away (a BatchNorm).
     SavedKind("fused_relu", FusedReLU, lambda m: {"type": "fused_relu"}, lambda name, e, c, s: FusedReLU()),
+    SavedKind("fused_act", FusedAct, lambda m: {"type": "fused_act"}, lambda name, e, c, s: FusedAct()),
     SavedKind("identity", nn.Identity, lambda m: {"type": "identity"}, lambda name, e, c, s: nn.Identity()),
 ]
 SAVED_BY_TYPE = {k.type: k for k in SAVED_KINDS}

@@ -15,6 +15,7 @@ import warnings
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,7 +28,7 @@ from .modules import QuantEmbedding, QuantLinear, QuantModule
 from .progress import progress_bar
 from .recipes import QuantConfig, parse_recipe
 from .sequential import call_model, feed, stages
-from .w8a8 import FusedReLU, W8A8Conv, W8A8Linear
+from .w8a8 import FusedAct, FusedReLU, W8A8Conv, W8A8Linear
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d)
 # Fewer samples than this cannot give ranges worth fixing into a model.
@@ -153,6 +154,47 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], calibration
             raise ValueError(f"{len(unseen)} layer(s) received no input during calibration, so their activation "
                              f"ranges are unknown: {', '.join(unseen[:10])}; exclude them or use other data")
     return stats
+
+
+def gelu_chains(model: nn.Module, batch: Any, names: set[str]) -> list[tuple[str, str, str]]:
+    """(up, act, down): linears of `names` with an exact GELU module between them, where nothing but the
+    GELU reads the up-projection's output and nothing but the down-projection reads the GELU's, as
+    torch.export's graph of `model` on one calibration batch shows. The up-projection can then hand the
+    down-projection int8 codes (W8A8Linear.act_out). [] when the model does not export."""
+    args, kwargs = ((), dict(batch)) if isinstance(batch, dict) else (
+        ((batch,), {}) if isinstance(batch, torch.Tensor) else (tuple(batch), {}))
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            graph = torch.export.export(model, args, kwargs, strict=False).graph
+    except Exception:  # noqa: BLE001 - a model that does not export keeps its GELUs as they are
+        return []
+
+    def owner(node) -> str | None:  # the innermost module a node of the graph was traced in
+        stack = node.meta.get("nn_module_stack")
+        return list(stack.values())[-1][0] if stack else None
+
+    ops_of: dict[str | None, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_function":
+            ops_of[owner(node)] = ops_of.get(owner(node), 0) + 1
+    linear, gelu = torch.ops.aten.linear.default, torch.ops.aten.gelu.default
+    chains = []
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is not gelu:
+            continue
+        if node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none") != "none":
+            continue
+        up_node, readers = node.args[0], list(node.users)
+        if (getattr(up_node, "target", None) is not linear or len(up_node.users) != 1 or len(readers) != 1
+                or readers[0].target is not linear or readers[0].args[0] is not node):
+            continue
+        up, act, down = owner(up_node), owner(node), owner(readers[0])
+        # Each module traced once and doing only this: the act module is the GELU and nothing else.
+        if (up in names and down in names and act is not None and act not in (up, down)
+                and ops_of.get(act) == 1 and ops_of.get(up) == 1 and ops_of.get(down) == 1):
+            chains.append((up, act, down))
+    return chains
 
 
 def _trace(model: nn.Module):
@@ -405,6 +447,7 @@ class Builder:
         self.slower: list[dict] = []  # quantized, slower than float
         self.installed: set[str] = set()
         self.relus_done: set[str] = set()
+        self.gelu_chains: list[tuple[str, str, str]] = []  # from calibration (gelu_chains)
 
     def put(self, name: str, mod: nn.Module) -> None:
         if name:
@@ -538,10 +581,22 @@ class Builder:
             if not sources & kept:
                 self.put(relu, FusedReLU())
 
+    def fuse_gelus(self) -> None:
+        """Each GELU between two dynamic W8A8 linears on the int8 matmul (gelu_chains) moves into the first,
+        which then hands the second its input codes; the GELU module becomes a FusedAct."""
+        for up, act, down in self.gelu_chains:
+            a, b = self.model.get_submodule(up), self.model.get_submodule(down)
+            if (isinstance(a, W8A8Linear) and isinstance(b, W8A8Linear) and a.act_out is None and not a.relu
+                    and a.config.act == b.config.act == "dynamic" and a.kernel_name == b.kernel_name == "onednn"):
+                a.act_out = "gelu"
+                self.put(act, FusedAct())
+
     def finish(self, stacklevel: int = 3) -> nn.Module:
-        """Fuse the remaining ReLUs, save the timings, record and report what stayed float or runs slower
-        (warnings attributed `stacklevel` frames up: the caller of lowbit.quantize). Returns the model."""
+        """Fuse the remaining ReLUs and the GELUs between W8A8 layers, save the timings, record and report
+        what stayed float or runs slower (warnings attributed `stacklevel` frames up: the caller of
+        lowbit.quantize). Returns the model."""
         self.fuse_relus()
+        self.fuse_gelus()
         if self.tuner is not None:
             self.tuner.save()
         model = self.model
@@ -605,6 +660,12 @@ def _calibrate(b: Builder, floats: dict[str, nn.Module], calibration: Iterable, 
         if config.act == "static":
             b.stats = calibrate(b.model, seen, calibration, config.observer, progress)
     b.shapes = {n: st.shape for n, st in b.stats.items() if st.shape is not None}
+    # Dynamic W8A8 layers reading an activation's output: is it a GELU that the layer before could compute
+    # and hand over as int8 codes? (torch.export of the float model, about a second for MiniLM.)
+    if config.act == "dynamic" and any(after_activation(st) for st in b.stats.values()):
+        first = calibration[0] if isinstance(calibration, (list, tuple)) else next(iter(calibration))
+        linears = {n for n, m in floats.items() if isinstance(m, nn.Linear)}
+        b.gelu_chains = gelu_chains(b.model, first, linears)
 
 
 def fit_stage(b: Builder, stage, names: list[str]) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 
 from .modules import QuantModule
 from .quantize import feed, summary
+from .w8a8 import RowCodes
 
 
 def _sqnr_db(signal: float, noise: float) -> float:
@@ -47,6 +48,8 @@ class _Accumulator:
         self.name, self.quantized = name, quantized
         # Activation-quantized layers may absorb the ReLU that followed the float layer.
         self.fused_relu = getattr(quantized, "relu", False) is True
+        # ...or the GELU (W8A8Linear.act_out), whose output it may hand on as the next layer's int8 codes.
+        self.fused_gelu = getattr(quantized, "act_out", None) == "gelu"
         self.signal = 0.0
         self.noise = 0.0
         self.calls = 0
@@ -59,6 +62,8 @@ class _Accumulator:
         except Exception as e:
             raise RuntimeError(f"layer {self.name!r}: the quantized layer failed on the float layer's "
                                f"input: {e}") from e
+        if isinstance(yq, RowCodes):
+            yq = yq.dequantize()
         if yq.shape != output.shape:
             raise ValueError(f"layer {self.name!r}: quantized output has shape {tuple(yq.shape)}, "
                              f"the float layer's {tuple(output.shape)}")
@@ -66,6 +71,8 @@ class _Accumulator:
         yf = output.detach().double()
         if self.fused_relu:
             yf = yf.clamp_min(0.0)  # the layer stands in for float layer + ReLU; compare like with like
+        if self.fused_gelu:
+            yf = torch.nn.functional.gelu(yf)
         self.signal += yf.square().sum().item()
         self.noise += (yq.detach().double() - yf).square().sum().item()
         self.calls += 1

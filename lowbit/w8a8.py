@@ -21,14 +21,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backends import ConvSpec, LayerSpec, StoredWeight, candidates, onednn, select_kernel
+from .backends import ConvSpec, LayerSpec, StoredWeight, candidates, onednn, ops, select_kernel
 from .backends.int8 import fake_quant_rows, fake_quant_tensor
 from .backends.ops import GEMV_MAX_ROWS
 from .formats import Scheme, scheme_for
 from .modules import QuantModule
 from .recipes import QuantConfig
 
-__all__ = ["GEMV_MAX_ROWS", "FusedReLU", "W8A8Conv", "W8A8Linear", "fake_quant_rows", "fake_quant_tensor",
+__all__ = ["GEMV_MAX_ROWS", "FusedAct", "FusedReLU", "RowCodes", "W8A8Conv", "W8A8Linear", "fake_quant_rows", "fake_quant_tensor",
            "weight_scheme"]
 
 
@@ -41,6 +41,32 @@ def weight_scheme(config: QuantConfig) -> Scheme:
 
 class FusedReLU(nn.Identity):
     """Where a ReLU stood whose work the layer before it now does (relu fused into the int8 kernel)."""
+
+
+class FusedAct(nn.Identity):
+    """Where an activation stood (GELU) that the W8A8 layer before it now computes (W8A8Linear.act_out)."""
+
+
+class RowCodes:
+    """What a W8A8 layer with a fused GELU hands the next W8A8 layer, its only reader: that layer's input
+    already quantized per row (int8 codes - 128 [M, N], scale [M], zero point [M]), in place of the float32
+    [M, N] it would quantize. Carries the shape and dtype the float tensor would have had."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: tuple[int, ...],
+                 dtype: torch.dtype) -> None:
+        self.q, self.scale, self.zero = q, scale, zero
+        self.shape, self.dtype, self.device = torch.Size(shape), dtype, q.device
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def dequantize(self) -> torch.Tensor:
+        """The float values the codes stand for (what the next layer would have quantized, rounded)."""
+        x = (self.q.float() + 128.0 - self.zero.float()[:, None]) * self.scale[:, None]
+        return x.reshape(self.shape).to(self.dtype)
 
 
 class _W8A8(QuantModule):
@@ -141,11 +167,17 @@ class W8A8Linear(_W8A8):
 
     def __init__(self, in_features: int, out_features: int, config: QuantConfig, state: dict[str, torch.Tensor],
                  bias: torch.Tensor | None = None, kernel: str = "auto", relu: bool = False,
-                 after_act: bool = False):
+                 after_act: bool = False, act_out: str | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         # The input comes from an elementwise activation (found in calibration): see LayerSpec.after_act.
         self.after_act = bool(after_act)
+        if act_out not in (None, "gelu"):
+            raise ValueError(f"a W8A8 layer fuses GELU only, not {act_out!r}")
+        # "gelu": this layer computes the GELU that followed it, and its output goes to one W8A8 layer only
+        # (proven on the traced graph when it was quantized): on the int8 matmul path it hands that layer
+        # its input codes (RowCodes) instead of float32.
+        self.act_out = act_out
         self._setup(config, state, bias, relu, (out_features, in_features))
         self.set_kernel(kernel)
 
@@ -162,16 +194,36 @@ class W8A8Linear(_W8A8):
             state["act_zero_point"] = torch.tensor([act[1]], dtype=torch.int32)
         return cls(linear.in_features, linear.out_features, config, state, linear.bias, kernel, relu, after_act)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _int_path(self, rows: int) -> bool:
+        """Whether a call of `rows` rows runs on torch._int_mm (the path that makes and takes RowCodes)."""
+        return (self.kernel_name == "onednn" and not self.static and ops.int_mm_dynamic()
+                and not (self._prep.get("gemv") is not None and rows <= GEMV_MAX_ROWS))
+
+    def forward(self, x: torch.Tensor | RowCodes) -> torch.Tensor | RowCodes:
+        if isinstance(x, RowCodes):
+            if not self._int_path(x.q.shape[0]) or self.scale.dim() != 1:
+                x = x.dequantize()
+            else:
+                sc = self._prep["scale_csw"]
+                y = ops.w8a8_dynamic_from_codes(x.q, x.scale, x.zero, self._prep["codes"], sc[0], sc[1], self.bias,
+                                                self.relu)
+                return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float().contiguous()
+        if self.act_out == "gelu" and self._int_path(x2.shape[0]):
+            sc = self._prep["scale_csw"]
+            q, s, z = ops.w8a8_dynamic_gelu_codes(x2, self._prep["codes"], sc[0], sc[1], self.bias)
+            return RowCodes(q, s, z, (*lead, self.out_features), x.dtype)
         y = self._kernel.run(x2, self._prep, self.spec, self.bias)
+        if self.act_out == "gelu":
+            y = torch.nn.functional.gelu(y)
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         sim = ", simulated" if self.simulated else ""
         relu = ", relu fused" if self.relu else ""
         relu += ", input from an activation" if self.after_act else ""
+        relu += ", gelu fused (its reader takes int8 codes)" if self.act_out else ""
         return (f"in={self.in_features}, out={self.out_features}, recipe={self.config.name}, "
                 f"kernel={self.kernel_name}, {self._act_repr()}{relu}{sim}")
 

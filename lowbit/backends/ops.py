@@ -11,6 +11,7 @@ alone), which both trace as one opaque node.
     lowbit::w8a8_linear_static(x, codes, w_scale, bias, act_scale, act_zero, relu)
     lowbit::w8a8_conv(x, codes, w_scale, bias, act_scale, act_zero, stride, padding, dilation, groups, relu)
     lowbit::attention_bf16(q, k, v, mask, scale, causal)                   attention, bf16 matmuls
+    lowbit::int_epilogue_gelu_rows_s8(acc, sx, zx, w_scale, csw, bias)     W8A8 -> GELU -> next layer's codes
 
 The W8A8 ops take the plain int8 weight and find oneDNN's packed form of it in a cache (see
 onednn.packed_linear): the packed form is an opaque tensor that graphs cannot carry as a constant.
@@ -183,6 +184,51 @@ def w8a8_linear_dynamic(x: Tensor, codes: Tensor, w_scale: Tensor, csw: Tensor, 
         q, sx, zx = quantize_rows_s8(x) if quantize_op else quantize_rows_s8_traceable(x)
         return int_row_epilogue_traceable(torch._int_mm(q, codes.t()), sx, zx, w_scale, csw, bias, relu)
     return _w8a8_dynamic_op(x, codes, w_scale, csw, gemv, bias, relu)
+
+
+def int_mm_dynamic() -> bool:
+    """Whether dynamic W8A8 layers run torch._int_mm on this machine (int8 x int8, VNNI)."""
+    return _INT_MM_DYNAMIC
+
+
+def _int_epilogue_gelu_rows_s8(acc: Tensor, sx: Tensor, zx: Tensor, w_scale: Tensor, csw: Tensor,
+                               bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(lowbit_cpu.ops().int_epilogue_gelu_rows_s8(acc, sx, zx, w_scale, csw, bias))
+
+
+@torch.library.custom_op("lowbit::int_epilogue_gelu_rows_s8", mutates_args=())
+def _int_epilogue_gelu_rows_s8_op(acc: Tensor, sx: Tensor, zx: Tensor, w_scale: Tensor, csw: Tensor,
+                                  bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    return _int_epilogue_gelu_rows_s8(acc, sx, zx, w_scale, csw, bias)
+
+
+@_int_epilogue_gelu_rows_s8_op.register_fake
+def _(acc, sx, zx, w_scale, csw, bias):
+    m = acc.shape[0]
+    return acc.new_empty(acc.shape, dtype=torch.int8), sx.new_empty((m,)), zx.new_empty((m,))
+
+
+def w8a8_dynamic_gelu_codes(x: Tensor, codes: Tensor, w_scale: Tensor, csw: Tensor,
+                            bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """A dynamic W8A8 layer with GELU after it whose output only the next dynamic W8A8 layer reads: float32
+    x [M, K] -> that next layer's input codes (int8 q - 128 [M, N], scale [M], zero [M]), as
+    quantize_rows_s8(gelu(w8a8_linear_dynamic(x, ...))) would give them, without the float32 [M, N] between
+    (torch._int_mm, then lowbit's epilogue, GELU and row quantization in one pass over the int32 sums)."""
+    if _eager(x):
+        q, sx, zx = _quantize_rows_s8(x)
+        return _int_epilogue_gelu_rows_s8(torch._int_mm(q, codes.t()), sx, zx, w_scale, csw, bias)
+    q, sx, zx = quantize_rows_s8_traceable(x)
+    return _int_epilogue_gelu_rows_s8_op(torch._int_mm(q, codes.t()), sx, zx, w_scale, csw, bias)
+
+
+def w8a8_dynamic_from_codes(q: Tensor, sx: Tensor, zx: Tensor, codes: Tensor, w_scale: Tensor, csw: Tensor,
+                            bias: Tensor | None, relu: bool) -> Tensor:
+    """A dynamic W8A8 layer on input codes made by the layer before (w8a8_dynamic_gelu_codes): torch._int_mm
+    and the epilogue."""
+    acc = torch._int_mm(q, codes.t())
+    if _eager(q):
+        return lowbit_cpu.ops().int_row_epilogue(acc, sx, zx, w_scale, csw, bias, relu)
+    return int_row_epilogue_traceable(acc, sx, zx, w_scale, csw, bias, relu)
 
 
 def _int_mm_dynamic() -> bool:

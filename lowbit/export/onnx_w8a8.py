@@ -311,6 +311,9 @@ class W8A8LinearStandin(_Standin):
     def __init__(self, layer: W8A8Linear):
         super().__init__(layer)
         self.in_features, self.out_features = layer.in_features, layer.out_features
+        # The GELU the layer computes (act_out), written as ONNX's float GELU after it: the file's next layer
+        # quantizes that float output itself (lowbit hands it the same codes).
+        self.gelu = layer.act_out == "gelu"
         self.static = layer.static
         codes, scale = layer._stored.int8_codes()
         codes, scale = codes.to(torch.int8), scale.float()
@@ -354,6 +357,8 @@ class W8A8LinearStandin(_Standin):
         else:
             y = torch.ops.lowbit_onnx.w8a8_linear_dynamic(x2, self.weight_t, self.w_scale, self.corr, self.bias,
                                                           self.gemv_rows, self.relu)
+        if self.gelu:
+            y = torch.nn.functional.gelu(y)
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
 

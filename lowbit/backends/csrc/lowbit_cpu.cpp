@@ -438,6 +438,52 @@ at::Tensor int_row_epilogue(at::Tensor acc, at::Tensor sx, at::Tensor zx, at::Te
   return y;
 }
 
+// int32 products -> int_row_epilogue -> GELU -> per-row int8 codes, as quantize_rows_s8 would quantize that
+// float row, one row at a time in a buffer: the float32 [M, N] between two int8 layers is never written.
+std::vector<at::Tensor> int_epilogue_gelu_rows_s8(at::Tensor acc, at::Tensor sx, at::Tensor zx, at::Tensor sw,
+                                                  at::Tensor csw, c10::optional<at::Tensor> bias) {
+  TORCH_CHECK(acc.scalar_type() == at::kInt && acc.dim() == 2 && acc.stride(1) == 1,
+              "lowbit: int_epilogue_gelu_rows_s8 takes int32 [M, N] products, rows contiguous");
+  const int64_t m = acc.size(0), n = acc.size(1);
+  auto f32 = [](const at::Tensor& t, int64_t len) {
+    return t.numel() == len && t.is_contiguous() && t.scalar_type() == at::kFloat;
+  };
+  TORCH_CHECK(f32(sx, m) && f32(sw, n) && f32(csw, n) && zx.numel() == m && zx.is_contiguous() &&
+                  zx.scalar_type() == at::kInt,
+              "lowbit: int_epilogue_gelu_rows_s8 scales do not match the products");
+  const float* bp = nullptr;
+  if (bias && bias->defined()) {
+    TORCH_CHECK(f32(*bias, n), "lowbit: bias must be f32 [N]");
+    bp = bias->data_ptr<float>();
+  }
+  auto q = at::empty({m, n}, acc.options().dtype(at::kChar));
+  auto scale = at::empty({m}, sx.options());
+  auto zero = at::empty({m}, zx.options());
+  const float* sxp = sx.data_ptr<float>();
+  const int32_t* zp = zx.data_ptr<int32_t>();
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  const float* swp = sw.data_ptr<float>();
+  const float* cswp = csw.data_ptr<float>();
+  float* sp = scale.data_ptr<float>();
+  int32_t* op = zero.data_ptr<int32_t>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  const int64_t lda = acc.stride(0);
+  at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t r0, int64_t r1) {
+    std::vector<float> row((size_t)n);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float sxc = sxp[r] * static_cast<float>(128 - zp[r]);
+      lowbit::int_row_epilogue(ap + r * lda, lda, row.data(), n, n, sxp + r, &sxc, swp, cswp, bp, false, 0, 1);
+      lowbit::gelu_inplace(row.data(), n);
+      float lo, hi, inv;
+      TORCH_CHECK(lowbit::row_min_max(row.data(), n, lo, hi), "lowbit: activation row ", r,
+                  " is not finite (NaN or inf)");
+      lowbit::row_params_u8(lo, hi, sp[r], inv, op[r]);
+      lowbit::quantize_span_s8(row.data(), n, inv, op[r], qp + r * n);
+    }
+  });
+  return {q, scale, zero};
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -518,6 +564,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("get_gemv_max_m", &get_gemv_max_m);
   // W8A8 dynamic on int8 x int8 matmuls
   m.def("quantize_rows_s8", &quantize_rows_s8, "per-row asymmetric quantization, codes - 128 as int8");
+  m.def("int_epilogue_gelu_rows_s8", &int_epilogue_gelu_rows_s8,
+        "int32 [M, N] -> int_row_epilogue -> gelu -> per-row int8 codes (q - 128), scale, zero",
+        py::arg("acc"), py::arg("sx"), py::arg("zx"), py::arg("sw"), py::arg("csw"), py::arg("bias") = py::none());
   m.def("int_row_epilogue", &int_row_epilogue, "int32 [M, N] -> acc*sx[m]*sw[n] + sx[m]*(128-zx[m])*csw[n] + b",
         py::arg("acc"), py::arg("sx"), py::arg("zx"), py::arg("sw"), py::arg("csw"), py::arg("bias") = py::none(),
         py::arg("relu") = false);
