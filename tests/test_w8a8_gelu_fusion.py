@@ -115,3 +115,22 @@ def test_bert_ffn_fused(monkeypatch):
     fused = [n for n, m in model.named_modules() if isinstance(m, W8A8Linear) and m.act_out == "gelu"]
     assert fused == ["encoder.layer.0.intermediate.dense", "encoder.layer.1.intermediate.dense"]
     assert all(isinstance(model.encoder.layer[i].intermediate.intermediate_act_fn, FusedAct) for i in (0, 1))
+
+
+def test_bert_fusion_through_save_pretrained(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=128, max_position_embeddings=64)
+    g = torch.Generator().manual_seed(0)
+    calib = [{"input_ids": torch.randint(0, 200, (4, 24), generator=g)} for _ in range(3)]
+    model = lowbit.quantize(transformers.BertModel(cfg).eval(), "w8a8-dynamic", calibration=calib, backend="onednn")
+    ids = torch.randint(0, 200, (3, 20), generator=g)
+    with torch.inference_mode():
+        before = model(ids).last_hidden_state
+    model.save_pretrained(tmp_path)
+    loaded = transformers.BertModel.from_pretrained(tmp_path)
+    assert loaded.encoder.layer[0].intermediate.dense.act_out == "gelu"
+    assert isinstance(loaded.encoder.layer[0].intermediate.intermediate_act_fn, FusedAct)
+    with torch.inference_mode():
+        assert torch.equal(loaded(ids).last_hidden_state, before)
