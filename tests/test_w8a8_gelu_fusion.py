@@ -104,14 +104,21 @@ def test_layer_report_compares_after_the_gelu():
     assert rows["fc2"]["sqnr_db"] > 30
 
 
-def test_bert_ffn_fused(monkeypatch):
+def quantized_bert(layers: int):
+    """A tiny BERT quantized to w8a8-dynamic with calibration (so its GELUs are looked at), and a generator for
+    more token ids."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+    cfg = transformers.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=layers, num_attention_heads=2,
                                   intermediate_size=128, max_position_embeddings=64)
     g = torch.Generator().manual_seed(0)
     calib = [{"input_ids": torch.randint(0, 200, (4, 24), generator=g)} for _ in range(3)]
     model = lowbit.quantize(transformers.BertModel(cfg).eval(), "w8a8-dynamic", calibration=calib, backend="onednn")
+    return model, g
+
+
+def test_bert_ffn_fused():
+    model, _ = quantized_bert(2)
     fused = [n for n, m in model.named_modules() if isinstance(m, W8A8Linear) and m.act_out == "gelu"]
     assert fused == ["encoder.layer.0.intermediate.dense", "encoder.layer.1.intermediate.dense"]
     assert all(isinstance(model.encoder.layer[i].intermediate.intermediate_act_fn, FusedAct) for i in (0, 1))
@@ -119,12 +126,7 @@ def test_bert_ffn_fused(monkeypatch):
 
 def test_bert_fusion_through_save_pretrained(tmp_path):
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=128, max_position_embeddings=64)
-    g = torch.Generator().manual_seed(0)
-    calib = [{"input_ids": torch.randint(0, 200, (4, 24), generator=g)} for _ in range(3)]
-    model = lowbit.quantize(transformers.BertModel(cfg).eval(), "w8a8-dynamic", calibration=calib, backend="onednn")
+    model, g = quantized_bert(1)
     ids = torch.randint(0, 200, (3, 20), generator=g)
     with torch.inference_mode():
         before = model(ids).last_hidden_state

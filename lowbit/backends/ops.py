@@ -186,11 +186,6 @@ def w8a8_linear_dynamic(x: Tensor, codes: Tensor, w_scale: Tensor, csw: Tensor, 
     return _w8a8_dynamic_op(x, codes, w_scale, csw, gemv, bias, relu)
 
 
-def int_mm_dynamic() -> bool:
-    """Whether dynamic W8A8 layers run torch._int_mm on this machine (int8 x int8, VNNI)."""
-    return _INT_MM_DYNAMIC
-
-
 def _int_epilogue_gelu_rows_s8(acc: Tensor, sx: Tensor, zx: Tensor, w_scale: Tensor, csw: Tensor,
                                bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(lowbit_cpu.ops().int_epilogue_gelu_rows_s8(acc, sx, zx, w_scale, csw, bias))
@@ -239,6 +234,7 @@ def _int_mm_dynamic() -> bool:
 
 
 _INT_MM_DYNAMIC = onednn.int_mm_dynamic()
+int_mm_dynamic = _int_mm_dynamic  # whether dynamic W8A8 layers run torch._int_mm here (int8 x int8, VNNI)
 
 
 def _quantize_rows_s8(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -405,22 +405,28 @@ namespace {
 
 std::vector<at::Tensor> quantize_rows_s8(at::Tensor x) { return quantize_rows<true>(x, "quantize_rows_s8"); }
 
-at::Tensor int_row_epilogue(at::Tensor acc, at::Tensor sx, at::Tensor zx, at::Tensor sw, at::Tensor csw,
-                            c10::optional<at::Tensor> bias, bool relu) {
+// The checks both epilogue ops make of int32 products [M, N] and their per-row / per-column vectors; returns
+// the bias pointer (null without one).
+const float* checked_epilogue(const char* name, const at::Tensor& acc, const at::Tensor& sx, const at::Tensor& zx,
+                              const at::Tensor& sw, const at::Tensor& csw, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(acc.scalar_type() == at::kInt && acc.dim() == 2 && acc.stride(1) == 1,
-              "lowbit: int_row_epilogue takes int32 [M, N] products, rows contiguous");
+              "lowbit: ", name, " takes int32 [M, N] products, rows contiguous");
   const int64_t m = acc.size(0), n = acc.size(1);
   auto f32 = [](const at::Tensor& t, int64_t len) {
     return t.numel() == len && t.is_contiguous() && t.scalar_type() == at::kFloat;
   };
   TORCH_CHECK(f32(sx, m) && f32(sw, n) && f32(csw, n) && zx.numel() == m && zx.is_contiguous() &&
                   zx.scalar_type() == at::kInt,
-              "lowbit: int_row_epilogue scales do not match the products");
-  const float* bp = nullptr;
-  if (bias && bias->defined()) {
-    TORCH_CHECK(f32(*bias, n), "lowbit: bias must be f32 [N]");
-    bp = bias->data_ptr<float>();
-  }
+              "lowbit: ", name, " scales do not match the products");
+  if (!(bias && bias->defined())) return nullptr;
+  TORCH_CHECK(f32(*bias, n), "lowbit: bias must be f32 [N]");
+  return bias->data_ptr<float>();
+}
+
+at::Tensor int_row_epilogue(at::Tensor acc, at::Tensor sx, at::Tensor zx, at::Tensor sw, at::Tensor csw,
+                            c10::optional<at::Tensor> bias, bool relu) {
+  const float* bp = checked_epilogue("int_row_epilogue", acc, sx, zx, sw, csw, bias);
+  const int64_t m = acc.size(0), n = acc.size(1);
   auto y = at::empty({m, n}, acc.options().dtype(at::kFloat));
   // sx[m] * (128 - zero[m]), computed as the traced form computes it (float32 product).
   auto sxc = at::empty({m}, sx.options());
@@ -442,20 +448,8 @@ at::Tensor int_row_epilogue(at::Tensor acc, at::Tensor sx, at::Tensor zx, at::Te
 // float row, one row at a time in a buffer: the float32 [M, N] between two int8 layers is never written.
 std::vector<at::Tensor> int_epilogue_gelu_rows_s8(at::Tensor acc, at::Tensor sx, at::Tensor zx, at::Tensor sw,
                                                   at::Tensor csw, c10::optional<at::Tensor> bias) {
-  TORCH_CHECK(acc.scalar_type() == at::kInt && acc.dim() == 2 && acc.stride(1) == 1,
-              "lowbit: int_epilogue_gelu_rows_s8 takes int32 [M, N] products, rows contiguous");
+  const float* bp = checked_epilogue("int_epilogue_gelu_rows_s8", acc, sx, zx, sw, csw, bias);
   const int64_t m = acc.size(0), n = acc.size(1);
-  auto f32 = [](const at::Tensor& t, int64_t len) {
-    return t.numel() == len && t.is_contiguous() && t.scalar_type() == at::kFloat;
-  };
-  TORCH_CHECK(f32(sx, m) && f32(sw, n) && f32(csw, n) && zx.numel() == m && zx.is_contiguous() &&
-                  zx.scalar_type() == at::kInt,
-              "lowbit: int_epilogue_gelu_rows_s8 scales do not match the products");
-  const float* bp = nullptr;
-  if (bias && bias->defined()) {
-    TORCH_CHECK(f32(*bias, n), "lowbit: bias must be f32 [N]");
-    bp = bias->data_ptr<float>();
-  }
   auto q = at::empty({m, n}, acc.options().dtype(at::kChar));
   auto scale = at::empty({m}, sx.options());
   auto zero = at::empty({m}, zx.options());
