@@ -368,8 +368,7 @@ def info_cmd() -> None:
         from .backends import lowbit_cpu
         click.echo(f"  lowbit_cpu path: {lowbit_cpu.isa()} (this CPU can run: {', '.join(lowbit_cpu.isas())})")
         q8 = lowbit_cpu.q8_path()
-        int3 = "" if q8 == "vnni" else "; int3 keeps float activations on this path"
-        click.echo(f"  lowbit_q8 (int8 activations, opt-in) dot products: {q8}{int3}")
+        click.echo(f"  lowbit_q8 (int8 activations, opt-in) dot products: {q8}")
     from . import attention
     click.echo(f"  attention of w8a8 / -bf16attn transformers models: {attention.path()}")
     if not kernels["lowbit_cpu"]:

@@ -86,14 +86,30 @@ def test_path_matches_reference(path, bits, half):
             x[0, :32] *= 100  # blocks of very different ranges in one row
             y = lowbit_cpu.linear_q8(x, packed, bits, g, n, k, bias)
             float_ref = x.double() @ w.T + bias.double()
-            if path == "avx2" and bits == 3:  # documented: float activations there
-                ref = float_ref
-            else:
-                ref = q8_activations(x) @ w.T + bias.double()
+            ref = q8_activations(x) @ w.T + bias.double()
             err = rel_err(y, ref)
             assert err < TOL, f"{path} bits={bits} n={n} k={k} g={g} m={m}: {err:.2e}"
             # The rounding of the activations moves the result by well under 2% (8-bit steps per block).
             assert rel_err(y, float_ref) < 0.02
+
+
+@pytest.mark.parametrize("bits", lowbit_cpu.Q8_BITS)
+def test_largest_sums_stay_exact(path, bits):
+    """Every code at its maximum against activations at +-127 steps: the largest integer sums each path's
+    accumulators see (int16 pairs on AVX2, int3's products carrying 2^7) must not saturate or wrap."""
+    n, k, g = 40, 512, 128
+    codes = torch.full((n, k), 2**bits - 1, dtype=torch.uint8)
+    codes[1::2, ::3] = 0  # some rows mixed
+    scale = torch.full((n, k // g), 0.01)
+    zero = torch.zeros(n, k // g)
+    packed = lowbit_cpu.prepack(codes, scale, zero, bits, g)
+    w = weight(codes, scale, zero, g)
+    x = torch.ones(2, k)
+    x[1] = -1.0
+    x[1, 64:96] = 3.0  # one block of the other sign
+    y = lowbit_cpu.linear_q8(x, packed, bits, g, n, k)
+    ref = q8_activations(x) @ w.T
+    assert rel_err(y, ref) < TOL, f"{path} bits={bits}"
 
 
 def test_zero_and_tiny_blocks():

@@ -136,8 +136,8 @@ def linear_q8(x: torch.Tensor, packed: dict[str, torch.Tensor], bits: int, group
     """x [..., K] @ W.T (+ bias) with x rounded to int8 first, per block of 32 columns (symmetric, step
     max|x| / 127), and integer dot products (AVX-512 VNNI, or AVX2's vpmaddubsw): the product of the
     dequantized weights with the dequantized activations, for decode where the float GEMV runs out of
-    instructions before the memory runs out of bytes. Bits 8, 4, 3, 2; int3 without AVX-512 VBMI/VNNI
-    keeps float activations (no cheap way to pull 3-bit codes into bytes there). Rows go one at a time."""
+    instructions before the memory runs out of bytes. Bits 8, 4, 3, 2 (int3 on AVX2: 16-bit products,
+    vpmaddwd, on codes moved into 16-bit words by a multiply). Rows go one at a time."""
     if bits not in Q8_BITS:
         raise ValueError(f"the int8-activation GEMV takes {Q8_BITS}-bit weights, not {bits}")
     return _C.linear_q8(x, packed["qweight"], bits, group_size, n, k, bias)

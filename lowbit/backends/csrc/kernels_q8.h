@@ -16,7 +16,11 @@
 //   int8: the lane's bytes are codes 0..3 as they are;
 //   int4: byte j holds codes 2j (low nibble) and 2j+1 (high): steps take columns (0,2,4,6), (1,3,5,7);
 //   int2: byte j holds codes 4j..4j+3 at bits 0,2,4,6: step i takes columns (i, 4+i, 8+i, 12+i);
-//   int3: (AVX-512 only) vpmultishiftqb pulls codes 0..3, then 4..7, into bytes: natural order.
+//   int3: AVX-512 VBMI's vpmultishiftqb pulls codes 0..3, then 4..7, into bytes: natural order. AVX2
+//     has no per-byte shift, so there each 32-bit lane is made of two 16-bit windows of the row's three
+//     bytes, a code is masked in place at bit o (code * 2^o, o <= 7), and vpmaddwd multiplies pairs of
+//     such words by int16 activations scaled by 2^(7 - o): every product is code * x * 2^7, exact
+//     (see int3_row for the order).
 // AVX-512 masks nibbles and crumbs in place (a code times 16 or 4^i fits a byte) with one accumulator
 // per position, and shifts the exact integer sums back once per block; AVX2's vpmaddubsw saturates
 // at 16 bits, so there codes are shifted down to plain values first, and int8 codes go through the
@@ -124,11 +128,45 @@ inline void prep_row(const Layout& L, const float* x, int8_t* xq, float* sx, flo
 // ---------------------------------------------------------------------------------------------
 // AVX2: 8 rows per ymm; NV row vectors of a tile per pass.
 
+// int3 on AVX2. A row vector loaded from p - 4 as load_vec<3> loads it has row r's bytes B0 B1 B2 at
+// 4 + 3r (low half, rows 0-3) or 3r (high half, rows 4-7). Code j sits at bits 3j..3j+2 of B0 B1 B2.
+// Two in-lane shuffles make the words M = (B0 B1, B1 B2) and N = (B2, B2); in-place masks then pick
+// the pairs (code 0, code 3), (1, 4), (2, 5) from M and (6, 7) from N, at bits (0, 1), (3, 4), (6, 7),
+// (2, 5) of their words.
+struct Int3Pairs {
+  __m256i idx_m, idx_n, mask[4];
+  Int3Pairs() {
+    alignas(32) int8_t m[32], nn[32];
+    for (int h = 0; h < 2; ++h)
+      for (int r = 0; r < 4; ++r) {
+        const int b = h == 0 ? 4 + 3 * r : 3 * r, o = 16 * h + 4 * r;
+        const int8_t tm[4] = {(int8_t)b, (int8_t)(b + 1), (int8_t)(b + 1), (int8_t)(b + 2)};
+        const int8_t tn[4] = {(int8_t)(b + 2), (int8_t)0x80, (int8_t)(b + 2), (int8_t)0x80};
+        for (int i = 0; i < 4; ++i) m[o + i] = tm[i], nn[o + i] = tn[i];
+      }
+    idx_m = _mm256_load_si256((const __m256i*)m);
+    idx_n = _mm256_load_si256((const __m256i*)nn);
+    static const int bit[4][2] = {{0, 1}, {3, 4}, {6, 7}, {2, 5}};
+    for (int i = 0; i < 4; ++i) mask[i] = _mm256_set1_epi32((7 << bit[i][0]) | (7 << (16 + bit[i][1])));
+  }
+};
+
+// The activations of one row for int3 on AVX2, from prep_row's codes (natural order): per chunk of 8,
+// int16 [x0*2^7, x3*2^6, x1*2^4, x4*2^3, x2*2^1, x5, x6*2^5, x7*2^2], each scaled against its code's bit
+// in Int3Pairs (|x| * 2^7 <= 16256 fits; a block's sum stays below 2^29).
+inline void int3_row(const Layout& L, const int8_t* xq, int16_t* x16) {
+  static const int src[8] = {0, 3, 1, 4, 2, 5, 6, 7}, sh[8] = {7, 6, 4, 3, 1, 0, 5, 2};
+  for (int64_t c = 0; c < L.kp; c += 8)
+    for (int i = 0; i < 8; ++i) x16[c + i] = (int16_t)(xq[c + src[i]] * (1 << sh[i]));
+}
+
 template <int BITS, int NV>
 void gemv_tile_avx2(const Layout& L, const uint8_t* tile, const int8_t* xq, const float* sxb, const float* xs,
                     const float* bias, float* y, int nvalid, int v0) {
   constexpr int P = codes_per_lane(BITS), VB = vec_bytes(BITS), CPB = QB / P;
-  static_assert(BITS != 3, "int3 has no AVX2 int8 path");
+  // int3 takes its activations from int3_row: xq then points at int16 data.
+  constexpr int XSTEP = BITS == 3 ? 2 * P : P;  // bytes of activations per chunk
+  static const Int3Pairs i3;
   const __m256i ones16 = _mm256_set1_epi16(1);
   const __m256i low = _mm256_set1_epi8(BITS == 4 ? 0x0F : 0x03);
   const __m256i bias8 = _mm256_set1_epi8((char)0x80);
@@ -141,12 +179,26 @@ void gemv_tile_avx2(const Layout& L, const uint8_t* tile, const int8_t* xq, cons
     for (int v = 0; v < NV; ++v) fac[v] = _mm256_setzero_ps();
     for (int64_t c = 0; c < L.cpg;) {
       const int64_t nc = std::min<int64_t>(CPB, L.cpg - c);
-      __m256i acc[NV];  // int8: int32 sums; int4/int2: int16 sums of the block (at most 30480 in size)
+      __m256i acc[NV];  // int8/int3: int32 sums; int4/int2: int16 sums of the block (at most 30480 in size)
       for (int v = 0; v < NV; ++v) acc[v] = _mm256_setzero_si256();
-      for (int64_t j = 0; j < nc; ++j, p += NVT * VB, xk += P) {
+      for (int64_t j = 0; j < nc; ++j, p += NVT * VB, xk += XSTEP) {
         if constexpr (LOWBIT_PF > 0) {
           _mm_prefetch((const char*)(p + LOWBIT_PF + v0 * VB), _MM_HINT_T0);
           if constexpr (NV * VB > 64) _mm_prefetch((const char*)(p + LOWBIT_PF + v0 * VB + 64), _MM_HINT_T0);
+        }
+        if constexpr (BITS == 3) {
+          __m256i xp[4];
+          for (int i = 0; i < 4; ++i) xp[i] = _mm256_set1_epi32(*(const int32_t*)(xk + 4 * i));
+          for (int v = 0; v < NV; ++v) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i*)(p + (v0 + v) * VB - 4));
+            const __m256i m = _mm256_shuffle_epi8(raw, i3.idx_m), n = _mm256_shuffle_epi8(raw, i3.idx_n);
+            const __m256i s0 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_and_si256(m, i3.mask[0]), xp[0]),
+                                                _mm256_madd_epi16(_mm256_and_si256(m, i3.mask[1]), xp[1]));
+            const __m256i s1 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_and_si256(m, i3.mask[2]), xp[2]),
+                                                _mm256_madd_epi16(_mm256_and_si256(n, i3.mask[3]), xp[3]));
+            acc[v] = _mm256_add_epi32(acc[v], _mm256_add_epi32(s0, s1));
+          }
+          continue;
         }
         for (int v = 0; v < NV; ++v) {
           const __m256i w = _mm256_loadu_si256((const __m256i*)(p + (v0 + v) * VB));
@@ -169,9 +221,9 @@ void gemv_tile_avx2(const Layout& L, const uint8_t* tile, const int8_t* xq, cons
         }
       }
       c += nc;
-      const __m256 s = _mm256_set1_ps(*sb++);
+      const __m256 s = _mm256_set1_ps(BITS == 3 ? *sb++ * (1.f / 128) : *sb++);  // int3: products carry 2^7
       for (int v = 0; v < NV; ++v) {
-        const __m256i a32 = BITS == 8 ? acc[v] : _mm256_madd_epi16(acc[v], ones16);
+        const __m256i a32 = BITS == 8 || BITS == 3 ? acc[v] : _mm256_madd_epi16(acc[v], ones16);
         fac[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a32), s, fac[v]);
       }
     }
@@ -206,12 +258,14 @@ void gemv_tiles_avx2_t(const Layout& L, const uint8_t* qw, const int8_t* xq, con
   }
 }
 
-// One activation row prepared by prep_row, tiles [t0, t1); y is that row's output [n]. False for int3.
+// One activation row prepared by prep_row (int3: then rearranged by int3_row, passed as xq), tiles
+// [t0, t1); y is that row's output [n].
 inline bool gemv_tiles_avx2(const Layout& L, const uint8_t* qw, const int8_t* xq, const float* sx, const float* xs,
                             const float* bias, float* y, int64_t t0, int64_t t1) {
   switch (L.bits) {
     case 8: gemv_tiles_avx2_t<8>(L, qw, xq, sx, xs, bias, y, t0, t1); return true;
     case 4: gemv_tiles_avx2_t<4>(L, qw, xq, sx, xs, bias, y, t0, t1); return true;
+    case 3: gemv_tiles_avx2_t<3>(L, qw, xq, sx, xs, bias, y, t0, t1); return true;
     case 2: gemv_tiles_avx2_t<2>(L, qw, xq, sx, xs, bias, y, t0, t1); return true;
     default: return false;
   }

@@ -232,7 +232,7 @@ void run_linear(const Layout& L, const at::Tensor& x, const at::Tensor& qw, cons
 }
 
 // The int8-activation GEMV's instructions for the path that runs: "vnni" (AVX-512 VNNI, bits 8/4/3/2),
-// "avx2" (vpmaddubsw, bits 8/4/2; int3 there runs the float-activation GEMV).
+// "avx2" (vpmaddubsw for bits 8/4/2, vpmaddwd on in-place codes for int3).
 bool q8_vnni(int isa) { return isa == kAvx512 && g_vnni; }
 std::string q8_path(int isa) { return q8_vnni(isa) ? "vnni" : "avx2"; }
 
@@ -243,10 +243,6 @@ at::Tensor linear_q8(at::Tensor x, at::Tensor qw, int64_t bits, int64_t group_si
               bits);
   const bool vnni = q8_vnni(g_isa.load());
   return linear_rows(x, n, k, bias, [&](const at::Tensor& xr, const at::Tensor& b, at::Tensor& y) {
-    if (!vnni && bits == 3) {
-      run_linear(L, xr, qw, b, 1, y);  // no int3 extraction without VBMI's multishift: float activations
-      return;
-    }
     const int64_t M = xr.size(0);
     const int64_t nb = lowbit::q8::nblocks(L);
     auto xq = at::empty({M, L.kp}, xr.options().dtype(at::kChar));
@@ -259,6 +255,19 @@ at::Tensor linear_q8(at::Tensor x, at::Tensor qw, int64_t bits, int64_t group_si
     at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) lowbit::q8::prep_row(L, xp + r * k, qp + r * L.kp, sp + r * nb, gp + r * L.ngp);
     });
+    // int3 on AVX2 multiplies 16-bit words (vpmaddwd): the codes widened and reordered once per row
+    // (int3_row). xa is what the tile loop reads, at xstride bytes per row.
+    const bool wide = !vnni && bits == 3;
+    at::Tensor x16;
+    const int8_t* xa = qp;
+    int64_t xstride = L.kp;
+    if (wide) {
+      x16 = at::empty({M, L.kp}, xr.options().dtype(at::kShort));
+      int16_t* wp = x16.data_ptr<int16_t>();
+      for (int64_t r = 0; r < M; ++r) lowbit::q8::int3_row(L, qp + r * L.kp, wp + r * L.kp);
+      xa = reinterpret_cast<const int8_t*>(wp);
+      xstride = 2 * L.kp;
+    }
     const uint8_t* q = qw.data_ptr<uint8_t>();
     const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
     float* yp = y.data_ptr<float>();
@@ -269,7 +278,7 @@ at::Tensor linear_q8(at::Tensor x, at::Tensor qw, int64_t bits, int64_t group_si
           if (vnni)
             lowbit::avx512::q8::gemv_tiles_vnni(L, q, qp + r * L.kp, sp + r * nb, gp + r * L.ngp, bp, yp + r * n, t, t + 1);
           else
-            lowbit::q8::gemv_tiles_avx2(L, q, qp + r * L.kp, sp + r * nb, gp + r * L.ngp, bp, yp + r * n, t, t + 1);
+            lowbit::q8::gemv_tiles_avx2(L, q, xa + r * xstride, sp + r * nb, gp + r * L.ngp, bp, yp + r * n, t, t + 1);
         }
     });
   });
