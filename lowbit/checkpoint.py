@@ -31,7 +31,7 @@ from torch import nn
 
 from . import attention, hf_quantizer, layers
 from .files import set_usual_modes
-from .recipes import QuantConfig
+from .recipes import recipe_fields, recipe_from_fields
 from .version import FORMAT_VERSION
 
 MANIFEST = "lowbit.json"
@@ -216,8 +216,7 @@ def manifest_for(model: nn.Module, layers: dict, tensors: dict, recipe=None) -> 
     return {
         "format": "lowbit",
         "format_version": FORMAT_VERSION,
-        "recipe": recipe.name if isinstance(recipe, QuantConfig) else None,
-        "config": recipe.to_dict() if isinstance(recipe, QuantConfig) else None,
+        **recipe_fields(recipe),
         "model": _model_entry(model),
         "layers": layers,
         "float_layers": list(getattr(model, "lowbit_float_layers", [])),
@@ -335,8 +334,12 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, verify
     model.lowbit_float_layers = manifest.get("float_layers", [])
     model.lowbit_slower_layers = manifest.get("slower_layers", [])
     model.lowbit_unquantized_layers = manifest.get("unquantized_layers", [])
-    if manifest.get("config"):
-        model.lowbit_recipe = QuantConfig.from_dict(manifest["config"])
-        attention.apply(model, model.lowbit_recipe.attention)
+    try:
+        recipe = recipe_from_fields(manifest)
+    except ValueError as e:
+        raise CheckpointError(f"{directory / MANIFEST}: {e}") from None
+    if recipe is not None:
+        model.lowbit_recipe = recipe
+        attention.apply(model, recipe.attention)
     hf_quantizer.attach(model)  # a transformers model: save_pretrained writes it as lowbit-quantized
     return model.eval()

@@ -51,11 +51,11 @@ def _workbench(module: str) -> Any:
 
 
 def _needs_calibration(recipe: str) -> bool:
-    from .recipes import parse_recipe
+    from .recipes import read_recipe
 
     # Static activation scales, GPTQ/AWQ weights and SmoothQuant's scales are fitted on data; the other
     # recipes (round-to-nearest, HQQ, dynamic activations) quantize from the weights alone.
-    return parse_recipe(recipe).needs_calibration
+    return read_recipe(recipe).needs_calibration
 
 
 def _calibration(tokenizer: Any, calib: str | None, size: int, causal: bool = False) -> tuple[list[dict], str]:
@@ -89,7 +89,9 @@ def _calibration_batches(tokenizer: Any, calib: str | None, size: int, causal: b
 
 @main.command("quantize")
 @click.argument("src")
-@click.option("--recipe", "-r", required=True, help=f"e.g. {', '.join(RECIPES)}")
+@click.option("--recipe", "-r", required=True,
+              help=f"e.g. {', '.join(RECIPES)}; or a JSON file of recipes per layer pattern, "
+                   '{"lm_head": "int8", "*": "int4-g128"} (first match wins, "float" keeps a layer float)')
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="checkpoint directory")
 @click.option("--exclude", "-x", multiple=True, help="layer name or glob to keep in float (repeatable)")
 @click.option("--calib", type=click.Path(dir_okay=False), default=None,

@@ -87,16 +87,18 @@ def gptq_stage(stage: Stage, layers: dict[str, nn.Linear], build: Build, replace
             replace(name, build(name, layers[name], hessian=h))
 
 
-def awq_stage(stage: Stage, layers: dict[str, nn.Linear], config: QuantConfig, build: Build,
+def awq_stage(stage: Stage, layers: dict[str, nn.Linear], config_for: Callable[[str], QuantConfig], build: Build,
               replace: Replace) -> dict[str, str]:
-    """AWQ: search each group's input-channel scale on the float stage and fold it into the op before when
-    that is exact; then search each layer's clipping, and quantize. Returns, per layer, where its scale
-    went ("folded" or "input_scale")."""
+    """AWQ: search each group's input-channel scale on the float stage (for the format of the group's first
+    layer, `config_for(name)`) and fold it into the op before when that is exact; then search each layer's
+    clipping in its own format, and quantize. Returns, per layer, where its scale went ("folded" or
+    "input_scale")."""
     groups, producers = stage.groups(layers)
     plan, earlier = [], []
     for group in groups:
         lin = [layers[n] for n in group]
         k = lin[0].in_features
+        config = config_for(group[0])
         st = input_stats(stage, lin[0], k, sample_rows=awq.SCALE_ROWS)
         loss = awq.output_loss([m.weight.detach() for m in lin], st.sample, config.bits, config.group_size or k,
                                config.symmetric)
@@ -110,7 +112,8 @@ def awq_stage(stage: Stage, layers: dict[str, nn.Linear], config: QuantConfig, b
         for name in group:
             m = layers[name]
             w = m.weight.detach().float() if folded else m.weight.detach().float() * s
-            w = awq.search_clip(w, xs, config.bits, config.group_size or m.in_features, config.symmetric)
+            c = config_for(name)
+            w = awq.search_clip(w, xs, c.bits, c.group_size or m.in_features, c.symmetric)
             replace(name, build(name, m, weight=w, input_scale=None if folded else 1.0 / s))
             where[name] = "folded" if folded else "input_scale"
     return where

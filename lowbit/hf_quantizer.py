@@ -29,7 +29,7 @@ from torch import nn
 
 from . import attention, layers
 from .modules import QuantModule
-from .recipes import QuantConfig
+from .recipes import recipe_fields, recipe_from_fields
 from .version import FORMAT_VERSION
 from .version import __version__ as LOWBIT_VERSION
 
@@ -51,8 +51,7 @@ def _record(model: nn.Module) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "lowbit_version": LOWBIT_VERSION,
-        "recipe": recipe.name if isinstance(recipe, QuantConfig) else None,
-        "config": recipe.to_dict() if isinstance(recipe, QuantConfig) else None,
+        **recipe_fields(recipe),
         "layers": {name: layers.layer_entry(m) for name, m in model.named_modules()
                    if layers.saved_kind(m) is not None},
         "float_layers": list(getattr(model, "lowbit_float_layers", [])),
@@ -153,9 +152,10 @@ def _finish(model: nn.Module, record: dict) -> None:
     for m in model.modules():
         if isinstance(m, QuantModule):
             m._derive()
-    if record.get("config"):
-        model.lowbit_recipe = QuantConfig.from_dict(record["config"])
-        attention.apply(model, model.lowbit_recipe.attention)
+    recipe = recipe_from_fields(record)
+    if recipe is not None:
+        model.lowbit_recipe = recipe
+        attention.apply(model, recipe.attention)
     model.lowbit_float_layers = list(record.get("float_layers") or [])
     model.lowbit_slower_layers = list(record.get("slower_layers") or [])
     model.lowbit_unquantized_layers = list(record.get("unquantized_layers") or [])
@@ -171,7 +171,8 @@ def _make_classes() -> tuple[type, type]:
         def __init__(self, format_version: int = FORMAT_VERSION, layers: dict | None = None,
                      recipe: str | None = None, config: dict | None = None, float_layers: list | None = None,
                      slower_layers: list | None = None, unquantized_layers: list | None = None,
-                     lowbit_version: str | None = None, quant_method: str = QUANT_METHOD, **unknown: Any):
+                     lowbit_version: str | None = None, quant_method: str = QUANT_METHOD,
+                     layer_recipe: dict | None = None, **unknown: Any):
             if quant_method != QUANT_METHOD:
                 raise ValueError(f"LowbitConfig takes quant_method {QUANT_METHOD!r}, got {quant_method!r}")
             if format_version != FORMAT_VERSION:
@@ -190,6 +191,7 @@ def _make_classes() -> tuple[type, type]:
             self.float_layers = list(float_layers or [])
             self.slower_layers = list(slower_layers or [])
             self.unquantized_layers = list(unquantized_layers or [])
+            self.layer_recipe = layer_recipe  # a per-layer recipe (lowbit.recipes.LayerRecipe), or None
 
         @classmethod
         def of(cls, model: nn.Module) -> LowbitConfig:

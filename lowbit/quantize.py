@@ -9,7 +9,6 @@ memory; lowbit.stream runs the same plan and build one block at a time.
 from __future__ import annotations
 
 import copy
-import fnmatch
 import math
 import warnings
 import weakref
@@ -26,7 +25,7 @@ from .core.observers import make_observer
 from .layers import set_child
 from .modules import QuantEmbedding, QuantLinear, QuantModule
 from .progress import progress_bar
-from .recipes import QuantConfig, parse_recipe
+from .recipes import LayerRecipe, QuantConfig, Recipe, name_matches, read_recipe
 from .sequential import call_model, feed, stages
 from .w8a8 import FusedAct, FusedReLU, W8A8Conv, W8A8Linear
 
@@ -40,7 +39,17 @@ DEFAULT_ROWS = {None: 1, "dynamic": 128, "static": 128}
 
 def _excluded(name: str, patterns: Iterable[str]) -> bool:
     # A pattern is a glob on the qualified name ("*.attention.*"), or a name prefix ("encoder.layer.0").
-    return any(fnmatch.fnmatchcase(name, p) or name == p or name.startswith(p + ".") for p in patterns)
+    return any(name_matches(name, p) for p in patterns)
+
+
+def config_of(recipe: QuantConfig | LayerRecipe, name: str) -> QuantConfig | None:
+    """The config `recipe` gives layer `name` (None: the recipe keeps it float)."""
+    return recipe.config_for(name) if isinstance(recipe, LayerRecipe) else recipe
+
+
+def lead_config(recipe: QuantConfig | LayerRecipe) -> QuantConfig:
+    """The config that decides for the whole model: activations, attention (LayerRecipe.lead)."""
+    return recipe.lead if isinstance(recipe, LayerRecipe) else recipe
 
 
 
@@ -51,9 +60,11 @@ def _mha_out_projs(model: nn.Module) -> set[str]:
             if isinstance(m, nn.MultiheadAttention)}
 
 
-def targets(model: nn.Module, config: QuantConfig, exclude: Iterable[str] = ()) -> list[tuple[str, nn.Module]]:
+def targets(model: nn.Module, recipe: QuantConfig | LayerRecipe,
+            exclude: Iterable[str] = ()) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs a recipe would replace, in module order: the layers of the kinds in
-    lowbit.layers that the recipe takes. ("", model) when the model itself is such a layer."""
+    lowbit.layers that the recipe (for a per-layer recipe, the layer's own) takes. ("", model) when the
+    model itself is such a layer."""
     exclude = tuple(exclude)
     skip = _mha_out_projs(model)
     found = []
@@ -61,12 +72,20 @@ def targets(model: nn.Module, config: QuantConfig, exclude: Iterable[str] = ()) 
         if name in skip or (name and _excluded(name, exclude)):
             continue
         kind = layers.float_kind(mod)
-        if kind is not None and kind.quantized_by(config):
+        config = config_of(recipe, name) if kind is not None else None
+        if config is not None and kind.quantized_by(config):
             found.append((name, mod))
     return found
 
 
-def left_in_float(model: nn.Module, config: QuantConfig, chosen: Iterable[str],
+def _kept_float_by_rule(recipe: LayerRecipe, name: str) -> str:
+    rule = recipe.rule_for(name)
+    if rule is None:
+        return "no pattern of the per-layer recipe matches it"
+    return f"the per-layer recipe keeps it float (pattern {rule[0]!r})"
+
+
+def left_in_float(model: nn.Module, recipe: QuantConfig | LayerRecipe, chosen: Iterable[str],
                   exclude: Iterable[str] = ()) -> list[dict]:
     """The layers holding a weight matrix that the recipe leaves in float, other than those `exclude` names
     (which the caller asked for): each {"layer", "type", "weights", "reason"}."""
@@ -82,6 +101,12 @@ def left_in_float(model: nn.Module, config: QuantConfig, chosen: Iterable[str],
         kind = layers.float_kind(mod)
         if name in skip:
             reason = "nn.MultiheadAttention reads this weight directly instead of calling the layer"
+        elif kind is not None and isinstance(recipe, LayerRecipe) and recipe.config_for(name) is None:
+            reason = _kept_float_by_rule(recipe, name)
+            if recipe.rule_for(name) is not None:  # asked for by name, as `exclude` is: listed, not warned of
+                notes.append({"layer": name, "type": type(mod).__name__, "weights": weights, "reason": reason,
+                              "asked": True})
+                continue
         elif kind is not None:
             reason = kind.why_not
         else:
@@ -378,25 +403,49 @@ def _tune_rows(tuner: autotune.Tuner, mod: nn.Linear, new: QuantLinear, keep_flo
 class Plan:
     """What quantizing a model will do, decided before any weight changes (names only: no modules held)."""
 
-    config: QuantConfig  # the recipe
+    config: QuantConfig  # the recipe; for a per-layer recipe its lead config (activations, attention)
     layers: list[str]  # qualified names of the layers to quantize, in module order ("" is the model itself)
     configs: dict[str, QuantConfig]  # each layer's config: the recipe's, unless a caller narrows it
     backend: str = "auto"  # "auto": time every kernel that can run a layer; else that kernel
-    keep_float_if_slower: bool = False  # with "auto": leave a layer float when no kernel beats float
+    # with "auto": leave a layer float when no kernel beats float (None: yes for layers quantizing
+    # activations, whose point is speed; no for weight-only ones, whose point is size)
+    keep_float_if_slower: bool | None = False
     fuse: set[str] = field(default_factory=set)  # layers that compute the ReLU after them
     drop_relus: dict[str, set[str]] = field(default_factory=dict)  # ReLU -> layers that fuse it
     # per layer, quantization parameters chosen beforehand (lowbit.qat's learned ones; see quantize's `fixed`)
     fixed: dict[str, dict] = field(default_factory=dict)
     left_float: list[dict] = field(default_factory=list)  # other layers with weights, left float, and why
     weights: int = 0  # weights in the model's layers, quantized or not (a share of which left_float holds)
+    recipe: QuantConfig | LayerRecipe | None = None  # what the user asked for (None: `config`)
+
+    def config_for(self, name: str) -> QuantConfig:
+        return self.configs.get(name, self.config)
+
+    def keep_float(self, name: str) -> bool:
+        if self.keep_float_if_slower is None:
+            return self.config_for(name).act is not None
+        return self.keep_float_if_slower
+
+    def all_configs(self) -> list[QuantConfig]:
+        """The distinct configs of the planned layers (the lead config when there are none)."""
+        out: list[QuantConfig] = []
+        for c in self.configs.values():
+            if c not in out:
+                out.append(c)
+        return out or [self.config]
+
+    def layers_by(self, pred) -> list[str]:
+        return [n for n in self.layers if pred(self.config_for(n))]
 
 
-def plan(model: nn.Module, recipe: str | QuantConfig, exclude: Iterable[str] = (), backend: str = "auto",
+def plan(model: nn.Module, recipe: Recipe, exclude: Iterable[str] = (), backend: str = "auto",
          keep_float_if_slower: bool | None = None, fixed: dict[str, dict] | None = None) -> Plan:
-    """Which layers of `model` a recipe quantizes, with which config, which ReLUs fuse into them, and how
-    their kernels are chosen. Raises ValueError when there is nothing to quantize or a layer cannot be."""
-    config = parse_recipe(recipe)
-    todo = targets(model, config, exclude)
+    """Which layers of `model` a recipe (one for all layers, or per layer pattern: lowbit.recipes) quantizes,
+    with which config, which ReLUs fuse into them, and how their kernels are chosen. Raises ValueError
+    when there is nothing to quantize or a layer cannot be."""
+    recipe = read_recipe(recipe)
+    config = lead_config(recipe)
+    todo = targets(model, recipe, exclude)
     if not todo:
         raise ValueError("found no layer to quantize (nn.Linear, nn.Embedding, transformers' Conv1D, or "
                          "convolutions for static recipes); check `exclude`")
@@ -411,15 +460,17 @@ def plan(model: nn.Module, recipe: str | QuantConfig, exclude: Iterable[str] = (
     if unknown:
         names_ = ", ".join(unknown[:10])
         raise ValueError(f"fixed parameters for layers the recipe does not quantize: {names_}")
-    fuse, drop_relus = _relu_fusions(model, set(names)) if config.act else (set(), {})
-    if keep_float_if_slower is None:
-        # Activation quantization is for speed; weight-only formats are for size, kept even when slower.
-        keep_float_if_slower = config.act is not None
-    return Plan(config=config, layers=names, configs=dict.fromkeys(names, config), backend=backend,
+    configs = {n: config_of(recipe, n) for n in names}
+    with_act = {n for n in names if configs[n].act is not None}
+    fuse, drop_relus = _relu_fusions(model, with_act) if with_act else (set(), {})
+    # keep_float_if_slower None: activation quantization is for speed (kept float when slower); weight-only
+    # formats are for size, kept even when slower. Decided per layer (Plan.keep_float).
+    return Plan(config=config, layers=names, configs=configs, backend=backend,
                 keep_float_if_slower=keep_float_if_slower, fuse=fuse, drop_relus=drop_relus,
                 fixed={n: f for n, f in (fixed or {}).items() if f},
-                left_float=left_in_float(model, config, names, exclude),
-                weights=sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight") and p.dim() >= 2))
+                left_float=left_in_float(model, recipe, names, exclude),
+                weights=sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight") and p.dim() >= 2),
+                recipe=recipe)
 
 
 def _speedups(notes: list[dict]) -> str:
@@ -437,8 +488,6 @@ class Builder:
     def __init__(self, model: nn.Module, plan: Plan) -> None:
         self.model, self.plan = model, plan
         self.tuner = autotune.Tuner() if plan.backend == "auto" else None
-        # W8A8 layers are built on the reference kernel and packed for the kernel the timing chooses.
-        self.first = "reference" if (self.tuner and plan.config.act) else plan.backend
         self.stats: dict[str, _LayerStats] = {}  # from calibration: activation observers and input shapes
         self.shapes: dict[str, tuple[int, ...]] = {}  # the largest input each layer was seen with
         self.originals: dict[str, nn.Module] = {}  # float layers that were put in torch's layout
@@ -483,9 +532,11 @@ class Builder:
     def build(self, name: str, mod: nn.Module, **encode) -> nn.Module:
         """The quantized layer for float layer `mod` (in torch's layout) by the plan's config for `name`;
         `encode` passes a fitting method's options (hessian, weight, input_scale) to the encoder."""
-        config = self.plan.configs.get(name, self.plan.config)
+        config = self.plan.config_for(name)
+        # W8A8 layers are built on the reference kernel and packed for the kernel the timing chooses.
+        first = "reference" if (self.tuner and config.act) else self.plan.backend
         try:
-            new = _build(mod, config, self.stats.get(name), name in self.plan.fuse, self.first,
+            new = _build(mod, config, self.stats.get(name), name in self.plan.fuse, first,
                          self.plan.fixed.get(name), **encode)
         except ValueError as e:
             raise ValueError(f"layer {name!r}: {e}") from None
@@ -513,7 +564,8 @@ class Builder:
         if new is None:
             new = self.build(name, mod)
         self.installed.add(name)
-        config = self.plan.configs.get(name, self.plan.config)
+        config = self.plan.config_for(name)
+        keep_float = self.plan.keep_float(name)
         if self.tuner is None or isinstance(new, QuantEmbedding):
             self.put(name, new)
             return new
@@ -524,8 +576,8 @@ class Builder:
             return new
         if isinstance(new, QuantLinear):
             return self._install_route(name, mod, new, shape)
-        timings = _tune(self.tuner, mod, new, config, shape, self.plan.keep_float_if_slower)
-        choice, _ = autotune.best(timings, self.plan.keep_float_if_slower)
+        timings = _tune(self.tuner, mod, new, config, shape, keep_float)
+        choice, _ = autotune.best(timings, keep_float)
         quant_best = min((k for k in timings if k != autotune.FLOAT), key=timings.get)
         ratio = timings[autotune.FLOAT] / timings[quant_best]
         note = {"layer": name, "kernel": quant_best, "speedup": round(ratio, 3), "input": list(shape),
@@ -545,12 +597,13 @@ class Builder:
     def _install_route(self, name: str, mod: nn.Module, new: QuantLinear, shape: tuple[int, ...]) -> nn.Module:
         """A weight-only linear: timed at a few row counts, it gets the fastest kernel for each range of rows.
         Kept in float (when the plan says so) by its speed at `shape`, the input it was seen with."""
-        by_rows = _tune_rows(self.tuner, mod, new, self.plan.keep_float_if_slower)
+        keep_float = self.plan.keep_float(name)
+        by_rows = _tune_rows(self.tuner, mod, new, keep_float)
         forms = {k: getattr(KERNELS[k], "form", k) for t in by_rows.values() for k in t if k in KERNELS}
         route = autotune.row_route(by_rows, forms, new.candidate_kernels())
         speed = autotune.route_speedups(by_rows, route)  # {rows: (kernel, speed-up over float)}
         kernel, ratio = speed[autotune.nearest_rows(math.prod(shape[:-1]), speed)]
-        if self.plan.keep_float_if_slower and ratio < 1.0:
+        if keep_float and ratio < 1.0:
             self.kept.append({"layer": name, "kernel": kernel, "speedup": round(ratio, 3), "input": list(shape),
                               "reason": f"fastest kernel {kernel} runs at {ratio:.2f}x of float for input "
                                         f"{list(shape)}"})
@@ -600,7 +653,7 @@ class Builder:
         if self.tuner is not None:
             self.tuner.save()
         model = self.model
-        model.lowbit_recipe = self.plan.config  # read back by save() and summary()
+        model.lowbit_recipe = self.plan.recipe or self.plan.config  # read back by save() and summary()
         model.lowbit_float_layers = self.kept
         model.lowbit_slower_layers = self.slower
         model.lowbit_unquantized_layers = self.plan.left_float
@@ -615,8 +668,8 @@ class Builder:
             warnings.warn(f"{len(self.slower)} quantized layer(s) run slower than float here ({_speedups(self.slower)} "
                           "of float; kept for size: keep_float_if_slower=True keeps them in float); "
                           + where.format("lowbit_slower_layers"), stacklevel=stacklevel)
-        if self.plan.left_float:
-            left = self.plan.left_float
+        left = [n for n in self.plan.left_float if not n.get("asked")]
+        if left:
             weights = sum(n["weights"] for n in left)
             total = self.plan.weights
             names = ", ".join(f"{n['layer'] or '(model)'} ({n['type']})" for n in left[:4])
@@ -631,9 +684,10 @@ class Builder:
 
 
 def _calibration_data(the_plan: Plan, calibration: Iterable | None) -> Iterable | None:
-    config = the_plan.config
+    needing = [c for c in the_plan.all_configs() if c.needs_calibration]
+    config = needing[0] if needing else the_plan.config
     all_fixed = len(the_plan.fixed) == len(the_plan.layers)
-    if config.needs_calibration and calibration is None and not (all_fixed and config.method == "rtn"):
+    if needing and calibration is None and not (all_fixed and config.method == "rtn"):
         what = ("fits weights to the layers' inputs" if config.method in ("gptq", "awq")
                 else "fixes activation ranges from data" if config.act == "static"
                 else "measures activation outliers on data")
@@ -643,54 +697,65 @@ def _calibration_data(the_plan: Plan, calibration: Iterable | None) -> Iterable 
     return calibration
 
 
-def _linears(b: Builder) -> list[str]:
-    return [n for n in b.plan.layers if isinstance(b.model.get_submodule(n), nn.Linear)]
+def _linears(b: Builder, pred=lambda c: True) -> list[str]:
+    return [n for n in b.plan.layers_by(pred) if isinstance(b.model.get_submodule(n), nn.Linear)]
 
 
 def _calibrate(b: Builder, floats: dict[str, nn.Module], calibration: Iterable, progress: bool) -> None:
     """Record each layer's input shape (and, for static recipes, its activation range); SmoothQuant's
     rewrite comes first when the recipe asks for it: ranges are observed on the smoothed model."""
-    config = b.plan.config
+    config = b.plan.config  # the lead config: activation settings are one per model (LayerRecipe)
     seen = [(n, m) for n, m in floats.items() if not isinstance(m, nn.Embedding)]
     observer = config.observer if config.act == "static" and config.smooth is None else None
     b.stats = calibrate(b.model, seen, calibration, observer, progress)
     if config.smooth is not None:  # an exact float rewrite, before the activation ranges are observed
-        for stage, names in stages(b.model, _linears(b), calibration, progress=progress, desc="smooth"):
+        smoothed = _linears(b, lambda c: c.smooth is not None)
+        for stage, names in stages(b.model, smoothed, calibration, progress=progress, desc="smooth"):
             fit.smooth_stage(stage, {n: b.model.get_submodule(n) for n in names}, config.smooth)
         if config.act == "static":
             b.stats = calibrate(b.model, seen, calibration, config.observer, progress)
     b.shapes = {n: st.shape for n, st in b.stats.items() if st.shape is not None}
     # Dynamic W8A8 layers reading an activation's output: is it a GELU that the layer before could compute
     # and hand over as int8 codes? (torch.export of the float model, about a second for MiniLM.)
-    if config.act == "dynamic" and any(after_activation(st) for st in b.stats.values()):
+    if config.act == "dynamic" and any(after_activation(b.stats.get(n)) for n in b.plan.layers_by(lambda c: c.act)):
         first = calibration[0] if isinstance(calibration, (list, tuple)) else next(iter(calibration))
         linears = {n for n, m in floats.items() if isinstance(m, nn.Linear)}
         b.gelu_chains = gelu_chains(b.model, first, linears)
 
 
+FITTED = ("gptq", "awq")  # methods that fit weights to calibration data, stage by stage
+
+
 def fit_stage(b: Builder, stage, names: list[str]) -> None:
-    """Fit and build the layers `names` of one stage by the plan's method (GPTQ or AWQ); each is put in
-    place at once, so the stage's later layers see the quantized ones' outputs."""
-    mods = {n: b.model.get_submodule(n) for n in names}
-    config = b.plan.config
-    if config.method == "gptq":
+    """Fit and build the layers `names` of one stage by each one's method (AWQ first, then GPTQ; others are
+    skipped here); each is put in place at once, so the stage's later layers see the quantized ones'
+    outputs. AWQ searches a group's shared input scale with the config of the group's first layer."""
+    by = {m: [n for n in names if b.plan.config_for(n).method == m] for m in FITTED}
+    if by["awq"]:
+        mods = {n: b.model.get_submodule(n) for n in by["awq"]}
+        fit.awq_stage(stage, mods, b.plan.config_for, b.build, b.replace)
+    if by["gptq"]:
+        mods = {n: b.model.get_submodule(n) for n in by["gptq"]}
         fit.gptq_stage(stage, mods, b.build, b.replace)
-    elif config.method == "awq":
-        fit.awq_stage(stage, mods, config, b.build, b.replace)
-    else:
-        raise ValueError(f"{config.method} does not fit weights to data")
 
 
 def _fit(b: Builder, calibration: Iterable, progress: bool) -> None:
     """GPTQ / AWQ, block by block: each layer is fitted to the inputs the quantized layers before give it."""
-    for stage, names in stages(b.model, _linears(b), calibration, progress=progress, desc=b.plan.config.method):
-        fit_stage(b, stage, names)
+    names = _linears(b, lambda c: c.method in FITTED)
+    desc = "/".join(sorted({b.plan.config_for(n).method for n in names}))
+    for stage, in_stage in stages(b.model, names, calibration, progress=progress, desc=desc):
+        fit_stage(b, stage, in_stage)
 
 
-def quantize(model: nn.Module, recipe: str | QuantConfig, *, calibration: Iterable | None = None,
+def quantize(model: nn.Module, recipe: Recipe, *, calibration: Iterable | None = None,
              exclude: Iterable[str] = (), backend: str = "auto", keep_float_if_slower: bool | None = None,
              progress: bool = False, fixed: dict[str, dict] | None = None) -> nn.Module:
     """Quantize `model` in place by `recipe` and return it.
+
+    recipe: a recipe string ("int4-g128", lowbit.recipes), a QuantConfig, or recipes per layer pattern:
+    a mapping {pattern: recipe} or the path of a JSON file holding one, first match wins, "float" keeps a
+    layer float (lowbit.recipes.LayerRecipe). GPTQ/AWQ layers are fitted block by block with their own
+    formats.
 
     Replaced: every layer of a kind in lowbit.layers that the recipe takes and whose qualified name
     matches no pattern in `exclude`: nn.Linear, transformers' Conv1D (GPT-2's), nn.Embedding (unless the
@@ -716,21 +781,23 @@ def quantize(model: nn.Module, recipe: str | QuantConfig, *, calibration: Iterab
     value per block in its format's convention (lowbit.formats, Scheme.encode), and "act", a static
     layer's activation (scale, zero point).
     """
-    config = parse_recipe(recipe)
+    recipe = read_recipe(recipe)
+    config = lead_config(recipe)
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if config.act == "static":  # fold BatchNorms: an eval-mode BN after a conv is part of its weights and bias
         fold_batchnorm_(model)
-    the_plan = plan(model, config, exclude, backend, keep_float_if_slower, fixed)  # layers, configs, fusions
+    the_plan = plan(model, recipe, exclude, backend, keep_float_if_slower, fixed)  # layers, configs, fusions
     calibration = _calibration_data(the_plan, calibration)  # validate: what the recipe needs
     b = Builder(model, the_plan)
     floats = b.to_torch_layout(the_plan.layers)
     try:
         if calibration is not None:
             _calibrate(b, floats, calibration, progress)  # input shapes, activation ranges; SmoothQuant
-        if config.method in ("gptq", "awq"):
+        if the_plan.layers_by(lambda c: c.method in FITTED):
             _fit(b, calibration, progress)  # block by block
-        for name in progress_bar(the_plan.layers, desc=f"quantize {config.name}", disable=not progress,
+        label = config.name if isinstance(recipe, QuantConfig) else "per-layer recipe"
+        for name in progress_bar(the_plan.layers, desc=f"quantize {label}", disable=not progress,
                                  unit="layer"):
             b.install(name, floats[name])  # build, choose the kernel (or keep float)
     except BaseException:

@@ -12,12 +12,23 @@ Attention: recipes that quantize activations also run a transformers model's att
 (lowbit.attention: Q, K, V and the softmax's probabilities rounded to bf16); a final `-floatattn`
 (`w8a8-dynamic-floatattn`) keeps the model's own attention. Weight-only recipes keep it unless they end in
 `-bf16attn` (`int4-g128-bf16attn`).
+
+Per layer: a mapping from layer-name patterns to recipes, `{"*.attention.*": "int8", "lm_head": "bf16",
+"*": "int4-g64-gptq"}` (a LayerRecipe; also read from a JSON file holding such an object). The first
+pattern that matches a layer's qualified name gives its recipe; `"float"` (or null) keeps the layer float,
+and a layer no pattern matches stays float too. A pattern is a glob on the qualified name or a name
+(the layer itself and everything inside it).
 """
 
 from __future__ import annotations
 
+import fnmatch
+import json
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 FLOAT_FORMATS = ("fp16", "bf16", "fp8", "fp8_e5m2")
 METHODS = ("rtn", "gptq", "awq", "hqq")
@@ -237,3 +248,151 @@ def _parse(recipe: str, text: str) -> QuantConfig:
 
 def with_options(config: QuantConfig, **changes) -> QuantConfig:
     return replace(config, **changes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A recipe per layer pattern
+
+KEEP_FLOAT = ("float", "fp32", "none")  # a rule's value that leaves its layers float (also None)
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    """Whether qualified layer name `name` matches `pattern`: a glob ("*.attention.*"), or a name, which
+    also covers everything inside it ("encoder.layer.0" matches "encoder.layer.0.attention.query")."""
+    return fnmatch.fnmatchcase(name, pattern) or name == pattern or name.startswith(pattern + ".")
+
+
+@dataclass(frozen=True)
+class LayerRecipe:
+    """Recipes per layer pattern, in order: rules of (pattern, QuantConfig, or None to keep float); the
+    first pattern matching a layer's qualified name gives its recipe.
+
+    Activation settings are the model's, not a layer's: the rules that quantize activations must agree
+    on the mode, observer and smoothing, and all rules on the attention kind (lowbit.attention)."""
+
+    rules: tuple[tuple[str, QuantConfig | None], ...]
+
+    def __post_init__(self) -> None:
+        if not self.rules:
+            raise ValueError("a per-layer recipe needs at least one pattern")
+        for pattern, config in self.rules:
+            if not isinstance(pattern, str) or not pattern:
+                raise ValueError(f"per-layer recipe: patterns are non-empty strings, got {pattern!r}")
+            if config is not None and not isinstance(config, QuantConfig):
+                raise TypeError(f"per-layer recipe: pattern {pattern!r} maps to {type(config).__name__}, "
+                                "not a QuantConfig or None")
+        acts = {(c.act, c.observer, c.smooth) for c in self.configs if c.act is not None}
+        if len(acts) > 1:
+            raise ValueError("per-layer recipe: the patterns that quantize activations disagree on how ("
+                             + "; ".join(f"{p}: {c.name}" for p, c in self.rules if c is not None and c.act)
+                             + "); activations are quantized one way per model")
+        kinds = {c.attention for c in self.configs if c.act is not None} or {c.attention for c in self.configs}
+        if len(kinds) > 1:
+            raise ValueError("per-layer recipe: the patterns ask for different attention ("
+                             + ", ".join(sorted(str(k or "float") for k in kinds)) + "); use one of "
+                             "-bf16attn / -floatattn on all of them")
+
+    @property
+    def configs(self) -> list[QuantConfig]:
+        """The distinct configs of the rules, in rule order."""
+        out: list[QuantConfig] = []
+        for _, c in self.rules:
+            if c is not None and c not in out:
+                out.append(c)
+        return out
+
+    def rule_for(self, name: str) -> tuple[str, QuantConfig | None] | None:
+        """The first rule whose pattern matches `name`, or None."""
+        return next((r for r in self.rules if name_matches(name, r[0])), None)
+
+    def config_for(self, name: str) -> QuantConfig | None:
+        rule = self.rule_for(name)
+        return rule[1] if rule else None
+
+    @property
+    def lead(self) -> QuantConfig:
+        """The config that speaks for the model as a whole (activations, attention): the first that
+        quantizes activations, else the first rule's."""
+        configs = self.configs
+        if not configs:
+            raise ValueError("per-layer recipe: every pattern keeps its layers float")
+        return next((c for c in configs if c.act is not None), configs[0])
+
+    @property
+    def attention(self) -> str | None:
+        return self.lead.attention
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(c.needs_calibration for c in self.configs)
+
+    @property
+    def name(self) -> str:
+        return json.dumps({p: (c.name if c is not None else "float") for p, c in self.rules})
+
+    def to_dict(self) -> dict:
+        return {"rules": [[p, c.to_dict() if c is not None else None] for p, c in self.rules]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LayerRecipe:
+        return cls(tuple((p, QuantConfig.from_dict(c) if c is not None else None) for p, c in d["rules"]))
+
+
+Recipe = str | QuantConfig | LayerRecipe | Mapping
+
+
+def _rule_config(pattern: str, value) -> QuantConfig | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in KEEP_FLOAT):
+        return None
+    try:
+        return parse_recipe(value)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"per-layer recipe, pattern {pattern!r}: {e}") from None
+
+
+def read_recipe(recipe: Recipe | os.PathLike) -> QuantConfig | LayerRecipe:
+    """Any recipe users write, as a QuantConfig (one recipe for every layer) or a LayerRecipe: a recipe
+    string, a config, a mapping {pattern: recipe} or the path of a JSON file holding one."""
+    if isinstance(recipe, (QuantConfig, LayerRecipe)):
+        return recipe
+    if isinstance(recipe, os.PathLike) or (isinstance(recipe, str) and recipe.strip().lower().endswith(".json")):
+        path = Path(recipe)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"recipe file {path} does not exist") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"recipe file {path} is not valid JSON: {e}") from None
+        if not isinstance(data, dict) or not data:
+            raise ValueError(f"recipe file {path} must hold a JSON object mapping layer patterns to recipes, "
+                             'e.g. {"lm_head": "int8", "*": "int4-g128"}')
+        try:
+            return read_recipe(data)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"recipe file {path}: {e}") from None
+    if isinstance(recipe, Mapping):
+        if "rules" in recipe and isinstance(recipe["rules"], list):  # LayerRecipe.to_dict's form
+            return LayerRecipe.from_dict(dict(recipe))
+        return LayerRecipe(tuple((p, _rule_config(p, v)) for p, v in recipe.items()))
+    return parse_recipe(recipe)
+
+
+def recipe_fields(recipe: QuantConfig | LayerRecipe | None) -> dict:
+    """A model's recipe as checkpoint manifests and transformers' quantization_config record it."""
+    if isinstance(recipe, QuantConfig):
+        return {"recipe": recipe.name, "config": recipe.to_dict(), "layer_recipe": None}
+    if isinstance(recipe, LayerRecipe):
+        return {"recipe": recipe.name, "config": None, "layer_recipe": recipe.to_dict()}
+    return {"recipe": None, "config": None, "layer_recipe": None}
+
+
+def recipe_from_fields(fields: dict) -> QuantConfig | LayerRecipe | None:
+    """The recipe recipe_fields wrote (None when none was); ValueError when the record is malformed."""
+    try:
+        if fields.get("layer_recipe"):
+            return LayerRecipe.from_dict(fields["layer_recipe"])
+        if fields.get("config"):
+            return QuantConfig.from_dict(fields["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"malformed recipe record: {e}") from None
+    return None

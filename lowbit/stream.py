@@ -23,8 +23,8 @@ from torch import nn
 
 from . import checkpoint, hf
 from .progress import progress_bar
-from .quantize import Builder, fit_stage, plan
-from .recipes import parse_recipe
+from .quantize import FITTED, Builder, fit_stage, lead_config, plan
+from .recipes import LayerRecipe, Recipe, read_recipe
 from .safetensors_io import ShardWriter, Source
 from .sequential import Stage, capture_inputs, find_blocks
 
@@ -68,7 +68,7 @@ def _largest_input(shapes: dict[str, tuple[int, ...]], name: str):
     return hook
 
 
-def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, recipe: str, *,
+def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *,
                     calibration: Iterable | None = None, exclude: Iterable[str] = (), tokenizer=None,
                     backend: str = "auto", keep_float_if_slower: bool | None = None, shard_bytes: int = 1 << 26,
                     progress: bool = True) -> Path:
@@ -79,12 +79,15 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, recipe: str,
     need the whole model at once. Otherwise this is lowbit.quantize's plan and build step: the same layers,
     encodings, ReLU fusions and kernel choice (`backend`, `keep_float_if_slower`), timed at the input
     shapes the calibration data gives the layers, or without it at lowbit.quantize's default rows."""
-    config = parse_recipe(recipe)
-    if config.act == "static" or config.smooth is not None:
-        raise ValueError(f"recipe {config.name} calibrates the whole model at once; block-at-a-time "
-                         "quantization takes weight-only recipes and w8a8-dynamic")
-    if config.needs_calibration and calibration is None:
-        raise ValueError(f"recipe {config.name} fits weights to the layers' inputs: pass calibration data")
+    recipe = read_recipe(recipe)
+    config = lead_config(recipe)
+    configs = recipe.configs if isinstance(recipe, LayerRecipe) else [recipe]
+    for c in configs:
+        if c.act == "static" or c.smooth is not None:
+            raise ValueError(f"recipe {c.name} calibrates the whole model at once; block-at-a-time "
+                             "quantization takes weight-only recipes and w8a8-dynamic")
+        if c.needs_calibration and calibration is None:
+            raise ValueError(f"recipe {c.name} fits weights to the layers' inputs: pass calibration data")
     from transformers import AutoConfig
 
     folder = hf.resolve_model_path(src)
@@ -97,12 +100,11 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, recipe: str,
     prefix, blocks = found
     inside = f"{prefix}."
     _materialize(model, source, "", skip=inside)
-    the_plan = plan(model, config, exclude, backend, keep_float_if_slower)  # names only: no float block held
-    fitted = config.method in ("gptq", "awq")
-    if fitted:
-        for name in the_plan.layers:
-            if not name.startswith(inside):
-                the_plan.configs[name] = dataclasses.replace(config, method="rtn")
+    the_plan = plan(model, recipe, exclude, backend, keep_float_if_slower)  # names only: no float block held
+    fitted = bool(the_plan.layers_by(lambda c: c.method in FITTED))
+    for name in the_plan.layers:
+        if not name.startswith(inside) and the_plan.configs[name].method in FITTED:
+            the_plan.configs[name] = dataclasses.replace(the_plan.configs[name], method="rtn")
     block_todo = [[n for n in the_plan.layers if n.startswith(f"{prefix}.{i}.")] for i in range(len(blocks))]
     calls = capture_inputs(model, blocks[0], list(calibration)) if calibration is not None else None
     b = Builder(model, the_plan)
@@ -110,7 +112,7 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, recipe: str,
     def fill(tmp: Path) -> dict:
         writer = ShardWriter(tmp, shard_bytes)
         entries: dict[str, dict] = {}
-        bar = progress_bar(range(len(blocks)), desc=f"{config.name} block", unit="block", disable=not progress)
+        bar = progress_bar(range(len(blocks)), desc=f"{config.name if recipe is config else 'per-layer recipe'} block", unit="block", disable=not progress)
         nonlocal calls
         for i in bar:
             block_name = f"{prefix}.{i}"
@@ -151,7 +153,7 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, recipe: str,
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         files = [checkpoint.file_entry(tmp / f) for f in writer.files]
-        manifest = checkpoint.manifest_for(quantized, entries, {"files": files}, recipe=config)
+        manifest = checkpoint.manifest_for(quantized, entries, {"files": files}, recipe=recipe)
         manifest["source"] = {"bytes": source.nbytes, "blocks": len(blocks), "block_at_a_time": True}
         return manifest
 

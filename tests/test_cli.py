@@ -186,21 +186,6 @@ def test_bench_layers_default_calibration_and_errors(minilm, tmp_path):
     assert r.exit_code != 0 and "does not exist" in r.output
 
 
-@pytest.fixture(scope="module")
-def tiny_bert_folder(tmp_path_factory, minilm):
-    """A small random BERT with MiniLM's tokenizer, as a Hugging Face folder: fast to quantize by any method."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=minilm[2].vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=128, max_position_embeddings=128)
-    path = tmp_path_factory.mktemp("tinybert") / "bert"
-    BertModel(cfg).save_pretrained(path)
-    minilm[2].save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("recipe", ["int4-g32-gptq", "int4-g32-awq", "int3-g32-hqq", "w8a8-smooth",
                                     "w8a8-static-smooth-0.7"])
 def test_method_recipes_save_load_and_run(tiny_bert_folder, tmp_path, recipe):
