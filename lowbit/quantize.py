@@ -9,6 +9,7 @@ memory; lowbit.stream runs the same plan and build one block at a time.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 import weakref
@@ -26,7 +27,7 @@ from .layers import set_child
 from .modules import QuantEmbedding, QuantLinear, QuantModule
 from .progress import progress_bar
 from .recipes import LayerRecipe, QuantConfig, Recipe, name_matches, read_recipe
-from .sequential import call_model, feed, stages
+from .sequential import call_model, feed, real_tokens, stages
 from .w8a8 import FusedAct, FusedReLU, W8A8Conv, W8A8Linear
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d)
@@ -162,7 +163,7 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], calibration
             st.calls += 1
             st.after_act += any(ref() is x for ref in latest.values())
             if st.observer is not None:
-                st.observer.update(x.detach())
+                st.observer.update(real_tokens(x.detach()))  # padded positions left out
         return hook
 
     handles = [mod.register_forward_pre_hook(hook_for(stats[name])) for name, mod in layers]
@@ -497,6 +498,7 @@ class Builder:
         self.installed: set[str] = set()
         self.relus_done: set[str] = set()
         self.gelu_chains: list[tuple[str, str, str]] = []  # from calibration (gelu_chains)
+        self.fit_notes: dict[str, dict] = {}  # per GPTQ layer: tokens, inputs, the shrinkage chosen (fit.gptq_stage)
 
     def put(self, name: str, mod: nn.Module) -> None:
         if name:
@@ -529,10 +531,13 @@ class Builder:
             self.originals.pop(name, None)
             self.stats.pop(name, None)
 
-    def build(self, name: str, mod: nn.Module, **encode) -> nn.Module:
-        """The quantized layer for float layer `mod` (in torch's layout) by the plan's config for `name`;
-        `encode` passes a fitting method's options (hessian, weight, input_scale) to the encoder."""
+    def build(self, name: str, mod: nn.Module, method: str | None = None, **encode) -> nn.Module:
+        """The quantized layer for float layer `mod` (in torch's layout) by the plan's config for `name`
+        (with `method` instead of the config's, when given); `encode` passes a fitting method's options
+        (hessian, weight, input_scale) to the encoder."""
         config = self.plan.config_for(name)
+        if method is not None and method != config.method:
+            config = dataclasses.replace(config, method=method)
         # W8A8 layers are built on the reference kernel and packed for the kernel the timing chooses.
         first = "reference" if (self.tuner and config.act) else self.plan.backend
         try:
@@ -657,6 +662,7 @@ class Builder:
         model.lowbit_float_layers = self.kept
         model.lowbit_slower_layers = self.slower
         model.lowbit_unquantized_layers = self.plan.left_float
+        model.lowbit_fit_notes = self.fit_notes
         attention.apply(model, self.plan.config.attention)
         hf_quantizer.attach(model)  # a transformers model: save_pretrained / from_pretrained keep it quantized
         where = "each layer and its reason: lowbit.summary(model) or model.{}"
@@ -668,6 +674,16 @@ class Builder:
             warnings.warn(f"{len(self.slower)} quantized layer(s) run slower than float here ({_speedups(self.slower)} "
                           "of float; kept for size: keep_float_if_slower=True keeps them in float); "
                           + where.format("lowbit_slower_layers"), stacklevel=stacklevel)
+        thin = {n: v for n, v in self.fit_notes.items() if v["shrink"] is not None}
+        if thin:
+            rounded = [n for n, v in thin.items() if v["shrink"] == "rtn"]
+            least = min(thin, key=lambda n: thin[n]["tokens"] / thin[n]["inputs"])
+            warnings.warn(f"GPTQ: {len(thin)} layer(s) got fewer than {fit.THIN_TOKENS_PER_INPUT} calibration tokens "
+                          f"per input (fewest: {thin[least]['tokens']} tokens for {thin[least]['inputs']} inputs at "
+                          f"{least}), too few for their Hessian; each was fitted with the Hessian's shrinkage that "
+                          f"did best on held-out tokens, and {len(rounded)} of them rounded to nearest (their "
+                          "recipe in lowbit.summary says so). More calibration data lets GPTQ gain more; "
+                          "per layer: model.lowbit_fit_notes", stacklevel=stacklevel)
         left = [n for n in self.plan.left_float if not n.get("asked")]
         if left:
             weights = sum(n["weights"] for n in left)
@@ -736,7 +752,11 @@ def fit_stage(b: Builder, stage, names: list[str]) -> None:
         fit.awq_stage(stage, mods, b.plan.config_for, b.build, b.replace)
     if by["gptq"]:
         mods = {n: b.model.get_submodule(n) for n in by["gptq"]}
-        fit.gptq_stage(stage, mods, b.build, b.replace)
+        notes = fit.gptq_stage(stage, mods, b.build, b.replace)
+        for name, note in notes.items():
+            if note["shrink"] == "rtn":  # rounded: the layer says so (summary, checkpoint)
+                b.plan.configs[name] = dataclasses.replace(b.plan.config_for(name), method="rtn")
+        b.fit_notes.update(notes)
 
 
 def _fit(b: Builder, calibration: Iterable, progress: bool) -> None:

@@ -26,6 +26,47 @@ class StopForward(Exception):
     """Raised by a hook to end a forward pass early, once it has what it came for."""
 
 
+# ---------------------------------------------------------------------------------------------------
+# Padded positions: calibration statistics leave them out
+
+# The token mask ([batch, seq] bool, True = a real token) of the calibration call running now, or None.
+_current_mask: torch.Tensor | None = None
+
+
+def token_mask(batch: Any) -> torch.Tensor | None:
+    """The real-token positions of a calibration batch: its 2-D `attention_mask` (a dict item), or None."""
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not mask.is_floating_point():
+        return mask != 0
+    return None
+
+
+@contextlib.contextmanager
+def masking(mask: torch.Tensor | None) -> Iterator[None]:
+    """Calls inside see `mask` as the running call's token mask (input_rows reads it)."""
+    global _current_mask
+    before, _current_mask = _current_mask, mask
+    try:
+        yield
+    finally:
+        _current_mask = before
+
+
+def real_tokens(x: torch.Tensor) -> torch.Tensor:
+    """A layer's input without the padded positions of the running calibration call ([tokens, features]):
+    when its leading dimensions are the call's [batch, seq] and the batch carried an attention mask.
+    Inputs of other shapes (a pooler's [batch, k], a convolution's) come back as they are."""
+    mask = _current_mask
+    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask.to(x.device)]
+    return x
+
+
+def input_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """A layer's input as rows [*, k], padded positions left out (real_tokens)."""
+    return real_tokens(x).reshape(-1, k)
+
+
 def call_model(model: nn.Module, batch: Any) -> Any:
     """Run one calibration item: a dict as keyword arguments, a tuple/list as positional, else one input."""
     if isinstance(batch, dict):
@@ -71,7 +112,8 @@ def feed(model: nn.Module, calibration: Iterable, handles: list, *, max_batches:
             for batch in progress_bar(calibration, desc="calibrate", unit="batch", disable=not progress):
                 if max_batches is not None and batches >= max_batches:
                     break
-                call_model(model, batch)
+                with masking(token_mask(batch)):
+                    call_model(model, batch)
                 batches += 1
                 samples += batch_len(batch)
     finally:
@@ -147,10 +189,13 @@ def main_output(out: Any) -> torch.Tensor:
 
 
 class Stage:
-    """A module (one block, or the whole model, whose qualified name is `prefix`) and the calls to run it on."""
+    """A module (one block, or the whole model, whose qualified name is `prefix`) and the calls to run it on;
+    `masks`: each call's token mask (lowbit.sequential.token_mask of the batch it came from), if any."""
 
-    def __init__(self, module: nn.Module, calls: list[Call], prefix: str = "") -> None:
+    def __init__(self, module: nn.Module, calls: list[Call], prefix: str = "",
+                 masks: list[torch.Tensor | None] | None = None) -> None:
         self.module, self.calls, self.prefix = module, calls, prefix
+        self.masks = masks if masks is not None else [None] * len(calls)
 
     def qualified(self, name: str) -> str:
         return f"{self.prefix}.{name}" if self.prefix and name else self.prefix or name
@@ -161,8 +206,9 @@ class Stage:
         outs = []
         try:
             with inference(self.module):
-                for args, kwargs in self.calls[:limit]:
-                    outs.append(self.module(*args, **kwargs))
+                for (args, kwargs), mask in zip(self.calls[:limit], self.masks):
+                    with masking(mask):
+                        outs.append(self.module(*args, **kwargs))
         finally:
             for h in handles:
                 h.remove()
@@ -235,9 +281,10 @@ def stages(model: nn.Module, names: list[str], calibration: Iterable, *, progres
         inside = [[n for n in names if n.startswith(f"{prefix}.{i}.".lstrip("."))] for i in range(len(blocks))]
         if any(inside):
             calls = capture_inputs(model, blocks[0], calibration)
+            masks = [token_mask(b) for b in calibration]
             bar = progress_bar(total=len(blocks), desc=desc, unit="block", disable=not progress)
             for i, block in enumerate(blocks):
-                stage = Stage(block, calls, f"{prefix}.{i}".lstrip("."))
+                stage = Stage(block, calls, f"{prefix}.{i}".lstrip("."), masks)
                 if inside[i]:
                     yield stage, inside[i]
                 if i + 1 < len(blocks):
@@ -247,7 +294,7 @@ def stages(model: nn.Module, names: list[str], calibration: Iterable, *, progres
             done = {n for grp in inside for n in grp}
             rest = [n for n in names if n not in done]
     if rest:
-        yield Stage(model, [_as_call(b) for b in calibration]), rest
+        yield Stage(model, [_as_call(b) for b in calibration], masks=[token_mask(b) for b in calibration]), rest
 
 
 def fold_scale(stage: Stage, producer: nn.Module, consumers: list[nn.Module], s: torch.Tensor,

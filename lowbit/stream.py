@@ -26,7 +26,7 @@ from .progress import progress_bar
 from .quantize import FITTED, Builder, fit_stage, lead_config, plan
 from .recipes import LayerRecipe, Recipe, read_recipe
 from .safetensors_io import ShardWriter, Source
-from .sequential import Stage, capture_inputs, find_blocks
+from .sequential import Stage, capture_inputs, find_blocks, token_mask
 
 
 def _release_free_memory() -> None:
@@ -106,7 +106,9 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, recipe: Reci
         if not name.startswith(inside) and the_plan.configs[name].method in FITTED:
             the_plan.configs[name] = dataclasses.replace(the_plan.configs[name], method="rtn")
     block_todo = [[n for n in the_plan.layers if n.startswith(f"{prefix}.{i}.")] for i in range(len(blocks))]
-    calls = capture_inputs(model, blocks[0], list(calibration)) if calibration is not None else None
+    calibration = list(calibration) if calibration is not None else None
+    calls = capture_inputs(model, blocks[0], calibration) if calibration is not None else None
+    masks = [token_mask(b) for b in calibration] if calibration is not None else None
     b = Builder(model, the_plan)
 
     def fill(tmp: Path) -> dict:
@@ -120,7 +122,7 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, recipe: Reci
             _materialize(block, source, block_name + ".")
             names = block_todo[i]
             floats = b.to_torch_layout(names)
-            stage = Stage(block, calls, block_name) if calls is not None else None
+            stage = Stage(block, calls, block_name, masks) if calls is not None else None
             if fitted:
                 fit_stage(b, stage, names)
             if stage is not None:  # the block's outputs for the next, and its layers' input shapes on the way

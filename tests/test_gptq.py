@@ -88,3 +88,61 @@ def test_embeddings_are_rounded_under_gptq():
     assert isinstance(q[0], lowbit.modules.QuantEmbedding) and q[1].config.method == "gptq"
     ids = torch.randint(0, 50, (3, 5))
     assert rel_err(q(ids), m(ids)) < 0.2
+
+
+def test_thin_calibration_chooses_shrinkage_on_held_out_tokens():
+    """Fewer tokens than fit.THIN_TOKENS_PER_INPUT per input: each layer gets the candidate (GPTQ on the
+    Hessian shrunk by one of fit.SHRINK, or rounding) with the least held-out error, and says which."""
+    from lowbit import fit
+
+    calib = [data(16, i) for i in range(4)]  # 64 tokens for 128 and 256 inputs
+    with pytest.warns(UserWarning, match="GPTQ: 2 layer\\(s\\) got fewer than"):
+        q = lowbit.quantize(model(), "int3-g32-gptq", calibration=calib)
+    notes = q.lowbit_fit_notes
+    assert set(notes) == {"0", "2"}
+    rtn = lowbit.quantize(model(), "int3-g32", calibration=calib)
+    for name, note in notes.items():
+        assert note["tokens"] == 64 and note["inputs"] == q.get_submodule(name).in_features
+        scores = note["held_out"]
+        assert set(scores) == {"rtn", *map(str, fit.SHRINK)}
+        assert str(note["shrink"]) == min(scores, key=scores.get)
+        layer = q.get_submodule(name)
+        if note["shrink"] == "rtn":  # rounded: the layer's recipe and weights are plain rounding's
+            assert layer.config.method == "rtn"
+            assert torch.equal(layer.weight, rtn.get_submodule(name).weight)
+        else:
+            assert layer.config.method == "gptq"
+
+
+def test_enough_tokens_fit_plain_gptq(monkeypatch):
+    from lowbit import fit
+
+    calib = [data(64, i) for i in range(8)]
+    monkeypatch.setattr(fit, "THIN_TOKENS_PER_INPUT", 1)  # 512 tokens are plenty at one per input
+    q = lowbit.quantize(model(), "int3-g32-gptq", calibration=calib)
+    assert all(n["shrink"] is None for n in q.lowbit_fit_notes.values())
+    # Plain GPTQ on all tokens' Hessian, as gptq_quantize computes it.
+    x = torch.cat(calib)
+    h = x.T @ x / x.shape[0]
+    codes, scale, zero = gptq_quantize(model()[0].weight, h, 3, 32, False, half=True)
+    w = (codes.float() - zero.repeat_interleave(32, 1)) * scale.repeat_interleave(32, 1)
+    assert torch.allclose(q[0].weight, w, atol=1e-6)
+
+
+def test_padded_positions_are_left_out_of_input_statistics():
+    from lowbit.fit import input_stats
+    from lowbit.sequential import Stage, token_mask
+
+    lin = nn.Linear(8, 4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    x[0, 3:] = 1e3  # padding holds junk
+    stage = Stage(lin, [((x,), {})], masks=[token_mask({"attention_mask": mask})])
+    st = input_stats(stage, lin, 8, hessian=True)
+    real = x[mask.bool()]
+    assert st.rows == 8
+    assert torch.allclose(st.hessian, real.T @ real, rtol=1e-5)
+    assert torch.allclose(st.abs_max, real.abs().amax(0))
+    # Without a mask every position counts.
+    assert input_stats(Stage(lin, [((x,), {})]), lin, 8).rows == 10

@@ -228,3 +228,29 @@ def test_autotune_does_not_import_quantize():
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
     assert not {"quantize", "stream", "lowbit.quantize"} & imported, imported
+
+
+def test_static_ranges_leave_out_padded_positions():
+    """Calibration batches with an attention mask: padded positions (junk here) do not widen the
+    activation range a static recipe fixes."""
+
+    class Masked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(16, 8)
+
+        def forward(self, x, attention_mask=None):
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    batches = []
+    for i in range(4):
+        x = torch.randn(4, 6, 16)
+        mask = torch.ones(4, 6, dtype=torch.long)
+        mask[:, 4:] = 0
+        x[:, 4:] = 1e3
+        batches.append({"x": x, "attention_mask": mask})
+    q = lowbit.quantize(Masked().eval(), "w8a8-static", calibration=batches, backend="reference")
+    real_max = max(float(b["x"][b["attention_mask"].bool()].abs().max()) for b in batches)
+    scale = float(q.lin.act_scale) if hasattr(q.lin, "act_scale") else None
+    assert scale is not None and scale * 255 < 4 * real_max  # junk of 1e3 would give a range of ~2e3
