@@ -328,6 +328,108 @@ def _print_layer_reports(ref: nn.Module, quantized: list[tuple[str, str, nn.Modu
         click.echo(format_layer_report(rows))
 
 
+def _formats(text: str) -> list[str]:
+    formats = [f.strip() for f in text.split(",") if f.strip()]
+    if not formats:
+        raise ValueError("--formats needs at least one recipe, e.g. int8,int4-g128,int3-g64")
+    return formats
+
+
+@main.command("sensitivity")
+@click.argument("src")
+@click.option("--formats", default="int8,int4-g128,int3-g64,int2-g32", show_default=True,
+              help="comma-separated weight formats to measure each layer in")
+@click.option("--calib", type=click.Path(dir_okay=False), default=None, help=CALIB_HELP)
+@click.option("--calib-size", type=click.IntRange(min=1), default=64, show_default=True, help=CALIB_SIZE_HELP)
+@click.option("--samples", type=click.IntRange(min=1), default=32, show_default=True,
+              help="calibration samples each measurement runs on")
+@click.option("--report", "report_dir", default="lowbit-sensitivity", show_default=True,
+              type=click.Path(file_okay=False), help="directory for sensitivity.md and sensitivity.png")
+def sensitivity_cmd(src: str, formats: str, calib: str | None, calib_size: int, samples: int, report_dir: str) -> None:
+    """How much SRC's output changes with each layer (and each block) alone in each format."""
+    import os
+    from pathlib import Path
+
+    from . import hf
+    from .sensitivity import proxy_correlations, sensitivity, sensitivity_plot
+
+    try:
+        fmts = _formats(formats)
+        path = hf.resolve_model_path(src)
+        model, tokenizer = hf.load_hf_model(path)
+        calibration, note = _calibration(tokenizer, calib, calib_size, hf.is_causal_lm(path))
+        click.echo(note, err=True)
+        sens = sensitivity(model, calibration, fmts, samples=samples, progress=True)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    out = Path(report_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    corr = proxy_correlations(sens)
+    text = (f"# Sensitivity of {src}\n\nOutput change ({sens.effect_name}) on {sens.samples} calibration samples "
+            f"with only that part quantized; {sens.seconds:.0f} s.\n\n## Blocks\n\n{sens.to_markdown('block')}\n\n"
+            f"## Layers\n\n{sens.to_markdown()}\n\nRank correlation with the measured change: weight SQNR "
+            f"{corr['sqnr_db']:.3f}, input-weighted error {corr['hessian_error']:.3f}.\n")
+    plot = ""
+    try:
+        sensitivity_plot(sens, out / ".sensitivity.png.tmp")
+        os.replace(out / ".sensitivity.png.tmp", out / "sensitivity.png")
+        plot = f"; plot {out / 'sensitivity.png'}"
+    except ImportError:
+        plot = "; no plot (matplotlib is not installed)"
+    (out / ".sensitivity.md.tmp").write_text(text)
+    os.replace(out / ".sensitivity.md.tmp", out / "sensitivity.md")
+    click.echo(text)
+    click.echo(f"report: {out / 'sensitivity.md'}{plot}")
+
+
+@main.command("search")
+@click.argument("src")
+@click.option("--task", default="stsb", show_default=True,
+              help="the metric: stsb (STS-B dev Spearman x100) or ppl (held-out perplexity of a causal LM)")
+@click.option("--max-drop", type=float, default=None, help="largest drop of the metric allowed")
+@click.option("--max-size-mb", type=float, default=None, help="largest stored size allowed (MB)")
+@click.option("--formats", default="int8,int4-g128,int4-g64,int3-g64,int2-g32", show_default=True,
+              help="comma-separated weight formats layers may take")
+@click.option("--calib", type=click.Path(dir_okay=False), default=None, help=CALIB_HELP)
+@click.option("--calib-size", type=click.IntRange(min=1), default=64, show_default=True, help=CALIB_SIZE_HELP)
+@click.option("--max-evals", type=click.IntRange(min=1), default=10, show_default=True,
+              help="searched configurations to measure (uniform recipes come on top)")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="save the chosen model here")
+@click.option("--report", "report_dir", default="lowbit-search", show_default=True, type=click.Path(file_okay=False),
+              help="directory for search.md, search.html and pareto.png")
+def search_cmd(src: str, task: str, max_drop: float | None, max_size_mb: float | None, formats: str,
+               calib: str | None, calib_size: int, max_evals: int, out: str | None, report_dir: str) -> None:
+    """The smallest per-layer recipe for SRC within --max-drop, or the best within --max-size-mb."""
+    from . import checkpoint, hf
+    from .search import search, write_report
+
+    if (max_drop is None) == (max_size_mb is None):
+        _fail(ValueError("give one budget: --max-drop or --max-size-mb"))
+    if task not in ("stsb", "ppl"):
+        _fail(ValueError(f"unknown task {task!r}; valid: stsb, ppl"))
+    try:
+        fmts = _formats(formats)
+        path = hf.resolve_model_path(src)
+        model, tokenizer = hf.load_hf_model(path)
+        if task == "ppl" and not hf.is_causal_lm(path):
+            raise ValueError(f"{src} is not a causal language model: --task ppl needs one")
+        calibration, note = _calibration(tokenizer, calib, calib_size, hf.is_causal_lm(path))
+        click.echo(note, err=True)
+        metric = _workbench("evaluate").TASKS[task]
+        budget = {"max_drop": max_drop} if max_drop is not None else {"max_size_mb": max_size_mb}
+        result = search(model, calibration, lambda m: metric(m, tokenizer), budget, formats=fmts,
+                        higher_is_better=task != "ppl", max_evals=max_evals, progress=True)
+        where = write_report(result, report_dir, metric_name=task, title=f"lowbit search: {src}")
+        if out is not None:
+            checkpoint.save(result.model, out, tokenizer=tokenizer)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        _fail(e)
+    click.echo(result.to_markdown())
+    c = result.chosen
+    click.echo(f"chosen: {c.size_mb:.2f} MB, {task} {c.metric:.3f} (float {result.baseline:.3f}); "
+               f"report {where / 'search.html'}" + (f"; saved to {out}" if out else ""))
+
+
 @main.command("export")
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
 @click.option("--format", "-f", "fmt", required=True,

@@ -1,0 +1,320 @@
+"""Search for a per-layer recipe under a budget: the smallest model that loses at most X on the user's
+metric, or the best one that fits in Y MB.
+
+1. lowbit.sensitivity measures, per layer and format, the model's output change and the stored bytes.
+2. Treating the changes as additive, a sweep of the trade-off weight lam (each layer takes the format
+   minimizing change + lam * bytes) gives the configurations on the lower convex hull of predicted change
+   against size: a front of candidates from the largest to the smallest.
+3. The user's `evaluate(model) -> float` is measured on the candidates the budget points at: a binary
+   search along the front for `max_drop` (the smallest candidate within the drop), the candidates just
+   under the limit for `max_size_mb`. Uniform recipes of each format are measured as reference points.
+
+Size is exact: the bytes of the tensors a checkpoint of the model stores (lowbit.save), predicted from the
+per-layer encodings and checked on every model measured.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from .recipes import LayerRecipe, parse_recipe
+from .sensitivity import DEFAULT_FORMATS, Sensitivity, sensitivity
+
+BUDGET_KEYS = ("max_drop", "max_size_mb")
+
+
+def stored_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors lowbit.save writes for `model` (each state-dict entry; shared ones count once
+    per name, as the checkpoint stores them)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+@dataclass
+class Point:
+    """One configuration: its per-layer formats, predicted size and output change, and (once measured)
+    the metric and the real size."""
+
+    label: str
+    formats: dict[str, str]  # layer -> format
+    predicted_bytes: int
+    predicted_effect: float
+    kind: str = "candidate"  # "candidate", "uniform", "float"
+    metric: float | None = None
+    bytes: int | None = None
+    seconds: float | None = None
+
+    @property
+    def size_mb(self) -> float:
+        return (self.bytes if self.bytes is not None else self.predicted_bytes) / 1e6
+
+    def recipe(self) -> LayerRecipe:
+        """The per-layer recipe: the most common format for every layer ("*"), the others by name."""
+        counts: dict[str, int] = {}
+        for f in self.formats.values():
+            counts[f] = counts.get(f, 0) + 1
+        common = max(counts, key=counts.get)
+        rules = [(name, parse_recipe(f)) for name, f in self.formats.items() if f != common]
+        return LayerRecipe(tuple(rules) + (("*", parse_recipe(common)),))
+
+
+@dataclass
+class SearchResult:
+    """lowbit.search's result: the chosen model and recipe, and every configuration measured."""
+
+    model: nn.Module
+    chosen: Point
+    baseline: float  # the float model's metric
+    budget: dict
+    points: list[Point] = field(default_factory=list)  # every configuration measured, in order
+    front: list[Point] = field(default_factory=list)  # the predicted front (measured or not)
+    higher_is_better: bool = True
+    sensitivity: Sensitivity | None = None
+    seconds: float = 0.0
+
+    @property
+    def recipe(self) -> LayerRecipe:
+        return self.chosen.recipe()
+
+    def drop(self, p: Point) -> float:
+        return (self.baseline - p.metric) if self.higher_is_better else (p.metric - self.baseline)
+
+    def pareto(self) -> list[Point]:
+        """The measured points no other measured point beats on both size and metric."""
+        pts = [p for p in self.points if p.metric is not None]
+        out = []
+        for p in pts:
+            if not any(q is not p and q.bytes <= p.bytes and self.drop(q) <= self.drop(p)
+                       and (q.bytes < p.bytes or self.drop(q) < self.drop(p)) for q in pts):
+                out.append(p)
+        return sorted(out, key=lambda p: p.bytes)
+
+    def to_markdown(self) -> str:
+        front = {id(p) for p in self.pareto()}
+        lines = ["| configuration | kind | size MB | metric | drop | predicted change | Pareto | chosen |",
+                 "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for p in sorted(self.points, key=lambda p: p.bytes):
+            lines.append(f"| {p.label} | {p.kind} | {p.size_mb:.2f} | {p.metric:.3f} | {self.drop(p):+.3f} | "
+                         f"{p.predicted_effect:.4g} | {'yes' if id(p) in front else ''} | "
+                         f"{'**yes**' if p is self.chosen else ''} |")
+        return "\n".join(lines)
+
+
+def _front(sens: Sensitivity, formats: Sequence[str]) -> list[Point]:
+    """Configurations on the lower convex hull of (size, predicted change), from largest to smallest: for
+    each trade-off weight lam, every layer takes the format minimizing change + lam * bytes."""
+    table = {(r["part"], r["format"]): r for r in sens.layer_rows()}
+    layers = sens.layers
+
+    def pick(lam: float) -> dict[str, str]:
+        return {n: min(formats, key=lambda f: (table[(n, f)]["effect"] + lam * table[(n, f)]["bytes"],
+                                               table[(n, f)]["bytes"])) for n in layers}
+
+    efforts = [table[k]["effect"] for k in table]
+    sizes = [table[k]["bytes"] for k in table]
+    # lam from "bytes do not matter" to "only bytes matter", log-spaced over the ratios that occur.
+    lo = max(min(e for e in efforts if e > 0), 1e-12) / max(sizes) / 10
+    hi = max(efforts) / max(min(s for s in sizes if s > 0), 1) * 10
+    seen, points = set(), []
+    steps = 400
+    for i in range(steps + 1):
+        lam = lo * (hi / lo) ** (i / steps)
+        choice = pick(lam)
+        key = tuple(choice[n] for n in layers)
+        if key in seen:
+            continue
+        seen.add(key)
+        points.append(_point(sens, choice, f"front {len(points)}"))
+    points.sort(key=lambda p: -p.predicted_bytes)
+    return points
+
+
+def _point(sens: Sensitivity, choice: dict[str, str], label: str, kind: str = "candidate") -> Point:
+    nbytes = sens.other_bytes + sum(sens.get(n, f)["bytes"] for n, f in choice.items())
+    effect = sum(sens.get(n, f)["effect"] for n, f in choice.items())
+    return Point(label, dict(choice), nbytes, effect, kind)
+
+
+def search(model: nn.Module, calibration: Iterable, evaluate: Callable[[nn.Module], float], budget: dict, *,
+           formats: Sequence[str] = DEFAULT_FORMATS, higher_is_better: bool = True, uniform: bool = True,
+           samples: int = 32, max_evals: int = 12, sens: Sensitivity | None = None,
+           progress: bool = False) -> SearchResult:
+    """A per-layer recipe for `model` within `budget` ({"max_drop": x}: the smallest model whose metric is
+    at most x below the float model's; {"max_size_mb": y}: the best metric at most y MB), by the metric
+    `evaluate(model) -> float` (higher is better unless `higher_is_better=False`, e.g. perplexity). The
+    candidates come from lowbit.sensitivity (over `formats`, on `samples` calibration samples; or pass
+    `sens`); at most `max_evals` of them are measured, plus the float model and, with `uniform`, each format
+    for every layer as reference points. `calibration` also feeds formats that fit to data (-gptq).
+    Returns a SearchResult whose `.model` is the chosen model, quantized (the input model is not changed)."""
+    t0 = time.perf_counter()
+    unknown = set(budget) - set(BUDGET_KEYS)
+    if len(budget) != 1 or unknown:
+        raise ValueError(f"budget takes exactly one of {', '.join(BUDGET_KEYS)}, got {sorted(budget)}")
+    from .quantize import quantize
+
+    calibration = list(calibration)
+    if sens is None:
+        sens = sensitivity(model, calibration, formats, samples=samples, progress=progress)
+    formats = list(formats)
+    sign = 1.0 if higher_is_better else -1.0
+
+    def measure(p: Point) -> Point:
+        if p.metric is not None:
+            return p
+        t = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = quantize(copy.deepcopy(model), p.recipe(), calibration=calibration)
+        p.metric = float(evaluate(m))
+        p.bytes = stored_bytes(m)
+        p.seconds = time.perf_counter() - t
+        p._model = m  # kept until the search ends (the chosen one is returned)
+        points.append(p)
+        return p
+
+    points: list[Point] = []
+    base = Point("float", {}, sens.other_bytes + sum(sens.float_bytes.values()), 0.0, "float")
+    base.metric, base.bytes = float(evaluate(model)), stored_bytes(model)
+    points.append(base)
+    result = SearchResult(model=model, chosen=base, baseline=base.metric, budget=dict(budget),
+                          higher_is_better=higher_is_better, sensitivity=sens)
+
+    def drop(p: Point) -> float:
+        return sign * (base.metric - p.metric)
+
+    if uniform:
+        for f in formats:
+            measure(_point(sens, dict.fromkeys(sens.layers, f), f, "uniform"))
+    front = _front(sens, formats)
+    result.front = front
+    evals = 0
+    chosen: Point | None = None
+    if "max_drop" in budget:
+        limit = float(budget["max_drop"])
+        # Binary search along the front (largest first): the drop grows as the size shrinks.
+        lo, hi = 0, len(front) - 1  # front[lo] is the largest; find the last index within the drop
+        best = None
+        while lo <= hi and evals < max_evals:
+            mid = (lo + hi) // 2
+            p = measure(front[mid])
+            evals += 1
+            if drop(p) <= limit:
+                best = p if best is None or p.bytes < best.bytes else best
+                lo = mid + 1
+            else:
+                hi = mid - 1
+        # The neighbours just past the boundary, while evaluations remain: the front's order is predicted.
+        for p in front[lo:lo + 2]:
+            if evals >= max_evals:
+                break
+            if p.metric is None:
+                measure(p)
+                evals += 1
+        within = [p for p in points if p.kind != "float" and drop(p) <= limit]
+        chosen = min(within, key=lambda p: (p.bytes, drop(p))) if within else None
+        if chosen is None:
+            chosen = base
+            warnings.warn(f"no quantized configuration measured stays within a drop of {limit} "
+                          f"({evals} measured); the float model is returned", stacklevel=2)
+    else:
+        limit_bytes = float(budget["max_size_mb"]) * 1e6
+        under = [p for p in front if p.predicted_bytes <= limit_bytes]
+        if not under:
+            raise ValueError(f"no configuration of {', '.join(formats)} fits in {budget['max_size_mb']} MB "
+                             f"(the smallest is {front[-1].predicted_bytes / 1e6:.2f} MB)")
+        for p in under[:max(1, min(3, max_evals))]:
+            measure(p)
+            evals += 1
+        fits = [p for p in points if p.kind != "float" and p.bytes <= limit_bytes]
+        chosen = max(fits, key=lambda p: (-drop(p), -p.bytes))
+    result.chosen = chosen
+    result.model = getattr(chosen, "_model", model)
+    for p in points:
+        p.__dict__.pop("_model", None)
+    result.points = points
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def pareto_plot(result: SearchResult, path, metric_name: str = "metric") -> None:
+    """Size against metric of every configuration measured, the Pareto front drawn, uniform recipes and the
+    chosen one labelled (PNG; needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    pts = [p for p in result.points if p.metric is not None]
+    cand = [p for p in pts if p.kind == "candidate"]
+    uni = [p for p in pts if p.kind == "uniform"]
+    ax.scatter([p.size_mb for p in cand], [p.metric for p in cand], s=30, c="tab:blue", label="searched")
+    ax.scatter([p.size_mb for p in uni], [p.metric for p in uni], s=40, c="tab:gray", marker="s", label="uniform")
+    for p in uni:
+        ax.annotate(p.label, (p.size_mb, p.metric), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    front = result.pareto()
+    ax.plot([p.size_mb for p in front], [p.metric for p in front], c="tab:orange", lw=1.5, label="Pareto front")
+    c = result.chosen
+    ax.scatter([c.size_mb], [c.metric], s=160, facecolors="none", edgecolors="tab:red", lw=2, label="chosen")
+    ax.axhline(result.baseline, c="k", lw=0.8, ls="--", label="float")
+    ax.set_xlabel("stored size (MB)")
+    ax.set_ylabel(metric_name)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+def write_report(result: SearchResult, directory, metric_name: str = "metric", title: str = "lowbit search") -> Path:
+    """search.md (the table of every configuration measured, the chosen recipe), search.html and, with
+    matplotlib, pareto.png in `directory`; each file written whole (temporary file, then renamed)."""
+    import html
+    import json
+    import os
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    plot = ""
+    try:
+        pareto_plot(result, out / ".pareto.png.tmp", metric_name)
+        os.replace(out / ".pareto.png.tmp", out / "pareto.png")
+        plot = "![size against metric](pareto.png)"
+    except ImportError:
+        plot = "(no plot: matplotlib is not installed)"
+    c = result.chosen
+    budget = ", ".join(f"{k} = {v}" for k, v in result.budget.items())
+    summary = (f"Budget: {budget}. Float model: {metric_name} {result.baseline:.3f}, "
+               f"{result.points[0].size_mb:.2f} MB. Chosen: {c.label}, {c.size_mb:.2f} MB "
+               f"({c.size_mb / result.points[0].size_mb:.1%} of float), {metric_name} {c.metric:.3f} "
+               f"(drop {result.drop(c):+.3f}). {len(result.points)} configurations measured in "
+               f"{result.seconds:.0f} s (sensitivity {result.sensitivity.seconds:.0f} s).")
+    recipe = json.dumps({p: (cfg.name if cfg else "float") for p, cfg in c.recipe().rules}, indent=1) \
+        if c.formats else "(float)"
+    md = (f"# {title}\n\n{summary}\n\nSizes are the bytes of the tensors a checkpoint stores. The predicted "
+          "change is the sum of the per-layer output changes lowbit.sensitivity measured.\n\n"
+          f"{result.to_markdown()}\n\n{plot}\n\nChosen per-layer recipe:\n\n```json\n{recipe}\n```\n")
+    table = result.to_markdown().splitlines()
+    head = "".join(f"<th>{html.escape(x.strip())}</th>" for x in table[0].strip("|").split("|"))
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(x.strip().strip('*'))}</td>"
+                                    for x in line.strip("|").split("|")) + "</tr>" for line in table[2:])
+    page = (f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style>"
+            f"<h1>{html.escape(title)}</h1><p>{html.escape(summary)}</p><table><tr>{head}</tr>{rows}</table>"
+            + ("<p><img src='pareto.png'></p>" if plot.startswith("!") else "")
+            + f"<h2>Chosen per-layer recipe</h2><pre>{html.escape(recipe)}</pre>")
+    for name, text in (("search.md", md), ("search.html", page)):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+    return out
+
+
+__all__ = ["Point", "SearchResult", "pareto_plot", "search", "stored_bytes", "write_report"]

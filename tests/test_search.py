@@ -1,0 +1,183 @@
+"""lowbit.sensitivity (per-layer and per-block output change by format, proxies, bytes) and lowbit.search
+(per-layer recipes under a size or accuracy budget, the report)."""
+
+import copy
+import importlib
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import lowbit
+from lowbit.search import search, stored_bytes, write_report
+from lowbit.sensitivity import proxy_correlations, rank_correlation, sensitivity
+
+sens_mod = importlib.import_module("lowbit.sensitivity")  # the module (lowbit.sensitivity is the function)
+FORMATS = ["int8", "int4-g32", "int2-g32"]
+
+
+class Block(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.attn = nn.Linear(d, d)
+        self.up = nn.Linear(d, 2 * d)
+        self.down = nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab=64, d=32, logits=False):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList([Block(d), Block(d), Block(d)])
+        self.head = nn.Linear(d, vocab)
+        self.logits = logits
+
+    def forward(self, ids, attention_mask=None):
+        x = self.emb(ids)
+        for b in self.blocks:
+            x = b(x)
+        y = self.head(x)
+        return {"logits": y} if self.logits else y
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    m = TinyLM(**kw).eval()
+    with torch.no_grad():  # one block's weights far wider than the rest: it should be the most sensitive
+        m.blocks[1].up.weight.mul_(8)
+    return m
+
+
+def calib(n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [{"ids": torch.randint(0, 64, (4, 12), generator=g)} for _ in range(n)]
+
+
+def test_sensitivity_rows_bytes_and_the_model_left_alone():
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    s = sensitivity(model, calib(), FORMATS, samples=8)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    names = ["emb"] + [f"blocks.{i}.{n}" for i in range(3) for n in ("attn", "up", "down")] + ["head"]
+    assert s.layers == names and list(s.blocks) == ["blocks.0", "blocks.1", "blocks.2"]
+    assert len(s.rows) == (len(names) + 3) * len(FORMATS) and s.samples == 8
+    for n in names:
+        e = [s.get(n, f)["effect"] for f in FORMATS]
+        b = [s.get(n, f)["bytes"] for f in FORMATS]
+        assert 0 < e[0] < e[2] and b[0] > b[1] > b[2], n
+    # Bytes are what the quantized layer stores: a uniform model's stored size is predicted exactly.
+    for f in FORMATS:
+        q = lowbit.quantize(tiny(), f)
+        predicted = s.other_bytes + sum(s.get(n, f)["bytes"] for n in names)
+        assert stored_bytes(q) == predicted, f
+    # The widened layer is the most sensitive up-projection, and its block the most sensitive block.
+    ups = {i: s.get(f"blocks.{i}.up", "int2-g32")["effect"] for i in range(3)}
+    assert max(ups, key=ups.get) == 1
+    blocks = {b: s.get(b, "int2-g32")["effect"] for b in s.blocks}
+    assert max(blocks, key=blocks.get) == "blocks.1"
+    corr = proxy_correlations(s)
+    assert -1 <= corr["sqnr_db"] <= 1 and -1 <= corr["hessian_error"] <= 1
+    assert "| blocks.1 |" in s.to_markdown("block")
+
+
+def test_replayed_blocks_give_the_full_runs_numbers(monkeypatch):
+    fast = sensitivity(tiny(), calib(), ["int2-g32"], samples=8)
+    monkeypatch.setattr(sens_mod._Runner, "MAX_RECORD_BYTES", 0)  # no recording: every run a full pass
+    slow = sensitivity(tiny(), calib(), ["int2-g32"], samples=8)
+    for a, b in zip(fast.rows, slow.rows):
+        assert a["part"] == b["part"] and a["effect"] == pytest.approx(b["effect"], rel=1e-5)
+
+
+def test_kl_for_logits_and_padding_left_out():
+    data = calib()
+    for b in data:
+        b["attention_mask"] = torch.ones(4, 12, dtype=torch.long)
+        b["attention_mask"][:, 9:] = 0
+    s = sensitivity(tiny(logits=True), data, ["int2-g32"], samples=8)
+    assert s.effect_name == "kl" and all(r["effect"] > 0 for r in s.rows)
+    # Changing the padded positions' tokens changes nothing measured.
+    other = copy.deepcopy(data)
+    for b in other:
+        b["ids"][:, 9:] = 0
+    s2 = sensitivity(tiny(logits=True), other, ["int2-g32"], samples=8)
+    for a, b in zip(s.rows, s2.rows):
+        if a["part"] != "emb":  # the padded ids' rows are looked up, but their outputs are left out
+            assert a["effect"] == pytest.approx(b["effect"], rel=1e-4)
+    with pytest.raises(ValueError, match="logits"):
+        sensitivity(tiny(), calib(), ["int8"], metric="kl")
+    with pytest.raises(ValueError, match="activations"):
+        sensitivity(tiny(), calib(), ["w8a8-dynamic"])
+
+
+def test_rank_correlation():
+    assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert rank_correlation([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert rank_correlation([1, 1, 2], [1, 1, 2]) == pytest.approx(1.0)
+
+
+def held_out_score(model):
+    """Higher is better: minus the relative output error against the float model on other data."""
+    ids = torch.randint(0, 64, (8, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref, out = tiny()(ids), model(ids)
+    return -float((out - ref).norm() / ref.norm())
+
+
+def test_search_within_a_size_budget():
+    model = tiny()
+    s = sensitivity(model, calib(), FORMATS, samples=8)
+    sizes = {f: s.other_bytes + sum(s.get(n, f)["bytes"] for n in s.layers) for f in FORMATS}
+    budget = (sizes["int4-g32"] + sizes["int2-g32"]) / 2 / 1e6  # between two uniform sizes
+    r = search(model, calib(), held_out_score, {"max_size_mb": budget}, formats=FORMATS, sens=s, max_evals=3)
+    assert r.chosen.bytes <= budget * 1e6 and stored_bytes(r.model) == r.chosen.bytes
+    for p in r.points:  # every measured size was predicted exactly
+        assert p.bytes == p.predicted_bytes, p.label
+    fits = [p for p in r.points if p.kind != "float" and p.bytes <= budget * 1e6]
+    assert r.chosen.metric == max(p.metric for p in fits)
+    # Better than the uniform recipe that fits (int2-g32), since the budget allows more.
+    uniform2 = next(p for p in r.points if p.label == "int2-g32")
+    assert r.chosen.metric > uniform2.metric
+    assert r.chosen.metric == pytest.approx(held_out_score(r.model))
+    rules = dict(r.recipe.rules)
+    assert "*" in rules and isinstance(r.recipe, lowbit.LayerRecipe)
+    assert held_out_score(model) == 0.0  # the input model is not changed
+
+
+def test_search_within_an_accuracy_budget(tmp_path):
+    model = tiny()
+    s = sensitivity(model, calib(), FORMATS, samples=8)
+    r = search(model, calib(), held_out_score, {"max_drop": 0.05}, formats=FORMATS, sens=s, max_evals=6)
+    assert r.baseline == 0.0 and r.drop(r.chosen) <= 0.05
+    within = [p for p in r.points if p.kind != "float" and r.drop(p) <= 0.05]
+    assert r.chosen.bytes == min(p.bytes for p in within)
+    assert r.pareto() and all(p.metric is not None for p in r.pareto())
+    out = write_report(r, tmp_path / "rep", metric_name="score")
+    md = (out / "search.md").read_text()
+    assert "| uniform |" in md and "**yes**" in md and (out / "search.html").is_file()
+    with pytest.raises(ValueError, match="exactly one"):
+        search(model, calib(), held_out_score, {"max_drop": 1, "max_size_mb": 1}, sens=s)
+
+
+def test_command_line_search_and_sensitivity(tiny_bert_folder, tmp_path):
+    from lowbit.cli import main
+
+    runner = CliRunner()
+    r = runner.invoke(main, ["sensitivity", str(tiny_bert_folder), "--formats", "int8,int2-g32", "--calib-size", "8",
+                             "--samples", "8", "--report", str(tmp_path / "sens")])
+    assert r.exit_code == 0, r.output
+    assert "encoder.layer.1" in r.output and (tmp_path / "sens" / "sensitivity.md").is_file()
+    r = runner.invoke(main, ["search", str(tiny_bert_folder), "--max-size-mb", "20", "--formats", "int8,int4-g32",
+                             "--calib-size", "8", "--max-evals", "1", "--report", str(tmp_path / "rep"),
+                             "-o", str(tmp_path / "q")])
+    assert r.exit_code == 0, r.output
+    assert "chosen:" in r.output and (tmp_path / "rep" / "search.html").is_file()
+    manifest = json.loads((tmp_path / "q" / "lowbit.json").read_text())
+    assert manifest["layer_recipe"]["rules"][-1][0] == "*"
+    r = runner.invoke(main, ["search", str(tiny_bert_folder), "--calib-size", "8"])
+    assert r.exit_code != 0 and "one budget" in r.output
