@@ -388,6 +388,8 @@ def sensitivity_cmd(src: str, formats: str, calib: str | None, calib_size: int, 
               help="the metric: stsb (STS-B dev Spearman x100) or ppl (held-out perplexity of a causal LM)")
 @click.option("--max-drop", type=float, default=None, help="largest drop of the metric allowed")
 @click.option("--max-size-mb", type=float, default=None, help="largest stored size allowed (MB)")
+@click.option("--max-latency-ms", type=float, default=None,
+              help="longest time allowed for one calibration batch (ms; predicted from kernel timings, measured)")
 @click.option("--formats", default="int8,int4-g128,int4-g64,int3-g64,int2-g32", show_default=True,
               help="comma-separated weight formats layers may take")
 @click.option("--calib", type=click.Path(dir_okay=False), default=None, help=CALIB_HELP)
@@ -397,14 +399,18 @@ def sensitivity_cmd(src: str, formats: str, calib: str | None, calib_size: int, 
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="save the chosen model here")
 @click.option("--report", "report_dir", default="lowbit-search", show_default=True, type=click.Path(file_okay=False),
               help="directory for search.md, search.html and pareto.png")
-def search_cmd(src: str, task: str, max_drop: float | None, max_size_mb: float | None, formats: str,
+def search_cmd(src: str, task: str, max_drop: float | None, max_size_mb: float | None, max_latency_ms: float | None,
+               formats: str,
                calib: str | None, calib_size: int, max_evals: int, out: str | None, report_dir: str) -> None:
-    """The smallest per-layer recipe for SRC within --max-drop, or the best within --max-size-mb."""
+    """The smallest per-layer recipe for SRC within --max-drop, or the best within --max-size-mb or
+    --max-latency-ms."""
     from . import checkpoint, hf
     from .search import search, write_report
 
-    if (max_drop is None) == (max_size_mb is None):
-        _fail(ValueError("give one budget: --max-drop or --max-size-mb"))
+    budgets = {k: v for k, v in (("max_drop", max_drop), ("max_size_mb", max_size_mb),
+                                 ("max_latency_ms", max_latency_ms)) if v is not None}
+    if len(budgets) != 1:
+        _fail(ValueError("give one budget: --max-drop, --max-size-mb or --max-latency-ms"))
     if task not in ("stsb", "ppl"):
         _fail(ValueError(f"unknown task {task!r}; valid: stsb, ppl"))
     try:
@@ -416,8 +422,7 @@ def search_cmd(src: str, task: str, max_drop: float | None, max_size_mb: float |
         calibration, note = _calibration(tokenizer, calib, calib_size, hf.is_causal_lm(path))
         click.echo(note, err=True)
         metric = _workbench("evaluate").TASKS[task]
-        budget = {"max_drop": max_drop} if max_drop is not None else {"max_size_mb": max_size_mb}
-        result = search(model, calibration, lambda m: metric(m, tokenizer), budget, formats=fmts,
+        result = search(model, calibration, lambda m: metric(m, tokenizer), budgets, formats=fmts,
                         higher_is_better=task != "ppl", max_evals=max_evals, progress=True)
         where = write_report(result, report_dir, metric_name=task, title=f"lowbit search: {src}")
         if out is not None:

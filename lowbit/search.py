@@ -27,7 +27,7 @@ from torch import nn
 from .recipes import LayerRecipe, parse_recipe
 from .sensitivity import DEFAULT_FORMATS, Sensitivity, sensitivity
 
-BUDGET_KEYS = ("max_drop", "max_size_mb")
+BUDGET_KEYS = ("max_drop", "max_size_mb", "max_latency_ms")
 
 
 def stored_bytes(model: nn.Module) -> int:
@@ -49,6 +49,8 @@ class Point:
     metric: float | None = None
     bytes: int | None = None
     seconds: float | None = None
+    predicted_latency_ms: float | None = None  # from the kernel timings per layer shape (lowbit.autotune)
+    latency_ms: float | None = None  # measured on the model, one calibration batch
 
     @property
     def size_mb(self) -> float:
@@ -85,39 +87,46 @@ class SearchResult:
     def drop(self, p: Point) -> float:
         return (self.baseline - p.metric) if self.higher_is_better else (p.metric - self.baseline)
 
-    def pareto(self) -> list[Point]:
-        """The measured points no other measured point beats on both size and metric."""
+    def pareto(self, by: str = "size") -> list[Point]:
+        """The measured points no other measured point beats on both size (or "latency") and metric."""
         pts = [p for p in self.points if p.metric is not None]
+        cost = (lambda p: p.bytes) if by == "size" else (lambda p: p.latency_ms)
         out = []
         for p in pts:
-            if not any(q is not p and q.bytes <= p.bytes and self.drop(q) <= self.drop(p)
-                       and (q.bytes < p.bytes or self.drop(q) < self.drop(p)) for q in pts):
+            if not any(q is not p and cost(q) <= cost(p) and self.drop(q) <= self.drop(p)
+                       and (cost(q) < cost(p) or self.drop(q) < self.drop(p)) for q in pts):
                 out.append(p)
-        return sorted(out, key=lambda p: p.bytes)
+        return sorted(out, key=cost)
 
     def to_markdown(self) -> str:
         front = {id(p) for p in self.pareto()}
-        lines = ["| configuration | kind | size MB | metric | drop | predicted change | Pareto | chosen |",
-                 "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines = [("| configuration | kind | size MB | latency ms (predicted) | metric | drop | predicted change | "
+                  "Pareto (size) | chosen |"), "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for p in sorted(self.points, key=lambda p: p.bytes):
-            lines.append(f"| {p.label} | {p.kind} | {p.size_mb:.2f} | {p.metric:.3f} | {self.drop(p):+.3f} | "
+            lat = "-" if p.latency_ms is None else f"{p.latency_ms:.1f}"
+            if p.predicted_latency_ms is not None:
+                lat += f" ({p.predicted_latency_ms:.1f})"
+            lines.append(f"| {p.label} | {p.kind} | {p.size_mb:.2f} | {lat} | {p.metric:.3f} | {self.drop(p):+.3f} | "
                          f"{p.predicted_effect:.4g} | {'yes' if id(p) in front else ''} | "
                          f"{'**yes**' if p is self.chosen else ''} |")
         return "\n".join(lines)
 
 
-def _front(sens: Sensitivity, formats: Sequence[str]) -> list[Point]:
-    """Configurations on the lower convex hull of (size, predicted change), from largest to smallest: for
-    each trade-off weight lam, every layer takes the format minimizing change + lam * bytes."""
+def _front(sens: Sensitivity, formats: Sequence[str], cost: dict | None = None,
+           latency: dict | None = None) -> list[Point]:
+    """Configurations on the lower convex hull of (cost, predicted change), from largest cost to smallest:
+    for each trade-off weight lam, every layer takes the format minimizing change + lam * cost. The cost
+    is the stored bytes unless `cost` gives one per (layer, format) (latency)."""
     table = {(r["part"], r["format"]): r for r in sens.layer_rows()}
     layers = sens.layers
+    cost = cost if cost is not None else {k: r["bytes"] for k, r in table.items()}
 
     def pick(lam: float) -> dict[str, str]:
-        return {n: min(formats, key=lambda f: (table[(n, f)]["effect"] + lam * table[(n, f)]["bytes"],
+        return {n: min(formats, key=lambda f: (table[(n, f)]["effect"] + lam * cost[(n, f)],
                                                table[(n, f)]["bytes"])) for n in layers}
 
     efforts = [table[k]["effect"] for k in table]
-    sizes = [table[k]["bytes"] for k in table]
+    sizes = [abs(cost[k]) for k in table]
     # lam from "bytes do not matter" to "only bytes matter", log-spaced over the ratios that occur.
     lo = max(min(e for e in efforts if e > 0), 1e-12) / max(sizes) / 10
     hi = max(efforts) / max(min(s for s in sizes if s > 0), 1) * 10
@@ -130,15 +139,68 @@ def _front(sens: Sensitivity, formats: Sequence[str]) -> list[Point]:
         if key in seen:
             continue
         seen.add(key)
-        points.append(_point(sens, choice, f"front {len(points)}"))
-    points.sort(key=lambda p: -p.predicted_bytes)
+        points.append(_point(sens, choice, f"front {len(points)}", latency=latency))
+    if latency is not None and cost is latency["delta"]:
+        points.sort(key=lambda p: -p.predicted_latency_ms)
+    else:
+        points.sort(key=lambda p: -p.predicted_bytes)
     return points
 
 
-def _point(sens: Sensitivity, choice: dict[str, str], label: str, kind: str = "candidate") -> Point:
+def _point(sens: Sensitivity, choice: dict[str, str], label: str, kind: str = "candidate",
+           latency: dict | None = None) -> Point:
     nbytes = sens.other_bytes + sum(sens.get(n, f)["bytes"] for n, f in choice.items())
     effect = sum(sens.get(n, f)["effect"] for n, f in choice.items())
-    return Point(label, dict(choice), nbytes, effect, kind)
+    p = Point(label, dict(choice), nbytes, effect, kind)
+    if latency is not None:
+        p.predicted_latency_ms = 1e3 * (latency["float"] + sum(latency["delta"][(n, f)] for n, f in choice.items()))
+    return p
+
+
+def time_model(model: nn.Module, batch, iters: int = 7) -> float:
+    """Median seconds of `model` on one calibration batch (after a warm-up call)."""
+    import statistics
+
+    from .sequential import call_model, inference
+
+    with inference(model):
+        call_model(model, batch)
+        times = []
+        for _ in range(iters):
+            t = time.perf_counter()
+            call_model(model, batch)
+            times.append(time.perf_counter() - t)
+    return statistics.median(times) if times else float("nan")
+
+
+def layer_latencies(model: nn.Module, sens: Sensitivity, formats: Sequence[str], rows: int) -> dict:
+    """Predicted latency: {"float": the float model's seconds on one batch (measured), "delta": {(layer,
+    format): seconds the layer's kernel takes beyond its float matmul}} for calls of `rows` rows, read off
+    the kernel timings per layer shape that lowbit.quantize chooses kernels by (lowbit.autotune; cached on
+    disk, so layers of one shape are timed once). Embedding lookups count as unchanged."""
+    from . import autotune, layers
+    from .backends import KERNELS
+    from .modules import QuantLinear
+    from .quantize import _tune_rows
+
+    tuner = autotune.Tuner()
+    delta: dict[tuple[str, str], float] = {}
+    for name in sens.layers:
+        mod = layers.as_torch(model.get_submodule(name))
+        for f in formats:
+            if not isinstance(mod, nn.Linear):
+                delta[(name, f)] = 0.0
+                continue
+            new = QuantLinear.from_float(mod, parse_recipe(f), "auto")
+            by_rows = _tune_rows(tuner, mod, new, keep_float=False)
+            forms = {k: getattr(KERNELS[k], "form", k) for t in by_rows.values() for k in t if k in KERNELS}
+            route = autotune.row_route(by_rows, forms, new.candidate_kernels())
+            near = autotune.nearest_rows(rows, [int(r) for r in by_rows])
+            t = by_rows[str(near)]
+            kernel = next(k for bound, k in route if bound is None or near <= bound)
+            delta[(name, f)] = (t[kernel] - t[autotune.FLOAT]) * rows / near
+    tuner.save()
+    return {"delta": delta}
 
 
 def search(model: nn.Module, calibration: Iterable, evaluate: Callable[[nn.Module], float], budget: dict, *,
@@ -146,7 +208,9 @@ def search(model: nn.Module, calibration: Iterable, evaluate: Callable[[nn.Modul
            samples: int = 32, max_evals: int = 12, sens: Sensitivity | None = None,
            progress: bool = False) -> SearchResult:
     """A per-layer recipe for `model` within `budget` ({"max_drop": x}: the smallest model whose metric is
-    at most x below the float model's; {"max_size_mb": y}: the best metric at most y MB), by the metric
+    at most x below the float model's; {"max_size_mb": y}: the best metric at most y MB; {"max_latency_ms":
+    z}: the best metric running one calibration batch in at most z ms, predicted from the kernel timings
+    per layer shape and measured on the candidates), by the metric
     `evaluate(model) -> float` (higher is better unless `higher_is_better=False`, e.g. perplexity). The
     candidates come from lowbit.sensitivity (over `formats`, on `samples` calibration samples; or pass
     `sens`); at most `max_evals` of them are measured, plus the float model and, with `uniform`, each format
@@ -163,6 +227,12 @@ def search(model: nn.Module, calibration: Iterable, evaluate: Callable[[nn.Modul
         sens = sensitivity(model, calibration, formats, samples=samples, progress=progress)
     formats = list(formats)
     sign = 1.0 if higher_is_better else -1.0
+    batch = calibration[0]
+    rows = _tokens(batch)
+    latency = None
+    if "max_latency_ms" in budget:
+        latency = layer_latencies(model, sens, formats, rows)
+        latency["float"] = time_model(model, batch)
 
     def measure(p: Point) -> Point:
         if p.metric is not None:
@@ -173,6 +243,7 @@ def search(model: nn.Module, calibration: Iterable, evaluate: Callable[[nn.Modul
             m = quantize(copy.deepcopy(model), p.recipe(), calibration=calibration)
         p.metric = float(evaluate(m))
         p.bytes = stored_bytes(m)
+        p.latency_ms = 1e3 * time_model(m, batch)
         p.seconds = time.perf_counter() - t
         p._model = m  # kept until the search ends (the chosen one is returned)
         points.append(p)
@@ -181,6 +252,9 @@ def search(model: nn.Module, calibration: Iterable, evaluate: Callable[[nn.Modul
     points: list[Point] = []
     base = Point("float", {}, sens.other_bytes + sum(sens.float_bytes.values()), 0.0, "float")
     base.metric, base.bytes = float(evaluate(model)), stored_bytes(model)
+    base.latency_ms = 1e3 * time_model(model, batch)
+    if latency is not None:
+        base.predicted_latency_ms = 1e3 * latency["float"]
     points.append(base)
     result = SearchResult(model=model, chosen=base, baseline=base.metric, budget=dict(budget),
                           higher_is_better=higher_is_better, sensitivity=sens)
@@ -190,8 +264,8 @@ def search(model: nn.Module, calibration: Iterable, evaluate: Callable[[nn.Modul
 
     if uniform:
         for f in formats:
-            measure(_point(sens, dict.fromkeys(sens.layers, f), f, "uniform"))
-    front = _front(sens, formats)
+            measure(_point(sens, dict.fromkeys(sens.layers, f), f, "uniform", latency=latency))
+    front = _front(sens, formats, latency["delta"] if latency else None, latency)
     result.front = front
     evals = 0
     chosen: Point | None = None
@@ -222,6 +296,22 @@ def search(model: nn.Module, calibration: Iterable, evaluate: Callable[[nn.Modul
             chosen = base
             warnings.warn(f"no quantized configuration measured stays within a drop of {limit} "
                           f"({evals} measured); the float model is returned", stacklevel=2)
+    elif "max_latency_ms" in budget:
+        limit = float(budget["max_latency_ms"])
+        under = [p for p in front if p.predicted_latency_ms <= limit]
+        if not under:
+            raise ValueError(f"no configuration of {', '.join(formats)} is predicted to run within {limit} ms "
+                             f"(the fastest: {min(p.predicted_latency_ms for p in front):.1f} ms, float "
+                             f"{base.latency_ms:.1f} ms, on a batch of {rows} tokens)")
+        for p in under[:max(1, min(3, max_evals))]:
+            measure(p)
+            evals += 1
+        fits = [p for p in points if p.kind != "float" and p.latency_ms <= limit]
+        if not fits:  # measured slower than predicted: the fastest measured, said so
+            fits = [min((p for p in points if p.kind != "float"), key=lambda p: p.latency_ms)]
+            warnings.warn(f"no configuration measured within {limit} ms (predicted within it: "
+                          f"{len(under)}); the fastest measured is returned", stacklevel=2)
+        chosen = max(fits, key=lambda p: (-drop(p), -p.latency_ms))
     else:
         limit_bytes = float(budget["max_size_mb"]) * 1e6
         under = [p for p in front if p.predicted_bytes <= limit_bytes]
@@ -242,6 +332,17 @@ def search(model: nn.Module, calibration: Iterable, evaluate: Callable[[nn.Modul
     return result
 
 
+def _tokens(batch) -> int:
+    """Rows a linear sees in one call of the model on `batch`: the tokens of its first tensor."""
+    import torch
+
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else [batch]
+    for t in items:
+        if isinstance(t, torch.Tensor):
+            return int(t.shape[0] * (t.shape[1] if t.dim() >= 2 else 1))
+    return 1
+
+
 def pareto_plot(result: SearchResult, path, metric_name: str = "metric") -> None:
     """Size against metric of every configuration measured, the Pareto front drawn, uniform recipes and the
     chosen one labelled (PNG; needs matplotlib)."""
@@ -250,23 +351,25 @@ def pareto_plot(result: SearchResult, path, metric_name: str = "metric") -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     pts = [p for p in result.points if p.metric is not None]
-    cand = [p for p in pts if p.kind == "candidate"]
-    uni = [p for p in pts if p.kind == "uniform"]
-    ax.scatter([p.size_mb for p in cand], [p.metric for p in cand], s=30, c="tab:blue", label="searched")
-    ax.scatter([p.size_mb for p in uni], [p.metric for p in uni], s=40, c="tab:gray", marker="s", label="uniform")
-    for p in uni:
-        ax.annotate(p.label, (p.size_mb, p.metric), textcoords="offset points", xytext=(4, -10), fontsize=8)
-    front = result.pareto()
-    ax.plot([p.size_mb for p in front], [p.metric for p in front], c="tab:orange", lw=1.5, label="Pareto front")
-    c = result.chosen
-    ax.scatter([c.size_mb], [c.metric], s=160, facecolors="none", edgecolors="tab:red", lw=2, label="chosen")
-    ax.axhline(result.baseline, c="k", lw=0.8, ls="--", label="float")
-    ax.set_xlabel("stored size (MB)")
-    ax.set_ylabel(metric_name)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    for ax, (x, xlabel, front) in zip(axes, (
+            (lambda p: p.size_mb, "stored size (MB)", result.pareto()),
+            (lambda p: p.latency_ms, "latency on one calibration batch (ms)", result.pareto("latency")))):
+        cand = [p for p in pts if p.kind == "candidate"]
+        uni = [p for p in pts if p.kind == "uniform"]
+        ax.scatter([x(p) for p in cand], [p.metric for p in cand], s=30, c="tab:blue", label="searched")
+        ax.scatter([x(p) for p in uni], [p.metric for p in uni], s=40, c="tab:gray", marker="s", label="uniform")
+        for p in uni:
+            ax.annotate(p.label, (x(p), p.metric), textcoords="offset points", xytext=(4, -10), fontsize=8)
+        ax.plot([x(p) for p in front], [p.metric for p in front], c="tab:orange", lw=1.5, label="Pareto front")
+        c = result.chosen
+        ax.scatter([x(c)], [c.metric], s=160, facecolors="none", edgecolors="tab:red", lw=2, label="chosen")
+        ax.axhline(result.baseline, c="k", lw=0.8, ls="--", label="float")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(metric_name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)

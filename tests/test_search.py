@@ -181,3 +181,16 @@ def test_command_line_search_and_sensitivity(tiny_bert_folder, tmp_path):
     assert manifest["layer_recipe"]["rules"][-1][0] == "*"
     r = runner.invoke(main, ["search", str(tiny_bert_folder), "--calib-size", "8"])
     assert r.exit_code != 0 and "one budget" in r.output
+
+
+def test_search_within_a_latency_budget():
+    model = tiny()
+    s = sensitivity(model, calib(), FORMATS, samples=8)
+    r = search(model, calib(), held_out_score, {"max_latency_ms": 1e4}, formats=FORMATS, sens=s, max_evals=2)
+    # Every point measured says how fast it ran, and the prediction is there for the searched ones.
+    assert all(p.latency_ms is not None and p.latency_ms > 0 for p in r.points)
+    assert all(p.predicted_latency_ms is not None for p in r.points if p.kind == "candidate")
+    assert r.chosen.latency_ms <= 1e4 and r.chosen.kind != "float"
+    assert r.pareto("latency")
+    with pytest.raises(ValueError, match="predicted to run within"):
+        search(model, calib(), held_out_score, {"max_latency_ms": 1e-6}, formats=FORMATS, sens=s)
