@@ -226,8 +226,18 @@ def manifest_for(model: nn.Module, layers: dict, tensors: dict, recipe=None) -> 
     }
 
 
-def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None) -> Path:
-    """Write `model` (quantized by lowbit.quantize, or partly float) to `directory`, atomically."""
+def _tensor_sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()
+
+
+def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None,
+         nested: bool | tuple[int, ...] = False) -> Path:
+    """Write `model` (quantized by lowbit.quantize, or partly float) to `directory`, atomically.
+
+    nested: store the weight-only integer layers as bit planes, loadable at lower widths
+    (lowbit.nested; True: 8, 4, 3 and 2 bits up to each layer's own; or a tuple of widths). Such a
+    checkpoint also records each tensor's sha256, so a load at a lower width reads and checks only the
+    tensors it needs."""
     entries = layer_entries(model)
     tensors = {}
     seen: dict[int, str] = {}
@@ -239,12 +249,34 @@ def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None) -> P
         # safetensors refuses shared storage (tied weights): each name gets its own copy.
         tensors[name] = t.clone().contiguous() if key in seen else t.contiguous()
         seen[key] = name
+    digests = None
+    if nested:
+        from . import nested as nest
+
+        widths = nest.WIDTHS if nested is True else tuple(nested)
+        layers_done = 0
+        for name, mod in model.named_modules():
+            if not nest.eligible(mod):
+                continue
+            extra, record = nest.nested_tensors(name, mod, widths)
+            prefix = f"{name}." if name else ""
+            for k in [k for k in tensors if k.startswith(prefix) and "." not in k[len(prefix):]]:
+                del tensors[k]
+            tensors.update(extra)
+            entries[name]["nested"] = record
+            layers_done += 1
+        if not layers_done:
+            raise ValueError("nested=True: the model has no weight-only integer layer to store as bit planes")
+        digests = {k: _tensor_sha256(t) for k, t in tensors.items()}
 
     def fill(tmp: Path) -> dict:
         save_file(tensors, str(tmp / TENSORS), metadata={"format": "lowbit"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        return manifest_for(model, entries, file_entry(tmp / TENSORS))
+        manifest = manifest_for(model, entries, file_entry(tmp / TENSORS))
+        if digests is not None:
+            manifest["tensor_sha256"] = digests
+        return manifest
 
     return commit(directory, fill)
 
@@ -303,16 +335,81 @@ def _skeleton(entry: dict) -> nn.Module:
         return model_cls(config)
 
 
-def load(directory: str | os.PathLike, model: nn.Module | None = None, *, verify: bool = True) -> nn.Module:
+def _read_nested(directory: Path, manifest: dict, verify: bool, bits: int | None) -> tuple[dict, int]:
+    """The tensors a load at `bits` needs from a nested checkpoint (all but the nested layers' planes and
+    scales beyond that width), each checked against its sha256; and the bytes read."""
+    from safetensors import safe_open
+
+    from . import nested as nest
+
+    info = manifest["tensors"]
+    files = info.get("files", [info])
+    skip: set[str] = set()
+    want: set[str] = set()
+    for name, entry in manifest["layers"].items():
+        record = entry.get("nested")
+        if record is None:
+            continue
+        need = nest.needed(name, record, bits)
+        want.update(need)
+        prefix = f"{name}." if name else ""
+        skip.update(f"{prefix}plane{i}" for i in range(record["bits"]))
+        skip.update(f"{prefix}{k}{b}" for b in record["widths"] for k in ("scale", "zero_point"))
+    digests = manifest.get("tensor_sha256", {})
+    tensors, nbytes = {}, 0
+    for entry in files:
+        path = directory / entry["file"]
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing")
+        if path.stat().st_size != entry["bytes"]:
+            raise CheckpointError(f"{path} is truncated or altered: {path.stat().st_size} bytes, the manifest says "
+                                  f"{entry['bytes']}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                names = f.keys()  # (a safe_open handle is not iterable)
+                for key in names:
+                    if key in skip and key not in want:
+                        continue
+                    t = f.get_tensor(key)
+                    nbytes += t.numel() * t.element_size()
+                    if verify and _tensor_sha256(t) != digests.get(key):
+                        raise CheckpointError(f"{path}: tensor {key!r} is corrupt or was modified (its sha256 "
+                                              "does not match the manifest)")
+                    tensors[key] = t
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path} cannot be read as safetensors: {e}") from None
+    missing = sorted(want - set(tensors))
+    if missing:
+        raise CheckpointError(f"{directory}: tensors missing for this width: {', '.join(missing[:5])}")
+    return tensors, nbytes
+
+
+def load(directory: str | os.PathLike, model: nn.Module | None = None, *, verify: bool = True,
+         bits: int | None = None) -> nn.Module:
     """Rebuild a quantized model saved by lowbit.save.
 
     For a Hugging Face model the saved config is enough; for any other model pass a float instance of
     the same architecture as `model` (its weights are replaced). `verify` checks the tensor file's sha256.
+    bits: for a checkpoint saved with nested=True, the width to load its nested layers at (8, 4, 3, 2, up
+    to each layer's own; None: as saved): only those bytes are read (model.lowbit_nested says how many).
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
-    tensors = _read_tensors(directory, manifest, verify)
     entries = manifest["layers"]
+    is_nested = any("nested" in e for e in entries.values())
+    if bits is not None and not is_nested:
+        raise CheckpointError(f"{directory} was not saved nested (lowbit.save(..., nested=True)): it loads only "
+                              "at the width it was saved in; drop bits=")
+    read_bytes = None
+    if is_nested:
+        try:
+            tensors, read_bytes = _read_nested(directory, manifest, verify, bits)
+        except ValueError as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{directory}: {e}") from None
+    else:
+        tensors = _read_tensors(directory, manifest, verify)
     if model is None:
         # A checkpoint of one quantized layer (the model itself was the layer) needs no skeleton.
         model = nn.Module() if "" in entries else _skeleton(manifest["model"])
@@ -320,7 +417,15 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, verify
         prefix = name + "." if name else ""
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
         try:
-            new = layers.rebuild(name, entry, state)
+            if "nested" in entry:
+                from . import nested as nest
+
+                new = nest.rebuild(name, entry, entry["nested"], tensors, bits)
+                for k in state:
+                    del tensors[prefix + k]
+                tensors.update({prefix + k: v for k, v in new.state_dict().items()})
+            else:
+                new = layers.rebuild(name, entry, state)
             if name:
                 layers.set_child(model, name, new)
             else:
@@ -339,7 +444,17 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, verify
     except ValueError as e:
         raise CheckpointError(f"{directory / MANIFEST}: {e}") from None
     if recipe is not None:
+        if bits is not None:
+            from . import nested as nest
+            from .recipes import QuantConfig
+
+            if isinstance(recipe, QuantConfig) and recipe.kind == "int" and recipe.act is None and bits < recipe.bits:
+                recipe = nest.width_config(recipe, bits)
         model.lowbit_recipe = recipe
         attention.apply(model, recipe.attention)
+    if read_bytes is not None:
+        model.lowbit_nested = {"bits": bits, "bytes_read": read_bytes,
+                               "bytes_stored": sum(f["bytes"] for f in manifest["tensors"].get(
+                                   "files", [manifest["tensors"]]))}
     hf_quantizer.attach(model)  # a transformers model: save_pretrained writes it as lowbit-quantized
     return model.eval()

@@ -396,6 +396,15 @@ def _tune_rows(tuner: autotune.Tuner, mod: nn.Linear, new: QuantLinear, keep_flo
     return tuner.timings(key, measure)
 
 
+def route_for(tuner: autotune.Tuner, mod: nn.Linear, new: QuantLinear,
+              keep_float: bool = False) -> tuple[dict[str, dict[str, float]], list[tuple[int | None, str]]]:
+    """The kernel timings of a weight-only linear at autotune.tune_rows ({rows: {kernel: s}}, `mod` the
+    float layer timed beside them) and the route of fastest kernels by row count they give."""
+    by_rows = _tune_rows(tuner, mod, new, keep_float)
+    forms = {k: getattr(KERNELS[k], "form", k) for t in by_rows.values() for k in t if k in KERNELS}
+    return by_rows, autotune.row_route(by_rows, forms, new.candidate_kernels())
+
+
 # ---------------------------------------------------------------------------------------------------
 # The plan and the build step (shared with lowbit.stream)
 
@@ -603,9 +612,7 @@ class Builder:
         """A weight-only linear: timed at a few row counts, it gets the fastest kernel for each range of rows.
         Kept in float (when the plan says so) by its speed at `shape`, the input it was seen with."""
         keep_float = self.plan.keep_float(name)
-        by_rows = _tune_rows(self.tuner, mod, new, keep_float)
-        forms = {k: getattr(KERNELS[k], "form", k) for t in by_rows.values() for k in t if k in KERNELS}
-        route = autotune.row_route(by_rows, forms, new.candidate_kernels())
+        by_rows, route = route_for(self.tuner, mod, new, keep_float)
         speed = autotune.route_speedups(by_rows, route)  # {rows: (kernel, speed-up over float)}
         kernel, ratio = speed[autotune.nearest_rows(math.prod(shape[:-1]), speed)]
         if keep_float and ratio < 1.0:
