@@ -55,7 +55,7 @@ def lead_config(recipe: QuantConfig | LayerRecipe) -> QuantConfig:
 
 
 
-def _mha_out_projs(model: nn.Module) -> set[str]:
+def mha_out_projs(model: nn.Module) -> set[str]:
     # nn.MultiheadAttention reads its out_proj weight directly instead of calling it: leave it alone.
     return {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
             if isinstance(m, nn.MultiheadAttention)}
@@ -67,7 +67,7 @@ def targets(model: nn.Module, recipe: QuantConfig | LayerRecipe,
     lowbit.layers that the recipe (for a per-layer recipe, the layer's own) takes. ("", model) when the
     model itself is such a layer."""
     exclude = tuple(exclude)
-    skip = _mha_out_projs(model)
+    skip = mha_out_projs(model)
     found = []
     for name, mod in model.named_modules():
         if name in skip or (name and _excluded(name, exclude)):
@@ -91,7 +91,7 @@ def left_in_float(model: nn.Module, recipe: QuantConfig | LayerRecipe, chosen: I
     """The layers holding a weight matrix that the recipe leaves in float, other than those `exclude` names
     (which the caller asked for): each {"layer", "type", "weights", "reason"}."""
     exclude, chosen = tuple(exclude), set(chosen)
-    skip = _mha_out_projs(model)
+    skip = mha_out_projs(model)
     notes = []
     for name, mod in model.named_modules():
         if name in chosen or (name and _excluded(name, exclude)):

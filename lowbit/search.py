@@ -179,9 +179,8 @@ def layer_latencies(model: nn.Module, sens: Sensitivity, formats: Sequence[str],
     the kernel timings per layer shape that lowbit.quantize chooses kernels by (lowbit.autotune; cached on
     disk, so layers of one shape are timed once). Embedding lookups count as unchanged."""
     from . import autotune, layers
-    from .backends import KERNELS
     from .modules import QuantLinear
-    from .quantize import _tune_rows
+    from .quantize import route_for
 
     tuner = autotune.Tuner()
     delta: dict[tuple[str, str], float] = {}
@@ -192,9 +191,7 @@ def layer_latencies(model: nn.Module, sens: Sensitivity, formats: Sequence[str],
                 delta[(name, f)] = 0.0
                 continue
             new = QuantLinear.from_float(mod, parse_recipe(f), "auto")
-            by_rows = _tune_rows(tuner, mod, new, keep_float=False)
-            forms = {k: getattr(KERNELS[k], "form", k) for t in by_rows.values() for k in t if k in KERNELS}
-            route = autotune.row_route(by_rows, forms, new.candidate_kernels())
+            by_rows, route = route_for(tuner, mod, new)
             near = autotune.nearest_rows(rows, [int(r) for r in by_rows])
             t = by_rows[str(near)]
             kernel = next(k for bound, k in route if bound is None or near <= bound)

@@ -95,10 +95,10 @@ class Sensitivity:
 def candidates(model: nn.Module, patterns: Sequence[str] | None = None) -> list[Candidate]:
     """The linears and embedding tables of `model` that lowbit quantizes (lowbit.layers), optionally only
     those matching `patterns` (globs or names, as per-layer recipes match)."""
-    from .quantize import _mha_out_projs
+    from .quantize import mha_out_projs
     from .recipes import name_matches
 
-    skip = _mha_out_projs(model)
+    skip = mha_out_projs(model)
     out = []
     for name, mod in model.named_modules():
         kind = layer_kinds.float_kind(mod)
