@@ -20,17 +20,23 @@ import dataclasses
 import torch
 
 from . import core
-from .formats import scheme_for
-from .modules import QuantLinear
+from .modules import QuantEmbedding, QuantLinear, QuantModule
 from .recipes import QuantConfig
 
 WIDTHS = (8, 4, 3, 2)
 
 
 def eligible(mod: object) -> bool:
-    """Whether a module can be saved nested: a weight-only affine integer layer without an input scale."""
-    return (isinstance(mod, QuantLinear) and mod.config.kind == "int" and mod.config.act is None
+    """Whether a module can be saved nested: a weight-only affine integer linear (without an input scale)
+    or embedding table."""
+    return (isinstance(mod, (QuantLinear, QuantEmbedding)) and mod.config.kind == "int" and mod.config.act is None
             and "input_scale" not in mod._buffers)
+
+
+def _shape(mod: QuantModule) -> tuple[int, int]:
+    if isinstance(mod, QuantEmbedding):
+        return mod.num_embeddings, mod.embedding_dim
+    return mod.out_features, mod.in_features
 
 
 def widths_for(bits: int, widths: tuple[int, ...] = WIDTHS) -> list[int]:
@@ -87,10 +93,10 @@ def _fit_scales(u_b: torch.Tensor, w: torch.Tensor, s_full: torch.Tensor, z_full
     return s, z
 
 
-def nested_tensors(name: str, mod: QuantLinear, widths: tuple[int, ...] = WIDTHS) -> tuple[dict, dict]:
+def nested_tensors(name: str, mod: QuantModule, widths: tuple[int, ...] = WIDTHS) -> tuple[dict, dict]:
     """The tensors (name-prefixed) and the manifest "nested" record of one eligible layer."""
-    config, shape = mod.config, (mod.out_features, mod.in_features)
-    scheme = scheme_for(config)
+    config, shape = mod.config, _shape(mod)
+    scheme = mod.scheme
     state = mod.canonical_state()
     u, s, z = scheme.affine_codes(state, shape)  # [n, kp], [n, groups] (one per row and group)
     bits = config.bits
@@ -102,9 +108,9 @@ def nested_tensors(name: str, mod: QuantLinear, widths: tuple[int, ...] = WIDTHS
               "zero_point": "zero_point" in state}
     for b in record["widths"]:
         cfg = width_config(config, b)
-        target = scheme_for(cfg)
+        target = type(mod).scheme_for(cfg)
         if target.layout(shape).kp != kp:
-            raise ValueError(f"layer {name!r}: a {b}-bit load would pad its {mod.in_features} inputs to "
+            raise ValueError(f"layer {name!r}: a {b}-bit load would pad its {shape[1]} inputs to "
                              f"{target.layout(shape).kp}, the {bits}-bit codes to {kp}; leave {b} out of widths")
         if b == bits:  # the layer's own scales (and zero points), as its format stores them
             out[f"{name}.scale{b}"] = state["scale"].contiguous()
@@ -117,7 +123,7 @@ def nested_tensors(name: str, mod: QuantLinear, widths: tuple[int, ...] = WIDTHS
             sb, zb = sb.to(torch.float16) if core.half_exact(sb) else sb, zb.to(torch.float16)
         out[f"{name}.scale{b}"] = sb.contiguous()
         out[f"{name}.zero_point{b}"] = zb.contiguous()
-    if mod.bias is not None:
+    if getattr(mod, "bias", None) is not None:
         out[f"{name}.bias"] = mod.bias.detach().contiguous()
     return out, record
 
@@ -133,17 +139,20 @@ def needed(name: str, record: dict, bits: int | None) -> list[str]:
     return names
 
 
-def rebuild(name: str, entry: dict, record: dict, tensors: dict, bits: int | None) -> QuantLinear:
+def rebuild(name: str, entry: dict, record: dict, tensors: dict, bits: int | None) -> QuantModule:
     """The layer a nested entry describes, at `bits` (None: full width), from the tensors `needed` named."""
     full = QuantConfig.from_dict(entry["config"])
     b = record["bits"] if bits is None else min(bits, record["bits"])
     planes = [tensors[f"{name}.plane{i}"] for i in range(b)]
     n, kp = record["n"], record["kp"]
     u = _from_planes(planes, n * kp).view(n, kp)
+    embedding = entry["type"] == "embedding"
+    shape = (entry["num_embeddings"], entry["embedding_dim"]) if embedding else (entry["out_features"],
+                                                                                 entry["in_features"])
     if b == full.bits:  # the layer as saved: its own format, codes and scales
         config = full
-        scheme = scheme_for(config)
-        lay = scheme.layout((entry["out_features"], entry["in_features"]))
+        scheme = (QuantEmbedding if embedding else QuantLinear).scheme_for(config)
+        lay = scheme.layout(shape)
         q = scheme._signed_codes(u).reshape(lay.shape) if scheme.signed and b == 8 else core.pack_bits(u, b)
         state = {"qweight": q, "scale": tensors[f"{name}.scale{b}"]}
         if f"{name}.zero_point{b}" in tensors:
@@ -152,6 +161,8 @@ def rebuild(name: str, entry: dict, record: dict, tensors: dict, bits: int | Non
         config = width_config(full, b)
         state = {"qweight": core.pack_bits(u, b), "scale": tensors[f"{name}.scale{b}"],
                  "zero_point": tensors[f"{name}.zero_point{b}"]}
+    if embedding:
+        return QuantEmbedding(shape[0], shape[1], config, state, entry["padding_idx"])
     bias = tensors.get(f"{name}.bias")
     layer = QuantLinear(entry["in_features"], entry["out_features"], config, state, bias, kernel="auto")
     if b == full.bits:

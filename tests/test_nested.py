@@ -1,5 +1,6 @@
 """Nested checkpoints (lowbit.nested): one save, loads at 8, 4, 3 and 2 bits reading only what each needs."""
 
+import copy
 import json
 import warnings
 
@@ -99,3 +100,17 @@ def test_nested_errors(tmp_path):
     # A wider load than stored gives the stored width.
     four = lowbit.load(tmp_path / "n", model=model(), bits=8)
     assert torch.equal(four(X), q(X))
+
+
+def test_embedding_tables_nest_too(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Embedding(300, 128), nn.Linear(128, 64)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = lowbit.quantize(m, "int8-g128")
+    ids = torch.randint(0, 300, (4, 9))
+    lowbit.save(q, tmp_path / "n", nested=True)
+    assert torch.equal(lowbit.load(tmp_path / "n", model=copy.deepcopy(m)).eval()(ids), q(ids))
+    four = lowbit.load(tmp_path / "n", model=copy.deepcopy(m), bits=4)
+    assert [r["recipe"] for r in lowbit.summary(four)] == ["int4-g128", "int4-g128"]
+    assert four.lowbit_nested["bytes_read"] == (300 + 64) * 128 // 2 + (300 + 64) * 4 + 4 * 64
