@@ -198,6 +198,8 @@ def layer_entry(mod: nn.Module) -> dict:
     entry = kind.entry(mod)
     if isinstance(mod, QuantModule) and mod.float_dtype != torch.float32:
         entry["dtype"] = str(mod.float_dtype).replace("torch.", "")
+    if getattr(mod, "lowbit_note", None):  # why the layer's format is not the recipe's (lowbit.summary shows it)
+        entry["note"] = mod.lowbit_note
     return entry
 
 
@@ -210,6 +212,8 @@ def rebuild(name: str, entry: dict, state: dict[str, torch.Tensor]) -> nn.Module
                          + ", ".join(SAVED_BY_TYPE))
     config = QuantConfig.from_dict(entry["config"]) if "config" in entry else None
     mod = kind.rebuild(name, entry, config, state)
+    if isinstance(entry.get("note"), str):
+        mod.lowbit_note = entry["note"]
     if "dtype" in entry:
         dtype = getattr(torch, entry["dtype"], None)
         if not isinstance(dtype, torch.dtype):

@@ -79,6 +79,30 @@ def targets(model: nn.Module, recipe: QuantConfig | LayerRecipe,
     return found
 
 
+# A causal LM's input embeddings and LM head under a weight-only recipe narrower than this: kept at int8
+# instead (see EDGE_NOTE). A per-layer recipe that names them decides for itself.
+EDGE_RECIPE = "int8"
+EDGE_NOTE = ("a causal LM's input embeddings and LM head stay at int8 under recipes below 8 bits (on lowbit's "
+             "small LM, quantizing them with the rest cost more perplexity than GPTQ gains); a per-layer recipe "
+             "({'lm_head': ..., '*': ...}) sets them")
+
+
+def lm_edges(model: nn.Module) -> list[str]:
+    """Qualified names of a causal LM's input embedding table and LM head (transformers' accessors), or []."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    if not (callable(get_in) and callable(get_out) and hasattr(model, "generate")):
+        return []
+    try:
+        mods = {id(m) for m in (get_in(), get_out()) if isinstance(m, nn.Module)}
+    except (AttributeError, NotImplementedError):
+        return []
+    return [n for n, m in model.named_modules() if id(m) in mods]
+
+
+def _narrow(config: QuantConfig) -> bool:
+    return config.act is None and config.kind != "float" and config.bits < 8
+
+
 def _kept_float_by_rule(recipe: LayerRecipe, name: str) -> str:
     rule = recipe.rule_for(name)
     if rule is None:
@@ -427,6 +451,7 @@ class Plan:
     left_float: list[dict] = field(default_factory=list)  # other layers with weights, left float, and why
     weights: int = 0  # weights in the model's layers, quantized or not (a share of which left_float holds)
     recipe: QuantConfig | LayerRecipe | None = None  # what the user asked for (None: `config`)
+    notes: dict[str, str] = field(default_factory=dict)  # layers whose format lowbit chose over the recipe's, why
 
     def config_for(self, name: str) -> QuantConfig:
         return self.configs.get(name, self.config)
@@ -471,6 +496,11 @@ def plan(model: nn.Module, recipe: Recipe, exclude: Iterable[str] = (), backend:
         names_ = ", ".join(unknown[:10])
         raise ValueError(f"fixed parameters for layers the recipe does not quantize: {names_}")
     configs = {n: config_of(recipe, n) for n in names}
+    notes = {}
+    if isinstance(recipe, QuantConfig) and _narrow(recipe):
+        for n in lm_edges(model):
+            if n in configs:
+                configs[n], notes[n] = read_recipe(EDGE_RECIPE), EDGE_NOTE
     with_act = {n for n in names if configs[n].act is not None}
     fuse, drop_relus = _relu_fusions(model, with_act) if with_act else (set(), {})
     # keep_float_if_slower None: activation quantization is for speed (kept float when slower); weight-only
@@ -480,7 +510,7 @@ def plan(model: nn.Module, recipe: Recipe, exclude: Iterable[str] = (), backend:
                 fixed={n: f for n, f in (fixed or {}).items() if f},
                 left_float=left_in_float(model, recipe, names, exclude),
                 weights=sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight") and p.dim() >= 2),
-                recipe=recipe)
+                recipe=recipe, notes=notes)
 
 
 def _speedups(notes: list[dict]) -> str:
@@ -555,6 +585,8 @@ class Builder:
         except ValueError as e:
             raise ValueError(f"layer {name!r}: {e}") from None
         new.float_dtype = mod.weight.dtype  # `weight` reads, and outputs follow, the model's dtype
+        if name in self.plan.notes:
+            new.lowbit_note = self.plan.notes[name]
         return new
 
     def replace(self, name: str, new: nn.Module) -> None:
@@ -884,8 +916,9 @@ def summary(model: nn.Module) -> Summary:
         row = {"layer": name, "type": fields["type"], "shape": fields["shape"], "recipe": mod.config.name,
                "kernel": fields["kernel"], "act_dtype": fields["act_dtype"], "simulated": fields["simulated"],
                "bits_per_weight": mod.bits_per_weight, "weights": layers.weight_count(mod)}
-        if name in slower:
-            row["reason"] = slower[name]["reason"]
+        reasons = [getattr(mod, "lowbit_note", None), slower[name]["reason"] if name in slower else None]
+        if any(reasons):
+            row["reason"] = "; ".join(r for r in reasons if r)
         rows.append(row)
     for note in getattr(model, "lowbit_float_layers", []):
         rows.append(_float_row(model, note, "kept float"))

@@ -44,7 +44,8 @@ def quantized(make, recipe, **kw):
     backend = "onednn" if config.act and onednn.available() else "auto"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return lowbit.quantize(make(), config, backend=backend,
+        # Every layer in the recipe's format (a plain recipe keeps a causal LM's embeddings and head at int8).
+        return lowbit.quantize(make(), lowbit.LayerRecipe((("*", config),)), backend=backend,
                                calibration=CALIBRATION if config.needs_calibration else None, **kw)
 
 

@@ -59,7 +59,9 @@ def tiny_llama(seed: int = 0):
 
 def quantized(recipe):
     model = tiny_llama()
-    lowbit.quantize(model, recipe, keep_float_if_slower=False)
+    # Every layer in the recipe's format, the embeddings and LM head too (a plain recipe keeps those at int8).
+    config = lowbit.parse_recipe(recipe) if isinstance(recipe, str) else recipe
+    lowbit.quantize(model, lowbit.LayerRecipe((("*", config),)), keep_float_if_slower=False)
     return model
 
 

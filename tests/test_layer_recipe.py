@@ -199,3 +199,25 @@ def test_command_line_reads_a_json_recipe(tiny_bert_folder, tmp_path):
     bad.write_text(json.dumps({"*": "int9"}))
     r = CliRunner().invoke(main, ["quantize", str(tiny_bert_folder), "--recipe", str(bad), "--out", str(tmp_path / "x")])
     assert r.exit_code != 0 and "int9" in r.output
+
+
+def test_causal_lm_edges_stay_int8_under_narrow_recipes(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    q = lowbit.quantize(copy.deepcopy(model), "int4-g32")
+    rows = {r["layer"]: r for r in lowbit.summary(q)}
+    for edge in ("model.embed_tokens", "lm_head"):
+        assert rows[edge]["recipe"] == "int8" and "causal LM" in rows[edge]["reason"]
+    assert rows["model.layers.0.mlp.up_proj"]["recipe"] == "int4-g32"
+    lowbit.save(q, tmp_path / "c")
+    back = {r["layer"]: r for r in lowbit.summary(lowbit.load(tmp_path / "c"))}
+    assert back["lm_head"]["recipe"] == "int8" and "causal LM" in back["lm_head"]["reason"]
+    # A per-layer recipe decides for itself; 8-bit recipes and non-LMs are left as they are.
+    every = recipes_of(lowbit.quantize(copy.deepcopy(model), {"*": "int4-g32"}))
+    assert every["lm_head"] == every["model.embed_tokens"] == "int4-g32"
+    assert recipes_of(lowbit.quantize(copy.deepcopy(model), "int8"))["lm_head"] == "int8"
+    assert recipes_of(lowbit.quantize(tiny(), "int4-g32"))["lm_head"] == "int4-g32"
