@@ -6,6 +6,8 @@ of minmax, ema, percentile, mse, entropy; minmax by default); with SmoothQuant's
 `w8a8-smooth` (dynamic), `w8a8-static-smooth`, either with `-ALPHA` (migration strength, default 0.5).
 Narrower weights with int8 activations: FORMAT[-gGROUP]-a8[-dynamic|-static][-OBSERVER], e.g. `int4-a8`,
 `ternary-a8`, `binary-a8-dynamic`, `int4-g32-a8-dynamic` (static by default; integer weights symmetric).
+int8 is symmetric (what the int8 kernels take); `-asym` (`int8-g128-asym`) gives it a zero point per group,
+the better base for a nested checkpoint (lowbit.nested).
 Weight-only integer recipes store scales and zero points as float16 values; a `-fp32scales` suffix
 (`int4-g128-fp32scales`, `int4-g128-gptq-fp32scales`) keeps them float32, the earlier layout.
 Attention: recipes that quantize activations also run a transformers model's attention matmuls in bf16
@@ -139,6 +141,8 @@ class QuantConfig:
             base += f"-g{self.group_size}"
         if self.method != "rtn":
             base += f"-{self.method}"
+        if self.kind == "int" and self.bits == 8 and not self.symmetric:
+            base += "-asym"
         if self.scale_dtype == "float32":
             base += "-fp32scales"
         return base
@@ -170,6 +174,7 @@ def valid_recipes_message() -> str:
         + "; or w8a8-smooth[-ALPHA], w8a8-static-smooth[-ALPHA] with ALPHA in [0, 1]"
         + "; or FORMAT[-gGROUP]-a8[-dynamic|-static][-OBSERVER] with FORMAT int2..int8, ternary or binary"
         + "; weight-only intB recipes take a final -fp32scales for float32 scales and zero points"
+        + "; int8 recipes take -asym for a zero point per group (the base of nested checkpoints)"
         + "; a final -bf16attn / -floatattn runs a transformers model's attention matmuls in bf16 / keeps them"
         + " (bf16 by default for recipes quantizing activations))"
     )
@@ -197,6 +202,12 @@ def _parse(recipe: str, text: str) -> QuantConfig:
             return replace(config, scale_dtype="float32")
         except ValueError as e:
             raise ValueError(f"bad recipe {recipe!r}: {e}; {valid_recipes_message()}") from None
+    if text.endswith("-asym"):
+        config = parse_recipe(text[:-len("-asym")])
+        if config.kind != "int" or config.bits != 8 or config.act is not None:
+            raise ValueError(f"bad recipe {recipe!r}: -asym takes weight-only int8 recipes (int8[-gG][-METHOD]); "
+                             f"narrower integers are asymmetric already; {valid_recipes_message()}")
+        return replace(config, symmetric=False)
     smooth = re.fullmatch(r"w8a8-(static-)?smooth(?:-([0-9.]+))?", text)
     if smooth:
         try:

@@ -32,7 +32,7 @@ def quantized(recipe):
         return lowbit.quantize(model(), recipe)
 
 
-@pytest.mark.parametrize("base", ["int8-g128", "int8", "int4-g128", "int4-g64-hqq"])
+@pytest.mark.parametrize("base", ["int8-g128", "int8-g128-asym", "int8", "int4-g128", "int4-g64-hqq"])
 def test_full_width_is_the_saved_model(tmp_path, base):
     q = quantized(base)
     lowbit.save(q, tmp_path / "n", nested=True)
@@ -44,15 +44,16 @@ def test_full_width_is_the_saved_model(tmp_path, base):
     assert [r["recipe"] for r in lowbit.summary(back)] == [r["recipe"] for r in lowbit.summary(q)]
 
 
-def test_lower_widths_read_less_and_hold_up(tmp_path):
-    q = quantized("int8-g128")
+@pytest.mark.parametrize("base", ["int8-g128-asym", "int8-g128"])
+def test_lower_widths_read_less_and_hold_up(tmp_path, base):
+    q = quantized(base)
     lowbit.save(q, tmp_path / "n", nested=True)
     read = {}
     for b in (8, 4, 3, 2):
         m = lowbit.load(tmp_path / "n", model=model(), bits=b)
         read[b] = m.lowbit_nested["bytes_read"]
         rows = lowbit.summary(m)
-        assert all(r["recipe"] == (f"int{b}-g128" if b < 8 else "int8-g128") for r in rows), rows
+        assert all(r["recipe"] == (f"int{b}-g128" if b < 8 else base) for r in rows), rows
         if b < 8:
             dedicated = quantized(f"int{b}-g128")
             assert [r["kernel"] for r in rows] == [r["kernel"] for r in lowbit.summary(dedicated)]
