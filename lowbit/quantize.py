@@ -82,9 +82,9 @@ def targets(model: nn.Module, recipe: QuantConfig | LayerRecipe,
 # A causal LM's input embeddings and LM head under a weight-only recipe narrower than this: kept at int8
 # instead (see EDGE_NOTE). A per-layer recipe that names them decides for itself.
 EDGE_RECIPE = "int8"
-EDGE_NOTE = ("a causal LM's input embeddings and LM head stay at int8 under recipes below 8 bits (on lowbit's "
-             "small LM, quantizing them with the rest cost more perplexity than GPTQ gains); a per-layer recipe "
-             "({'lm_head': ..., '*': ...}) sets them")
+EDGE_NOTE = ("a causal LM's input embeddings and LM head stay at int8 under recipes below 8 bits (lowbit's small "
+             "LM under int3-g128-gptq: perplexity x1.0050 with them at 3 bits, x1.0003 at int8, x1.0001 in "
+             "float); a per-layer recipe ({'lm_head': ..., '*': ...}) sets them")
 
 
 def lm_edges(model: nn.Module) -> list[str]:
