@@ -28,7 +28,7 @@ from . import layers as layer_kinds
 from .formats import scheme_for
 from .progress import progress_bar
 from .recipes import QuantConfig, parse_recipe
-from .sequential import call_model, find_blocks, inference, main_output, masking, token_mask
+from .sequential import batch_len, call_model, find_blocks, inference, main_output, masking, token_mask
 
 DEFAULT_FORMATS = ("int8", "int4-g128", "int4-g64", "int3-g64", "int3-g128", "int2-g32")
 # The full input Hessian is kept for layers up to this many inputs; wider ones use its diagonal.
@@ -153,8 +153,6 @@ def _take(calibration: Iterable, samples: int) -> list:
     batches, seen = [], 0
     for b in calibration:
         batches.append(b)
-        from .sequential import batch_len
-
         seen += batch_len(b)
         if seen >= samples:
             break
@@ -373,7 +371,7 @@ def sensitivity(model: nn.Module, calibration: Iterable, formats: Sequence[str] 
         return effect(runner.outputs(start))
 
     result = Sensitivity(formats=list(formats), effect_name=effect.name,
-                         layers=[c.name for c in cands], samples=sum(_batch_len(b) for b in batches))
+                         layers=[c.name for c in cands], samples=sum(batch_len(b) for b in batches))
     result.float_bytes = {c.name: c.float_bytes for c in cands}
     total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     result.other_bytes = total - sum(result.float_bytes.values())
@@ -406,14 +404,6 @@ def sensitivity(model: nn.Module, calibration: Iterable, formats: Sequence[str] 
                                     "sqnr_db": None, "hessian_error": None})
     result.seconds = time.perf_counter() - t0
     return result
-
-
-def _batch_len(b: Any) -> int:
-    from .sequential import batch_len
-
-    return batch_len(b)
-
-
 
 
 def rank_correlation(a: Sequence[float], b: Sequence[float]) -> float:
