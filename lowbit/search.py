@@ -2,9 +2,9 @@
 metric, or the best one that fits in Y MB.
 
 1. lowbit.sensitivity measures, per layer and format, the model's output change and the stored bytes.
-2. Treating the changes as additive, a sweep of the trade-off weight lam (each layer takes the format
-   minimizing change + lam * bytes) gives the configurations on the lower convex hull of predicted change
-   against size: a front of candidates from the largest to the smallest.
+2. Treating the changes as additive, choosing one format per layer is a multiple-choice knapsack: dynamic
+   programming over the size gives, for every size, the configuration with the least predicted change (the
+   whole staircase, not only its convex hull): a front of candidates from the largest to the smallest.
 3. The user's `evaluate(model) -> float` is measured on the candidates the budget points at: a binary
    search along the front for `max_drop` (the smallest candidate within the drop), the candidates just
    under the limit for `max_size_mb`. Uniform recipes of each format are measured as reference points.
@@ -113,33 +113,65 @@ class SearchResult:
 
 
 def _front(sens: Sensitivity, formats: Sequence[str], cost: dict | None = None,
-           latency: dict | None = None) -> list[Point]:
-    """Configurations on the lower convex hull of (cost, predicted change), from largest cost to smallest:
-    for each trade-off weight lam, every layer takes the format minimizing change + lam * cost. The cost
-    is the stored bytes unless `cost` gives one per (layer, format) (latency)."""
+           latency: dict | None = None, resolution: int = 16384, keep: int = 256,
+           limit: float | None = None) -> list[Point]:
+    """The configurations with the least predicted change for their cost, from largest cost to smallest. The
+    cost is the stored bytes unless `cost` gives one per (layer, format) (latency). Treating the changes as
+    additive, this is a multiple-choice knapsack, solved by dynamic programming over the cost cut into
+    `resolution` steps (each layer's cost rounded up, so a configuration never costs more than its step; exact
+    for sizes when the range is at most `resolution` bytes):
+    every configuration on the staircase, not only the corners of its convex hull, which can leave a
+    budget's last tenth unspent. Consecutive points closer than 1/`keep` of the cost range are thinned out,
+    except the best one within `limit` (a cost), which is always there."""
+    import numpy as np
+
     table = {(r["part"], r["format"]): r for r in sens.layer_rows()}
     layers = sens.layers
     cost = cost if cost is not None else {k: r["bytes"] for k, r in table.items()}
-
-    def pick(lam: float) -> dict[str, str]:
-        return {n: min(formats, key=lambda f: (table[(n, f)]["effect"] + lam * cost[(n, f)],
-                                               table[(n, f)]["bytes"])) for n in layers}
-
-    efforts = [table[k]["effect"] for k in table]
-    sizes = [abs(cost[k]) for k in table]
-    # lam from "bytes do not matter" to "only bytes matter", log-spaced over the ratios that occur.
-    lo = max(min(e for e in efforts if e > 0), 1e-12) / max(sizes) / 10
-    hi = max(efforts) / max(min(s for s in sizes if s > 0), 1) * 10
+    # Cost above each layer's cheapest format, so every step is >= 0.
+    base = {n: min(cost[(n, f)] for f in formats) for n in layers}
+    extra = {(n, f): cost[(n, f)] - base[n] for n in layers for f in formats}
+    span = sum(max(extra[(n, f)] for f in formats) for n in layers)
+    if all(float(v).is_integer() for v in extra.values()):  # bytes: whole steps, exact when the range is small
+        unit = max(1, -(-int(span) // resolution))
+    else:
+        unit = span / resolution if span > 0 else 1.0
+    steps = int(np.ceil(span / unit)) + len(layers)  # rounding up adds at most one step per layer
+    best = np.zeros(steps + 1)  # least predicted change of the layers so far within c steps
+    choice = np.zeros((len(layers), steps + 1), dtype=np.int16)
+    width = {}
+    for i, n in enumerate(layers):
+        # Cheapest first, so among equal changes the smaller cost wins (strict < below).
+        order = sorted(range(len(formats)), key=lambda j: (extra[(n, formats[j])], table[(n, formats[j])]["bytes"]))
+        new = np.full(steps + 1, np.inf)
+        for j in order:
+            w = int(np.ceil(extra[(n, formats[j])] / unit - 1e-9))
+            width[(i, j)] = w
+            cand = np.full(steps + 1, np.inf)
+            cand[w:] = best[:steps + 1 - w] + table[(n, formats[j])]["effect"]
+            better = cand < new
+            new[better] = cand[better]
+            choice[i, better] = j
+        best = new
+    at_limit = None
+    if limit is not None:
+        at_limit = int(np.floor((limit - sum(base.values())) / unit + 1e-9))
     seen, points = set(), []
-    steps = 400
-    for i in range(steps + 1):
-        lam = lo * (hi / lo) ** (i / steps)
-        choice = pick(lam)
-        key = tuple(choice[n] for n in layers)
+    previous, last_kept = np.inf, np.inf
+    for c in range(steps, -1, -1):  # every step where the least change rises is a new configuration
+        if c not in (at_limit, 0) and points and (not best[c] > previous or last_kept - c < steps / keep):
+            continue
+        previous, last_kept = best[c], c
+        pick, left = {}, c
+        for i in range(len(layers) - 1, -1, -1):
+            j = int(choice[i, left])
+            pick[layers[i]] = formats[j]
+            left -= width[(i, j)]
+        key = tuple(pick[n] for n in layers)
         if key in seen:
             continue
         seen.add(key)
-        points.append(_point(sens, choice, f"front {len(points)}", latency=latency))
+        points.append(_point(sens, {n: pick[n] for n in layers}, f"front {len(points)}", latency=latency))
     if latency is not None and cost is latency["delta"]:
         points.sort(key=lambda p: -p.predicted_latency_ms)
     else:
@@ -265,7 +297,13 @@ def search(model: nn.Module, calibration: Iterable, evaluate: Callable[[nn.Modul
     if uniform:
         for f in formats:
             measure(_point(sens, dict.fromkeys(sens.layers, f), f, "uniform", latency=latency))
-    front = _front(sens, formats, latency["delta"] if latency else None, latency)
+    if "max_size_mb" in budget:
+        limit_cost = float(budget["max_size_mb"]) * 1e6 - sens.other_bytes
+    elif latency is not None:
+        limit_cost = float(budget["max_latency_ms"]) / 1e3 - latency["float"]
+    else:
+        limit_cost = None
+    front = _front(sens, formats, latency["delta"] if latency else None, latency, limit=limit_cost)
     result.front = front
     evals = 0
     chosen: Point | None = None

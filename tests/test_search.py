@@ -194,3 +194,39 @@ def test_search_within_a_latency_budget():
     assert r.pareto("latency")
     with pytest.raises(ValueError, match="predicted to run within"):
         search(model, calib(), held_out_score, {"max_latency_ms": 0.0}, formats=FORMATS, sens=s)
+
+
+def test_front_is_the_least_predicted_change_for_every_size():
+    """The front against brute force over every configuration of a synthetic sensitivity table: for any size
+    limit, the best configuration within it is on the front, and no point on the front is beaten by a
+    configuration at most its size (up to the front's resolution of the size range)."""
+    import itertools
+    import random
+
+    from lowbit.search import _front
+    from lowbit.sensitivity import Sensitivity
+
+    rnd = random.Random(3)
+    fmts = ["a", "b", "c"]
+    layers = [f"l{i}" for i in range(6)]
+    rows = []
+    for n in layers:
+        size = rnd.randint(50, 400)
+        for j, f in enumerate(fmts):  # fewer bytes, more change, but not in proportion
+            rows.append({"part": n, "kind": "layer", "format": f, "bytes": size * (4 - j),
+                         "effect": rnd.random() * (j + 1) ** 2})
+    s = Sensitivity(formats=fmts, rows=rows, layers=layers, other_bytes=10)
+    table = {(r["part"], r["format"]): r for r in rows}
+    configs = []
+    for pick in itertools.product(fmts, repeat=len(layers)):
+        configs.append((10 + sum(table[(n, f)]["bytes"] for n, f in zip(layers, pick)),
+                        sum(table[(n, f)]["effect"] for n, f in zip(layers, pick))))
+    for limit in (sorted(c[0] for c in configs)[i] for i in (0, 50, 200, 400, 700)):
+        front = _front(s, fmts, limit=limit - 10)
+        best = min(e for b, e in configs if b <= limit)
+        on = [p for p in front if p.predicted_bytes <= limit]
+        assert on and on[0].predicted_effect == pytest.approx(best), limit
+        assert front[-1].predicted_bytes == min(c[0] for c in configs)
+    front = _front(s, fmts, keep=10**6)
+    assert [p.predicted_bytes for p in front] == sorted((p.predicted_bytes for p in front), reverse=True)
+    assert all(a.predicted_effect < b.predicted_effect for a, b in itertools.pairwise(front))
