@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from . import core
 from .backends import StoredWeight, candidates, format_route, ops, parse_route, select_kernel
 from .formats import Scheme, scheme_for
 from .recipes import QuantConfig
@@ -256,7 +257,14 @@ class QuantEmbedding(QuantModule):
     def from_float(cls, emb: nn.Embedding, config: QuantConfig, scale: torch.Tensor | None = None,
                    zero_point: torch.Tensor | None = None) -> QuantEmbedding:
         # A lookup table has no input activations for error-correcting methods to use: rows are rounded.
+        # Under a method recipe, below 8 bits, each group's range is the one that rounds it best (all
+        # columns alike: a row's error reaches the model whole, whichever token looks it up).
         cfg = dataclasses.replace(config, method="rtn", act=None, observer="minmax", smooth=None)
+        group = config.group_size or emb.embedding_dim
+        if (config.method != "rtn" and config.kind == "int" and config.bits < 8 and scale is None
+                and zero_point is None and emb.embedding_dim % group == 0):
+            scale, zero_point = core.choose_qparams_clipped(emb.weight.detach(), config.bits, group,
+                                                            config.symmetric, half=config.scale_dtype == "float16")
         state = cls.scheme_for(cfg).encode(emb.weight, scale=scale, zero_point=zero_point)
         return cls(emb.num_embeddings, emb.embedding_dim, config, state, emb.padding_idx)
 

@@ -9,7 +9,7 @@ from torch import nn
 import lowbit
 import lowbit.modules
 from lowbit.algorithms.gptq import gptq_quantize
-from lowbit.core import dequantize_affine, quantize_affine
+from lowbit.core import choose_qparams_clipped, dequantize_affine, quantize_affine
 from lowbit.recipes import parse_recipe
 
 MIX = torch.randn(16, 128, generator=torch.Generator().manual_seed(1))
@@ -43,16 +43,39 @@ def test_gptq_beats_rtn_on_held_out_inputs(recipe, factor):
 
 
 def test_gptq_codes_are_ordinary_affine_codes():
-    """Same scales as RTN (chosen per group up front), codes in range, and RTN itself when H is the identity."""
+    """Without the clip search, the same scales as RTN (chosen per group up front), codes in range, and RTN
+    itself when H is the identity."""
     w = torch.randn(24, 64)
     h = torch.eye(64, dtype=torch.float64)
-    codes, scale, zero = gptq_quantize(w, h, 4, 16, False, damp=0.0, act_order=False)
+    codes, scale, zero = gptq_quantize(w, h, 4, 16, False, damp=0.0, act_order=False, clip=(1.0,))
     rs, rz = lowbit.core.choose_qparams_affine(w, 4, (1, 16), False)
     assert torch.equal(scale, rs) and torch.equal(zero, rz)
     # with uncorrelated, equal-variance inputs there is no error to move: GPTQ is round-to-nearest
     assert torch.equal(codes, quantize_affine(w, rs, rz, 4, (1, 16)))
     assert int(codes.max()) <= 15
     assert dequantize_affine(codes, scale, zero, (1, 16)).shape == w.shape
+
+
+@pytest.mark.parametrize("bits,symmetric", [(2, False), (3, False), (4, True)])
+def test_clip_search_never_rounds_worse_than_min_max(bits, symmetric):
+    """Per group, the clipped range's error (weighted by the input importance) is at most min-max's, and on
+    heavy-tailed weights it is clearly lower in total; grid (1.0,) is min-max exactly."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.distributions.StudentT(3.0).sample((32, 128)) * 0.02
+    imp = torch.rand(128, generator=g) + 0.1
+    s0, z0 = lowbit.core.choose_qparams_affine(w, bits, (1, 32), symmetric)
+    s1, z1 = choose_qparams_clipped(w, bits, 32, symmetric, imp, grid=(1.0,))
+    assert torch.equal(s0, s1) and torch.equal(z0, z1)
+    s, z = choose_qparams_clipped(w, bits, 32, symmetric, imp)
+
+    def err(scale, zero):
+        codes = quantize_affine(w, scale, zero, bits, (1, 32))
+        e = (dequantize_affine(codes, scale, zero, (1, 32)) - w) ** 2 * imp
+        return e.reshape(32, 4, 32).sum(-1)
+
+    assert bool((err(s, z) <= err(s0, z0) * (1 + 1e-6)).all())
+    assert err(s, z).sum() < 0.9 * err(s0, z0).sum()
+    assert bool((s <= s0 * (1 + 1e-6)).all())  # only ever narrower
 
 
 def test_dead_inputs_and_odd_sizes():
@@ -88,6 +111,14 @@ def test_embeddings_are_rounded_under_gptq():
     assert isinstance(q[0], lowbit.modules.QuantEmbedding) and q[1].config.method == "gptq"
     ids = torch.randint(0, 50, (3, 5))
     assert rel_err(q(ids), m(ids)) < 0.2
+    # The table's groups take the range that rounds them best: never worse than min-max rounding, and at
+    # 3 bits on these Gaussian rows clearly better.
+    every = torch.arange(50)
+    for bits in (4, 3):
+        rtn = lowbit.quantize(copy.deepcopy(m), f"int{bits}-g32")
+        fit = lowbit.quantize(copy.deepcopy(m), f"int{bits}-g32-gptq", calibration=calib)
+        e_rtn, e_fit = rel_err(rtn[0](every), m[0](every)), rel_err(fit[0](every), m[0](every))
+        assert e_fit <= e_rtn and (bits == 4 or e_fit < 0.95 * e_rtn), (bits, e_fit, e_rtn)
 
 
 def test_thin_calibration_chooses_shrinkage_on_held_out_tokens():

@@ -1,6 +1,7 @@
 """Pure tensor functions: affine/ternary/binary integer quantization, bit packing, float formats, codebooks."""
 
 from .affine import (
+    CLIP_GRID,
     HALF_TINY,
     SCALE_EPS,
     affine_qparams_from_range,
@@ -10,6 +11,7 @@ from .affine import (
     broadcast_param,
     check_input,
     choose_qparams_affine,
+    choose_qparams_clipped,
     choose_qparams_ternary,
     dequantize_affine,
     fake_quantize_affine,
@@ -28,6 +30,7 @@ from .floatfmt import FLOAT_DTYPES, dequantize_float, quantize_float
 from .pack import pack_bits, packed_nbytes, unpack_bits
 
 __all__ = [
+    "CLIP_GRID",
     "FLOAT_DTYPES",
     "HALF_TINY",
     "SCALE_EPS",
@@ -38,6 +41,7 @@ __all__ = [
     "broadcast_param",
     "check_input",
     "choose_qparams_affine",
+    "choose_qparams_clipped",
     "choose_qparams_ternary",
     "dequantize_affine",
     "dequantize_float",

@@ -140,6 +140,40 @@ def choose_qparams_affine(x: torch.Tensor, bits: int, block_size: Sequence[int],
                                      block_reduce(x, block_size, "amax"), bits, half=half)
 
 
+# Fractions of each group's min-max range tried for its scale: at 2-3 bits the range that rounds best is
+# often narrower than the extremes (the clip search of GPTQ's reference `mse` option and of AWQ).
+CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def choose_qparams_clipped(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                           importance: torch.Tensor | None = None, half: bool = False,
+                           grid: Sequence[float] = CLIP_GRID) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group of `group_size` columns of w [N, K], the scale and zero point (as choose_qparams_affine's)
+    of the range shrunk by the fraction in `grid` whose rounding error, weighted per column by `importance`
+    [K] (e.g. a Hessian's diagonal; None: all equal), is least. grid (1.0,) is plain min-max."""
+    w = check_input(w).float()
+    n, k = w.shape
+    if k % group_size:
+        raise ValueError(f"input size {k} is not a multiple of group size {group_size}")
+    groups = k // group_size
+    wg = w.reshape(n, groups, group_size)
+    cw = torch.ones(1, groups, group_size) if importance is None else importance.float().reshape(1, groups, group_size)
+    qmin, qmax = (1 if symmetric else 0), 2 ** bits - 1
+    best = None
+    for frac in grid:
+        scale, zero = choose_qparams_affine(w * frac, bits, (1, group_size), symmetric, half=half)
+        s, z = scale[..., None], zero[..., None]
+        q = torch.round(wg / s + z).clamp_(qmin, qmax)
+        err = (((q - z) * s - wg) ** 2 * cw).sum(-1)
+        if best is None:
+            best = (scale, zero, err)
+            continue
+        better = err < best[2]
+        best = (torch.where(better, scale, best[0]), torch.where(better, zero, best[1]),
+                torch.where(better, err, best[2]))
+    return best[0], best[1]
+
+
 def symmetric_qparams(amax: torch.Tensor, bits: int, qmax: int | None = None,
                       half: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric (scale, zero_point) for per-block max|x|: scale = amax / qmax, zero_point = 2**(bits-1).
