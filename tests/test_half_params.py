@@ -109,9 +109,9 @@ def test_gptq_quantizes_with_the_rounded_scales():
     for symmetric in (False, True):
         codes, s, z = gptq_quantize(w, h, 4, 16, symmetric, half=True)
         assert torch.equal(s, s.half().float()) and torch.equal(z, z.half().float())
-        ref_s, ref_z = core.choose_qparams_affine(w, 4, (1, 16), symmetric, half=True)
+        ref_s, ref_z = core.choose_qparams_clipped(w, 4, 16, symmetric, torch.diag(h), half=True)
         assert torch.equal(s, ref_s) and torch.equal(z, ref_z)
-        assert torch.equal(codes, core.quantize_affine(w, s, z, 4, (1, 16)))
+        assert torch.equal(codes, core.quantize_affine(w, s, z, 4, (1, 16), symmetric=symmetric))
     x = torch.randn(256, 64) * torch.linspace(0.1, 3, 64)
     hx = x.T @ x
     codes, s, z = gptq_quantize(w, hx, 3, 16, False, half=True)
