@@ -55,8 +55,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
     half: the scales are float16 values (lowbit.core.half_scale), rounded before the first column, so the
     error each column passes on is the error of the scales that are stored.
     clip: fractions of each group's range tried for its scale (core.choose_qparams_clipped, weighted by
-    H's diagonal);
-    (1.0,) keeps min-max.
+    H's diagonal); (1.0,) keeps min-max.
     """
     w = w.detach().float()
     n, k = w.shape
