@@ -101,7 +101,8 @@ class Scheme:
     kind: ClassVar[str] = ""
     # The kernels that can run it: "affine" (weight-only integer kernels, through kernel_spec and
     # affine_codes), "int8" (int8 x uint8 kernels, through int8_codes), "float" (a float matmul on the
-    # cast weight) or "dequant" (decode, then a float matmul).
+    # cast weight), "codebook" (table-lookup kernels, through codebook_form) or "dequant" (decode, then a
+    # float matmul).
     runs_on: ClassVar[str] = "dequant"
     learns_scale: ClassVar[bool] = False  # fake_quantize / encode take a (learned) scale
     block: Block = (1, None)
@@ -628,7 +629,7 @@ class CodebookScheme(Scheme):
     each weight's entry. Weight-only layout: qweight packed [N, Kp], codebook [N, Kp / G, 2**B]."""
 
     kind: ClassVar[str] = "kmeans"
-    runs_on: ClassVar[str] = "dequant"
+    runs_on: ClassVar[str] = "codebook"
     state_names: ClassVar[tuple[str, ...]] = ("qweight", "codebook")  # type: ignore[assignment]
     bits: int
     block: Block = (1, None)
@@ -678,6 +679,15 @@ class CodebookScheme(Scheme):
         lay = self.layout(shape)
         w = core.kmeans_dequantize(self.codes(state, shape), _tensor(state, "codebook", self.name), lay.block)
         return self._unview(w, lay).to(dtype)
+
+    def codebook_form(self, state: State, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the codebook kernels take: indices uint8 [N, Kp] and one table per row and group of columns,
+        [N, Kp / G, 2**B] in the stored dtype (a table shared by several rows is repeated for each)."""
+        lay = self.layout(shape)
+        book = _tensor(state, "codebook", self.name).reshape(*lay.grid, 2 ** self.bits)
+        if lay.block[0] != 1:
+            book = book.repeat_interleave(lay.block[0], dim=0)
+        return self.codes(state, shape), book.contiguous()
 
     def row_codes(self, state, shape):
         return self.codes(state, shape)

@@ -40,8 +40,10 @@ def test_info_lists_kernels_and_simulated_formats():
     r = CliRunner().invoke(main, ["info"])
     assert r.exit_code == 0, r.output
     assert "avx2=" in r.output and "torch_int4pack" in r.output
-    # its kernel, or kernels by row count (a bf16 GEMM for many rows where bf16 is native), are simulated
-    assert re.search(r"kmeans4      -> dequant(<=\d+,dequant_bf16)*: simulated", r.output), r.output
+    # fp8 has no kernel of its own: its kernel, or kernels by row count, are simulated; codebooks have theirs
+    assert re.search(r"fp8          -> dequant(<=\d+,dequant_bf16)*: simulated", r.output), r.output
+    assert re.search(r"kmeans4      -> lowbit_codebook(<=\d+,lowbit_codebook_gemm)*: (float32|bfloat16) act",
+                     r.output), r.output
 
 
 CALIB_TEXTS = ["A man is playing a guitar.", "", "The stock market fell sharply on Monday.",

@@ -207,3 +207,77 @@ def test_avx512_instructions_only_in_the_avx512_functions():
     assert not offenders, sorted(offenders)[:5]
     if "avx512" in lowbit_cpu.isas():
         assert seen > 0  # the AVX-512 path exists in the binary
+
+
+# ---- codebook (k-means) weights: lowbit_cpu.cb_*
+
+
+def codebook_weight(n, k, bits, g, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8, generator=gen)
+    book = torch.randn(n, k // g, 2**bits, generator=gen).to(dtype)
+    w = torch.gather(book.float(), 2, codes.long().reshape(n, k // g, g)).reshape(n, k)
+    return codes, book, w
+
+
+@pytest.mark.parametrize("bits", lowbit_cpu.CB_BITS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["f16-tables", "f32-tables"])
+def test_codebook_path_matches_reference(isa, bits, dtype):
+    for n, k, g in ((37, 384, 384), (50, 512, 64), (3, 128, 128), (70, 1536, 128)):
+        codes, book, w = codebook_weight(n, k, bits, g, dtype, seed=n + bits)
+        packed = lowbit_cpu.cb_prepack(codes, book, bits)
+        # The lookup is exact: float32 decoding gives the tables' values, bf16 decoding their bf16 rounding.
+        assert torch.equal(lowbit_cpu.cb_decode(packed, bits, g, n, k), w)
+        assert torch.equal(lowbit_cpu.cb_decode(packed, bits, g, n, k, bf16=True), w.to(torch.bfloat16))
+        bias = torch.randn(n)
+        for m in (1, 2, 3, 4, 5, 9, 70):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+            ref = x.double() @ w.double().T + bias.double()
+            for y in (lowbit_cpu.cb_linear(x, packed, bits, g, n, k, bias),
+                      lowbit_cpu.cb_gemm(x, packed, bits, g, n, k, bias)):
+                assert rel_err(y, ref) < TOL, f"{isa} bits={bits} n={n} k={k} g={g} m={m}"
+            y = lowbit_cpu.cb_gemm(x, packed, bits, g, n, k, bias, bf16=True)  # bf16 activations and weights
+            ref16 = x.bfloat16().double() @ w.bfloat16().double().T + bias.bfloat16().double()
+            assert y.dtype == torch.float32 and rel_err(y, ref16) < 1e-2
+
+
+def test_codebook_leading_shape_dtype_and_bad_input():
+    n, k, g, bits = 40, 256, 64, 4
+    codes, book, _ = codebook_weight(n, k, bits, g, torch.float16, seed=3)
+    packed = lowbit_cpu.cb_prepack(codes, book, bits)
+    x = torch.randn(2, 3, k)
+    y = lowbit_cpu.cb_linear(x.bfloat16(), packed, bits, g, n, k)
+    assert y.shape == (2, 3, n) and y.dtype == torch.bfloat16
+    assert lowbit_cpu.cb_gemm(x, packed, bits, g, n, k).shape == (2, 3, n)
+    with pytest.raises(RuntimeError, match="does not fit in 4 bits"):
+        lowbit_cpu.cb_prepack(codes | 16, book, bits)
+    with pytest.raises(RuntimeError, match="K a multiple of 64"):
+        lowbit_cpu.cb_prepack(codes[:, :100], book, bits)
+    with pytest.raises(RuntimeError, match="do not match"):
+        lowbit_cpu.cb_linear(x, packed, 2, g, n, k)
+    with pytest.raises(RuntimeError, match="codebook must be"):
+        lowbit_cpu.cb_linear(x, {"codes": packed["codes"], "book": book[:, :2]}, bits, g, n, k)
+    assert not lowbit_cpu.cb_supports(n, 200, 4, 200) and not lowbit_cpu.cb_supports(n, 256, 3, 64)
+
+
+@pytest.mark.parametrize("recipe", ["kmeans4", "kmeans4-g64", "kmeans2"])
+def test_codebook_recipes_run_on_the_codebook_kernels(recipe):
+    import copy
+
+    import lowbit
+    from lowbit.modules import QuantLinear
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(192, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+    ref = lowbit.quantize(copy.deepcopy(model), recipe, backend="dequant")
+    x1, x = torch.randn(3, 192), torch.randn(2, 40, 192)
+    for kernel in ("lowbit_codebook", "lowbit_codebook_gemm"):
+        q = lowbit.quantize(copy.deepcopy(model), recipe, backend=kernel)
+        layers = [m for m in q.modules() if isinstance(m, QuantLinear)]
+        assert len(layers) == 2 and all(m.kernel_name == kernel and not m.simulated for m in layers)
+        tol = 1e-2 if layers[0].act_dtype == torch.bfloat16 else TOL
+        for inp in (x1, x):
+            want = ref(inp).double()
+            assert rel_err(q(inp), want) < tol, (kernel, inp.shape)
+    auto = lowbit.quantize(copy.deepcopy(model), recipe)
+    assert all(m.kernel_name.startswith("lowbit_codebook") for m in auto.modules() if isinstance(m, QuantLinear))

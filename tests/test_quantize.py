@@ -129,9 +129,11 @@ def test_float_and_codebook_layers_choose_from_the_registry():
 
 
 def test_simulated_formats_say_so():
-    q = lowbit.quantize(nn.Sequential(nn.Linear(64, 64)), "kmeans4-g64")
-    assert lowbit.summary(q)[0]["simulated"] is True
-    assert "simulated" in repr(q)
+    # fp8 and 3-bit codebooks have no kernel of their own; 4-bit codebooks do.
+    for recipe, simulated in (("fp8", True), ("kmeans3-g64", True), ("kmeans4-g64", False)):
+        q = lowbit.quantize(nn.Sequential(nn.Linear(64, 64)), recipe)
+        assert lowbit.summary(q)[0]["simulated"] is simulated, recipe
+        assert ("simulated" in repr(q)) is simulated, recipe
 
 
 def test_embeddings_quantized_and_gathered():

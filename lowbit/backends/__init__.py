@@ -2,7 +2,8 @@
 
 Weight-only kernels (this file) take integer weights in the canonical affine form: unsigned codes
 [N, K] (uint8), and float32 scale and zero point [N, K // G], meaning W = (codes - zero) * scale; "bf16_mm"
-takes bf16 weights, and "dequant" any format (it decodes through the format's scheme). Kernels for int8
+takes bf16 weights, "lowbit_codebook" 2/4-bit codebook (k-means) weights, and "dequant" any format (it
+decodes through the format's scheme). Kernels for int8
 weights with uint8 activations (W8A8 linear and conv layers) are in int8.py. Each kernel is a class:
 whether it can run a layer (`supports`, from a LayerSpec), the kernel's own layout of the weight made once
 at quantize or load time from the canonical weight (`prepare`, from a StoredWeight), and the computation
@@ -310,12 +311,64 @@ class DequantBF16(Dequant):
         return F.linear(x.to(torch.bfloat16), prep["weight"].decode(torch.bfloat16), b).to(x.dtype)
 
 
+class LowbitCodebook(WeightOnlyKernel):
+    """Codebook (k-means) weights, 2 or 4 bits, on lowbit._C: the indices packed once, each table one
+    register, every weight looked up by a permute (AVX-512: 16 entries in one; AVX2: two and a blend)
+    and multiplied into float32 activations. A GEMV: few rows."""
+
+    name = "lowbit_codebook"
+    family = "codebook"
+
+    def supports(self, spec):
+        return (self._takes(spec) and lowbit_cpu.available()
+                and lowbit_cpu.cb_supports(spec.n, spec.k, spec.bits, spec.group_size))
+
+    def refusal(self, spec):
+        if self._takes(spec) and lowbit_cpu.available():
+            return (f"it takes {'/'.join(map(str, lowbit_cpu.CB_BITS))}-bit codebooks with K and the group a "
+                    f"multiple of {lowbit_cpu.CB_CHUNK} (this layer: {spec.bits}-bit, K {spec.k}, group "
+                    f"{spec.group_size})")
+        if self._takes(spec):
+            return "lowbit._C is not available (not built, or the CPU lacks AVX2/FMA)"
+        return super().refusal(spec)
+
+    def prepare(self, weight, spec):
+        codes, book = weight.codebook()
+        return lowbit_cpu.cb_prepack(codes, book, spec.bits)
+
+    def run(self, x, prep, spec, bias):
+        return ops.cb_linear(x, prep["codes"], prep["book"], spec.bits, spec.group_size, spec.n, spec.k, bias)
+
+    def eager(self, x, prep, spec, bias):
+        return lowbit_cpu.cb_linear(x, prep, spec.bits, spec.group_size, spec.n, spec.k, bias)
+
+
+class LowbitCodebookGemm(LowbitCodebook):
+    """lowbit_codebook's packed form for many rows: the weight decoded a slab at a time (bf16 on CPUs with
+    native bf16 arithmetic, the activations rounded to bf16; float32 elsewhere), then torch's GEMM."""
+
+    name = "lowbit_codebook_gemm"
+    form = "lowbit_codebook"
+    min_rows = 64
+    eager = None  # not lowbit_codebook's direct call: this kernel's own run is the computation
+
+    def __init__(self) -> None:
+        # Decided once here: a traced call must not read the CPU's features (a file) again.
+        self.bf16 = native_bf16()
+        self.act_dtype = torch.bfloat16 if self.bf16 else torch.float32
+
+    def run(self, x, prep, spec, bias):
+        return ops.cb_gemm(x, prep["codes"], prep["book"], spec.bits, spec.group_size, spec.n, spec.k, bias,
+                           self.bf16)
+
+
 KERNELS: dict[str, Kernel] = {k.name: k for k in (LowbitCPU(), TorchInt4(), TorchInt8(), OneDNNInt8(), BF16MM(),
                                                    Dequant(), ReferenceInt8(), LowbitGemm(), LowbitGemmBF16(),
-                                                   BF16Gemm(), DequantBF16(), LowbitQ8())}
+                                                   BF16Gemm(), DequantBF16(), LowbitQ8(), LowbitCodebook(),
+                                                   LowbitCodebookGemm())}
 # Preference when nothing is measured (backend="auto" measures these against each other where it can).
-AUTO_ORDER = ("lowbit_cpu", "torch_int4pack", "torch_int8pack", "onednn", "bf16_mm", "dequant", "reference",
-              "lowbit_gemm_bf16", "lowbit_gemm", "bf16_gemm", "dequant_bf16")
+AUTO_ORDER = ("lowbit_cpu", "lowbit_codebook", "torch_int4pack", "torch_int8pack", "onednn", "bf16_mm", "dequant",
+              "reference", "lowbit_gemm_bf16", "lowbit_gemm", "lowbit_codebook_gemm", "bf16_gemm", "dequant_bf16")
 
 
 def parse_route(text: str) -> list[tuple[int | None, str]]:
@@ -384,5 +437,7 @@ def available_kernels() -> dict[str, bool]:
         "lowbit_gemm_bf16": lowbit_cpu.available() and native_bf16(),
         "bf16_gemm": native_bf16(),
         "dequant_bf16": native_bf16(),
+        "lowbit_codebook": lowbit_cpu.available(),
+        "lowbit_codebook_gemm": lowbit_cpu.available(),
     }
     return probe

@@ -76,6 +76,11 @@ class StoredWeight:
         """Signed int8 codes and scale ([N] per channel, else [N, K / G]): W = codes * scale."""
         return self._form("int8_codes")
 
+    def codebook(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codebook indices uint8 [N, Kp] and tables [N, Kp / G, 2**bits] (float16 or float32):
+        W[n, j] = table[n, j // G, index[n, j]]."""
+        return self._form("codebook_form")
+
     def decode(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight of `shape`, computed now (not cached: the per-call path of simulated kernels)."""
         return self.scheme.decode(self.state, self.shape, dtype)

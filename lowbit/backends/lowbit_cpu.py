@@ -1,4 +1,5 @@
-"""lowbit's own CPU kernel: packed 1/2/3/4/8-bit weights times float32 activations (AVX2 + FMA, AVX-512).
+"""lowbit's own CPU kernel: packed 1/2/3/4/8-bit weights times float32 activations (AVX2 + FMA, AVX-512),
+and 2/4-bit codebook (k-means) weights (`cb_*`, below).
 
 Canonical weight (what the rest of lowbit stores): codes uint8 [N, K] in [0, 2**bits), scale and zero
 float32 [N, K // G], W = (codes - zero) * scale, G == K meaning one group per row (per-channel).
@@ -169,6 +170,47 @@ def attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
 def dequant(packed: dict[str, torch.Tensor], bits: int, group_size: int, n: int, k: int) -> torch.Tensor:
     """The float32 W [N, K] the packed buffers stand for (scale * code - scale * zero, one rounding)."""
     return _C.dequant(packed["qweight"], bits, group_size, n, k)
+
+
+# ---- codebook (k-means) weights: csrc/kernels_codebook.h
+
+CB_BITS = (2, 4)
+CB_CHUNK = 64  # K and the group size are multiples of this
+
+
+def cb_supports(n: int, k: int, bits: int, group_size: int) -> bool:
+    """Whether the codebook kernels take this layer: 2- or 4-bit indices, K and the group a multiple of 64."""
+    return (bits in CB_BITS and n >= 1 and k >= CB_CHUNK and k % CB_CHUNK == 0 and group_size >= CB_CHUNK
+            and group_size % CB_CHUNK == 0 and k % group_size == 0)
+
+
+def cb_prepack(codes: torch.Tensor, book: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    """Indices uint8 [N, K] and tables [N, K / G, 2**bits] (float16 or float32) -> the kernels' form:
+    {"codes": packed uint8, "book": the tables, contiguous, dtype kept}."""
+    if _C is None:
+        raise RuntimeError("lowbit._C is not available (not built, or the CPU lacks AVX2/FMA)")
+    if book.dtype not in (torch.float16, torch.float32):
+        book = book.float()
+    return {"codes": _C.cb_pack(codes.to(torch.uint8).contiguous(), bits), "book": book.contiguous()}
+
+
+def cb_linear(x: torch.Tensor, packed: dict[str, torch.Tensor], bits: int, group_size: int, n: int, k: int,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ W.T (+ bias), W looked up in the tables: a GEMV (float32), for few rows."""
+    return _C.cb_linear(x, packed["codes"], packed["book"], bits, group_size, n, k, bias)
+
+
+def cb_gemm(x: torch.Tensor, packed: dict[str, torch.Tensor], bits: int, group_size: int, n: int, k: int,
+            bias: torch.Tensor | None = None, bf16: bool = False) -> torch.Tensor:
+    """The same product for many rows: W decoded a slab of rows at a time (float32, or bf16 with the
+    activations rounded to bf16), then torch's GEMM. Result in x's dtype."""
+    return _C.cb_gemm(x, packed["codes"], packed["book"], bits, group_size, n, k, bias, bf16)
+
+
+def cb_decode(packed: dict[str, torch.Tensor], bits: int, group_size: int, n: int, k: int,
+              bf16: bool = False) -> torch.Tensor:
+    """W [N, K] from the packed form: float32, or bf16 (each table entry rounded to nearest even)."""
+    return _C.cb_decode(packed["codes"], packed["book"], bits, group_size, n, k, bf16)
 
 
 def gemv_max_m() -> int:

@@ -7,6 +7,8 @@ alone), which both trace as one opaque node.
     lowbit::linear(x, qweight, bits, group_size, n, k, bias)              lowbit's packed low-bit matmul
     lowbit::linear_q8(x, qweight, bits, group_size, n, k, bias)           the same with int8 activations
     lowbit::dequant(qweight, bits, group_size, n, k)                       that packed weight in float32
+    lowbit::cb_linear(x, codes, book, bits, group_size, n, k, bias)        codebook weights, GEMV
+    lowbit::cb_gemm(x, codes, book, bits, group_size, n, k, bias, bf16)    codebook weights, decode + GEMM
     lowbit::w8a8_linear_dynamic(x, codes, w_scale, csw, gemv, bias, relu)  uint8 per row x int8
     lowbit::w8a8_linear_static(x, codes, w_scale, bias, act_scale, act_zero, relu)
     lowbit::w8a8_conv(x, codes, w_scale, bias, act_scale, act_zero, stride, padding, dilation, groups, relu)
@@ -111,6 +113,57 @@ def _dequant_op(qweight: Tensor, bits: int, group_size: int, n: int, k: int) -> 
 @_dequant_op.register_fake
 def _(qweight, bits, group_size, n, k):
     return qweight.new_empty((n, k), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- codebook (k-means) weights
+
+
+def _cb_linear(x: Tensor, codes: Tensor, book: Tensor, bits: int, group_size: int, n: int, k: int,
+               bias: Tensor | None) -> Tensor:
+    return lowbit_cpu.cb_linear(x, {"codes": codes, "book": book}, bits, group_size, n, k, bias)
+
+
+@torch.library.custom_op("lowbit::cb_linear", mutates_args=())
+def _cb_linear_op(x: Tensor, codes: Tensor, book: Tensor, bits: int, group_size: int, n: int, k: int,
+                  bias: Tensor | None) -> Tensor:
+    return _cb_linear(x, codes, book, bits, group_size, n, k, bias)
+
+
+@_cb_linear_op.register_fake
+def _(x, codes, book, bits, group_size, n, k, bias):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def cb_linear(x: Tensor, codes: Tensor, book: Tensor, bits: int, group_size: int, n: int, k: int,
+              bias: Tensor | None = None) -> Tensor:
+    """x [..., K] @ W.T (+ bias), W looked up in per-row (and group) tables; a GEMV for few rows."""
+    if _eager(x):
+        return _cb_linear(x, codes, book, bits, group_size, n, k, bias)
+    return _cb_linear_op(x, codes, book, bits, group_size, n, k, bias)
+
+
+def _cb_gemm(x: Tensor, codes: Tensor, book: Tensor, bits: int, group_size: int, n: int, k: int,
+             bias: Tensor | None, bf16: bool) -> Tensor:
+    return lowbit_cpu.cb_gemm(x, {"codes": codes, "book": book}, bits, group_size, n, k, bias, bf16)
+
+
+@torch.library.custom_op("lowbit::cb_gemm", mutates_args=())
+def _cb_gemm_op(x: Tensor, codes: Tensor, book: Tensor, bits: int, group_size: int, n: int, k: int,
+                bias: Tensor | None, bf16: bool) -> Tensor:
+    return _cb_gemm(x, codes, book, bits, group_size, n, k, bias, bf16)
+
+
+@_cb_gemm_op.register_fake
+def _(x, codes, book, bits, group_size, n, k, bias, bf16):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def cb_gemm(x: Tensor, codes: Tensor, book: Tensor, bits: int, group_size: int, n: int, k: int,
+            bias: Tensor | None = None, bf16: bool = False) -> Tensor:
+    """The same product for many rows: the weight decoded in slabs (bf16 or float32), then a GEMM."""
+    if _eager(x):
+        return _cb_gemm(x, codes, book, bits, group_size, n, k, bias, bf16)
+    return _cb_gemm_op(x, codes, book, bits, group_size, n, k, bias, bf16)
 
 
 def dequant(qweight: Tensor, bits: int, group_size: int, n: int, k: int) -> Tensor:

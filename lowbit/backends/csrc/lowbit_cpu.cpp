@@ -10,6 +10,11 @@
 //   row_epilogue_(y [M, N] f32, sx [M], sxz [M], csw [N], bias [N]?) in place:
 //       y = y * sx[m] - sxz[m] * csw[n] + bias[n]
 //
+//   cb_pack(codes, bits) -> packed codebook indices (kernels_codebook.h)
+//   cb_linear(x, packed, book, bits, group_size, n, k, bias=None) -> y = x @ W^T (+ bias), W[n, j] =
+//     book[n, j / group_size, code[n, j]]: a GEMV, meant for few rows
+//   cb_decode(packed, book, bits, group_size, n, k, bf16) -> W [n, k] (float32, or bfloat16)
+//
 //   isa() -> "avx512" | "avx2": the kernel path that runs; isas() -> the paths this CPU can run;
 //   set_isa(name) picks one (an error for a path this CPU cannot run)
 //
@@ -26,6 +31,7 @@
 #include "attention.h"
 #include "kernels.h"
 #include "kernels_avx512.h"
+#include "kernels_codebook.h"
 #include "kernels_q8.h"
 
 namespace {
@@ -489,6 +495,169 @@ std::vector<at::Tensor> int_epilogue_gelu_rows_s8(at::Tensor acc, at::Tensor sx,
 
 }  // namespace
 
+// ---------------------------------------------------------------- codebook (k-means) weights
+namespace {
+
+void check_cb(const at::Tensor& packed, const at::Tensor& book, int64_t bits, int64_t g, int64_t n, int64_t k) {
+  TORCH_CHECK(lowbit::cb::shape_ok(n, k, bits, g), "lowbit: unsupported codebook layer n=", n, " k=", k, " bits=", bits,
+              " group_size=", g, " (bits 2 or 4; k and group_size multiples of 64)");
+  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.numel() == n * (k / lowbit::cb::CH) * lowbit::cb::chunk_bytes((int)bits),
+              "lowbit: packed codebook indices do not match n/k/bits (not made by cb_pack?)");
+  TORCH_CHECK(book.device().is_cpu() && book.is_contiguous() &&
+                  (book.scalar_type() == at::kHalf || book.scalar_type() == at::kFloat) &&
+                  book.numel() == n * (k / g) * ((int64_t)1 << bits),
+              "lowbit: codebook must be a contiguous float16 or float32 [n, k / group_size, 2^bits] tensor");
+}
+
+at::Tensor cb_pack(at::Tensor codes, int64_t bits) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.device().is_cpu(),
+              "lowbit: codebook indices must be a CPU uint8 [N, K] tensor");
+  const int64_t n = codes.size(0), k = codes.size(1);
+  TORCH_CHECK(lowbit::cb::shape_ok(n, k, bits, k), "lowbit: unsupported codebook indices [", n, ", ", k, "] at ", bits,
+              " bits (bits 2 or 4, K a multiple of 64)");
+  codes = codes.contiguous();
+  auto out = at::empty({n * (k / lowbit::cb::CH) * lowbit::cb::chunk_bytes((int)bits)}, codes.options());
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+    if (!lowbit::cb::pack_rows(codes.data_ptr<uint8_t>(), k, (int)bits, r0, r1, out.data_ptr<uint8_t>())) ok = false;
+  });
+  TORCH_CHECK(ok.load(), "lowbit: a codebook index does not fit in ", bits, " bits");
+  return out;
+}
+
+template <int BITS, typename Book>
+void cb_gemv_rows(int isa, const uint8_t* q, const Book* b, int64_t k, int64_t g, const float* x, int64_t m,
+                  const float* bias, float* y, int64_t n, int64_t n0, int64_t n1) {
+  // Four activation rows per pass over the weights: each decoded weight vector serves all four.
+  for (int64_t m0 = 0; m0 < m; m0 += 4) {
+    const float* xm = x + m0 * k;
+    float* ym = y + m0 * n;
+    const int64_t r = std::min<int64_t>(4, m - m0);
+#define LOWBIT_CB_GEMV(R)                                                                               \
+  (isa == kAvx512 ? lowbit::avx512::cb::gemv_t<BITS, Book, R>(q, b, k, g, xm, k, bias, ym, n, n0, n1)  \
+                  : lowbit::cb::gemv_avx2_t<BITS, Book, R>(q, b, k, g, xm, k, bias, ym, n, n0, n1))
+    switch (r) {
+      case 1: LOWBIT_CB_GEMV(1); break;
+      case 2: LOWBIT_CB_GEMV(2); break;
+      case 3: LOWBIT_CB_GEMV(3); break;
+      default: LOWBIT_CB_GEMV(4); break;
+    }
+#undef LOWBIT_CB_GEMV
+  }
+}
+
+at::Tensor cb_linear(at::Tensor x, at::Tensor packed, at::Tensor book, int64_t bits, int64_t group_size, int64_t n,
+                     int64_t k, c10::optional<at::Tensor> bias) {
+  check_cb(packed, book, bits, group_size, n, k);
+  return linear_rows(x, n, k, bias, [&](const at::Tensor& xr, const at::Tensor& b, at::Tensor& y) {
+    const int isa = g_isa.load();
+    const uint8_t* q = packed.data_ptr<uint8_t>();
+    const float* xp = xr.data_ptr<float>();
+    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+    float* yp = y.data_ptr<float>();
+    const int64_t m = xr.size(0);
+    const bool half = book.scalar_type() == at::kHalf;
+    // Each output is summed by one thread in a fixed order: the same bits for any thread count.
+    at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
+      if (half) {
+        const auto* bk = reinterpret_cast<const uint16_t*>(book.data_ptr<at::Half>());
+        if (bits == 4) cb_gemv_rows<4>(isa, q, bk, k, group_size, xp, m, bp, yp, n, n0, n1);
+        else cb_gemv_rows<2>(isa, q, bk, k, group_size, xp, m, bp, yp, n, n0, n1);
+      } else {
+        const float* bk = book.data_ptr<float>();
+        if (bits == 4) cb_gemv_rows<4>(isa, q, bk, k, group_size, xp, m, bp, yp, n, n0, n1);
+        else cb_gemv_rows<2>(isa, q, bk, k, group_size, xp, m, bp, yp, n, n0, n1);
+      }
+    });
+  });
+}
+
+template <int BITS, typename Book>
+void cb_decode_rows(int isa, bool bf16, const uint8_t* q, const Book* b, int64_t k, int64_t g, int64_t n0, int64_t n1,
+                    void* out) {
+  if (isa == kAvx512) {
+    if (bf16) lowbit::avx512::cb::decode_t<BITS, Book, true>(q, b, k, g, n0, n1, out);
+    else lowbit::avx512::cb::decode_t<BITS, Book, false>(q, b, k, g, n0, n1, out);
+  } else {
+    if (bf16) lowbit::cb::decode_avx2_t<BITS, Book, true>(q, b, k, g, n0, n1, out);
+    else lowbit::cb::decode_avx2_t<BITS, Book, false>(q, b, k, g, n0, n1, out);
+  }
+}
+
+at::Tensor cb_decode(at::Tensor packed, at::Tensor book, int64_t bits, int64_t group_size, int64_t n, int64_t k,
+                     bool bf16) {
+  check_cb(packed, book, bits, group_size, n, k);
+  auto w = at::empty({n, k}, at::TensorOptions().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  const int isa = g_isa.load();
+  const uint8_t* q = packed.data_ptr<uint8_t>();
+  void* out = w.data_ptr();
+  const bool half = book.scalar_type() == at::kHalf;
+  at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
+    if (half) {
+      const auto* bk = reinterpret_cast<const uint16_t*>(book.data_ptr<at::Half>());
+      if (bits == 4) cb_decode_rows<4>(isa, bf16, q, bk, k, group_size, n0, n1, out);
+      else cb_decode_rows<2>(isa, bf16, q, bk, k, group_size, n0, n1, out);
+    } else {
+      const float* bk = book.data_ptr<float>();
+      if (bits == 4) cb_decode_rows<4>(isa, bf16, q, bk, k, group_size, n0, n1, out);
+      else cb_decode_rows<2>(isa, bf16, q, bk, k, group_size, n0, n1, out);
+    }
+  });
+  return w;
+}
+
+// Many rows: W decoded a slab of output rows at a time (about 2 MB, stays in cache; float32, or bf16 with
+// bf16 activations) and multiplied with torch's GEMM. One fresh [N, K] buffer per call would cost more in
+// page faults than the decoding itself on large layers.
+at::Tensor cb_gemm(at::Tensor x, at::Tensor packed, at::Tensor book, int64_t bits, int64_t group_size, int64_t n,
+                   int64_t k, c10::optional<at::Tensor> bias, bool bf16) {
+  check_cb(packed, book, bits, group_size, n, k);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k && x.device().is_cpu(), "lowbit: x must be a CPU [..., K] tensor");
+  const auto in_dtype = x.scalar_type();
+  const auto dt = bf16 ? at::kBFloat16 : at::kFloat;
+  auto out_sizes = x.sizes().vec();
+  out_sizes.back() = n;
+  x = x.reshape({-1, k}).to(dt).contiguous();
+  if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 64 != 0) x = x.clone();  // results independent of alignment
+  auto y = at::empty({x.size(0), n}, x.options());
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) b = bias->to(dt).contiguous();
+  const int64_t slab = std::min<int64_t>(n, std::max<int64_t>(64, ((int64_t)1 << 20) / k / 16 * 16));
+  auto w = at::empty({slab, k}, x.options());
+  const int isa = g_isa.load();
+  const uint8_t* q = packed.data_ptr<uint8_t>();
+  const bool half = book.scalar_type() == at::kHalf;
+  const int64_t per_row = (k / lowbit::cb::CH) * lowbit::cb::chunk_bytes((int)bits), books = (k / group_size) << bits;
+  for (int64_t r0 = 0; r0 < n && x.size(0) > 0; r0 += slab) {
+    const int64_t rows = std::min(slab, n - r0);
+    void* out = w.data_ptr();
+    at::parallel_for(0, rows, 16, [&](int64_t a, int64_t c) {
+      // Rows r0 + a .. r0 + c of W into rows a .. c of the slab: shift the pointers by r0 rows.
+      const uint8_t* qs = q + r0 * per_row;
+      if (half) {
+        const auto* bk = reinterpret_cast<const uint16_t*>(book.data_ptr<at::Half>()) + r0 * books;
+        if (bits == 4) cb_decode_rows<4>(isa, bf16, qs, bk, k, group_size, a, c, out);
+        else cb_decode_rows<2>(isa, bf16, qs, bk, k, group_size, a, c, out);
+      } else {
+        const float* bk = book.data_ptr<float>() + r0 * books;
+        if (bits == 4) cb_decode_rows<4>(isa, bf16, qs, bk, k, group_size, a, c, out);
+        else cb_decode_rows<2>(isa, bf16, qs, bk, k, group_size, a, c, out);
+      }
+    });
+    const auto wv = w.narrow(0, 0, rows);
+    auto yv = y.narrow(1, r0, rows);
+    if (b.defined())
+      yv.copy_(at::addmm(b.narrow(0, r0, rows), x, wv.t()));
+    else
+      yv.copy_(at::mm(x, wv.t()));
+  }
+  y = y.view(out_sizes);
+  return y.scalar_type() == in_dtype ? y : y.to(in_dtype);
+}
+
+}  // namespace
+
 // ---------------------------------------------------------------------------------------------
 // Attention with bf16 matmuls (attention.h). q [B, H, Sq, D], k and v [B, Hkv, Sk, D], float32, any
 // strides (columns made contiguous if they are not); mask: additive float32 [B|1, H|1, Sq|1, Sk].
@@ -552,6 +721,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qweight"), py::arg("bits"), py::arg("group_size"), py::arg("n"), py::arg("k"),
         py::arg("bias") = py::none(), py::arg("path") = 0);
   m.def("dequant", &dequant, "packed -> float32 W [N, K]");
+  m.def("cb_pack", &cb_pack, "codebook indices uint8 [N, K] -> the codebook kernels' packed form");
+  m.def("cb_linear", &cb_linear, "x [..., K] @ W^T (+bias), W looked up in per-row/group codebooks", py::arg("x"),
+        py::arg("packed"), py::arg("book"), py::arg("bits"), py::arg("group_size"), py::arg("n"), py::arg("k"),
+        py::arg("bias") = py::none());
+  m.def("cb_gemm", &cb_gemm, "x @ W^T (+bias) for many rows: W decoded in slabs, then torch's GEMM (bf16 or float32)",
+        py::arg("x"), py::arg("packed"), py::arg("book"), py::arg("bits"), py::arg("group_size"), py::arg("n"),
+        py::arg("k"), py::arg("bias"), py::arg("bf16"));
+  m.def("cb_decode", &cb_decode, "packed codebook weight -> W [N, K], float32 or bf16", py::arg("packed"),
+        py::arg("book"), py::arg("bits"), py::arg("group_size"), py::arg("n"), py::arg("k"), py::arg("bf16"));
   m.def("linear_q8", &linear_q8, "x [..., K] @ W^T (+bias) with x rounded to int8 per 32 columns, integer dot products",
         py::arg("x"), py::arg("qweight"), py::arg("bits"), py::arg("group_size"), py::arg("n"), py::arg("k"),
         py::arg("bias") = py::none());

@@ -1,0 +1,269 @@
+// Codebook (k-means) weights: 2- or 4-bit indices into a table of 2^bits floats per row and group of
+// columns, W[n, k] = book[n, k / G, code[n, k]]. A GEMV for few rows of activations and a decoder into
+// float32 or bf16 for many (then a GEMM), on an AVX2 path and an AVX-512 path.
+//
+// Packed layout: row by row, chunks of 64 columns, 8 * bits bytes each, built so that one 16-byte load
+// widened to 32-bit lanes gives 16 consecutive columns per bit field:
+//   4-bit: bytes 0..15 hold columns i (low nibble) and 16 + i (high nibble), bytes 16..31 columns 32 + i
+//          and 48 + i;
+//   2-bit: byte i holds columns i, 16 + i, 32 + i and 48 + i in its bit pairs, lowest first.
+// Tables stay in the checkpoint's dtype (float16, or float32 when a value does not fit float16), [N, K/G,
+// 2^bits] contiguous; a table becomes one register (AVX-512: 16 lanes, vpermps picks by index) or two
+// (AVX2: two 8-lane vpermps and a blend on the index's bit 3).
+//
+// The lookup is exact (an entry is the float the checkpoint stores), so the GEMV differs from x @ W^T by
+// float summation order only. The bf16 decoder rounds each table once to bf16 (to nearest even); every
+// decoded weight is then a table entry's bf16 rounding, as W.to(bfloat16) would give.
+
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "kernels.h"
+
+namespace lowbit {
+namespace cb {
+
+constexpr int CH = 64;  // columns per chunk
+
+inline bool bits_ok(int64_t bits) { return bits == 2 || bits == 4; }
+inline int64_t chunk_bytes(int bits) { return 8 * bits; }
+inline bool shape_ok(int64_t n, int64_t k, int64_t bits, int64_t g) {
+  return bits_ok(bits) && n >= 1 && k >= CH && k % CH == 0 && g >= CH && g % CH == 0 && k % g == 0;
+}
+
+// codes [N, K] (one uint8 per code, < 2^bits) rows r0..r1 -> the packed layout.
+inline bool pack_rows(const uint8_t* codes, int64_t k, int bits, int64_t r0, int64_t r1, uint8_t* out) {
+  const int64_t nch = k / CH, cb = chunk_bytes(bits);
+  const int fields = 8 / bits;
+  uint8_t bad = 0;
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t c = 0; c < nch; ++c) {
+      const uint8_t* src = codes + r * k + c * CH;
+      uint8_t* dst = out + (r * nch + c) * cb;
+      std::memset(dst, 0, (size_t)cb);
+      for (int col = 0; col < CH; ++col) {
+        const uint8_t v = src[col];
+        bad |= (uint8_t)(v >> bits);
+        // Column col = 16 * fields * seg + 16 * f + i sits in byte 16 * seg + i, field f.
+        const int seg = col / (16 * fields), f = (col / 16) % fields, i = col % 16;
+        dst[16 * seg + i] |= (uint8_t)(v << (bits * f));
+      }
+    }
+  return bad == 0;
+}
+
+// Round float32 bits to bf16 (nearest, ties to even) and back to float32: the table entries the bf16
+// decoder looks up, so that dropping each decoded value's low 16 bits is exact.
+inline float round_bf16(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+
+// One table of E entries from fp16 or fp32 storage into t[0..E) as float32 (bf16-rounded if asked).
+template <typename Book>
+inline void load_table(const Book* b, int E, bool bf16, float* t) {
+  for (int e = 0; e < E; ++e) {
+    float v;
+    if constexpr (sizeof(Book) == 2)
+      v = _cvtsh_ss(b[e]);
+    else
+      v = b[e];
+    t[e] = bf16 ? round_bf16(v) : v;
+  }
+  for (int e = E; e < 16; ++e) t[e] = 0.0f;
+}
+
+// ---------------------------------------------------------------- AVX2
+
+// 8 columns' weights from 8 indices (0..15, or 0..3 at 2 bits) and the table's two halves.
+template <int BITS>
+LOWBIT_INLINE __m256 lookup8(__m256i idx, __m256 lo, __m256 hi) {
+  if constexpr (BITS == 2) {
+    (void)hi;
+    return _mm256_permutevar8x32_ps(lo, idx);
+  } else {
+    const __m256 a = _mm256_permutevar8x32_ps(lo, idx), b = _mm256_permutevar8x32_ps(hi, idx);
+    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+  }
+}
+
+// Calls fn(col, w) for the 64 columns of one chunk, 8 at a time (col: the first column of the 8).
+template <int BITS, typename Fn>
+LOWBIT_INLINE void chunk8(const uint8_t* p, __m256 lo, __m256 hi, Fn&& fn) {
+  constexpr int F = 8 / BITS, SC = 16 * F, SEGS = CH / SC;
+  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+  for (int seg = 0; seg < SEGS; ++seg)
+    for (int h = 0; h < 2; ++h) {
+      const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 16 * seg + 8 * h)));
+      for (int f = 0; f < F; ++f) {
+        const __m256i idx = _mm256_and_si256(_mm256_srli_epi32(v, BITS * f), mask);
+        fn(SC * seg + 16 * f + 8 * h, lookup8<BITS>(idx, lo, hi));
+      }
+    }
+}
+
+// y[m, n] = x[m] . W[n] (+ bias[n]) for rows n0..n1 and M activation rows (M <= 4 per pass).
+template <int BITS, typename Book, int M>
+void gemv_avx2_t(const uint8_t* q, const Book* books, int64_t k, int64_t g, const float* x, int64_t ldx,
+                 const float* bias, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  constexpr int E = 1 << BITS;
+  const int64_t nch = k / CH, gch = g / CH, ngrp = k / g, cb = chunk_bytes(BITS);
+  alignas(32) float t[16];
+  for (int64_t n = n0; n < n1; ++n) {
+    __m256 acc[M][2];
+    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    for (int64_t gi = 0; gi < ngrp; ++gi) {
+      load_table(books + (n * ngrp + gi) * E, E, false, t);
+      const __m256 lo = _mm256_load_ps(t), hi = _mm256_load_ps(t + 8);
+      for (int64_t c = gi * gch; c < (gi + 1) * gch; ++c) {
+        const float* xc = x + c * CH;
+        int s = 0;
+        chunk8<BITS>(q + (n * nch + c) * cb, lo, hi, [&](int col, __m256 w) {
+          for (int m = 0; m < M; ++m)
+            acc[m][s & 1] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xc + m * ldx + col), acc[m][s & 1]);
+          ++s;
+        });
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      const __m256 a = _mm256_add_ps(acc[m][0], acc[m][1]);
+      __m128 r = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+      r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+      r = _mm_add_ss(r, _mm_movehdup_ps(r));
+      y[m * ldy + n] = _mm_cvtss_f32(r) + (bias ? bias[n] : 0.0f);
+    }
+  }
+}
+
+// W rows n0..n1 into out [N, K] (float32, or bf16 as uint16).
+template <int BITS, typename Book, bool BF16>
+void decode_avx2_t(const uint8_t* q, const Book* books, int64_t k, int64_t g, int64_t n0, int64_t n1, void* out) {
+  constexpr int E = 1 << BITS;
+  const int64_t nch = k / CH, gch = g / CH, ngrp = k / g, cb = chunk_bytes(BITS);
+  alignas(32) float t[16];
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t gi = 0; gi < ngrp; ++gi) {
+      load_table(books + (n * ngrp + gi) * E, E, BF16, t);
+      const __m256 lo = _mm256_load_ps(t), hi = _mm256_load_ps(t + 8);
+      for (int64_t c = gi * gch; c < (gi + 1) * gch; ++c) {
+        const int64_t base = n * k + c * CH;
+        chunk8<BITS>(q + (n * nch + c) * cb, lo, hi, [&](int col, __m256 w) {
+          if constexpr (BF16) {
+            // The entries are bf16 values: their top 16 bits are the bf16 encoding.
+            const __m256i u = _mm256_srli_epi32(_mm256_castps_si256(w), 16);
+            const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+            _mm_storeu_si128((__m128i*)(static_cast<uint16_t*>(out) + base + col), h);
+          } else {
+            _mm256_storeu_ps(static_cast<float*>(out) + base + col, w);
+          }
+        });
+      }
+    }
+}
+
+}  // namespace cb
+}  // namespace lowbit
+
+// ---------------------------------------------------------------- AVX-512 (F, BW, VL), run-time dispatched
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl"))), apply_to = function)
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl")
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace lowbit {
+namespace avx512 {  // the module's AVX-512 code lives under lowbit::avx512 (a test disassembles the module)
+namespace cb {
+
+using lowbit::cb::CH;
+using lowbit::cb::chunk_bytes;
+using lowbit::cb::load_table;
+
+// Calls fn(col, w) for the 64 columns of one chunk, 16 at a time; the table is one register.
+template <int BITS, typename Fn>
+LOWBIT_INLINE void chunk16(const uint8_t* p, __m512 table, Fn&& fn) {
+  constexpr int F = 8 / BITS, SC = 16 * F, SEGS = CH / SC;
+  const __m512i mask = _mm512_set1_epi32((1 << BITS) - 1);
+  for (int seg = 0; seg < SEGS; ++seg) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + 16 * seg)));
+    for (int f = 0; f < F; ++f) {
+      const __m512i idx = f == 0 ? _mm512_and_si512(v, mask) : _mm512_and_si512(_mm512_srli_epi32(v, BITS * f), mask);
+      fn(SC * seg + 16 * f, _mm512_permutexvar_ps(idx, table));
+    }
+  }
+}
+
+template <int BITS, typename Book, int M>
+void gemv_t(const uint8_t* q, const Book* books, int64_t k, int64_t g, const float* x, int64_t ldx,
+            const float* bias, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  constexpr int E = 1 << BITS;
+  constexpr int NA = M == 1 ? 4 : 2;  // independent FMA chains per activation row
+  const int64_t nch = k / CH, gch = g / CH, ngrp = k / g, cb = chunk_bytes(BITS);
+  alignas(64) float t[16];
+  for (int64_t n = n0; n < n1; ++n) {
+    __m512 acc[M][NA];
+    for (int m = 0; m < M; ++m)
+      for (int a = 0; a < NA; ++a) acc[m][a] = _mm512_setzero_ps();
+    for (int64_t gi = 0; gi < ngrp; ++gi) {
+      load_table(books + (n * ngrp + gi) * E, E, false, t);
+      const __m512 table = _mm512_load_ps(t);
+      for (int64_t c = gi * gch; c < (gi + 1) * gch; ++c) {
+        const float* xc = x + c * CH;
+        int s = 0;
+        chunk16<BITS>(q + (n * nch + c) * cb, table, [&](int col, __m512 w) {
+          for (int m = 0; m < M; ++m)
+            acc[m][s % NA] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xc + m * ldx + col), acc[m][s % NA]);
+          ++s;
+        });
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      __m512 a = acc[m][0];
+      for (int i = 1; i < NA; ++i) a = _mm512_add_ps(a, acc[m][i]);
+      y[m * ldy + n] = _mm512_reduce_add_ps(a) + (bias ? bias[n] : 0.0f);
+    }
+  }
+}
+
+template <int BITS, typename Book, bool BF16>
+void decode_t(const uint8_t* q, const Book* books, int64_t k, int64_t g, int64_t n0, int64_t n1, void* out) {
+  constexpr int E = 1 << BITS;
+  const int64_t nch = k / CH, gch = g / CH, ngrp = k / g, cb = chunk_bytes(BITS);
+  alignas(64) float t[16];
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t gi = 0; gi < ngrp; ++gi) {
+      load_table(books + (n * ngrp + gi) * E, E, BF16, t);
+      const __m512 table = _mm512_load_ps(t);
+      for (int64_t c = gi * gch; c < (gi + 1) * gch; ++c) {
+        const int64_t base = n * k + c * CH;
+        chunk16<BITS>(q + (n * nch + c) * cb, table, [&](int col, __m512 w) {
+          if constexpr (BF16)
+            _mm256_storeu_si256((__m256i*)(static_cast<uint16_t*>(out) + base + col),
+                                _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(w), 16)));
+          else
+            _mm512_storeu_ps(static_cast<float*>(out) + base + col, w);
+        });
+      }
+    }
+}
+
+}  // namespace cb
+}  // namespace avx512
+}  // namespace lowbit
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#elif defined(__GNUC__)
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif
