@@ -21,7 +21,7 @@ if platform.machine().lower() in ("x86_64", "amd64", "x64"):
             name="lowbit._C",
             sources=["lowbit/backends/csrc/lowbit_cpu.cpp"],
             depends=["lowbit/backends/csrc/kernels.h", "lowbit/backends/csrc/kernels_avx512.h",
-                     "lowbit/backends/csrc/kernels_q8.h", "lowbit/backends/csrc/kernels_codebook.h",
+                     "lowbit/backends/csrc/kernels_q8.h", "lowbit/backends/csrc/kernels_decode.h",
                      "lowbit/backends/csrc/act_quant.h", "lowbit/backends/csrc/attention.h"],
             # -fopenmp: at::parallel_for is a header template that needs it to run on several threads;
             # -g0: no debug info (it would make the module 10x larger).

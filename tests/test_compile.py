@@ -141,11 +141,12 @@ def test_other_formats_trace_without_breaks(recipe, kernel):
         check(q, x, set(), 1e-2 if recipe == "bf16" else 1e-5)
 
 
-@pytest.mark.parametrize("kernel,op", [("lowbit_codebook", "lowbit.cb_linear.default"),
-                                       ("lowbit_codebook_gemm", "lowbit.cb_gemm.default")])
-def test_codebook_kernels_trace_without_breaks(kernel, op):
+@pytest.mark.parametrize("recipe,kernel,op", [("kmeans4", "lowbit_codebook", "lowbit.cb_linear.default"),
+                                              ("kmeans4", "lowbit_codebook_gemm", "lowbit.cb_gemm.default"),
+                                              ("fp16", "lowbit_half", "lowbit.half_linear.default")])
+def test_decoding_kernels_trace_without_breaks(recipe, kernel, op):
     torch.manual_seed(0)
-    q = quantized(TinyLM().eval(), "kmeans4", kernel, [])
+    q = quantized(TinyLM().eval(), recipe, kernel, [])
     assert {m.kernel_name for m in q.modules() if hasattr(m, "kernel_name") and not isinstance(m, QuantEmbedding)} == {
         kernel}
     check(q, ids(10), {op}, 1e-2 if KERNELS[kernel].act_dtype == torch.bfloat16 else 1e-5)

@@ -230,7 +230,7 @@ def test_codebook_path_matches_reference(isa, bits, dtype):
         assert torch.equal(lowbit_cpu.cb_decode(packed, bits, g, n, k), w)
         assert torch.equal(lowbit_cpu.cb_decode(packed, bits, g, n, k, bf16=True), w.to(torch.bfloat16))
         bias = torch.randn(n)
-        for m in (1, 2, 3, 4, 5, 9, 70):
+        for m in (1, 2, 3, 4, 5, 7, 9, 70):
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
             ref = x.double() @ w.double().T + bias.double()
             for y in (lowbit_cpu.cb_linear(x, packed, bits, g, n, k, bias),
@@ -281,3 +281,34 @@ def test_codebook_recipes_run_on_the_codebook_kernels(recipe):
             assert rel_err(q(inp), want) < tol, (kernel, inp.shape)
     auto = lowbit.quantize(copy.deepcopy(model), recipe)
     assert all(m.kernel_name.startswith("lowbit_codebook") for m in auto.modules() if isinstance(m, QuantLinear))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_gemv_path_matches_reference(isa, dtype):
+    for n, k in ((37, 384), (5, 64), (70, 1536)):
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(n)).to(dtype)
+        bias = torch.randn(n)
+        for m in (1, 3, 7, 9, 20):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+            ref = x.double() @ w.double().T + bias.double()
+            assert rel_err(lowbit_cpu.half_linear(x, w, bias), ref) < TOL, f"{isa} {dtype} n={n} k={k} m={m}"
+    with pytest.raises(RuntimeError, match="K a multiple of 64"):
+        lowbit_cpu.half_linear(torch.randn(1, 100), torch.randn(3, 100).half())
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        lowbit_cpu.half_linear(torch.randn(1, 64), torch.randn(3, 64))
+
+
+@pytest.mark.parametrize("recipe", ["fp16", "bf16"])
+def test_half_recipes_run_on_the_half_gemv(recipe):
+    import copy
+
+    import lowbit
+    from lowbit.modules import QuantLinear
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(192, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+    ref = lowbit.quantize(copy.deepcopy(model), recipe, backend="dequant")
+    q = lowbit.quantize(copy.deepcopy(model), recipe, backend="lowbit_half")
+    assert all(m.kernel_name == "lowbit_half" and not m.simulated for m in q.modules() if isinstance(m, QuantLinear))
+    for inp in (torch.randn(3, 192), torch.randn(2, 5, 192)):
+        assert rel_err(q(inp), ref(inp).double()) < TOL

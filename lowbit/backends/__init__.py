@@ -2,8 +2,8 @@
 
 Weight-only kernels (this file) take integer weights in the canonical affine form: unsigned codes
 [N, K] (uint8), and float32 scale and zero point [N, K // G], meaning W = (codes - zero) * scale; "bf16_mm"
-takes bf16 weights, "lowbit_codebook" 2/4-bit codebook (k-means) weights, and "dequant" any format (it
-decodes through the format's scheme). Kernels for int8
+takes bf16 weights, "lowbit_half" fp16 and bf16 weights (a GEMV), "lowbit_codebook" 2/4-bit codebook
+(k-means) weights, and "dequant" any format (it decodes through the format's scheme). Kernels for int8
 weights with uint8 activations (W8A8 linear and conv layers) are in int8.py. Each kernel is a class:
 whether it can run a layer (`supports`, from a LayerSpec), the kernel's own layout of the weight made once
 at quantize or load time from the canonical weight (`prepare`, from a StoredWeight), and the computation
@@ -349,7 +349,7 @@ class LowbitCodebookGemm(LowbitCodebook):
 
     name = "lowbit_codebook_gemm"
     form = "lowbit_codebook"
-    min_rows = 64
+    min_rows = 16  # where the GEMV's rows per pass run out, the GEMM can already win
     eager = None  # not lowbit_codebook's direct call: this kernel's own run is the computation
 
     def __init__(self) -> None:
@@ -362,13 +362,44 @@ class LowbitCodebookGemm(LowbitCodebook):
                            self.bf16)
 
 
+class LowbitHalf(WeightOnlyKernel):
+    """float16 / bf16 weights on lowbit._C: read as stored, widened to float32 in registers, multiplied into
+    float32 activations. A GEMV: few rows (half float32's bytes per weight, float32's arithmetic)."""
+
+    name = "lowbit_half"
+    family = "float"
+
+    def supports(self, spec):
+        return (self._takes(spec) and spec.fmt in ("fp16", "bf16") and lowbit_cpu.available()
+                and spec.k % lowbit_cpu.CB_CHUNK == 0)
+
+    def refusal(self, spec):
+        if self._takes(spec) and spec.fmt in ("fp16", "bf16"):
+            if not lowbit_cpu.available():
+                return "lowbit._C is not available (not built, or the CPU lacks AVX2/FMA)"
+            return f"it needs K a multiple of {lowbit_cpu.CB_CHUNK} (this layer: {spec.k})"
+        if self._takes(spec):
+            return f"it runs fp16 and bf16 weights, not {spec.fmt}"
+        return super().refusal(spec)
+
+    def prepare(self, weight, spec):
+        return {"w": weight.state["weight"].reshape(spec.n, spec.k).contiguous()}
+
+    def run(self, x, prep, spec, bias):
+        return ops.half_linear(x, prep["w"], bias)
+
+    def eager(self, x, prep, spec, bias):
+        return lowbit_cpu.half_linear(x, prep["w"], bias)
+
+
 KERNELS: dict[str, Kernel] = {k.name: k for k in (LowbitCPU(), TorchInt4(), TorchInt8(), OneDNNInt8(), BF16MM(),
                                                    Dequant(), ReferenceInt8(), LowbitGemm(), LowbitGemmBF16(),
                                                    BF16Gemm(), DequantBF16(), LowbitQ8(), LowbitCodebook(),
-                                                   LowbitCodebookGemm())}
+                                                   LowbitCodebookGemm(), LowbitHalf())}
 # Preference when nothing is measured (backend="auto" measures these against each other where it can).
-AUTO_ORDER = ("lowbit_cpu", "lowbit_codebook", "torch_int4pack", "torch_int8pack", "onednn", "bf16_mm", "dequant",
-              "reference", "lowbit_gemm_bf16", "lowbit_gemm", "lowbit_codebook_gemm", "bf16_gemm", "dequant_bf16")
+AUTO_ORDER = ("lowbit_cpu", "lowbit_codebook", "lowbit_half", "torch_int4pack", "torch_int8pack", "onednn", "bf16_mm",
+              "dequant", "reference", "lowbit_gemm_bf16", "lowbit_gemm", "lowbit_codebook_gemm", "bf16_gemm",
+              "dequant_bf16")
 
 
 def parse_route(text: str) -> list[tuple[int | None, str]]:
@@ -439,5 +470,6 @@ def available_kernels() -> dict[str, bool]:
         "dequant_bf16": native_bf16(),
         "lowbit_codebook": lowbit_cpu.available(),
         "lowbit_codebook_gemm": lowbit_cpu.available(),
+        "lowbit_half": lowbit_cpu.available(),
     }
     return probe

@@ -1,5 +1,5 @@
 """lowbit's own CPU kernel: packed 1/2/3/4/8-bit weights times float32 activations (AVX2 + FMA, AVX-512),
-and 2/4-bit codebook (k-means) weights (`cb_*`, below).
+2/4-bit codebook (k-means) weights (`cb_*`, below) and a GEMV for float16 / bf16 weights (`half_linear`).
 
 Canonical weight (what the rest of lowbit stores): codes uint8 [N, K] in [0, 2**bits), scale and zero
 float32 [N, K // G], W = (codes - zero) * scale, G == K meaning one group per row (per-channel).
@@ -211,6 +211,12 @@ def cb_decode(packed: dict[str, torch.Tensor], bits: int, group_size: int, n: in
               bf16: bool = False) -> torch.Tensor:
     """W [N, K] from the packed form: float32, or bf16 (each table entry rounded to nearest even)."""
     return _C.cb_decode(packed["codes"], packed["book"], bits, group_size, n, k, bf16)
+
+
+def half_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ W.T (+ bias) for float16 or bf16 W [N, K] (K a multiple of 64), widened to float32 in
+    registers: a GEMV (float32 arithmetic), for few rows. Result in x's dtype."""
+    return _C.half_linear(x, w, bias)
 
 
 def gemv_max_m() -> int:

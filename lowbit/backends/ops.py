@@ -9,6 +9,7 @@ alone), which both trace as one opaque node.
     lowbit::dequant(qweight, bits, group_size, n, k)                       that packed weight in float32
     lowbit::cb_linear(x, codes, book, bits, group_size, n, k, bias)        codebook weights, GEMV
     lowbit::cb_gemm(x, codes, book, bits, group_size, n, k, bias, bf16)    codebook weights, decode + GEMM
+    lowbit::half_linear(x, w, bias)                                        float16 / bf16 weights, GEMV
     lowbit::w8a8_linear_dynamic(x, codes, w_scale, csw, gemv, bias, relu)  uint8 per row x int8
     lowbit::w8a8_linear_static(x, codes, w_scale, bias, act_scale, act_zero, relu)
     lowbit::w8a8_conv(x, codes, w_scale, bias, act_scale, act_zero, stride, padding, dilation, groups, relu)
@@ -164,6 +165,23 @@ def cb_gemm(x: Tensor, codes: Tensor, book: Tensor, bits: int, group_size: int, 
     if _eager(x):
         return _cb_gemm(x, codes, book, bits, group_size, n, k, bias, bf16)
     return _cb_gemm_op(x, codes, book, bits, group_size, n, k, bias, bf16)
+
+
+@torch.library.custom_op("lowbit::half_linear", mutates_args=())
+def _half_linear_op(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    return lowbit_cpu.half_linear(x, w, bias)
+
+
+@_half_linear_op.register_fake
+def _(x, w, bias):
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+def half_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x [..., K] @ W.T (+ bias) for float16 / bf16 W [N, K], in float32 arithmetic; a GEMV for few rows."""
+    if _eager(x):
+        return lowbit_cpu.half_linear(x, w, bias)
+    return _half_linear_op(x, w, bias)
 
 
 def dequant(qweight: Tensor, bits: int, group_size: int, n: int, k: int) -> Tensor:

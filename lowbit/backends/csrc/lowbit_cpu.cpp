@@ -10,10 +10,12 @@
 //   row_epilogue_(y [M, N] f32, sx [M], sxz [M], csw [N], bias [N]?) in place:
 //       y = y * sx[m] - sxz[m] * csw[n] + bias[n]
 //
-//   cb_pack(codes, bits) -> packed codebook indices (kernels_codebook.h)
+//   cb_pack(codes, bits) -> packed codebook indices (kernels_decode.h)
 //   cb_linear(x, packed, book, bits, group_size, n, k, bias=None) -> y = x @ W^T (+ bias), W[n, j] =
 //     book[n, j / group_size, code[n, j]]: a GEMV, meant for few rows
 //   cb_decode(packed, book, bits, group_size, n, k, bf16) -> W [n, k] (float32, or bfloat16)
+//   cb_gemm(x, packed, book, bits, group_size, n, k, bias, bf16) -> the same product for many rows
+//   half_linear(x, w, bias=None) -> x @ W^T (+ bias) for float16 / bf16 W [n, k]: a GEMV
 //
 //   isa() -> "avx512" | "avx2": the kernel path that runs; isas() -> the paths this CPU can run;
 //   set_isa(name) picks one (an error for a path this CPU cannot run)
@@ -31,7 +33,7 @@
 #include "attention.h"
 #include "kernels.h"
 #include "kernels_avx512.h"
-#include "kernels_codebook.h"
+#include "kernels_decode.h"
 #include "kernels_q8.h"
 
 namespace {
@@ -499,10 +501,10 @@ std::vector<at::Tensor> int_epilogue_gelu_rows_s8(at::Tensor acc, at::Tensor sx,
 namespace {
 
 void check_cb(const at::Tensor& packed, const at::Tensor& book, int64_t bits, int64_t g, int64_t n, int64_t k) {
-  TORCH_CHECK(lowbit::cb::shape_ok(n, k, bits, g), "lowbit: unsupported codebook layer n=", n, " k=", k, " bits=", bits,
+  TORCH_CHECK(lowbit::dec::shape_ok(n, k, bits, g), "lowbit: unsupported codebook layer n=", n, " k=", k, " bits=", bits,
               " group_size=", g, " (bits 2 or 4; k and group_size multiples of 64)");
   TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
-                  packed.numel() == n * (k / lowbit::cb::CH) * lowbit::cb::chunk_bytes((int)bits),
+                  packed.numel() == n * (k / lowbit::dec::CH) * lowbit::dec::chunk_bytes((int)bits),
               "lowbit: packed codebook indices do not match n/k/bits (not made by cb_pack?)");
   TORCH_CHECK(book.device().is_cpu() && book.is_contiguous() &&
                   (book.scalar_type() == at::kHalf || book.scalar_type() == at::kFloat) &&
@@ -514,37 +516,55 @@ at::Tensor cb_pack(at::Tensor codes, int64_t bits) {
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.device().is_cpu(),
               "lowbit: codebook indices must be a CPU uint8 [N, K] tensor");
   const int64_t n = codes.size(0), k = codes.size(1);
-  TORCH_CHECK(lowbit::cb::shape_ok(n, k, bits, k), "lowbit: unsupported codebook indices [", n, ", ", k, "] at ", bits,
+  TORCH_CHECK(lowbit::dec::shape_ok(n, k, bits, k), "lowbit: unsupported codebook indices [", n, ", ", k, "] at ", bits,
               " bits (bits 2 or 4, K a multiple of 64)");
   codes = codes.contiguous();
-  auto out = at::empty({n * (k / lowbit::cb::CH) * lowbit::cb::chunk_bytes((int)bits)}, codes.options());
+  auto out = at::empty({n * (k / lowbit::dec::CH) * lowbit::dec::chunk_bytes((int)bits)}, codes.options());
   std::atomic<bool> ok{true};
   at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
-    if (!lowbit::cb::pack_rows(codes.data_ptr<uint8_t>(), k, (int)bits, r0, r1, out.data_ptr<uint8_t>())) ok = false;
+    if (!lowbit::dec::pack_rows(codes.data_ptr<uint8_t>(), k, (int)bits, r0, r1, out.data_ptr<uint8_t>())) ok = false;
   });
   TORCH_CHECK(ok.load(), "lowbit: a codebook index does not fit in ", bits, " bits");
   return out;
 }
 
+template <int R, typename S512, typename S2>
+void gemv_pass(int isa, const S512& a, const S2& b, int64_t k, const float* x, const float* bias, float* y, int64_t n,
+               int64_t n0, int64_t n1) {
+  if (isa == kAvx512)
+    lowbit::avx512::dec::gemv_t<S512, R>(a, k, x, k, bias, y, n, n0, n1);
+  else
+    lowbit::dec::gemv_avx2_t<S2, R>(b, k, x, k, bias, y, n, n0, n1);
+}
+
+// y rows = x rows [m, k] @ W^T for output rows n0..n1, W from a source of each path (kernels_decode.h). Up
+// to 8 (AVX-512) or 4 (AVX2: 16 registers) activation rows per pass over the weights: each decoded weight
+// vector serves them all.
+template <typename S512, typename S2>
+void gemv_rows(int isa, const S512& a, const S2& b, int64_t k, const float* x, int64_t m, const float* bias, float* y,
+               int64_t n, int64_t n0, int64_t n1) {
+  const int64_t mb = isa == kAvx512 ? 8 : 4;
+  for (int64_t m0 = 0; m0 < m; m0 += mb) {
+    const float* xm = x + m0 * k;
+    float* ym = y + m0 * n;
+    switch (std::min<int64_t>(mb, m - m0)) {
+      case 1: gemv_pass<1>(isa, a, b, k, xm, bias, ym, n, n0, n1); break;
+      case 2: gemv_pass<2>(isa, a, b, k, xm, bias, ym, n, n0, n1); break;
+      case 3: gemv_pass<3>(isa, a, b, k, xm, bias, ym, n, n0, n1); break;
+      case 4: gemv_pass<4>(isa, a, b, k, xm, bias, ym, n, n0, n1); break;
+      case 5: gemv_pass<5>(isa, a, b, k, xm, bias, ym, n, n0, n1); break;
+      case 6: gemv_pass<6>(isa, a, b, k, xm, bias, ym, n, n0, n1); break;
+      case 7: gemv_pass<7>(isa, a, b, k, xm, bias, ym, n, n0, n1); break;
+      default: gemv_pass<8>(isa, a, b, k, xm, bias, ym, n, n0, n1); break;
+    }
+  }
+}
+
 template <int BITS, typename Book>
 void cb_gemv_rows(int isa, const uint8_t* q, const Book* b, int64_t k, int64_t g, const float* x, int64_t m,
                   const float* bias, float* y, int64_t n, int64_t n0, int64_t n1) {
-  // Four activation rows per pass over the weights: each decoded weight vector serves all four.
-  for (int64_t m0 = 0; m0 < m; m0 += 4) {
-    const float* xm = x + m0 * k;
-    float* ym = y + m0 * n;
-    const int64_t r = std::min<int64_t>(4, m - m0);
-#define LOWBIT_CB_GEMV(R)                                                                               \
-  (isa == kAvx512 ? lowbit::avx512::cb::gemv_t<BITS, Book, R>(q, b, k, g, xm, k, bias, ym, n, n0, n1)  \
-                  : lowbit::cb::gemv_avx2_t<BITS, Book, R>(q, b, k, g, xm, k, bias, ym, n, n0, n1))
-    switch (r) {
-      case 1: LOWBIT_CB_GEMV(1); break;
-      case 2: LOWBIT_CB_GEMV(2); break;
-      case 3: LOWBIT_CB_GEMV(3); break;
-      default: LOWBIT_CB_GEMV(4); break;
-    }
-#undef LOWBIT_CB_GEMV
-  }
+  gemv_rows(isa, lowbit::avx512::dec::Codebook16<BITS, Book>{q, b, k, g}, lowbit::dec::Codebook8<BITS, Book>{q, b, k, g},
+            k, x, m, bias, y, n, n0, n1);
 }
 
 at::Tensor cb_linear(at::Tensor x, at::Tensor packed, at::Tensor book, int64_t bits, int64_t group_size, int64_t n,
@@ -577,11 +597,11 @@ template <int BITS, typename Book>
 void cb_decode_rows(int isa, bool bf16, const uint8_t* q, const Book* b, int64_t k, int64_t g, int64_t n0, int64_t n1,
                     void* out) {
   if (isa == kAvx512) {
-    if (bf16) lowbit::avx512::cb::decode_t<BITS, Book, true>(q, b, k, g, n0, n1, out);
-    else lowbit::avx512::cb::decode_t<BITS, Book, false>(q, b, k, g, n0, n1, out);
+    if (bf16) lowbit::avx512::dec::decode_t<BITS, Book, true>(q, b, k, g, n0, n1, out);
+    else lowbit::avx512::dec::decode_t<BITS, Book, false>(q, b, k, g, n0, n1, out);
   } else {
-    if (bf16) lowbit::cb::decode_avx2_t<BITS, Book, true>(q, b, k, g, n0, n1, out);
-    else lowbit::cb::decode_avx2_t<BITS, Book, false>(q, b, k, g, n0, n1, out);
+    if (bf16) lowbit::dec::decode_avx2_t<BITS, Book, true>(q, b, k, g, n0, n1, out);
+    else lowbit::dec::decode_avx2_t<BITS, Book, false>(q, b, k, g, n0, n1, out);
   }
 }
 
@@ -628,7 +648,7 @@ at::Tensor cb_gemm(at::Tensor x, at::Tensor packed, at::Tensor book, int64_t bit
   const int isa = g_isa.load();
   const uint8_t* q = packed.data_ptr<uint8_t>();
   const bool half = book.scalar_type() == at::kHalf;
-  const int64_t per_row = (k / lowbit::cb::CH) * lowbit::cb::chunk_bytes((int)bits), books = (k / group_size) << bits;
+  const int64_t per_row = (k / lowbit::dec::CH) * lowbit::dec::chunk_bytes((int)bits), books = (k / group_size) << bits;
   for (int64_t r0 = 0; r0 < n && x.size(0) > 0; r0 += slab) {
     const int64_t rows = std::min(slab, n - r0);
     void* out = w.data_ptr();
@@ -654,6 +674,32 @@ at::Tensor cb_gemm(at::Tensor x, at::Tensor packed, at::Tensor book, int64_t bit
   }
   y = y.view(out_sizes);
   return y.scalar_type() == in_dtype ? y : y.to(in_dtype);
+}
+
+// 16-bit float weights [n, k] (float16 or bf16) x float32 activations: the GEMV of kernels_decode.h.
+at::Tensor half_linear(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias) {
+  TORCH_CHECK(w.dim() == 2 && w.device().is_cpu() && w.is_contiguous() &&
+                  (w.scalar_type() == at::kHalf || w.scalar_type() == at::kBFloat16),
+              "lowbit: half_linear takes a contiguous CPU float16 or bfloat16 [N, K] weight");
+  const int64_t n = w.size(0), k = w.size(1);
+  TORCH_CHECK(n >= 1 && k >= lowbit::dec::CH && k % lowbit::dec::CH == 0, "lowbit: half_linear needs K a multiple of ",
+              lowbit::dec::CH, ", got [", n, ", ", k, "]");
+  const bool bf = w.scalar_type() == at::kBFloat16;
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  return linear_rows(x, n, k, bias, [&](const at::Tensor& xr, const at::Tensor& b, at::Tensor& y) {
+    const int isa = g_isa.load();
+    const float* xp = xr.data_ptr<float>();
+    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+    float* yp = y.data_ptr<float>();
+    const int64_t m = xr.size(0);
+    at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
+      if (bf)
+        gemv_rows(isa, lowbit::avx512::dec::Half16<true>{wp, k}, lowbit::dec::Half8<true>{wp, k}, k, xp, m, bp, yp, n, n0, n1);
+      else
+        gemv_rows(isa, lowbit::avx512::dec::Half16<false>{wp, k}, lowbit::dec::Half8<false>{wp, k}, k, xp, m, bp, yp, n, n0,
+                  n1);
+    });
+  });
 }
 
 }  // namespace
@@ -728,6 +774,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cb_gemm", &cb_gemm, "x @ W^T (+bias) for many rows: W decoded in slabs, then torch's GEMM (bf16 or float32)",
         py::arg("x"), py::arg("packed"), py::arg("book"), py::arg("bits"), py::arg("group_size"), py::arg("n"),
         py::arg("k"), py::arg("bias"), py::arg("bf16"));
+  m.def("half_linear", &half_linear, "x [..., K] @ W^T (+bias) for float16/bf16 W [N, K]: a GEMV, meant for few rows",
+        py::arg("x"), py::arg("w"), py::arg("bias") = py::none());
   m.def("cb_decode", &cb_decode, "packed codebook weight -> W [N, K], float32 or bf16", py::arg("packed"),
         py::arg("book"), py::arg("bits"), py::arg("group_size"), py::arg("n"), py::arg("k"), py::arg("bf16"));
   m.def("linear_q8", &linear_q8, "x [..., K] @ W^T (+bias) with x rounded to int8 per 32 columns, integer dot products",

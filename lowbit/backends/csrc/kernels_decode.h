@@ -1,9 +1,10 @@
-// Codebook (k-means) weights: 2- or 4-bit indices into a table of 2^bits floats per row and group of
-// columns, W[n, k] = book[n, k / G, code[n, k]]. A GEMV for few rows of activations and a decoder into
-// float32 or bf16 for many (then a GEMM), on an AVX2 path and an AVX-512 path.
+// Weights that decode to floats 64 columns at a time, times float32 activations: codebook (k-means) indices
+// and 16-bit floats. A GEMV for few rows of activations (codebooks and fp16/bf16) and, for codebooks, a
+// decoder into float32 or bf16 for many rows (then a GEMM); each on an AVX2 path and an AVX-512 path.
 //
-// Packed layout: row by row, chunks of 64 columns, 8 * bits bytes each, built so that one 16-byte load
-// widened to 32-bit lanes gives 16 consecutive columns per bit field:
+// Codebooks: 2- or 4-bit indices into a table of 2^bits floats per row and group of columns,
+// W[n, k] = book[n, k / G, code[n, k]]. Packed layout: row by row, chunks of 64 columns, 8 * bits bytes
+// each, built so that one 16-byte load widened to 32-bit lanes gives 16 consecutive columns per bit field:
 //   4-bit: bytes 0..15 hold columns i (low nibble) and 16 + i (high nibble), bytes 16..31 columns 32 + i
 //          and 48 + i;
 //   2-bit: byte i holds columns i, 16 + i, 32 + i and 48 + i in its bit pairs, lowest first.
@@ -11,9 +12,11 @@
 // 2^bits] contiguous; a table becomes one register (AVX-512: 16 lanes, vpermps picks by index) or two
 // (AVX2: two 8-lane vpermps and a blend on the index's bit 3).
 //
-// The lookup is exact (an entry is the float the checkpoint stores), so the GEMV differs from x @ W^T by
-// float summation order only. The bf16 decoder rounds each table once to bf16 (to nearest even); every
-// decoded weight is then a table entry's bf16 rounding, as W.to(bfloat16) would give.
+// 16-bit floats: the weight [N, K] as stored (float16 or bf16), widened to float32 8 or 16 at a time.
+//
+// Lookups and widening are exact, so the GEMV differs from x @ W^T by float summation order only. The
+// bf16 decoder rounds each table once to bf16 (to nearest even); every decoded weight is then a table
+// entry's bf16 rounding, as W.to(bfloat16) would give.
 
 #pragma once
 
@@ -25,7 +28,7 @@
 #include "kernels.h"
 
 namespace lowbit {
-namespace cb {
+namespace dec {
 
 constexpr int CH = 64;  // columns per chunk
 
@@ -56,31 +59,40 @@ inline bool pack_rows(const uint8_t* codes, int64_t k, int bits, int64_t r0, int
   return bad == 0;
 }
 
-// Round float32 bits to bf16 (nearest, ties to even) and back to float32: the table entries the bf16
-// decoder looks up, so that dropping each decoded value's low 16 bits is exact.
-inline float round_bf16(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-  std::memcpy(&v, &u, 4);
-  return v;
-}
-
-// One table of E entries from fp16 or fp32 storage into t[0..E) as float32 (bf16-rounded if asked).
-template <typename Book>
-inline void load_table(const Book* b, int E, bool bf16, float* t) {
-  for (int e = 0; e < E; ++e) {
-    float v;
-    if constexpr (sizeof(Book) == 2)
-      v = _cvtsh_ss(b[e]);
-    else
-      v = b[e];
-    t[e] = bf16 ? round_bf16(v) : v;
-  }
-  for (int e = E; e < 16; ++e) t[e] = 0.0f;
-}
-
 // ---------------------------------------------------------------- AVX2
+
+// Float32 bits rounded to bf16 (nearest, ties to even) and back: what the bf16 decoder looks up, so that
+// dropping each decoded value's low 16 bits is exact. Tables are finite (the format checks).
+LOWBIT_INLINE __m256i round_bf16_8(__m256i u) {
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  u = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd));
+  return _mm256_and_si256(u, _mm256_set1_epi32((int)0xFFFF0000u));
+}
+
+// One table of 2^BITS entries (float16 or float32 storage) as two 8-lane halves (entries 0..7, 8..15).
+template <int BITS, typename Book, bool BF16>
+LOWBIT_INLINE void table8(const Book* b, __m256& lo, __m256& hi) {
+  if constexpr (sizeof(Book) == 2) {
+    if constexpr (BITS == 4) {
+      lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)b));
+      hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(b + 8)));
+    } else {
+      lo = _mm256_cvtph_ps(_mm_loadl_epi64((const __m128i*)b));
+    }
+  } else {
+    if constexpr (BITS == 4) {
+      lo = _mm256_loadu_ps(b);
+      hi = _mm256_loadu_ps(b + 8);
+    } else {
+      lo = _mm256_insertf128_ps(_mm256_setzero_ps(), _mm_loadu_ps(b), 0);
+    }
+  }
+  if constexpr (BITS == 2) hi = lo;
+  if constexpr (BF16) {
+    lo = _mm256_castsi256_ps(round_bf16_8(_mm256_castps_si256(lo)));
+    hi = _mm256_castsi256_ps(round_bf16_8(_mm256_castps_si256(hi)));
+  }
+}
 
 // 8 columns' weights from 8 indices (0..15, or 0..3 at 2 bits) and the table's two halves.
 template <int BITS>
@@ -109,31 +121,72 @@ LOWBIT_INLINE void chunk8(const uint8_t* p, __m256 lo, __m256 hi, Fn&& fn) {
     }
 }
 
+// Sources of weights for the GEMV: rows of K columns, read a chunk of 64 columns at a time, in groups of
+// columns that share a setup (a codebook's table). chunk(n, c, group, fn) calls fn(col, w) with the 8 (AVX2)
+// or 16 (AVX-512) weights of row n from column 64 * c + col on.
+template <int BITS, typename Book>
+struct Codebook8 {
+  const uint8_t* q;
+  const Book* books;
+  int64_t k, g;
+  struct Group {
+    __m256 lo, hi;
+  };
+  int64_t group_cols() const { return g; }
+  LOWBIT_INLINE Group group(int64_t n, int64_t gi) const {
+    Group t;
+    table8<BITS, Book, false>(books + ((n * (k / g) + gi) << BITS), t.lo, t.hi);
+    return t;
+  }
+  template <typename Fn>
+  LOWBIT_INLINE void chunk(int64_t n, int64_t c, const Group& t, Fn&& fn) const {
+    chunk8<BITS>(q + (n * (k / CH) + c) * chunk_bytes(BITS), t.lo, t.hi, fn);
+  }
+};
+
+// 16-bit float weights [N, K]: float16 (F16C's vcvtph2ps) or bf16 (the bits moved up into a float32).
+template <bool BF16W>
+struct Half8 {
+  const uint16_t* w;
+  int64_t k;
+  struct Group {};
+  int64_t group_cols() const { return k; }
+  LOWBIT_INLINE Group group(int64_t, int64_t) const { return {}; }
+  template <typename Fn>
+  LOWBIT_INLINE void chunk(int64_t n, int64_t c, const Group&, Fn&& fn) const {
+    const uint16_t* p = w + n * k + c * CH;
+    for (int j = 0; j < CH / 8; ++j) {
+      const __m128i h = _mm_loadu_si128((const __m128i*)(p + 8 * j));
+      fn(8 * j, BF16W ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h));
+    }
+  }
+};
+
 // y[m, n] = x[m] . W[n] (+ bias[n]) for rows n0..n1 and M activation rows (M <= 4 per pass).
-template <int BITS, typename Book, int M>
-void gemv_avx2_t(const uint8_t* q, const Book* books, int64_t k, int64_t g, const float* x, int64_t ldx,
-                 const float* bias, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  constexpr int E = 1 << BITS;
-  const int64_t nch = k / CH, gch = g / CH, ngrp = k / g, cb = chunk_bytes(BITS);
-  alignas(32) float t[16];
+template <typename Src, int M>
+void gemv_avx2_t(const Src& src, int64_t k, const float* x, int64_t ldx, const float* bias, float* y, int64_t ldy,
+                 int64_t n0, int64_t n1) {
+  constexpr int NA = M == 1 ? 4 : 2;  // independent FMA chains per activation row
+  const int64_t gch = src.group_cols() / CH, ngrp = k / src.group_cols();
   for (int64_t n = n0; n < n1; ++n) {
-    __m256 acc[M][2];
-    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    __m256 acc[M][NA];
+    for (int m = 0; m < M; ++m)
+      for (int a = 0; a < NA; ++a) acc[m][a] = _mm256_setzero_ps();
     for (int64_t gi = 0; gi < ngrp; ++gi) {
-      load_table(books + (n * ngrp + gi) * E, E, false, t);
-      const __m256 lo = _mm256_load_ps(t), hi = _mm256_load_ps(t + 8);
+      const auto grp = src.group(n, gi);
       for (int64_t c = gi * gch; c < (gi + 1) * gch; ++c) {
         const float* xc = x + c * CH;
         int s = 0;
-        chunk8<BITS>(q + (n * nch + c) * cb, lo, hi, [&](int col, __m256 w) {
+        src.chunk(n, c, grp, [&](int col, __m256 w) {
           for (int m = 0; m < M; ++m)
-            acc[m][s & 1] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xc + m * ldx + col), acc[m][s & 1]);
+            acc[m][s % NA] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xc + m * ldx + col), acc[m][s % NA]);
           ++s;
         });
       }
     }
     for (int m = 0; m < M; ++m) {
-      const __m256 a = _mm256_add_ps(acc[m][0], acc[m][1]);
+      __m256 a = acc[m][0];
+      for (int i = 1; i < NA; ++i) a = _mm256_add_ps(a, acc[m][i]);
       __m128 r = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
       r = _mm_add_ps(r, _mm_movehl_ps(r, r));
       r = _mm_add_ss(r, _mm_movehdup_ps(r));
@@ -147,11 +200,10 @@ template <int BITS, typename Book, bool BF16>
 void decode_avx2_t(const uint8_t* q, const Book* books, int64_t k, int64_t g, int64_t n0, int64_t n1, void* out) {
   constexpr int E = 1 << BITS;
   const int64_t nch = k / CH, gch = g / CH, ngrp = k / g, cb = chunk_bytes(BITS);
-  alignas(32) float t[16];
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t gi = 0; gi < ngrp; ++gi) {
-      load_table(books + (n * ngrp + gi) * E, E, BF16, t);
-      const __m256 lo = _mm256_load_ps(t), hi = _mm256_load_ps(t + 8);
+      __m256 lo, hi;
+      table8<BITS, Book, BF16>(books + (n * ngrp + gi) * E, lo, hi);
       for (int64_t c = gi * gch; c < (gi + 1) * gch; ++c) {
         const int64_t base = n * k + c * CH;
         chunk8<BITS>(q + (n * nch + c) * cb, lo, hi, [&](int col, __m256 w) {
@@ -168,7 +220,7 @@ void decode_avx2_t(const uint8_t* q, const Book* books, int64_t k, int64_t g, in
     }
 }
 
-}  // namespace cb
+}  // namespace dec
 }  // namespace lowbit
 
 // ---------------------------------------------------------------- AVX-512 (F, BW, VL), run-time dispatched
@@ -183,11 +235,34 @@ void decode_avx2_t(const uint8_t* q, const Book* books, int64_t k, int64_t g, in
 
 namespace lowbit {
 namespace avx512 {  // the module's AVX-512 code lives under lowbit::avx512 (a test disassembles the module)
-namespace cb {
+namespace dec {
 
-using lowbit::cb::CH;
-using lowbit::cb::chunk_bytes;
-using lowbit::cb::load_table;
+using lowbit::dec::CH;
+using lowbit::dec::chunk_bytes;
+
+// One table of 2^BITS entries (float16 or float32 storage) in one register; bf16-rounded if asked.
+template <int BITS, typename Book, bool BF16>
+LOWBIT_INLINE __m512 table16(const Book* b) {
+  __m512 t;
+  if constexpr (sizeof(Book) == 2) {
+    if constexpr (BITS == 4)
+      t = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)b));
+    else
+      t = _mm512_cvtph_ps(_mm256_zextsi128_si256(_mm_loadl_epi64((const __m128i*)b)));
+  } else {
+    if constexpr (BITS == 4)
+      t = _mm512_loadu_ps(b);
+    else
+      t = _mm512_zextps128_ps512(_mm_loadu_ps(b));
+  }
+  if constexpr (BF16) {
+    __m512i u = _mm512_castps_si512(t);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+    t = _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
+  }
+  return t;
+}
 
 // Calls fn(col, w) for the 64 columns of one chunk, 16 at a time; the table is one register.
 template <int BITS, typename Fn>
@@ -203,24 +278,52 @@ LOWBIT_INLINE void chunk16(const uint8_t* p, __m512 table, Fn&& fn) {
   }
 }
 
-template <int BITS, typename Book, int M>
-void gemv_t(const uint8_t* q, const Book* books, int64_t k, int64_t g, const float* x, int64_t ldx,
-            const float* bias, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  constexpr int E = 1 << BITS;
+template <int BITS, typename Book>
+struct Codebook16 {
+  const uint8_t* q;
+  const Book* books;
+  int64_t k, g;
+  int64_t group_cols() const { return g; }
+  LOWBIT_INLINE __m512 group(int64_t n, int64_t gi) const {
+    return table16<BITS, Book, false>(books + ((n * (k / g) + gi) << BITS));
+  }
+  template <typename Fn>
+  LOWBIT_INLINE void chunk(int64_t n, int64_t c, __m512 table, Fn&& fn) const {
+    chunk16<BITS>(q + (n * (k / CH) + c) * chunk_bytes(BITS), table, fn);
+  }
+};
+
+template <bool BF16W>
+struct Half16 {
+  const uint16_t* w;
+  int64_t k;
+  int64_t group_cols() const { return k; }
+  LOWBIT_INLINE int group(int64_t, int64_t) const { return 0; }
+  template <typename Fn>
+  LOWBIT_INLINE void chunk(int64_t n, int64_t c, int, Fn&& fn) const {
+    const uint16_t* p = w + n * k + c * CH;
+    for (int j = 0; j < CH / 16; ++j) {
+      const __m256i h = _mm256_loadu_si256((const __m256i*)(p + 16 * j));
+      fn(16 * j, BF16W ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h));
+    }
+  }
+};
+
+template <typename Src, int M>
+void gemv_t(const Src& src, int64_t k, const float* x, int64_t ldx, const float* bias, float* y, int64_t ldy,
+            int64_t n0, int64_t n1) {
   constexpr int NA = M == 1 ? 4 : 2;  // independent FMA chains per activation row
-  const int64_t nch = k / CH, gch = g / CH, ngrp = k / g, cb = chunk_bytes(BITS);
-  alignas(64) float t[16];
+  const int64_t gch = src.group_cols() / CH, ngrp = k / src.group_cols();
   for (int64_t n = n0; n < n1; ++n) {
     __m512 acc[M][NA];
     for (int m = 0; m < M; ++m)
       for (int a = 0; a < NA; ++a) acc[m][a] = _mm512_setzero_ps();
     for (int64_t gi = 0; gi < ngrp; ++gi) {
-      load_table(books + (n * ngrp + gi) * E, E, false, t);
-      const __m512 table = _mm512_load_ps(t);
+      const auto grp = src.group(n, gi);
       for (int64_t c = gi * gch; c < (gi + 1) * gch; ++c) {
         const float* xc = x + c * CH;
         int s = 0;
-        chunk16<BITS>(q + (n * nch + c) * cb, table, [&](int col, __m512 w) {
+        src.chunk(n, c, grp, [&](int col, __m512 w) {
           for (int m = 0; m < M; ++m)
             acc[m][s % NA] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xc + m * ldx + col), acc[m][s % NA]);
           ++s;
@@ -239,11 +342,9 @@ template <int BITS, typename Book, bool BF16>
 void decode_t(const uint8_t* q, const Book* books, int64_t k, int64_t g, int64_t n0, int64_t n1, void* out) {
   constexpr int E = 1 << BITS;
   const int64_t nch = k / CH, gch = g / CH, ngrp = k / g, cb = chunk_bytes(BITS);
-  alignas(64) float t[16];
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t gi = 0; gi < ngrp; ++gi) {
-      load_table(books + (n * ngrp + gi) * E, E, BF16, t);
-      const __m512 table = _mm512_load_ps(t);
+      const __m512 table = table16<BITS, Book, BF16>(books + (n * ngrp + gi) * E);
       for (int64_t c = gi * gch; c < (gi + 1) * gch; ++c) {
         const int64_t base = n * k + c * CH;
         chunk16<BITS>(q + (n * nch + c) * cb, table, [&](int col, __m512 w) {
@@ -257,7 +358,7 @@ void decode_t(const uint8_t* q, const Book* books, int64_t k, int64_t g, int64_t
     }
 }
 
-}  // namespace cb
+}  // namespace dec
 }  // namespace avx512
 }  // namespace lowbit
 
