@@ -26,7 +26,7 @@ from lowbit_workbench.peers import private_autotune_cache
 
 # The weight-only recipes (float activations): the ones whose speed depends on the kernel chosen per row count.
 WEIGHT_ONLY = ("bf16", "fp16", "int8", "int4-g128", "int4-g32", "int3-g64", "int2-g32", "int4-g128-hqq",
-               "int4-g128-gptq", "int3-g64-gptq", "kmeans4")
+               "int4-g128-gptq", "int3-g64-gptq", "kmeans4", "kmeans4-g64")
 
 
 def main() -> None:
