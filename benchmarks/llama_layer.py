@@ -14,8 +14,10 @@ The kernel lowbit_q8 is lowbit's GEMV with the activations rounded to int8 per 3
 products: AVX-512 VNNI, or AVX2); it changes the results slightly, so it runs only when asked for.
 
 The read bandwidth is a torch.sum over 1 GiB (all threads), timed as one more variant of the same
-round-robin: kernels and bandwidth share the time window and the statistic (median), so a neighbour's
-load on the memory system moves both. The best of separate measurements is printed too.
+round-robin, its buffer on the same kind of pages as lowbit's packed weights (2 MB pages where Linux grants
+them; lowbit asks for them for packed weights of 2 MB and more; the memory on 2 MB pages is printed): kernels
+and bandwidth share the time window and the statistic (median), so a neighbour's load on the memory system
+moves both. The best of separate measurements is printed too.
 
     python benchmarks/llama_layer.py [--iters 30] [--recipes int8 int4-g128 ...] [--isas avx2]
 """
@@ -31,12 +33,24 @@ from torch import nn
 import lowbit
 from lowbit.backends import lowbit_cpu
 from lowbit.bench import time_interleaved
-from lowbit.hw import cpu_features, cpu_name, measure_read_bandwidth
+from lowbit.hw import cpu_features, cpu_name, measure_read_bandwidth, read_buffer
 
 SHAPES = {"q": (2048, 2048), "k": (512, 2048), "v": (512, 2048), "o": (2048, 2048),
           "gate": (8192, 2048), "up": (8192, 2048), "down": (2048, 8192)}
 COPIES = 4
 READ = "read 1 GiB (torch.sum)"
+
+
+def huge_pages_mb() -> str:
+    """The process's memory on transparent huge pages (Linux), as text."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return f"{int(line.split()[1]) / 1024:.0f} MB"
+    except OSError:
+        pass
+    return "unknown (not Linux)"
 
 
 def layer() -> nn.ModuleDict:
@@ -141,14 +155,15 @@ def main() -> None:
 
     fns = {name: with_isa(isa, make(ms, dt)) if isa else make(ms, dt) for name, (ms, dt, isa) in variants.items()}
     best_bw = measure_read_bandwidth()
-    big = torch.ones(1 << 28)  # 1 GiB of float32, every page written
+    big = read_buffer(1 << 30)  # 1 GiB of float32, every page written, on the pages packed weights get
     fns[READ] = lambda: torch.sum(big)
     times = time_interleaved(fns, warmup=3, iters=args.iters, max_seconds=240)
     best_bw = max(best_bw, measure_read_bandwidth())
     bw = big.numel() * 4 / times.pop(READ) / 1e9
     ref = times["fp32 F.linear"] / COPIES
     print(f"threads {torch.get_num_threads()}, read bandwidth in the round-robin {bw:.1f} GB/s (median; best of "
-          f"separate measurements {best_bw:.1f} GB/s): shares below are of {bw:.1f}")
+          f"separate measurements {best_bw:.1f} GB/s): shares below are of {bw:.1f}; memory on 2 MB pages: "
+          f"{huge_pages_mb()}")
     print("Counted MB: codes + 4 bytes per group (16-bit scale and zero point); int8 per-channel 4 per row.")
     print("| variant | ms/token | speed-up vs fp32 | weight MB stored | GB/s | % of read bandwidth | counted MB "
           "| % of read bandwidth (counted) |")

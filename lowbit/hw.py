@@ -93,14 +93,25 @@ def cpu_count() -> int:
     return os.cpu_count() or 1
 
 
+def read_buffer(nbytes: int) -> torch.Tensor:
+    """A float32 tensor of ones, nbytes long, for timing memory reads: in memory as lowbit's packed weights
+    get it (2 MB pages where Linux grants them, see lowbit_cpu.weight_bytes), so that a kernel reading
+    packed weights is compared with a plain read on the same kind of pages. Every page is written."""
+    from .backends import lowbit_cpu  # here: the backends import this module
+
+    if lowbit_cpu.available() and nbytes >= 8:
+        return lowbit_cpu.weight_bytes(nbytes // 4 * 4).view(torch.float32).fill_(1.0)
+    return torch.ones(nbytes // 4, dtype=torch.float32)
+
+
 def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Memory read bandwidth in GB/s: best of ``repeats`` torch.sum passes over an nbytes float32 tensor."""
+    """Memory read bandwidth in GB/s: best of ``repeats`` torch.sum passes over an nbytes float32 tensor
+    (on the pages lowbit's packed weights get: see read_buffer)."""
     if nbytes < 4:
         raise ValueError(f"nbytes must be at least 4, got {nbytes}")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    # torch.ones writes every page, so no page faults land inside the timed loop.
-    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    x = read_buffer(nbytes)
     # An untimed pass starts the thread pool before timing.
     torch.sum(x)
     best = float("inf")

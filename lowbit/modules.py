@@ -186,6 +186,18 @@ class QuantLinear(QuantModule):
             self._fast = (limit, first, prep)
         self.kernel_name = format_route([(rows, kernel.name) for rows, kernel, _ in route])
 
+    def __getstate__(self) -> dict:
+        # The kernels' forms are derived from the canonical buffers: a copy (copy.deepcopy goes through here)
+        # or a pickle carries the buffers and derives its own forms, made as prepare makes them (packed
+        # weights on huge pages, say) instead of a byte copy in ordinary memory.
+        state = self.__dict__.copy()
+        state["_route"], state["_prep"], state["_fast"], state["_kernel"] = (), None, None, None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._derive()
+
     def candidate_kernels(self) -> list[str]:
         """Kernels that can run this layer here, in the default order of preference."""
         return [kernel.name for kernel in candidates(self.spec)]

@@ -312,3 +312,32 @@ def test_half_recipes_run_on_the_half_gemv(recipe):
     assert all(m.kernel_name == "lowbit_half" and not m.simulated for m in q.modules() if isinstance(m, QuantLinear))
     for inp in (torch.randn(3, 192), torch.randn(2, 5, 192)):
         assert rel_err(q(inp), ref(inp).double()) < TOL
+
+
+def test_packed_weights_buffer_zeroed_and_aligned_for_huge_pages():
+    import sys
+
+    small, big = lowbit_cpu.weight_bytes(1000), lowbit_cpu.weight_bytes((3 << 20) + 5)
+    assert small.dtype == big.dtype == torch.uint8 and small.numel() == 1000 and big.numel() == (3 << 20) + 5
+    assert not small.any() and not big.any()
+    if sys.platform.startswith("linux"):
+        assert big.data_ptr() % (2 << 20) == 0  # a huge page can back its first 2 MB
+    n, k, g = 4096, 1024, 128  # a packed weight over 2 MB: the same results from its own buffer
+    codes, scale, zero = canonical(n, k, 4, g, seed=2)
+    packed = lowbit_cpu.prepack(codes, scale.half(), zero.half(), 4, g)
+    x = torch.randn(2, k)
+    assert packed["qweight"].numel() > (2 << 20)
+    assert torch.equal(lowbit_cpu.linear(x, packed, 4, g, n, k), lowbit_cpu.linear(x, {"qweight": packed["qweight"].clone()}, 4, g, n, k))
+
+
+def test_copied_layer_derives_its_own_kernel_form():
+    import copy
+
+    import lowbit
+
+    q = lowbit.quantize(torch.nn.Sequential(torch.nn.Linear(256, 96)), "int4-g64", backend="lowbit_cpu")
+    c = copy.deepcopy(q)
+    x = torch.randn(3, 256)
+    assert torch.equal(c(x), q(x))
+    assert c[0]._prep["qweight"].data_ptr() != q[0]._prep["qweight"].data_ptr()
+    assert c[0].kernel_name == q[0].kernel_name == "lowbit_cpu"

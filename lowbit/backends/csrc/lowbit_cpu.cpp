@@ -28,6 +28,11 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "act_quant.h"
 #include "attention.h"
@@ -84,6 +89,26 @@ const bool g_vnni = cpu_has_vnni();
 
 std::atomic<int> g_isa{best_isa()};
 
+// Work split for the memory-bound GEMVs: threads take chunks of items (tiles, or blocks of rows) from a
+// shared counter instead of one fixed share each, so that a thread slowed down (by a neighbour on a shared
+// host) does not hold the whole call up while the other waits. Each item is still computed by one thread in
+// a fixed order, so results do not depend on the split. Measured on a 2-core Zen 4, one decode token of a
+// Llama-3.2-1B-shaped layer (int4-g128, int8 activations): 80% of the read bandwidth with fixed halves,
+// 93% with chunks, in one interleaved run.
+template <typename F>
+void parallel_chunks(int64_t n, const F& fn) {
+  const int nth = at::get_num_threads();
+  if (nth <= 1 || n < 4 * nth || at::in_parallel_region()) {
+    at::parallel_for(0, n, 1, fn);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  const int64_t step = std::max<int64_t>(1, n / (8 * nth));
+  at::parallel_for(0, nth, 1, [&](int64_t, int64_t) {
+    for (int64_t t0; (t0 = next.fetch_add(step)) < n;) fn(t0, std::min(n, t0 + step));
+  });
+}
+
 // isa: read once per call, since the activations are prepared for the path that runs.
 void run_gemv_tiles(int isa, const Layout& L, const uint8_t* qw, const float* xp, const float* xs, int64_t M,
                     const float* bias, float* y, int64_t t0, int64_t t1) {
@@ -100,6 +125,27 @@ void run_dequant_t_tiles(const Layout& L, const uint8_t* qw, int64_t t0, int64_t
     lowbit::dequant_t_tiles(L, qw, t0, t1, wt, ldw);
 }
 
+// A zeroed byte buffer for a packed weight. From 2 MB up it starts on a 2 MB boundary and asks Linux for
+// transparent huge pages (madvise; in "madvise" mode, the common default, nothing else gets them): a decode
+// GEMV streams the whole weight on every call, and with 4 KB pages the page walks cost it about a tenth of
+// the memory's speed (an int4-g128 decode token of a Llama-3.2-1B-shaped layer on a 2-core Zen 4, one
+// interleaved run: 87% of the read bandwidth on 4 KB pages, 94-98% on 2 MB pages). Only whole 2 MB pages
+// inside the buffer are advised, so no memory is added. Elsewhere, or if the OS refuses, plain pages.
+at::Tensor alloc_weight_bytes(int64_t n) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t kHuge = (size_t)2 << 20;
+  if (n >= (int64_t)kHuge) {
+    void* p = nullptr;
+    if (posix_memalign(&p, kHuge, (size_t)n) == 0) {
+      madvise(p, (size_t)n / kHuge * kHuge, MADV_HUGEPAGE);  // a hint: the memory is valid either way
+      std::memset(p, 0, (size_t)n);
+      return at::from_blob(p, {n}, [](void* q) { std::free(q); }, at::TensorOptions().dtype(at::kByte));
+    }
+  }
+#endif
+  return at::zeros({n}, at::TensorOptions().dtype(at::kByte));
+}
+
 at::Tensor prepack(at::Tensor codes, at::Tensor scale, at::Tensor zero, int64_t bits, int64_t group_size) {
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.device().is_cpu(),
               "lowbit: codes must be a CPU uint8 [N, K] tensor");
@@ -114,7 +160,7 @@ at::Tensor prepack(at::Tensor codes, at::Tensor scale, at::Tensor zero, int64_t 
   codes = codes.contiguous();
   scale = scale.to(half ? at::kHalf : at::kFloat).contiguous();
   zero = zero.to(half ? at::kHalf : at::kFloat).contiguous();
-  auto qw = at::zeros({LP.total_bytes()}, at::TensorOptions().dtype(at::kByte));
+  auto qw = alloc_weight_bytes(LP.total_bytes());
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const void* sp = scale.data_ptr();
   const void* zp = zero.data_ptr();
@@ -217,7 +263,7 @@ void run_linear(const Layout& L, const at::Tensor& x, const at::Tensor& qw, cons
       float* lp = lut.data_ptr<float>();
       lowbit::avx512::prep_lut(L, xpp, M, lp);
       float* yp = y.data_ptr<float>();
-      at::parallel_for(0, L.ntile, 1, [&](int64_t t0, int64_t t1) {
+      parallel_chunks(L.ntile, [&](int64_t t0, int64_t t1) {
         lowbit::avx512::gemv_tiles_lut(L, q, lp, xsp, M, bp, yp, t0, t1);
       });
       return;
@@ -230,7 +276,7 @@ void run_linear(const Layout& L, const at::Tensor& x, const at::Tensor& qw, cons
         lowbit::prep_x_rows(L, xptr, rows, r0, r1, xpp, xsp, raw);
       });
       // Each output comes from one thread in a fixed order: results do not depend on the thread count.
-      at::parallel_for(0, L.ntile, 1, [&](int64_t t0, int64_t t1) {
+      parallel_chunks(L.ntile, [&](int64_t t0, int64_t t1) {
         run_gemv_tiles(isa, L, q, xpp, xsp, rows, bp, yp, t0, t1);
       });
     }
@@ -280,7 +326,7 @@ at::Tensor linear_q8(at::Tensor x, at::Tensor qw, int64_t bits, int64_t group_si
     const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
     float* yp = y.data_ptr<float>();
     // Tiles split across threads; every row of x against a tile while it is in cache.
-    at::parallel_for(0, L.ntile, 1, [&](int64_t t0, int64_t t1) {
+    auto run_tiles = [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
         for (int64_t r = 0; r < M; ++r) {
           if (vnni)
@@ -288,7 +334,8 @@ at::Tensor linear_q8(at::Tensor x, at::Tensor qw, int64_t bits, int64_t group_si
           else
             lowbit::q8::gemv_tiles_avx2(L, q, xa + r * xstride, sp + r * nb, gp + r * L.ngp, bp, yp + r * n, t, t + 1);
         }
-    });
+    };
+    parallel_chunks(L.ntile, run_tiles);
   });
 }
 
@@ -519,7 +566,7 @@ at::Tensor cb_pack(at::Tensor codes, int64_t bits) {
   TORCH_CHECK(lowbit::dec::shape_ok(n, k, bits, k), "lowbit: unsupported codebook indices [", n, ", ", k, "] at ", bits,
               " bits (bits 2 or 4, K a multiple of 64)");
   codes = codes.contiguous();
-  auto out = at::empty({n * (k / lowbit::dec::CH) * lowbit::dec::chunk_bytes((int)bits)}, codes.options());
+  auto out = alloc_weight_bytes(n * (k / lowbit::dec::CH) * lowbit::dec::chunk_bytes((int)bits));
   std::atomic<bool> ok{true};
   at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
     if (!lowbit::dec::pack_rows(codes.data_ptr<uint8_t>(), k, (int)bits, r0, r1, out.data_ptr<uint8_t>())) ok = false;
@@ -579,7 +626,8 @@ at::Tensor cb_linear(at::Tensor x, at::Tensor packed, at::Tensor book, int64_t b
     const int64_t m = xr.size(0);
     const bool half = book.scalar_type() == at::kHalf;
     // Each output is summed by one thread in a fixed order: the same bits for any thread count.
-    at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
+    parallel_chunks((n + 15) / 16, [&](int64_t b0, int64_t b1) {
+      const int64_t n0 = 16 * b0, n1 = std::min(n, 16 * b1);
       if (half) {
         const auto* bk = reinterpret_cast<const uint16_t*>(book.data_ptr<at::Half>());
         if (bits == 4) cb_gemv_rows<4>(isa, q, bk, k, group_size, xp, m, bp, yp, n, n0, n1);
@@ -692,7 +740,8 @@ at::Tensor half_linear(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bia
     const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
     float* yp = y.data_ptr<float>();
     const int64_t m = xr.size(0);
-    at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
+    parallel_chunks((n + 15) / 16, [&](int64_t b0, int64_t b1) {
+      const int64_t n0 = 16 * b0, n1 = std::min(n, 16 * b1);
       if (bf)
         gemv_rows(isa, lowbit::avx512::dec::Half16<true>{wp, k}, lowbit::dec::Half8<true>{wp, k}, k, xp, m, bp, yp, n, n0, n1);
       else
@@ -767,6 +816,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qweight"), py::arg("bits"), py::arg("group_size"), py::arg("n"), py::arg("k"),
         py::arg("bias") = py::none(), py::arg("path") = 0);
   m.def("dequant", &dequant, "packed -> float32 W [N, K]");
+  m.def("weight_bytes", &alloc_weight_bytes, "a zeroed uint8 buffer as packed weights get it (2 MB pages from 2 MB up, Linux)");
   m.def("cb_pack", &cb_pack, "codebook indices uint8 [N, K] -> the codebook kernels' packed form");
   m.def("cb_linear", &cb_linear, "x [..., K] @ W^T (+bias), W looked up in per-row/group codebooks", py::arg("x"),
         py::arg("packed"), py::arg("book"), py::arg("bits"), py::arg("group_size"), py::arg("n"), py::arg("k"),
