@@ -45,3 +45,29 @@ def test_hqq_recipe_runs_saves_and_loads(tmp_path):
     assert torch.equal(lowbit.load(tmp_path / "ck", model=copy.deepcopy(m))(x), q(x))
     with pytest.raises(ValueError, match="asymmetric"):
         parse_recipe("int8-hqq")
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_hqq_keeps_each_groups_best_of_its_fits(half):
+    from lowbit.algorithms import hqq
+
+    w = heavy_tailed(64, 256, seed=3)
+    w[:4] += 3.0  # groups away from zero: the two starts differ there
+    bits, group = 2, 64
+    codes, scale, zero = hqq_quantize(w, bits, group, half=half)
+    W = w.reshape(64, -1, group)
+
+    def group_err(s, z):
+        q = torch.round(W / s + z).clamp(0, 2**bits - 1)
+        return ((q - z) * s - W).pow(2).sum(-1)
+
+    got = group_err(scale[..., None], zero[..., None])
+    s0, z0 = choose_qparams_affine(w, bits, (1, group), False, half=half)
+    kw = {"p": 0.7, "beta": 10.0, "kappa": 1.01, "iters": 20, "half": half}
+    lowbit_start = hqq._fit_zero(W, s0[..., None], z0[..., None].clone(), 2**bits - 1, first_rise=False, **kw)
+    assert (got <= group_err(s0[..., None], lowbit_start) + 1e-6).all()
+    assert torch.equal(dequantize_affine(codes, scale, zero, (1, group)).reshape(W.shape),
+                       (torch.round(W / scale[..., None] + zero[..., None]).clamp(0, 3) - zero[..., None])
+                       * scale[..., None])
+    if half:  # what is stored is what was judged
+        assert torch.equal(scale.half().float(), scale) and torch.equal(zero.half().float(), zero)
