@@ -16,7 +16,7 @@ from torch import nn
 
 from .algorithms import awq
 from .recipes import QuantConfig
-from .sequential import Stage, fold_scale, input_rows
+from .sequential import Stage, fold_scale, input_rows, main_output
 
 Build = Callable[..., nn.Module]  # build(name, float_linear, **encode_options) -> quantized module
 Replace = Callable[[str, nn.Module], None]
@@ -155,32 +155,52 @@ def awq_stage(stage: Stage, layers: dict[str, nn.Linear], config_for: Callable[[
               replace: Replace) -> dict[str, str]:
     """AWQ: search each group's input-channel scale on the float stage (for the format of the group's first
     layer, `config_for(name)`) and fold it into the op before when that is exact; then search each layer's
-    clipping in its own format, and quantize. Returns, per layer, where its scale went ("folded" or
-    "input_scale")."""
+    clipping in its own format, and quantize. Returns, per layer, where its scale went ("folded",
+    "input_scale", or at 2 bits "unscaled": see lowbit.algorithms.awq)."""
     groups, producers = stage.groups(layers)
     plan, earlier = [], []
+    calls = _calls_for_rows(stage, awq.SCALE_ROWS)
     for group in groups:
         lin = [layers[n] for n in group]
         k = lin[0].in_features
         config = config_for(group[0])
+        low = config.bits <= awq.BLOCK_LOSS_BITS  # see lowbit.algorithms.awq
         st = input_stats(stage, lin[0], k, sample_rows=awq.SCALE_ROWS)
-        loss = awq.output_loss([m.weight.detach() for m in lin], st.sample, config.bits, config.group_size or k,
-                               config.symmetric)
+        if low:
+            loss = awq.block_loss(lambda: [main_output(o) for o in stage.run(limit=calls)], lin, config.bits,
+                                  config.group_size or k, config.symmetric)
+        else:
+            loss = awq.output_loss([m.weight.detach() for m in lin], st.sample, config.bits, config.group_size or k,
+                                   config.symmetric)
         s, _ = awq.search_scale(loss, st.abs_mean)
         folded = fold_group(stage, lin, s, producers.get(group[0]), earlier)
-        plan.append((group, s, folded, st.sample[:awq.CLIP_ROWS] / s))
+        if low and not folded:
+            s = torch.ones_like(s)
+        plan.append((group, s, folded, st.sample[:awq.SCALE_ROWS if low else awq.CLIP_ROWS] / s, low))
         earlier.extend(lin)
     where = {}
     # Quantize only now: a later group's scale may have been folded into an earlier group's layer (v -> o).
-    for group, s, folded, xs in plan:
+    for group, s, folded, xs, low in plan:
         for name in group:
             m = layers[name]
             w = m.weight.detach().float() if folded else m.weight.detach().float() * s
             c = config_for(name)
             w = awq.search_clip(w, xs, c.bits, c.group_size or m.in_features, c.symmetric)
-            replace(name, build(name, m, weight=w, input_scale=None if folded else 1.0 / s))
-            where[name] = "folded" if folded else "input_scale"
+            unscaled = low and not folded
+            replace(name, build(name, m, weight=w, input_scale=None if folded or unscaled else 1.0 / s))
+            where[name] = "folded" if folded else ("unscaled" if unscaled else "input_scale")
     return where
+
+
+def _calls_for_rows(stage: Stage, rows: int) -> int:
+    """How many of the stage's calls hold about `rows` token rows (at least one)."""
+    total = 0
+    for i, (args, kwargs) in enumerate(stage.calls):
+        h = args[0] if args else kwargs.get("hidden_states")
+        total += h.numel() // h.shape[-1] if isinstance(h, torch.Tensor) and h.dim() else 1
+        if total >= rows:
+            return i + 1
+    return len(stage.calls)
 
 
 def smooth_stage(stage: Stage, layers: dict[str, nn.Linear], alpha: float) -> list[str]:

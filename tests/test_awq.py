@@ -114,6 +114,34 @@ def test_awq_beats_rtn_on_held_out_inputs(recipe):
     assert "input_scale" not in b.up._buffers and "input_scale" in b.down._buffers  # GELU: nothing to fold into
 
 
+def test_two_bit_awq_judges_blocks_and_leaves_unfoldable_layers_unscaled():
+    from lowbit.algorithms.awq import block_loss, fake_quant
+
+    x = data(32, 100)
+    ref = Net().eval()(x)
+    rtn = rel_err(quantize(Net(), "int2-g32")(x), ref)
+    q = quantize(Net(), "int2-g32-awq")
+    assert rel_err(q(x), ref) < rtn
+    b = q.blocks[0]
+    assert "input_scale" not in b.q._buffers  # folded into the LayerNorm
+    assert "input_scale" not in b.down._buffers  # nothing to fold into: at 2 bits it keeps s = 1
+    # The block loss puts the quantized weights in for the call only, and s = 1 is rounding itself.
+    block = Net().eval().blocks[0]
+    xs = [data(4, i) for i in range(2)]
+    run = lambda: [block(t) for t in xs]
+    before = [m.weight.detach().clone() for m in (block.up, block.down)]
+    with torch.no_grad():
+        loss = block_loss(run, [block.up], 2, 32, False)
+        e1 = loss(torch.ones(D))
+        assert all(torch.equal(m.weight, w) for m, w in zip((block.up, block.down), before))
+        w0 = block.up.weight.data
+        ref_out = [block(t) for t in xs]
+        block.up.weight.data = fake_quant(w0, 2, 32, False)
+        want = sum(float((y - r).pow(2).mean()) for y, r in zip(run(), ref_out))
+        block.up.weight.data = w0
+    assert e1 == pytest.approx(want, rel=1e-6)
+
+
 def test_awq_checkpoint_round_trip(tmp_path):
     q = quantize(Net(), "int4-g32-awq")
     lowbit.save(q, tmp_path / "ck")
