@@ -73,7 +73,10 @@ def test_stored_parameters_are_float16_and_decode_from_them(case):
     wide = formats.AffineScheme(scheme.bits, scheme.symmetric, scheme.block, scheme.method, half_params=False)
     state32 = wide.encode(w)
     assert state32["scale"].dtype == torch.float32
-    assert torch.allclose(state32["scale"], s.float(), rtol=2 ** -11, atol=float(core.HALF_TINY))
+    if scheme.method != "hqq":
+        # (HQQ keeps, per group, the better of fits from two starting ranges, judged on what is stored: the
+        # scales' rounding can tip that choice, so its two layouts may differ by more than the rounding.)
+        assert torch.allclose(state32["scale"], s.float(), rtol=2 ** -11, atol=float(core.HALF_TINY))
     assert wide.nbytes(w.shape) - scheme.nbytes(w.shape) == 4 * lay.blocks
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core import choose_qparams_affine, half_scale
+from ..core import HALF_TINY, choose_qparams_affine, half_scale
 
 
 def _shrink(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
@@ -78,10 +78,13 @@ def hqq_quantize(w: torch.Tensor, bits: int, group_size: int, *, p: float = 0.7,
     # scale, or a zero point float16 cannot hold) take the first start's parameters instead.
     lo, hi = W.amin(-1, keepdim=True), W.amax(-1, keepdim=True)
     s_mm = (hi - lo) / qmax
+    ok = (hi - lo > 1e-6 * torch.maximum(hi.abs(), lo.abs())) & (s_mm > 0)
+    if half:  # a scale with no normal float16 near it would turn the whole tensor's scales float32
+        ok &= (s_mm >= HALF_TINY) & (s_mm <= torch.finfo(torch.float16).max)
+    s_mm = torch.where(ok, s_mm, s_int)
     if half:
         s_mm = half_scale(s_mm)
-    ok = (hi - lo > 1e-6 * torch.maximum(hi.abs(), lo.abs())) & (s_mm > 0)
-    z_mm = torch.where(ok, -lo / torch.where(ok, s_mm, torch.ones_like(s_mm)), z_int)
+    z_mm = torch.where(ok, -lo / s_mm, z_int)
     if half:
         z_mm = z_mm.to(torch.float16).float()
     ok &= torch.isfinite(z_mm) & (z_mm.abs() < 2**14)
