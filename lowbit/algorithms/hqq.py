@@ -18,7 +18,7 @@ are made and each group keeps the one whose stored weights have the least square
     whole weight does not fall, keep the zero point of that last update.
 On the project's small LM (decoder linears, held-out perplexity ratio to float) no single one of the three
 is best at every width: W2-g64 x1.0181 / x1.0131 / x1.0128, W3-g128 x1.0027 / x1.0040 / x1.0043; the
-per-group choice gives x1.0126 and x1.0034 (the hqq package itself: x1.0128 and x1.0043).
+per-group choice gives x1.0126 and x1.0031 (the hqq package itself: x1.0128 and x1.0043).
 """
 
 from __future__ import annotations

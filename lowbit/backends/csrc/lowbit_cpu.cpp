@@ -559,6 +559,22 @@ void check_cb(const at::Tensor& packed, const at::Tensor& book, int64_t bits, in
               "lowbit: codebook must be a contiguous float16 or float32 [n, k / group_size, 2^bits] tensor");
 }
 
+// fn(std::integral_constant<int, bits>, tables + offset): the tables as the kernels read them (uint16_t bits
+// of float16, or float), the bit width as a compile-time constant.
+template <typename F>
+void with_tables(const at::Tensor& book, int64_t bits, int64_t offset, F&& fn) {
+  auto call = [&](const auto* bk) {
+    if (bits == 4)
+      fn(std::integral_constant<int, 4>{}, bk + offset);
+    else
+      fn(std::integral_constant<int, 2>{}, bk + offset);
+  };
+  if (book.scalar_type() == at::kHalf)
+    call(reinterpret_cast<const uint16_t*>(book.data_ptr<at::Half>()));
+  else
+    call(book.data_ptr<float>());
+}
+
 at::Tensor cb_pack(at::Tensor codes, int64_t bits) {
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.device().is_cpu(),
               "lowbit: codebook indices must be a CPU uint8 [N, K] tensor");
@@ -624,19 +640,12 @@ at::Tensor cb_linear(at::Tensor x, at::Tensor packed, at::Tensor book, int64_t b
     const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
     float* yp = y.data_ptr<float>();
     const int64_t m = xr.size(0);
-    const bool half = book.scalar_type() == at::kHalf;
     // Each output is summed by one thread in a fixed order: the same bits for any thread count.
     parallel_chunks((n + 15) / 16, [&](int64_t b0, int64_t b1) {
       const int64_t n0 = 16 * b0, n1 = std::min(n, 16 * b1);
-      if (half) {
-        const auto* bk = reinterpret_cast<const uint16_t*>(book.data_ptr<at::Half>());
-        if (bits == 4) cb_gemv_rows<4>(isa, q, bk, k, group_size, xp, m, bp, yp, n, n0, n1);
-        else cb_gemv_rows<2>(isa, q, bk, k, group_size, xp, m, bp, yp, n, n0, n1);
-      } else {
-        const float* bk = book.data_ptr<float>();
-        if (bits == 4) cb_gemv_rows<4>(isa, q, bk, k, group_size, xp, m, bp, yp, n, n0, n1);
-        else cb_gemv_rows<2>(isa, q, bk, k, group_size, xp, m, bp, yp, n, n0, n1);
-      }
+      with_tables(book, bits, 0, [&](auto b, const auto* bk) {
+        cb_gemv_rows<decltype(b)::value>(isa, q, bk, k, group_size, xp, m, bp, yp, n, n0, n1);
+      });
     });
   });
 }
@@ -660,17 +669,10 @@ at::Tensor cb_decode(at::Tensor packed, at::Tensor book, int64_t bits, int64_t g
   const int isa = g_isa.load();
   const uint8_t* q = packed.data_ptr<uint8_t>();
   void* out = w.data_ptr();
-  const bool half = book.scalar_type() == at::kHalf;
   at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
-    if (half) {
-      const auto* bk = reinterpret_cast<const uint16_t*>(book.data_ptr<at::Half>());
-      if (bits == 4) cb_decode_rows<4>(isa, bf16, q, bk, k, group_size, n0, n1, out);
-      else cb_decode_rows<2>(isa, bf16, q, bk, k, group_size, n0, n1, out);
-    } else {
-      const float* bk = book.data_ptr<float>();
-      if (bits == 4) cb_decode_rows<4>(isa, bf16, q, bk, k, group_size, n0, n1, out);
-      else cb_decode_rows<2>(isa, bf16, q, bk, k, group_size, n0, n1, out);
-    }
+    with_tables(book, bits, 0, [&](auto b, const auto* bk) {
+      cb_decode_rows<decltype(b)::value>(isa, bf16, q, bk, k, group_size, n0, n1, out);
+    });
   });
   return w;
 }
@@ -695,7 +697,6 @@ at::Tensor cb_gemm(at::Tensor x, at::Tensor packed, at::Tensor book, int64_t bit
   auto w = at::empty({slab, k}, x.options());
   const int isa = g_isa.load();
   const uint8_t* q = packed.data_ptr<uint8_t>();
-  const bool half = book.scalar_type() == at::kHalf;
   const int64_t per_row = (k / lowbit::dec::CH) * lowbit::dec::chunk_bytes((int)bits), books = (k / group_size) << bits;
   for (int64_t r0 = 0; r0 < n && x.size(0) > 0; r0 += slab) {
     const int64_t rows = std::min(slab, n - r0);
@@ -703,15 +704,9 @@ at::Tensor cb_gemm(at::Tensor x, at::Tensor packed, at::Tensor book, int64_t bit
     at::parallel_for(0, rows, 16, [&](int64_t a, int64_t c) {
       // Rows r0 + a .. r0 + c of W into rows a .. c of the slab: shift the pointers by r0 rows.
       const uint8_t* qs = q + r0 * per_row;
-      if (half) {
-        const auto* bk = reinterpret_cast<const uint16_t*>(book.data_ptr<at::Half>()) + r0 * books;
-        if (bits == 4) cb_decode_rows<4>(isa, bf16, qs, bk, k, group_size, a, c, out);
-        else cb_decode_rows<2>(isa, bf16, qs, bk, k, group_size, a, c, out);
-      } else {
-        const float* bk = book.data_ptr<float>() + r0 * books;
-        if (bits == 4) cb_decode_rows<4>(isa, bf16, qs, bk, k, group_size, a, c, out);
-        else cb_decode_rows<2>(isa, bf16, qs, bk, k, group_size, a, c, out);
-      }
+      with_tables(book, bits, r0 * books, [&](auto b, const auto* bk) {
+        cb_decode_rows<decltype(b)::value>(isa, bf16, qs, bk, k, group_size, a, c, out);
+      });
     });
     const auto wv = w.narrow(0, 0, rows);
     auto yv = y.narrow(1, r0, rows);
