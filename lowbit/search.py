@@ -120,8 +120,9 @@ def _front(sens: Sensitivity, formats: Sequence[str], cost: dict | None = None,
     additive, this is a multiple-choice knapsack, solved by dynamic programming over the cost cut into
     `resolution` steps (each layer's cost rounded up, so a configuration never costs more than its step; exact
     for sizes when the range is at most `resolution` bytes): every configuration on the staircase, not only
-    the corners of its convex hull, which can leave a budget's last tenth unspent. Consecutive points closer than 1/`keep` of the cost range are thinned out,
-    except the best one within `limit` (a cost), which is always there."""
+    the corners of its convex hull, which can leave a budget's last tenth unspent. Consecutive points closer
+    than 1/`keep` of the cost range are thinned out, except the best one within `limit` (a cost), which is
+    always there."""
     import numpy as np
 
     table = {(r["part"], r["format"]): r for r in sens.layer_rows()}
