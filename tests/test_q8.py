@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(
 TOL = 1e-5
 # Odd N, K not a multiple of 32 (per-channel), groups of 32/64/128/96 and per-channel.
 SHAPES = [(37, 256, 32), (45, 384, 64), (33, 512, 128), (29, 200, 200), (7, 192, 96), (70, 328, 328), (40, 96, 96)]
-ROWS = (1, 2, 5)
+ROWS = (1, 2, 5, 17)  # 17: more rows than the per-thread scratch takes
 
 
 def canonical(n, k, bits, g, seed):
@@ -110,6 +110,20 @@ def test_largest_sums_stay_exact(path, bits):
     y = lowbit_cpu.linear_q8(x, packed, bits, g, n, k)
     ref = q8_activations(x) @ w.T
     assert rel_err(y, ref) < TOL, f"{path} bits={bits}"
+
+
+def test_scratch_reuse_across_shapes():
+    """Few-row calls keep their rounded activations in memory reused across calls: a call after calls of
+    other widths (the scratch grown, then partly overwritten) gives the bits of the first call."""
+    layers = []
+    for n, k, g in [(64, 512, 128), (40, 2048, 32), (33, 96, 96)]:
+        codes, scale, zero = canonical(n, k, 4, g, seed=k)
+        layers.append((lowbit_cpu.prepack(codes, scale, zero, 4, g), n, k, g, torch.randn(3, k)))
+    first = [lowbit_cpu.linear_q8(x, p, 4, g, n, k) for p, n, k, g, x in layers]
+    for _ in range(2):
+        for (p, n, k, g, x), y in zip(reversed(layers), reversed(first)):
+            assert torch.equal(lowbit_cpu.linear_q8(x, p, 4, g, n, k), y)
+            assert torch.equal(lowbit_cpu.linear(x, p, 4, g, n, k), lowbit_cpu.linear(x.clone(), p, 4, g, n, k))
 
 
 def test_zero_and_tiny_blocks():

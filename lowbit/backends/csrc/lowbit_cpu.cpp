@@ -26,6 +26,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -88,6 +89,29 @@ bool cpu_has_vnni() {
 const bool g_vnni = cpu_has_vnni();
 
 std::atomic<int> g_isa{best_isa()};
+
+// Scratch memory of a few-row call (the activations rounded to int8, their steps and sums), kept per
+// thread between calls: a decode step makes one call per layer, and three fresh tensors each time cost
+// about a microsecond of a small layer's few-microsecond GEMV. Calls of more rows allocate as before, so
+// a large batch leaves nothing behind. Returns 64-byte aligned pieces of the given byte sizes.
+constexpr int64_t kScratchRows = 16;
+struct Scratch {
+  std::vector<uint8_t> buf;
+  template <size_t N>
+  std::array<uint8_t*, N> take(const std::array<int64_t, N>& bytes) {
+    int64_t total = 64;
+    for (int64_t b : bytes) total += (b + 63) / 64 * 64;
+    if ((int64_t)buf.size() < total) buf.resize(total);
+    uint8_t* p = buf.data() + (64 - reinterpret_cast<uintptr_t>(buf.data()) % 64) % 64;
+    std::array<uint8_t*, N> out;
+    for (size_t i = 0; i < N; ++i) {
+      out[i] = p;
+      p += (bytes[i] + 63) / 64 * 64;
+    }
+    return out;
+  }
+};
+thread_local Scratch t_scratch;
 
 // Work split for the memory-bound GEMVs: threads take chunks of items (tiles, or blocks of rows) from a
 // shared counter instead of one fixed share each, so that a thread slowed down (by a neighbour on a shared
@@ -248,10 +272,18 @@ void run_linear(const Layout& L, const at::Tensor& x, const at::Tensor& qw, cons
   if (path == 1 || (path == 0 && M <= g_gemv_max_m.load())) {
     // Blocks of rows: every tile re-reads its block's activations, which then stay in L2/L3.
     const int64_t mb = std::min<int64_t>(M, kGemvRowBlock);
-    auto xp = at::empty({mb, L.kp}, x.options());
-    auto xs = at::empty({mb, L.ngp}, x.options());
-    float* xpp = xp.data_ptr<float>();
-    float* xsp = xs.data_ptr<float>();
+    at::Tensor xp, xs;  // more rows than the scratch takes
+    float *xpp, *xsp;
+    if (mb <= kScratchRows) {
+      const auto mem = t_scratch.take<2>({mb * L.kp * 4, mb * L.ngp * 4});
+      xpp = reinterpret_cast<float*>(mem[0]);
+      xsp = reinterpret_cast<float*>(mem[1]);
+    } else {
+      xp = at::empty({mb, L.kp}, x.options());
+      xs = at::empty({mb, L.ngp}, x.options());
+      xpp = xp.data_ptr<float>();
+      xsp = xs.data_ptr<float>();
+    }
     const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
     const int isa = g_isa.load();
     const bool raw = isa == kAvx512 && lowbit::avx512::by_table(L.bits);
@@ -299,13 +331,23 @@ at::Tensor linear_q8(at::Tensor x, at::Tensor qw, int64_t bits, int64_t group_si
   return linear_rows(x, n, k, bias, [&](const at::Tensor& xr, const at::Tensor& b, at::Tensor& y) {
     const int64_t M = xr.size(0);
     const int64_t nb = lowbit::q8::nblocks(L);
-    auto xq = at::empty({M, L.kp}, xr.options().dtype(at::kChar));
-    auto sx = at::empty({M, nb}, xr.options());
-    auto xs = at::empty({M, L.ngp}, xr.options());
+    at::Tensor xq, sx, xs;  // more rows than the scratch takes
+    int8_t* qp;
+    float *sp, *gp;
+    if (M <= kScratchRows) {
+      const auto mem = t_scratch.take<3>({M * L.kp, M * nb * 4, M * L.ngp * 4});
+      qp = reinterpret_cast<int8_t*>(mem[0]);
+      sp = reinterpret_cast<float*>(mem[1]);
+      gp = reinterpret_cast<float*>(mem[2]);
+    } else {
+      xq = at::empty({M, L.kp}, xr.options().dtype(at::kChar));
+      sx = at::empty({M, nb}, xr.options());
+      xs = at::empty({M, L.ngp}, xr.options());
+      qp = xq.data_ptr<int8_t>();
+      sp = sx.data_ptr<float>();
+      gp = xs.data_ptr<float>();
+    }
     const float* xp = xr.data_ptr<float>();
-    int8_t* qp = xq.data_ptr<int8_t>();
-    float* sp = sx.data_ptr<float>();
-    float* gp = xs.data_ptr<float>();
     at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) lowbit::q8::prep_row(L, xp + r * k, qp + r * L.kp, sp + r * nb, gp + r * L.ngp);
     });
