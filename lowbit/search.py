@@ -192,6 +192,37 @@ def _point(sens: Sensitivity, choice: dict[str, str], label: str, kind: str = "c
     return p
 
 
+def _swaps(sens: Sensitivity, formats: Sequence[str], point: Point, limit_bytes: float, skip: set = frozenset(),
+           count: int = 1) -> list[Point]:
+    """The configurations one layer up and one layer down from `point` (a larger format for one layer, a
+    smaller one for another) that stay within `limit_bytes`, least predicted change first. The front is
+    built on the predicted changes, which add up only roughly; near the budget the measured metric decides
+    between such neighbours. Configurations whose (layer, format) items are in `skip` are left out; at most
+    `count` are returned."""
+    table = {(r["part"], r["format"]): r for r in sens.layer_rows()}
+    now = point.formats
+    moves = [(n, f, table[(n, f)]["bytes"] - table[(n, now[n])]["bytes"],
+              table[(n, f)]["effect"] - table[(n, now[n])]["effect"])
+             for n in sens.layers for f in formats if f != now[n]]
+    ups = [m for m in moves if m[2] > 0 and m[3] < 0]  # more bytes for less change
+    downs = [m for m in moves if m[2] < 0]
+    room = limit_bytes - point.predicted_bytes
+    pairs = []
+    for a, fa, da, ea in ups:
+        for b, fb, db, eb in downs:
+            if b != a and da + db <= room:
+                pairs.append((ea + eb, a, fa, b, fb))
+    pairs.sort()
+    out = []
+    for _, a, fa, b, fb in pairs:
+        choice = {**now, a: fa, b: fb}
+        if tuple(sorted(choice.items())) not in skip:
+            out.append(_point(sens, choice, f"{a} {fa}, {b} {fb}"))
+            if len(out) == count:
+                break
+    return out
+
+
 def time_model(model: nn.Module, batch, iters: int = 7) -> float:
     """Median seconds of `model` on one calibration batch (after a warm-up call)."""
     import statistics
@@ -359,8 +390,27 @@ def search(model: nn.Module, calibration: Iterable, evaluate: Callable[[nn.Modul
         for p in under[:max(1, min(3, max_evals))]:
             measure(p)
             evals += 1
-        fits = [p for p in points if p.kind != "float" and p.bytes <= limit_bytes]
-        chosen = max(fits, key=lambda p: (-drop(p), -p.bytes))
+
+        def best_fit() -> Point:
+            fits = [p for p in points if p.kind != "float" and p.bytes <= limit_bytes]
+            return max(fits, key=lambda p: (-drop(p), -p.bytes))
+
+        # The evaluations left go to a local search from the best configuration measured within the budget
+        # (a uniform reference point too: the user's metric, not the prediction, ranks them): swap one layer
+        # up and one down, the neighbour with the least predicted change first, and move on to whichever
+        # measures best.
+        tried = {tuple(sorted(p.formats.items())) for p in points if p.kind != "float"}
+        while evals < max_evals:
+            start = best_fit()
+            found = _swaps(sens, formats, start, limit_bytes, skip=tried)
+            if not found:
+                break
+            nxt = found[0]
+            tried.add(tuple(sorted(nxt.formats.items())))
+            nxt.label = f"swap {evals}: {nxt.label}"
+            measure(nxt)
+            evals += 1
+        chosen = best_fit()
     result.chosen = chosen
     result.model = getattr(chosen, "_model", model)
     for p in points:

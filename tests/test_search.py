@@ -149,6 +149,42 @@ def test_search_within_a_size_budget():
     assert held_out_score(model) == 0.0  # the input model is not changed
 
 
+def test_search_spends_its_evaluations_on_swaps_within_the_budget():
+    model = tiny()
+    s = sensitivity(model, calib(), FORMATS, samples=8)
+    sizes = {f: s.other_bytes + sum(s.get(n, f)["bytes"] for n in s.layers) for f in FORMATS}
+    budget = (sizes["int4-g32"] + sizes["int2-g32"]) / 2 / 1e6
+    r = search(model, calib(), held_out_score, {"max_size_mb": budget}, formats=FORMATS, sens=s, max_evals=6,
+               uniform=False)
+    swaps = [p for p in r.points if p.label.startswith("swap")]
+    assert len([p for p in r.points if p.kind != "float"]) == 6 and swaps
+    for p in swaps:
+        assert p.bytes == p.predicted_bytes <= budget * 1e6
+    assert len({tuple(sorted(p.formats.items())) for p in r.points}) == len(r.points)  # none measured twice
+    assert r.chosen.metric == max(p.metric for p in r.points if p.kind != "float")
+
+
+def test_swaps_move_one_layer_up_and_one_down():
+    from lowbit.search import _front, _swaps
+
+    s = sensitivity(tiny(), calib(), FORMATS, samples=8)
+    front = _front(s, FORMATS)
+    start = front[len(front) // 2]
+    limit = start.predicted_bytes + 1000
+    found = _swaps(s, FORMATS, start, limit, count=20)
+    assert found
+    effects = [p.predicted_effect for p in found]
+    assert effects == sorted(effects)
+    rank = {f: s.get(s.layers[0], f)["bytes"] for f in FORMATS}
+    for p in found:
+        changed = [n for n in s.layers if p.formats[n] != start.formats[n]]
+        assert len(changed) == 2 and p.predicted_bytes <= limit
+        grow = [s.get(n, p.formats[n])["bytes"] > s.get(n, start.formats[n])["bytes"] for n in changed]
+        assert sorted(grow) == [False, True], (changed, rank)
+    skip = {tuple(sorted(found[0].formats.items()))}
+    assert _swaps(s, FORMATS, start, limit, skip=skip)[0].formats == found[1].formats
+
+
 def test_search_within_an_accuracy_budget(tmp_path):
     model = tiny()
     s = sensitivity(model, calib(), FORMATS, samples=8)
