@@ -197,8 +197,8 @@ def _swaps(sens: Sensitivity, formats: Sequence[str], point: Point, limit_bytes:
     """The configurations one layer up and one layer down from `point` (a larger format for one layer, a
     smaller one for another) that stay within `limit_bytes`, least predicted change first. The front is
     built on the predicted changes, which add up only roughly; near the budget the measured metric decides
-    between such neighbours. Configurations whose (layer, format) items are in `skip` are left out; at most
-    `count` are returned."""
+    between such neighbours. Configurations in `skip` (as sorted tuples of (layer, format) items) are left
+    out; at most `count` are returned."""
     table = {(r["part"], r["format"]): r for r in sens.layer_rows()}
     now = point.formats
     moves = [(n, f, table[(n, f)]["bytes"] - table[(n, now[n])]["bytes"],
@@ -277,7 +277,8 @@ def search(model: nn.Module, calibration: Iterable, evaluate: Callable[[nn.Modul
     `evaluate(model) -> float` (higher is better unless `higher_is_better=False`, e.g. perplexity). The
     candidates come from lowbit.sensitivity (over `formats`, on `samples` calibration samples; or pass
     `sens`); at most `max_evals` of them are measured, plus the float model and, with `uniform`, each format
-    for every layer as reference points. `calibration` also feeds formats that fit to data (-gptq).
+    for every layer as reference points. Under `max_size_mb`, the evaluations the front leaves go to a local
+    search from the best configuration measured (one layer up a format, another down, within the budget). `calibration` also feeds formats that fit to data (-gptq).
     Returns a SearchResult whose `.model` is the chosen model, quantized (the input model is not changed)."""
     t0 = time.perf_counter()
     unknown = set(budget) - set(BUDGET_KEYS)
