@@ -152,6 +152,12 @@ def nearest_rows(rows: int, measured: Iterable[int]) -> int:
 # tie keeps the kernel of the fewer rows before (a route with fewer switches), else one whose weight form
 # the route already holds (no second packed copy), else the one first in the order of preference.
 ROUTE_TIE = 0.10
+# Except at the largest row count measured, when it is past the GEMV range (256 rows): it stands for every
+# larger call, where compute-bound kernels drift further apart (MiniLM's 384-wide int4 layers: the bf16 GEMM
+# 1.16x lowbit_cpu's float32 path at 512 rows, about 1.3x at 4,096), so there only a near-exact tie keeps
+# the kernel before.
+ROUTE_TIE_LAST = 0.02
+GEMV_ROWS = 256
 
 
 def row_route(by_rows: dict[str, dict[str, float]], forms: dict[str, str] | None = None,
@@ -159,7 +165,8 @@ def row_route(by_rows: dict[str, dict[str, float]], forms: dict[str, str] | None
     """The fastest quantized kernel at each measured row count, as a route [(most rows, kernel), ...,
     (None, kernel)]: a switch between two measured counts r1 < r2 is placed at sqrt(r1 * r2) rows.
     `forms` names the prepared weight form of each kernel (kernels sharing one share its memory); ties
-    (ROUTE_TIE) go to the kernel first in `order`, then the faster (the cache file does not keep the order)."""
+    (ROUTE_TIE; ROUTE_TIE_LAST at a last count past the GEMV range) go to the kernel first in `order`, then
+    the faster (the cache file does not keep the order)."""
     forms = forms or {}
     rank = {name: i for i, name in enumerate(order)}
     points = sorted((int(r), t) for r, t in by_rows.items())
@@ -167,7 +174,8 @@ def row_route(by_rows: dict[str, dict[str, float]], forms: dict[str, str] | None
     for i, (r, t) in enumerate(points):
         quant = sorted((rank.get(k, len(rank)), v, k) for k, v in t.items() if k != FLOAT)
         fastest = min(v for _, v, _ in quant)
-        tied = [k for _, v, k in quant if v <= fastest * (1 + ROUTE_TIE)]  # preferred first
+        tie = ROUTE_TIE_LAST if i == len(points) - 1 and r > GEMV_ROWS else ROUTE_TIE
+        tied = [k for _, v, k in quant if v <= fastest * (1 + tie)]  # preferred first
         held = {forms.get(k, k) for _, k in route}
         current = route[-1][1] if route else None
         name = current if current in tied else next((k for k in tied if forms.get(k, k) in held), tied[0])

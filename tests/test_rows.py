@@ -153,6 +153,10 @@ def test_route_keeps_its_kernel_or_form_on_near_ties():
     assert autotune.row_route({"1": {"x": 1.0, "y": 0.95}}, order=["x", "y"]) == [(None, "x")]
     assert autotune.row_route({"1": {"x": 1.0, "y": 0.95}}) == [(None, "y")]
     assert autotune.row_route({"1": {"x": 1.0, "y": 0.8}}, order=["x", "y"]) == [(None, "y")]
+    # past the GEMV range the last count stands for every larger call: 5% faster there is not a tie
+    last = {"128": {"a": 1.0, "b": 1.2}, "512": {"a": 1.0, "b": 0.95}}
+    assert autotune.row_route(last, {"a": "p", "b": "p"}) == [(256, "a"), (None, "b")]
+    assert autotune.row_route({"128": {"a": 1.0, "b": 1.2}, "512": {"a": 1.0, "b": 0.99}}) == [(None, "a")]
     speed = autotune.route_speedups(t, [(45, "a"), (None, "c")])
     assert speed == {1: ("a", 2.0), 16: ("a", 2.0), 128: ("c", 2.0 / 0.98), 512: ("c", 4.0)}
     assert autotune.nearest_rows(4096, [1, 16, 128, 512]) == 512 and autotune.nearest_rows(3, [1, 16]) == 1
