@@ -122,9 +122,11 @@ def best(timings: dict[str, float], allow_float: bool) -> tuple[str, float]:
 
 
 # Row counts weight-only linears are timed at: decoding (1), small batches (16), a prompt (128), and past
-# lowbit_cpu's GEMV range (its GEMV serves up to 256 rows) where every kernel is compute-bound. A call of any
-# other row count takes the kernel of the nearest (on a log scale) of these.
-TUNE_ROWS = (1, 16, 128, 512)
+# lowbit_cpu's GEMV range (its GEMV serves up to 256 rows) where every kernel is compute-bound: 512, and 2048
+# for a batch of prompts (MiniLM's 384 x 384 layers: at 512 rows the bf16 GEMM was 1.16-1.3x lowbit_cpu's
+# float32 path, a margin one timing can blur; at 2048, 1.6-1.8x). A call of any other row count takes the
+# kernel of the nearest (on a log scale) of these.
+TUNE_ROWS = (1, 16, 128, 512, 2048)
 # Row counts past the first are timed only while a float call stays under this many multiply-adds (about
 # 10 ms): an LM head of 128k x 2k at 512 rows would take seconds per call. Larger calls take the kernel of
 # the largest row count timed (a 2048 x 2048 layer: up to 128 rows, already compute-bound).

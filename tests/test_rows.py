@@ -197,7 +197,8 @@ def test_large_layers_are_timed_at_fewer_rows():
     assert autotune.tune_rows(2048, 2048) == (1, 16, 128)
     assert autotune.tune_rows(128256, 2048) == (1,)
     assert autotune.tune_rows(10**9, 10**3) == (1,)  # always at least one row count
-    assert autotune.tune_rows(1536, 384) == autotune.TUNE_ROWS  # MiniLM's largest layers: every row count
+    assert autotune.tune_rows(1536, 384) == (1, 16, 128, 512)  # MiniLM's largest layers: up to 512 rows
+    assert autotune.tune_rows(384, 384) == autotune.TUNE_ROWS  # its attention projections: every count
 
 
 def test_direct_eager_calls_belong_to_the_kernel_that_runs():
