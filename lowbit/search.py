@@ -192,13 +192,18 @@ def _point(sens: Sensitivity, choice: dict[str, str], label: str, kind: str = "c
     return p
 
 
+def _key(formats: dict[str, str]) -> tuple:
+    """A configuration as a hashable value (its (layer, format) items, sorted)."""
+    return tuple(sorted(formats.items()))
+
+
 def _swaps(sens: Sensitivity, formats: Sequence[str], point: Point, limit_bytes: float, skip: set = frozenset(),
            count: int = 1) -> list[Point]:
     """The configurations one layer up and one layer down from `point` (a larger format for one layer, a
     smaller one for another) that stay within `limit_bytes`, least predicted change first. The front is
     built on the predicted changes, which add up only roughly; near the budget the measured metric decides
-    between such neighbours. Configurations in `skip` (as sorted tuples of (layer, format) items) are left
-    out; at most `count` are returned."""
+    between such neighbours. Configurations in `skip` (as `_key` gives them) are left out; at most `count`
+    are returned."""
     table = {(r["part"], r["format"]): r for r in sens.layer_rows()}
     now = point.formats
     moves = [(n, f, table[(n, f)]["bytes"] - table[(n, now[n])]["bytes"],
@@ -216,7 +221,7 @@ def _swaps(sens: Sensitivity, formats: Sequence[str], point: Point, limit_bytes:
     out = []
     for _, a, fa, b, fb in pairs:
         choice = {**now, a: fa, b: fb}
-        if tuple(sorted(choice.items())) not in skip:
+        if _key(choice) not in skip:
             out.append(_point(sens, choice, f"{a} {fa}, {b} {fb}"))
             if len(out) == count:
                 break
@@ -278,7 +283,8 @@ def search(model: nn.Module, calibration: Iterable, evaluate: Callable[[nn.Modul
     candidates come from lowbit.sensitivity (over `formats`, on `samples` calibration samples; or pass
     `sens`); at most `max_evals` of them are measured, plus the float model and, with `uniform`, each format
     for every layer as reference points. Under `max_size_mb`, the evaluations the front leaves go to a local
-    search from the best configuration measured (one layer up a format, another down, within the budget). `calibration` also feeds formats that fit to data (-gptq).
+    search from the best configuration measured (one layer up a format, another down, within the budget).
+    `calibration` also feeds formats that fit to data (-gptq).
     Returns a SearchResult whose `.model` is the chosen model, quantized (the input model is not changed)."""
     t0 = time.perf_counter()
     unknown = set(budget) - set(BUDGET_KEYS)
@@ -400,14 +406,14 @@ def search(model: nn.Module, calibration: Iterable, evaluate: Callable[[nn.Modul
         # (a uniform reference point too: the user's metric, not the prediction, ranks them): swap one layer
         # up and one down, the neighbour with the least predicted change first, and move on to whichever
         # measures best.
-        tried = {tuple(sorted(p.formats.items())) for p in points if p.kind != "float"}
+        tried = {_key(p.formats) for p in points if p.kind != "float"}
         while evals < max_evals:
             start = best_fit()
             found = _swaps(sens, formats, start, limit_bytes, skip=tried)
             if not found:
                 break
             nxt = found[0]
-            tried.add(tuple(sorted(nxt.formats.items())))
+            tried.add(_key(nxt.formats))
             nxt.label = f"swap {evals}: {nxt.label}"
             measure(nxt)
             evals += 1
