@@ -8,6 +8,7 @@ from torch import nn
 
 import lowbit
 import lowbit.modules
+from lowbit.algorithms import gptq
 from lowbit.algorithms.gptq import gptq_quantize
 from lowbit.core import choose_qparams_clipped, dequantize_affine, quantize_affine
 from lowbit.recipes import parse_recipe
@@ -76,6 +77,38 @@ def test_clip_search_never_rounds_worse_than_min_max(bits, symmetric):
     assert bool((err(s, z) <= err(s0, z0) * (1 + 1e-6)).all())
     assert err(s, z).sum() < 0.9 * err(s0, z0).sum()
     assert bool((s <= s0 * (1 + 1e-6)).all())  # only ever narrower
+
+
+@pytest.mark.parametrize("bits,symmetric", [(2, False), (3, False), (4, True)])
+def test_each_row_keeps_the_run_with_less_output_error(bits, symmetric):
+    """With the clip search on, every output row's codes and scales are those of the clipped run or of the
+    min-max run, whichever has the smaller dW H dW^T; so no row is worse than either run alone."""
+    g = torch.Generator().manual_seed(bits)
+    w = torch.distributions.StudentT(3.0).sample((48, 128)) * 0.02
+    x = data(256, 7) * (torch.rand(128, generator=g) + 0.2)
+    h = x.T @ x
+
+    def row_err(codes, scale, zero):
+        dw = dequantize_affine(codes, scale, zero, (1, 32)) - w
+        return ((dw @ h) * dw).sum(1)
+
+    both = gptq_quantize(w, h, bits, 32, symmetric)
+    # each run alone, from the same pieces gptq_quantize uses
+    order = torch.argsort(torch.diag(h), descending=True)
+    u = gptq._inverse_cholesky(h, order, torch.zeros(128, dtype=torch.bool), 0.01)
+    runs = []
+    for grid in (lowbit.core.CLIP_GRID, (1.0,)):
+        scale, zero = choose_qparams_clipped(w, bits, 32, symmetric, torch.diag(h), grid=grid)
+        runs.append((gptq._propagate(w, u, order, torch.zeros(128, dtype=torch.bool), 32, bits, symmetric, scale,
+                                     zero, None, 128), scale, zero))
+    assert torch.equal(gptq_quantize(w, h, bits, 32, symmetric, clip=(1.0,))[0], runs[1][0])
+    e = row_err(*both)
+    for other in runs:
+        assert bool((e <= row_err(*other) * (1 + 1e-5)).all())
+    assert e.sum() < min(row_err(*other).sum() for other in runs)  # both kinds of row occur
+    for r in range(w.shape[0]):
+        assert any(torch.equal(both[0][r], other[0][r]) and torch.equal(both[1][r], other[1][r])
+                   for other in runs)
 
 
 def test_dead_inputs_and_odd_sizes():

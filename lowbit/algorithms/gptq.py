@@ -7,7 +7,8 @@ H diagonal added to it, so the Cholesky factorization exists), and group-wise sc
 points are chosen per group from the original weight before any column moves ("static groups"), which
 keeps groups in the input order the kernels expect whatever order the columns are processed in. Each
 group's range may be shrunk first (a grid of fractions of min-max), to the one that rounds the group with
-the least error weighted by the Hessian's diagonal: at 2-3 bits the extremes waste levels.
+the least error weighted by the Hessian's diagonal: at 2-3 bits the extremes waste levels. Whether a row
+keeps its shrunk ranges is decided after the error propagation, by the row's output error.
 """
 
 from __future__ import annotations
@@ -55,21 +56,54 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
     half: the scales are float16 values (lowbit.core.half_scale), rounded before the first column, so the
     error each column passes on is the error of the scales that are stored.
     clip: fractions of each group's range tried for its scale (core.choose_qparams_clipped, weighted by
-    H's diagonal); (1.0,) keeps min-max.
+    H's diagonal); (1.0,) keeps min-max. With more than one fraction GPTQ runs twice, on the clipped
+    ranges and on min-max, and each output row keeps the run with the smaller error on the calibration
+    inputs, dW H dW^T.
     """
     w = w.detach().float()
     n, k = w.shape
     if k % group_size:
         raise ValueError(f"input size {k} is not a multiple of group size {group_size}")
-    qmin, qmax = (1 if symmetric else 0), 2 ** bits - 1
     # float32, as the paper's implementation does.
     h = h.float()
     diag = torch.diag(h).clone()
-    scale, zero = choose_qparams_clipped(w, bits, group_size, symmetric, diag, half=half, grid=clip)
     dead = diag == 0  # inputs that were always zero: their weights cannot matter
-    diag[dead] = 1.0
-    order = torch.argsort(diag, descending=True) if act_order else torch.arange(k)
+    order = torch.argsort(torch.where(dead, 1.0, diag), descending=True) if act_order else torch.arange(k)
     U = _inverse_cholesky(h, order, dead, damp)
+    grid = tuple(clip)
+    if codebook is not None or len(grid) <= 1:
+        if codebook is None:
+            scale, zero = choose_qparams_clipped(w, bits, group_size, symmetric, diag, half=half, grid=grid)
+        else:
+            scale = zero = torch.zeros(n, k // group_size)
+        codes = _propagate(w, U, order, dead, group_size, bits, symmetric, scale, zero, codebook, block)
+        return codes, scale, zero
+    # The clip search judges each group's range by its own rounding error, before any error moves between
+    # columns; GPTQ's propagation can undo much of the error of a wide range, and a clipped outlier's error
+    # then spreads. So both run, clipped ranges and min-max, and each output row keeps the one with the
+    # smaller output error on the calibration inputs, tr(dW H dW^T) per row: rows are independent in GPTQ.
+    # Measured on the small LM (WikiText-2 perplexity), the clip search alone cost 0.3-0.5% at 2-3 bits
+    # and min-max alone cost MiniLM a point at int2-g32.
+    runs = []
+    for g in (grid, (1.0,)):
+        scale, zero = choose_qparams_clipped(w, bits, group_size, symmetric, diag, half=half, grid=g)
+        codes = _propagate(w, U, order, dead, group_size, bits, symmetric, scale, zero, None, block)
+        dw = w - (codes.float() - zero.repeat_interleave(group_size, 1)) * scale.repeat_interleave(group_size, 1)
+        dw[:, dead] = 0.0
+        runs.append((codes, scale, zero, ((dw @ h) * dw).sum(1)))
+    (c0, s0, z0, e0), (c1, s1, z1, e1) = runs
+    wider = (e1 < e0)[:, None]  # ties keep the clip search's choice
+    return torch.where(wider, c1, c0), torch.where(wider, s1, s0), torch.where(wider, z1, z0)
+
+
+def _propagate(w: torch.Tensor, U: torch.Tensor, order: torch.Tensor, dead: torch.Tensor, group_size: int,
+               bits: int, symmetric: bool, scale: torch.Tensor, zero: torch.Tensor,
+               codebook: torch.Tensor | None, block: int) -> torch.Tensor:
+    """GPTQ's column loop: codes (uint8 [N, K]) of w under fixed per-group scale/zero (or codebook), each
+    column's rounding error pushed onto the later columns (in `order`) through U, the upper Cholesky factor
+    of the inverse damped Hessian."""
+    n, k = w.shape
+    qmin, qmax = (1 if symmetric else 0), 2 ** bits - 1
     # Row i of these is input column order[i]: the loop below reads and updates contiguous rows.
     Wt = w[:, order].T.contiguous()
     Wt[dead[order]] = 0.0
@@ -103,5 +137,4 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
         finally:
             torch.set_num_threads(threads)
         Wt[b1:].addmm_(U[b0:b1, b1:].T, Eb, alpha=-1.0)
-    codes = Qt.T[:, torch.argsort(order)].to(torch.uint8)
-    return codes, scale, zero
+    return Qt.T[:, torch.argsort(order)].to(torch.uint8)
