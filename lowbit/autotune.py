@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from . import hw
+from .backends import lowbit_cpu
 from .files import FILE_MODE
 from .version import __version__
 
@@ -159,7 +160,11 @@ ROUTE_TIE = 0.10
 # 1.16x lowbit_cpu's float32 path at 512 rows, about 1.3x at 4,096), so there only a near-exact tie keeps
 # the kernel before.
 ROUTE_TIE_LAST = 0.02
-GEMV_ROWS = 256
+
+
+def gemv_rows() -> int:
+    """The most rows lowbit_cpu's GEMV takes (its setting, 256 by default; 256 without the extension)."""
+    return lowbit_cpu.gemv_max_m() if lowbit_cpu.available() else 256
 
 
 def row_route(by_rows: dict[str, dict[str, float]], forms: dict[str, str] | None = None,
@@ -172,11 +177,12 @@ def row_route(by_rows: dict[str, dict[str, float]], forms: dict[str, str] | None
     forms = forms or {}
     rank = {name: i for i, name in enumerate(order)}
     points = sorted((int(r), t) for r, t in by_rows.items())
+    gemv = gemv_rows()
     route: list[tuple[int | None, str]] = []
     for i, (r, t) in enumerate(points):
         quant = sorted((rank.get(k, len(rank)), v, k) for k, v in t.items() if k != FLOAT)
         fastest = min(v for _, v, _ in quant)
-        tie = ROUTE_TIE_LAST if i == len(points) - 1 and r > GEMV_ROWS else ROUTE_TIE
+        tie = ROUTE_TIE_LAST if i == len(points) - 1 and r > gemv else ROUTE_TIE
         tied = [k for _, v, k in quant if v <= fastest * (1 + tie)]  # preferred first
         held = {forms.get(k, k) for _, k in route}
         current = route[-1][1] if route else None

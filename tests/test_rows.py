@@ -142,7 +142,7 @@ def test_a_route_of_one_kernel_is_its_name_and_bad_routes_are_refused():
         QuantLinear.from_float(lin, parse_recipe("int4-g32"), kernel="dequant<=8,bf16_mm")
 
 
-def test_route_keeps_its_kernel_or_form_on_near_ties():
+def test_route_keeps_its_kernel_or_form_on_near_ties(monkeypatch):
     t = {"1": {"a": 1.0, "b": 1.2, "float": 2.0}, "16": {"a": 1.0, "b": 0.97, "float": 2.0},
          "128": {"a": 2.0, "b": 1.0, "c": 0.98, "float": 2.0}, "512": {"a": 2.0, "b": 1.0, "c": 0.5, "float": 2.0}}
     # b is 3% faster at 16 rows: a tie, a stays; at 128 rows c is 2% faster than b but needs another form
@@ -157,6 +157,9 @@ def test_route_keeps_its_kernel_or_form_on_near_ties():
     last = {"128": {"a": 1.0, "b": 1.2}, "512": {"a": 1.0, "b": 0.95}}
     assert autotune.row_route(last, {"a": "p", "b": "p"}) == [(256, "a"), (None, "b")]
     assert autotune.row_route({"128": {"a": 1.0, "b": 1.2}, "512": {"a": 1.0, "b": 0.99}}) == [(None, "a")]
+    # the GEMV range is the kernel's own setting: 512 rows inside it is an ordinary count, where 5% is a tie
+    monkeypatch.setattr(autotune, "gemv_rows", lambda: 1024)
+    assert autotune.row_route(last, {"a": "p", "b": "p"}) == [(None, "a")]
     speed = autotune.route_speedups(t, [(45, "a"), (None, "c")])
     assert speed == {1: ("a", 2.0), 16: ("a", 2.0), 128: ("c", 2.0 / 0.98), 512: ("c", 4.0)}
     assert autotune.nearest_rows(4096, [1, 16, 128, 512]) == 512 and autotune.nearest_rows(3, [1, 16]) == 1
