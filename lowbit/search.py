@@ -197,32 +197,39 @@ def _key(formats: dict[str, str]) -> tuple:
     return tuple(sorted(formats.items()))
 
 
-def _swaps(sens: Sensitivity, formats: Sequence[str], point: Point, limit_bytes: float, skip: set = frozenset(),
-           count: int = 1) -> list[Point]:
-    """The configurations one layer up and one layer down from `point` (a larger format for one layer, a
-    smaller one for another) that stay within `limit_bytes`, least predicted change first. The front is
-    built on the predicted changes, which add up only roughly; near the budget the measured metric decides
-    between such neighbours. Configurations in `skip` (as `_key` gives them) are left out; at most `count`
-    are returned."""
+def _swaps(sens: Sensitivity, formats: Sequence[str], point: Point, limit: float, skip: set = frozenset(),
+           count: int = 1, latency: dict | None = None) -> list[Point]:
+    """The configurations one layer up and one layer down from `point` (a format of more bytes and less
+    predicted change for one layer, one of fewer bytes for another) that stay within the budget, least
+    predicted change first. The front is built on the predicted changes, which add up only roughly; near
+    the budget the measured metric decides between such neighbours. The budget is `limit` bytes, or with
+    `latency` (layer_latencies, plus "float") `limit` seconds of predicted latency. Configurations in `skip`
+    (as `_key` gives them) are left out; at most `count` are returned."""
     table = {(r["part"], r["format"]): r for r in sens.layer_rows()}
     now = point.formats
+    if latency is None:
+        cost = {key: r["bytes"] for key, r in table.items()}
+        room = limit - sens.other_bytes
+    else:
+        cost = latency["delta"]
+        room = limit - latency["float"]
+    room -= sum(cost[(n, now[n])] for n in sens.layers)
     moves = [(n, f, table[(n, f)]["bytes"] - table[(n, now[n])]["bytes"],
-              table[(n, f)]["effect"] - table[(n, now[n])]["effect"])
+              table[(n, f)]["effect"] - table[(n, now[n])]["effect"], cost[(n, f)] - cost[(n, now[n])])
              for n in sens.layers for f in formats if f != now[n]]
     ups = [m for m in moves if m[2] > 0 and m[3] < 0]  # more bytes for less change
     downs = [m for m in moves if m[2] < 0]
-    room = limit_bytes - point.predicted_bytes
     pairs = []
-    for a, fa, da, ea in ups:
-        for b, fb, db, eb in downs:
-            if b != a and da + db <= room:
+    for a, fa, _, ea, ca in ups:
+        for b, fb, _, eb, cb in downs:
+            if b != a and ca + cb <= room:
                 pairs.append((ea + eb, a, fa, b, fb))
     pairs.sort()
     out = []
     for _, a, fa, b, fb in pairs:
         choice = {**now, a: fa, b: fb}
         if _key(choice) not in skip:
-            out.append(_point(sens, choice, f"{a} {fa}, {b} {fb}"))
+            out.append(_point(sens, choice, f"{a} {fa}, {b} {fb}", latency=latency))
             if len(out) == count:
                 break
     return out
@@ -282,8 +289,9 @@ def search(model: nn.Module, calibration: Iterable, evaluate: Callable[[nn.Modul
     `evaluate(model) -> float` (higher is better unless `higher_is_better=False`, e.g. perplexity). The
     candidates come from lowbit.sensitivity (over `formats`, on `samples` calibration samples; or pass
     `sens`); at most `max_evals` of them are measured, plus the float model and, with `uniform`, each format
-    for every layer as reference points. Under `max_size_mb`, the evaluations the front leaves go to a local
-    search from the best configuration measured (one layer up a format, another down, within the budget).
+    for every layer as reference points. Under `max_size_mb` and `max_latency_ms`, the evaluations the front
+    leaves go to a local search from the best configuration measured (one layer up a format, another down,
+    within the budget).
     `calibration` also feeds formats that fit to data (-gptq).
     Returns a SearchResult whose `.model` is the chosen model, quantized (the input model is not changed)."""
     t0 = time.perf_counter()
@@ -344,6 +352,24 @@ def search(model: nn.Module, calibration: Iterable, evaluate: Callable[[nn.Modul
     front = _front(sens, formats, latency["delta"] if latency else None, latency, limit=limit_cost)
     result.front = front
     evals = 0
+
+    def local_search(best_fit: Callable[[], Point | None], limit: float, latency: dict | None, evals: int) -> int:
+        # The evaluations left go to a local search from the best configuration measured within the budget
+        # (a uniform reference point too: the user's metric, not the prediction, ranks them): swap one layer
+        # up and one down, the neighbour with the least predicted change first, and move on to whichever
+        # measures best. Returns the evaluations spent so far.
+        tried = {_key(p.formats) for p in points if p.kind != "float"}
+        while evals < max_evals:
+            start = best_fit()
+            found = _swaps(sens, formats, start, limit, skip=tried, latency=latency) if start else []
+            if not found:
+                break
+            nxt = found[0]
+            tried.add(_key(nxt.formats))
+            nxt.label = f"swap {evals}: {nxt.label}"
+            measure(nxt)
+            evals += 1
+        return evals
     chosen: Point | None = None
     if "max_drop" in budget:
         limit = float(budget["max_drop"])
@@ -382,12 +408,17 @@ def search(model: nn.Module, calibration: Iterable, evaluate: Callable[[nn.Modul
         for p in under[:max(1, min(3, max_evals))]:
             measure(p)
             evals += 1
-        fits = [p for p in points if p.kind != "float" and p.latency_ms <= limit]
-        if not fits:  # measured slower than predicted: the fastest measured, said so
-            fits = [min((p for p in points if p.kind != "float"), key=lambda p: p.latency_ms)]
+
+        def best_fit() -> Point | None:
+            fits = [p for p in points if p.kind != "float" and p.latency_ms <= limit]
+            return max(fits, key=lambda p: (-drop(p), -p.latency_ms)) if fits else None
+
+        evals = local_search(best_fit, limit / 1e3, latency, evals)
+        chosen = best_fit()
+        if chosen is None:  # measured slower than predicted: the fastest measured, said so
+            chosen = min((p for p in points if p.kind != "float"), key=lambda p: p.latency_ms)
             warnings.warn(f"no configuration measured within {limit} ms (predicted within it: "
                           f"{len(under)}); the fastest measured is returned", stacklevel=2)
-        chosen = max(fits, key=lambda p: (-drop(p), -p.latency_ms))
     else:
         limit_bytes = float(budget["max_size_mb"]) * 1e6
         under = [p for p in front if p.predicted_bytes <= limit_bytes]
@@ -398,25 +429,11 @@ def search(model: nn.Module, calibration: Iterable, evaluate: Callable[[nn.Modul
             measure(p)
             evals += 1
 
-        def best_fit() -> Point:
+        def best_fit() -> Point | None:
             fits = [p for p in points if p.kind != "float" and p.bytes <= limit_bytes]
-            return max(fits, key=lambda p: (-drop(p), -p.bytes))
+            return max(fits, key=lambda p: (-drop(p), -p.bytes)) if fits else None
 
-        # The evaluations left go to a local search from the best configuration measured within the budget
-        # (a uniform reference point too: the user's metric, not the prediction, ranks them): swap one layer
-        # up and one down, the neighbour with the least predicted change first, and move on to whichever
-        # measures best.
-        tried = {_key(p.formats) for p in points if p.kind != "float"}
-        while evals < max_evals:
-            start = best_fit()
-            found = _swaps(sens, formats, start, limit_bytes, skip=tried)
-            if not found:
-                break
-            nxt = found[0]
-            tried.add(_key(nxt.formats))
-            nxt.label = f"swap {evals}: {nxt.label}"
-            measure(nxt)
-            evals += 1
+        evals = local_search(best_fit, limit_bytes, None, evals)
         chosen = best_fit()
     result.chosen = chosen
     result.model = getattr(chosen, "_model", model)

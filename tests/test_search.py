@@ -184,6 +184,25 @@ def test_swaps_move_one_layer_up_and_one_down():
     assert _swaps(s, FORMATS, start, limit, skip=skip)[0].formats == found[1].formats
 
 
+def test_swaps_keep_within_a_latency_budget():
+    from lowbit.search import _point, _swaps
+
+    s = sensitivity(tiny(), calib(), FORMATS, samples=8)
+    # Made-up timings where fewer bytes take longer (as a 2-bit kernel can, next to an 8-bit one): a byte
+    # budget and a time budget then allow different swaps.
+    lat = {"float": 0.01, "delta": {(n, f): 1e-9 * (10_000 - s.get(n, f)["bytes"]) for n in s.layers
+                                    for f in FORMATS}}
+    start = _point(s, dict.fromkeys(s.layers, "int4-g32"), "start", latency=lat)
+    limit = start.predicted_latency_ms / 1e3
+    found = _swaps(s, FORMATS, start, limit, count=50, latency=lat)
+    assert found
+    for p in found:
+        assert p.predicted_latency_ms <= start.predicted_latency_ms * (1 + 1e-9)
+    by_bytes = _swaps(s, FORMATS, start, start.predicted_bytes, count=50)
+    assert any(p.predicted_bytes > start.predicted_bytes for p in found)  # time allows more bytes here
+    assert all(p.predicted_bytes <= start.predicted_bytes for p in by_bytes)
+
+
 def test_search_within_an_accuracy_budget(tmp_path):
     model = tiny()
     s = sensitivity(model, calib(), FORMATS, samples=8)
@@ -229,6 +248,28 @@ def test_search_within_a_latency_budget():
     assert r.pareto("latency")
     with pytest.raises(ValueError, match="predicted to run within"):
         search(model, calib(), held_out_score, {"max_latency_ms": 0.0}, formats=FORMATS, sens=s)
+
+
+def test_latency_search_spends_its_evaluations_on_swaps_within_the_budget(monkeypatch):
+    """With time standing in as a nanosecond per stored byte (measured and predicted alike, so the test does
+    not depend on this machine's speed), the latency search runs as the size search does: the front, then
+    swaps predicted within the budget."""
+    search_mod = importlib.import_module("lowbit.search")  # lowbit.search is also the function
+    model = tiny()
+    s = sensitivity(model, calib(), FORMATS, samples=8)
+    monkeypatch.setattr(search_mod, "time_model", lambda m, batch, iters=7: stored_bytes(m) * 1e-9)
+    monkeypatch.setattr(search_mod, "layer_latencies", lambda m, sens, formats, rows: {
+        "delta": {(n, f): (sens.get(n, f)["bytes"] - sens.float_bytes[n]) * 1e-9 for n in sens.layers
+                  for f in formats}})
+    sizes = {f: s.other_bytes + sum(s.get(n, f)["bytes"] for n in s.layers) for f in FORMATS}
+    budget_ms = (sizes["int4-g32"] + sizes["int2-g32"]) / 2 * 1e-6
+    r = search(model, calib(), held_out_score, {"max_latency_ms": budget_ms}, formats=FORMATS, sens=s, max_evals=6,
+               uniform=False)
+    swaps = [p for p in r.points if p.label.startswith("swap")]
+    assert len([p for p in r.points if p.kind != "float"]) == 6 and swaps
+    for p in swaps:
+        assert p.predicted_latency_ms == pytest.approx(p.latency_ms) and p.latency_ms <= budget_ms
+    assert r.chosen.metric == max(p.metric for p in r.points if p.kind != "float" and p.latency_ms <= budget_ms)
 
 
 def test_front_is_the_least_predicted_change_for_every_size():
