@@ -44,11 +44,11 @@ def test_gptq_beats_rtn_on_held_out_inputs(recipe, factor):
 
 
 def test_gptq_codes_are_ordinary_affine_codes():
-    """Without the clip search, the same scales as RTN (chosen per group up front), codes in range, and RTN
-    itself when H is the identity."""
+    """Without the clip search and the refit, the same scales as RTN (chosen per group up front), codes in
+    range, and RTN itself when H is the identity."""
     w = torch.randn(24, 64)
     h = torch.eye(64, dtype=torch.float64)
-    codes, scale, zero = gptq_quantize(w, h, 4, 16, False, damp=0.0, act_order=False, clip=(1.0,))
+    codes, scale, zero = gptq_quantize(w, h, 4, 16, False, damp=0.0, act_order=False, clip=(1.0,), refit=False)
     rs, rz = lowbit.core.choose_qparams_affine(w, 4, (1, 16), False)
     assert torch.equal(scale, rs) and torch.equal(zero, rz)
     # with uncorrelated, equal-variance inputs there is no error to move: GPTQ is round-to-nearest
@@ -92,7 +92,7 @@ def test_each_row_keeps_the_run_with_less_output_error(bits, symmetric):
         dw = dequantize_affine(codes, scale, zero, (1, 32)) - w
         return ((dw @ h) * dw).sum(1)
 
-    both = gptq_quantize(w, h, bits, 32, symmetric)
+    both = gptq_quantize(w, h, bits, 32, symmetric, refit=False)
     # each run alone, from the same pieces gptq_quantize uses
     order = torch.argsort(torch.diag(h), descending=True)
     u = gptq._inverse_cholesky(h, order, torch.zeros(128, dtype=torch.bool), 0.01)
@@ -101,7 +101,7 @@ def test_each_row_keeps_the_run_with_less_output_error(bits, symmetric):
         scale, zero = choose_qparams_clipped(w, bits, 32, symmetric, torch.diag(h), grid=grid)
         runs.append((gptq._propagate(w, u, order, torch.zeros(128, dtype=torch.bool), 32, bits, symmetric, scale,
                                      zero, None, 128), scale, zero))
-    assert torch.equal(gptq_quantize(w, h, bits, 32, symmetric, clip=(1.0,))[0], runs[1][0])
+    assert torch.equal(gptq_quantize(w, h, bits, 32, symmetric, clip=(1.0,), refit=False)[0], runs[1][0])
     e = row_err(*both)
     for other in runs:
         assert bool((e <= row_err(*other) * (1 + 1e-5)).all())
@@ -109,6 +109,45 @@ def test_each_row_keeps_the_run_with_less_output_error(bits, symmetric):
     for r in range(w.shape[0]):
         assert any(torch.equal(both[0][r], other[0][r]) and torch.equal(both[1][r], other[1][r])
                    for other in runs)
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, False), (3, False), (2, False), (3, True)])
+@pytest.mark.parametrize("half", [False, True])
+def test_refitted_scales_lower_every_rows_output_error(bits, symmetric, half):
+    """After the codes are chosen, each row's scales are solved again for the least dW H dW^T with codes and
+    zero points fixed: no row gets worse, the total falls, the zero points stay integers, and with half the
+    scales stay float16 values."""
+    g = torch.Generator().manual_seed(10 + bits)
+    w = torch.distributions.StudentT(3.0).sample((40, 128)) * 0.02
+    x = data(512, 3) * (torch.rand(128, generator=g) + 0.2)
+    x[:, 5] = 0.0  # a dead input
+    h = x.T @ x
+
+    dead = torch.zeros(128, dtype=torch.bool)
+    dead[5] = True
+    hd = gptq._damped(h, dead, 0.01)  # the objective the refit minimises: GPTQ's damped Hessian
+
+    def row_err(codes, scale, zero, h=h):
+        dw = dequantize_affine(codes, scale, zero, (1, 32)) - w
+        dw[:, 5] = 0.0
+        return ((dw @ h) * dw).sum(1)
+
+    before = gptq_quantize(w, h, bits, 32, symmetric, half=half, refit=False)
+    after = gptq_quantize(w, h, bits, 32, symmetric, half=half)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[2], after[2])  # same codes, same zeros
+    assert torch.equal(after[2], after[2].round())
+    e0, e1 = row_err(*before, h=hd), row_err(*after, h=hd)
+    assert bool((e1 <= e0 * (1 + 1e-6)).all())
+    assert row_err(*after).sum() < 0.995 * row_err(*before).sum()  # undamped too
+    assert bool((after[1] > 0).all())
+    if half:
+        assert torch.equal(after[1], after[1].half().float())
+    else:  # the least-squares optimum: no small move of one scale lowers the row's error
+        for r, gi in ((0, 0), (7, 2)):
+            for eps in (1e-3, -1e-3):
+                s = after[1].clone()
+                s[r, gi] *= 1 + eps
+                assert row_err(after[0], s, after[2], h=hd)[r] >= e1[r] * (1 - 1e-6)
 
 
 def test_dead_inputs_and_odd_sizes():

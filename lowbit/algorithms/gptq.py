@@ -8,14 +8,15 @@ points are chosen per group from the original weight before any column moves ("s
 keeps groups in the input order the kernels expect whatever order the columns are processed in. Each
 group's range may be shrunk first (a grid of fractions of min-max), to the one that rounds the group with
 the least error weighted by the Hessian's diagonal: at 2-3 bits the extremes waste levels. Whether a row
-keeps its shrunk ranges is decided after the error propagation, by the row's output error.
+keeps its shrunk ranges is decided after the error propagation, by the row's output error. Last, with every
+code chosen, each row's scales are solved again for the least output error (zero points kept).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..core import CLIP_GRID, choose_qparams_clipped, dequantize_affine
+from ..core import CLIP_GRID, HALF_TINY, choose_qparams_clipped, dequantize_affine
 
 
 def _inverse_cholesky(h: torch.Tensor, order: torch.Tensor, dead: torch.Tensor, damp: float) -> torch.Tensor:
@@ -47,7 +48,7 @@ def _inverse_cholesky(h: torch.Tensor, order: torch.Tensor, dead: torch.Tensor, 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, symmetric: bool, *,
                   damp: float = 0.01, act_order: bool = True, block: int = 128,
                   codebook: torch.Tensor | None = None, clip=CLIP_GRID,
-                  half: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  half: bool = False, refit: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes (uint8 [N, K]), scale and zero point ([N, K // group_size]) for weight w [N, K] given H [K, K].
 
     The codes follow lowbit.core's affine convention: W ~ (codes - zero) * scale. With `codebook`
@@ -59,6 +60,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
     H's diagonal); (1.0,) keeps min-max. With more than one fraction GPTQ runs twice, on the clipped
     ranges and on min-max, and each output row keeps the run with the smaller error on the calibration
     inputs, dW H dW^T.
+    refit: once the codes are chosen, each row's scales are solved again for the least output error with
+    the codes and zero points fixed (see _refit_scales).
     """
     w = w.detach().float()
     n, k = w.shape
@@ -77,6 +80,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
         else:
             scale = zero = torch.zeros(n, k // group_size)
         codes = _propagate(w, U, order, dead, group_size, bits, symmetric, scale, zero, codebook, block)
+        if codebook is None and refit:
+            scale = _refit_scales(w, _damped(h, dead, damp), codes, scale, zero, group_size, half)
         return codes, scale, zero
     # The clip search judges each group's range by its own rounding error, before any error moves between
     # columns; GPTQ's propagation can undo much of the error of a wide range, and a clipped outlier's error
@@ -93,7 +98,61 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
     dw[:, dead] = 0.0
     err = ((dw @ h) * dw).sum(1)
     wider = (err[n:] < err[:n])[:, None]  # ties keep the clip search's choice
-    return torch.where(wider, codes[n:], codes[:n]), torch.where(wider, s1, s0), torch.where(wider, z1, z0)
+    codes, scale, zero = torch.where(wider, codes[n:], codes[:n]), torch.where(wider, s1, s0), torch.where(wider, z1, z0)
+    if refit:
+        # After the choice: refitting both runs first measured no better on the small LM (seed 0 KL, W3
+        # 0.571e-3 against 0.557e-3, W2 2.599e-3 against 2.540e-3) at twice the cost.
+        scale = _refit_scales(w, _damped(h, dead, damp), codes, scale, zero, group_size, half)
+    return codes, scale, zero
+
+
+def _damped(h: torch.Tensor, dead: torch.Tensor, damp: float) -> torch.Tensor:
+    """H with GPTQ's damping on its diagonal (dead inputs' rows and columns stay zero)."""
+    out = h.clone()
+    live = ~dead
+    out.diagonal()[live] += damp * float(h.diagonal()[live].mean()) if bool(live.any()) else 0.0
+    return out
+
+
+def _refit_scales(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                  group_size: int, half: bool) -> torch.Tensor:
+    """The scales that minimise each row's output error (w - q) H (w - q)^T with the codes and zero points
+    fixed, q = (codes - zero) * scale: GPTQ fixed the scales before it rounded the first column, and once
+    every code is chosen they are no longer the best for them. q is linear in the row's G scales, so the
+    optimum is one G x G solve per row. A row keeps its old scales unless the new ones, as stored (float16
+    when half), are positive and lower its error. Zero points stay as they are (integers for min-max and
+    clipped ranges), so checkpoints and exports see the same kind of parameters."""
+    n, k = w.shape
+    g = k // group_size
+    d = (codes.float().reshape(n, g, group_size) - zero[..., None]).reshape(n, k)  # q = d * scale per group
+    # A[r, a, b] = d_ra^T H_ab d_rb over groups a, b; built one group of columns b at a time, for a slab
+    # of rows at a time, so the temporaries stay near 16 MB whatever the layer's size.
+    A = torch.empty(n, g, g)
+    slab = max(1, (1 << 22) // k)
+    for r0 in range(0, n, slab):
+        ds = d[r0:r0 + slab]
+        for b in range(g):
+            cols = slice(b * group_size, (b + 1) * group_size)
+            A[r0:r0 + slab, :, b] = (ds * (ds[:, cols] @ h[cols])).reshape(-1, g, group_size).sum(-1)
+    hw = w @ h
+    rhs = (d * hw).reshape(n, g, group_size).sum(-1) - (A @ scale[..., None])[..., 0]
+    # Solve for the change of scale; a tiny ridge on the diagonal keeps a group whose codes all sit at its
+    # zero point (a zero row and column of A) where it was.
+    diag = A.diagonal(dim1=1, dim2=2)
+    ridge = torch.diag_embed(1e-6 * diag + 1e-12 * diag.amax(1, keepdim=True).clamp_min(1e-30))
+    step, info = torch.linalg.solve_ex(A + ridge, rhs[..., None])
+    new = scale + step[..., 0]
+    if half:
+        new = new.to(torch.float16).float()
+    ok = (info == 0) & torch.isfinite(new).all(1) & (new >= (HALF_TINY if half else 1e-30)).all(1)
+    new = torch.where(ok[:, None], new, scale)
+
+    def err(s: torch.Tensor) -> torch.Tensor:
+        dw = w - (d.reshape(n, g, group_size) * s[..., None]).reshape(n, k)
+        return ((dw @ h) * dw).sum(1)
+
+    better = (err(new) < err(scale))[:, None]
+    return torch.where(better, new, scale)
 
 
 def _propagate(w: torch.Tensor, U: torch.Tensor, order: torch.Tensor, dead: torch.Tensor, group_size: int,
