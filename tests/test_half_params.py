@@ -107,10 +107,11 @@ def test_gptq_quantizes_with_the_rounded_scales():
     torch.manual_seed(0)
     w = torch.randn(8, 64)
     # A diagonal Hessian passes no error between columns: GPTQ's codes are then exactly round-to-nearest
-    # under its scales, which shows which scales it rounded with.
+    # under its scales, which shows which scales it rounded with (refit=False: the scales it rounded with,
+    # not the ones solved after the codes).
     h = torch.diag(torch.rand(64) + 0.5)
     for symmetric in (False, True):
-        codes, s, z = gptq_quantize(w, h, 4, 16, symmetric, half=True)
+        codes, s, z = gptq_quantize(w, h, 4, 16, symmetric, half=True, refit=False)
         assert torch.equal(s, s.half().float()) and torch.equal(z, z.half().float())
         ref_s, ref_z = core.choose_qparams_clipped(w, 4, 16, symmetric, torch.diag(h), half=True)
         assert torch.equal(s, ref_s) and torch.equal(z, ref_z)
