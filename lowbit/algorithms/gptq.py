@@ -125,15 +125,18 @@ def _refit_scales(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, scale: 
     n, k = w.shape
     g = k // group_size
     d = (codes.float().reshape(n, g, group_size) - zero[..., None]).reshape(n, k)  # q = d * scale per group
-    # A[r, a, b] = d_ra^T H_ab d_rb over groups a, b; built one group of columns b at a time, for a slab
-    # of rows at a time, so the temporaries stay near 16 MB whatever the layer's size.
+    # A[r, a, b] = d_ra^T H_ab d_rb over groups a, b; built one group b at a time against the groups a >= b
+    # (A is symmetric: half the products), for a slab of rows at a time, so the temporaries stay near 16 MB
+    # whatever the layer's size.
     A = torch.empty(n, g, g)
     slab = max(1, (1 << 22) // k)
     for r0 in range(0, n, slab):
         ds = d[r0:r0 + slab]
         for b in range(g):
-            cols = slice(b * group_size, (b + 1) * group_size)
-            A[r0:r0 + slab, :, b] = (ds * (ds[:, cols] @ h[cols])).reshape(-1, g, group_size).sum(-1)
+            lo = b * group_size
+            part = (ds[:, lo:] * (ds[:, lo:lo + group_size] @ h[lo:lo + group_size, lo:]))
+            A[r0:r0 + slab, b:, b] = part.reshape(-1, g - b, group_size).sum(-1)
+            A[r0:r0 + slab, b, b + 1:] = A[r0:r0 + slab, b + 1:, b]
     hw = w @ h
     rhs = (d * hw).reshape(n, g, group_size).sum(-1) - (A @ scale[..., None])[..., 0]
     # Solve for the change of scale; a tiny ridge on the diagonal keeps a group whose codes all sit at its
@@ -146,13 +149,11 @@ def _refit_scales(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, scale: 
         new = new.to(torch.float16).float()
     ok = (info == 0) & torch.isfinite(new).all(1) & (new >= (HALF_TINY if half else 1e-30)).all(1)
     new = torch.where(ok[:, None], new, scale)
-
-    def err(s: torch.Tensor) -> torch.Tensor:
-        dw = w - (d.reshape(n, g, group_size) * s[..., None]).reshape(n, k)
-        return ((dw @ h) * dw).sum(1)
-
-    better = (err(new) < err(scale))[:, None]
-    return torch.where(better, new, scale)
+    # The change of each row's error, from A and the right-hand side alone (no [N, K] x [K, K] product):
+    # err(s) = w'Hw - 2 s'r + s'As with r = rhs + A s_old, so err(s_old + e) - err(s_old) = e'(Ae - 2 rhs).
+    e = new - scale
+    change = (e * ((A @ e[..., None])[..., 0] - 2 * rhs)).sum(1)
+    return torch.where((change < 0)[:, None], new, scale)
 
 
 def _propagate(w: torch.Tensor, U: torch.Tensor, order: torch.Tensor, dead: torch.Tensor, group_size: int,
