@@ -110,7 +110,8 @@ def _damped(h: torch.Tensor, dead: torch.Tensor, damp: float) -> torch.Tensor:
     """H with GPTQ's damping on its diagonal (dead inputs' rows and columns stay zero)."""
     out = h.clone()
     live = ~dead
-    out.diagonal()[live] += damp * float(h.diagonal()[live].mean()) if bool(live.any()) else 0.0
+    if bool(live.any()):
+        out.diagonal()[live] += damp * float(h.diagonal()[live].mean())
     return out
 
 
