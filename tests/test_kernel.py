@@ -5,6 +5,8 @@ The kernel works in float32 and sums per group, so it is held to ||y - y_ref|| /
 (a float32 matmul of these sizes lands around 1e-7).
 """
 
+import gc
+
 import pytest
 import torch
 
@@ -113,20 +115,62 @@ def test_deterministic(bits):
         assert torch.equal(lowbit_cpu.linear(shifted, p1, bits, g, n, k), y1)
 
 
-def test_gemv_independent_of_thread_count():
-    n, k, g, bits = 300, 512, 64, 4
+# Tiles (32 rows each) against threads: fewer tiles than 4 per thread take fixed shares; more are shared
+# out with stealing from the back of a slower thread's share (lowbit_cpu.cpp parallel_chunks).
+@pytest.mark.parametrize("n", [40, 300, 2000])
+@pytest.mark.parametrize("q8", [False, True])
+def test_gemv_independent_of_thread_count(n, q8):
+    k, g, bits = 512, 64, 4
     codes, scale, zero = canonical(n, k, bits, g)
     packed = lowbit_cpu.prepack(codes, scale, zero, bits, g)
     x = torch.randn(3, k)
+
+    def run():
+        if q8:
+            return lowbit_cpu.linear_q8(x, packed, bits, g, n, k)
+        return lowbit_cpu._C.linear(x, packed["qweight"], bits, g, n, k, None, 1)
+
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        y1 = lowbit_cpu._C.linear(x, packed["qweight"], bits, g, n, k, None, 1)
-        torch.set_num_threads(max(2, threads))
-        y2 = lowbit_cpu._C.linear(x, packed["qweight"], bits, g, n, k, None, 1)
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(run())
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(y1, y2)
+    assert all(torch.equal(outs[0], y) for y in outs[1:])
+    assert rel_err(outs[0], reference(x, codes, scale, zero, g)) < (2e-2 if q8 else TOL)
+
+
+def test_prefetch_of_the_next_weight_never_changes_results():
+    """Each GEMV prefetches the weight called after it last time (a hint kept by address): results are the
+    same with it on or off, when the order of calls changes, and when that next weight has been freed."""
+    k, g, bits = 512, 128, 4
+    layers = []
+    for seed, n in enumerate((64, 700, 96)):
+        codes, scale, zero = canonical(n, k, bits, g, seed=seed)
+        layers.append((n, lowbit_cpu.prepack(codes, scale, zero, bits, g)))
+    x = torch.randn(1, k)
+
+    def calls(order):
+        return [lowbit_cpu.linear(x, layers[i][1], bits, g, layers[i][0], k) for i in order]
+
+    before = lowbit_cpu._C.set_prefetch_next(0)
+    try:
+        plain = calls([0, 1, 2])
+    finally:
+        lowbit_cpu._C.set_prefetch_next(before)
+    assert before > 0  # on by default
+    for order in ([0, 1, 2, 0, 1, 2], [2, 1, 0, 2, 1, 0], [1, 1, 0, 2]):
+        for i, y in zip(order, calls(order)):
+            assert torch.equal(y, plain[i])
+    # Layer 1 last ran after layer 0: free it, so layer 0's hint points at released memory.
+    calls([0, 1])
+    del layers[1]
+    gc.collect()
+    junk = [torch.randn(700 * k) for _ in range(4)]  # reuse the freed pages for something else
+    y0 = lowbit_cpu.linear(x, layers[0][1], bits, g, layers[0][0], k)
+    assert torch.equal(y0, plain[0]) and len(junk) == 4
 
 
 @pytest.mark.parametrize("bits", BITS)
