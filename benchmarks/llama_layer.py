@@ -17,7 +17,10 @@ The read bandwidth is a torch.sum over 1 GiB (all threads), timed as one more va
 round-robin, its buffer on the same kind of pages as lowbit's packed weights (2 MB pages where Linux grants
 them; lowbit asks for them for packed weights of 2 MB and more; the memory on 2 MB pages is printed): kernels
 and bandwidth share the time window and the statistic (median), so a neighbour's load on the memory system
-moves both. The best of separate measurements is printed too.
+moves both. The best of separate measurements is printed too. One more row, "torch.sum per layer", reads
+int4-g128's bytes of each layer as a torch.sum per layer, seven calls per token like the kernels make: the
+share of the 1 GiB read that any kernel called once per layer can expect (each call starts and drains its
+streams, and the caller runs between calls).
 
     python benchmarks/llama_layer.py [--iters 30] [--recipes int8 int4-g128 ...] [--isas avx2]
 """
@@ -39,6 +42,7 @@ SHAPES = {"q": (2048, 2048), "k": (512, 2048), "v": (512, 2048), "o": (2048, 204
           "gate": (8192, 2048), "up": (8192, 2048), "down": (2048, 8192)}
 COPIES = 4
 READ = "read 1 GiB (torch.sum)"
+PER_LAYER_SUM = "torch.sum per layer (int4-g128's bytes)"
 
 
 def huge_pages_mb() -> str:
@@ -157,6 +161,9 @@ def main() -> None:
     best_bw = measure_read_bandwidth()
     big = read_buffer(1 << 30)  # 1 GiB of float32, every page written, on the pages packed weights get
     fns[READ] = lambda: torch.sum(big)
+    # int4-g128's bytes per layer: codes plus a 16-bit scale and zero point per group of 128
+    sums = [[read_buffer(o * i // 2 + o * (i // 128) * 4) for o, i in SHAPES.values()] for _ in range(COPIES)]
+    fns[PER_LAYER_SUM] = lambda: [torch.sum(b) for bufs in sums for b in bufs]
     times = time_interleaved(fns, warmup=3, iters=args.iters, max_seconds=240)
     best_bw = max(best_bw, measure_read_bandwidth())
     bw = big.numel() * 4 / times.pop(READ) / 1e9
@@ -168,6 +175,10 @@ def main() -> None:
     print("| variant | ms/token | speed-up vs fp32 | weight MB stored | GB/s | % of read bandwidth | counted MB "
           "| % of read bandwidth (counted) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    t = times.pop(PER_LAYER_SUM) / COPIES
+    mb = sum(b.numel() * 4 for b in sums[0]) / 1e6
+    print(f"| {PER_LAYER_SUM} | {t * 1e3:.2f} | | {mb:.1f} | {mb / 1e3 / t:.1f} | {100 * mb / 1e3 / t / bw:.0f}% "
+          f"| {mb:.1f} | {100 * mb / 1e3 / t / bw:.0f}% |")
     for name, (ms, _, _) in variants.items():
         t = times[name] / COPIES
         mb = weight_bytes(ms[0]) / 1e6
