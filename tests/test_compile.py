@@ -143,7 +143,9 @@ def test_other_formats_trace_without_breaks(recipe, kernel):
 
 @pytest.mark.parametrize("recipe,kernel,op", [("kmeans4", "lowbit_codebook", "lowbit.cb_linear.default"),
                                               ("kmeans4", "lowbit_codebook_gemm", "lowbit.cb_gemm.default"),
-                                              ("fp16", "lowbit_half", "lowbit.half_linear.default")])
+                                              ("fp16", "lowbit_half", "lowbit.half_linear.default"),
+                                              ("fp8", "lowbit_fp8", "lowbit.fp8_linear.default"),
+                                              ("fp8", "lowbit_fp8_gemm", "lowbit.fp8_gemm.default")])
 def test_decoding_kernels_trace_without_breaks(recipe, kernel, op):
     torch.manual_seed(0)
     q = quantized(TinyLM().eval(), recipe, kernel, [])

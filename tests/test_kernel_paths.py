@@ -1,4 +1,4 @@
-"""lowbit's CPU kernel on every instruction-set path this CPU can run, and its 16-bit-scale packed form.
+"""lowbit's CPU kernels on every instruction-set path this CPU can run, and the 16-bit-scale packed form.
 
 Each path (AVX2/FMA; AVX-512 F/BW/VL/VBMI) against the float64 reference x @ ((codes - zero) * scale).T,
 both the GEMV and the dequantize + GEMM route; a path this CPU cannot run is skipped, saying why. The packed
@@ -312,6 +312,87 @@ def test_half_recipes_run_on_the_half_gemv(recipe):
     assert all(m.kernel_name == "lowbit_half" and not m.simulated for m in q.modules() if isinstance(m, QuantLinear))
     for inp in (torch.randn(3, 192), torch.randn(2, 5, 192)):
         assert rel_err(q(inp), ref(inp).double()) < TOL
+
+
+FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def fp8_weight(fmt, n, k, g, seed):
+    """Every finite byte pattern of the format, shuffled over [n, k], and a scale per row and group."""
+    gen = torch.Generator().manual_seed(seed)
+    pats = torch.arange(256, dtype=torch.uint8)
+    pats = pats[torch.isfinite(pats.view(FP8[fmt]).float())]
+    bits = pats[torch.randint(0, pats.numel(), (n, k), generator=gen)]
+    bits[0, : pats.numel()] = pats[: k]  # row 0 holds each pattern once (K >= the pattern count here)
+    scale = torch.rand(n, k // g, generator=gen) * 0.01 + 1e-4
+    w = (bits.view(FP8[fmt]).float().reshape(n, k // g, g) * scale[..., None]).reshape(n, k)
+    return bits, scale, w
+
+
+@pytest.mark.parametrize("fmt", sorted(FP8))
+def test_fp8_kernels_decode_every_value_exactly(isa, fmt):
+    n, k, g = 37, 256, 128
+    bits, scale, w = fp8_weight(fmt, n, k, g, seed=1)
+    e5m2 = fmt == "fp8_e5m2"
+    # One-hot activations pick single weights: each output is one decoded weight times 1, exactly.
+    eye = torch.eye(k)
+    assert torch.equal(lowbit_cpu.fp8_linear(eye[:9], bits, scale, g, e5m2), w[:, :9].T)
+    assert torch.equal(lowbit_cpu.fp8_gemm(eye, bits, scale, g, e5m2, None, False), w.T)
+    # bf16 decoding rounds each weight to bf16 once (nearest even), as w.to(bfloat16) does.
+    assert torch.equal(lowbit_cpu.fp8_gemm(eye, bits, scale, g, e5m2, None, True), w.T.to(torch.bfloat16).float())
+
+
+@pytest.mark.parametrize("fmt", sorted(FP8))
+def test_fp8_gemv_and_gemm_match_reference(isa, fmt):
+    e5m2 = fmt == "fp8_e5m2"
+    for n, k, g in ((37, 384, 384), (5, 128, 64), (70, 1536, 128)):
+        bits, scale, w = fp8_weight(fmt, n, k, g, seed=n)
+        bias = torch.randn(n)
+        for m in (1, 3, 9, 20):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+            ref = x.double() @ w.double().T + bias.double()
+            assert rel_err(lowbit_cpu.fp8_linear(x, bits, scale, g, e5m2, bias), ref) < TOL, (isa, fmt, n, k, m)
+            assert rel_err(lowbit_cpu.fp8_gemm(x, bits, scale, g, e5m2, bias, False), ref) < TOL, (isa, fmt, n, m)
+            assert rel_err(lowbit_cpu.fp8_gemm(x, bits, scale, g, e5m2, bias, True), ref) < 1e-2, (isa, fmt, n, m)
+    with pytest.raises(RuntimeError, match="multiples of 64"):
+        lowbit_cpu.fp8_linear(torch.randn(1, 96), torch.zeros(3, 96, dtype=torch.uint8), torch.ones(3, 1), 96, False)
+    with pytest.raises(RuntimeError, match="uint8"):
+        lowbit_cpu.fp8_linear(torch.randn(1, 64), torch.zeros(3, 64), torch.ones(3, 1), 64, False)
+    with pytest.raises(RuntimeError, match="scale"):
+        lowbit_cpu.fp8_gemm(torch.randn(1, 64), torch.zeros(3, 64, dtype=torch.uint8), torch.ones(3, 2), 64, False,
+                            None, False)
+
+
+@pytest.mark.parametrize("recipe", ["fp8", "fp8_e5m2"])
+def test_fp8_recipes_run_on_the_fp8_kernels(recipe):
+    import copy
+
+    import lowbit
+    from lowbit.modules import QuantLinear
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(192, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+    ref = lowbit.quantize(copy.deepcopy(model), recipe, backend="dequant")
+    for kernel in ("lowbit_fp8", "lowbit_fp8_gemm"):
+        q = lowbit.quantize(copy.deepcopy(model), recipe, backend=kernel)
+        layers = [m for m in q.modules() if isinstance(m, QuantLinear)]
+        assert len(layers) == 2 and all(m.kernel_name == kernel and not m.simulated for m in layers)
+        tol = 1e-2 if layers[0].act_dtype == torch.bfloat16 else TOL
+        for inp in (torch.randn(3, 192), torch.randn(2, 40, 192)):
+            assert rel_err(q(inp), ref(inp).double()) < tol, (kernel, inp.shape)
+    auto = lowbit.quantize(copy.deepcopy(model), recipe)
+    assert all(m.kernel_name.startswith("lowbit_fp8") for m in auto.modules() if isinstance(m, QuantLinear))
+
+
+def test_fp8_kernel_refuses_a_stored_nan():
+    import lowbit
+    from lowbit.modules import QuantLinear
+
+    q = lowbit.quantize(torch.nn.Sequential(torch.nn.Linear(64, 8)), "fp8", backend="dequant")
+    layer = next(m for m in q.modules() if isinstance(m, QuantLinear))
+    layer._buffers["weight"].view(torch.uint8)[3, 5] = 0x7F  # e4m3's NaN, as a corrupt file could hold
+    with pytest.raises(ValueError, match="NaN"):
+        layer.set_kernel("lowbit_fp8")
 
 
 def test_packed_weights_buffer_zeroed_and_aligned_for_huge_pages():

@@ -2,7 +2,8 @@
 
 Weight-only kernels (this file) take integer weights in the canonical affine form: unsigned codes
 [N, K] (uint8), and float32 scale and zero point [N, K // G], meaning W = (codes - zero) * scale; "bf16_mm"
-takes bf16 weights, "lowbit_half" fp16 and bf16 weights (a GEMV), "lowbit_codebook" 2/4-bit codebook
+takes bf16 weights, "lowbit_half" fp16 and bf16 weights (a GEMV), "lowbit_fp8" fp8 weights (a GEMV),
+"lowbit_codebook" 2/4-bit codebook
 (k-means) weights, and "dequant" any format (it decodes through the format's scheme). Kernels for int8
 weights with uint8 activations (W8A8 linear and conv layers) are in int8.py. Each kernel is a class:
 whether it can run a layer (`supports`, from a LayerSpec), the kernel's own layout of the weight made once
@@ -285,7 +286,7 @@ class BF16Gemm(BF16MM):
 
 
 class DequantBF16(Dequant):
-    """Formats without a low-bit kernel (codebooks, fp16, fp8): decoded per call through the format's scheme
+    """Formats decoded per call (codebooks, fp16, fp8: their GEMVs are for few rows) through the format's scheme
     into bf16, then a bf16 GEMM (native bf16 CPUs only). Simulated, like dequant, at half its GEMM cost."""
 
     name = "dequant_bf16"
@@ -392,14 +393,74 @@ class LowbitHalf(WeightOnlyKernel):
         return lowbit_cpu.half_linear(x, prep["w"], bias)
 
 
+class LowbitFp8(WeightOnlyKernel):
+    """fp8 weights (e4m3, e5m2) on lowbit._C: one byte per weight read as stored, each decoded exactly to
+    float16 bits and widened in registers, times its group's float32 scale, multiplied into float32
+    activations. A GEMV: few rows (a quarter of float32's bytes per weight, float32's arithmetic)."""
+
+    name = "lowbit_fp8"
+    family = "float"
+    FORMATS = ("fp8_e4m3", "fp8_e5m2")
+
+    def _fits(self, spec: LayerSpec) -> bool:
+        g, chunk = spec.group_size, lowbit_cpu.CB_CHUNK
+        return spec.k % chunk == 0 and g % chunk == 0 and spec.k % g == 0
+
+    def supports(self, spec):
+        return self._takes(spec) and spec.fmt in self.FORMATS and lowbit_cpu.available() and self._fits(spec)
+
+    def refusal(self, spec):
+        if self._takes(spec) and spec.fmt in self.FORMATS:
+            if not lowbit_cpu.available():
+                return "lowbit._C is not available (not built, or the CPU lacks AVX2/FMA)"
+            return (f"it needs K and the scale's group multiples of {lowbit_cpu.CB_CHUNK} (this layer: K "
+                    f"{spec.k}, group {spec.group_size})")
+        if self._takes(spec):
+            return f"it runs fp8 weights, not {spec.fmt}"
+        return super().refusal(spec)
+
+    def prepare(self, weight, spec):
+        bits = weight.state["weight"].reshape(spec.n, spec.k).view(torch.uint8).contiguous()
+        if spec.fmt == "fp8_e4m3" and bool(((bits & 0x7F) == 0x7F).any()):
+            # The kernel decodes e4m3's NaN pattern as a number; a stored NaN must not turn into one.
+            raise ValueError("fp8_e4m3 weight holds NaN values: the checkpoint is corrupt")
+        scale = weight.state["scale"].float().reshape(spec.n, spec.k // spec.group_size).contiguous()
+        return {"w": bits, "scale": scale}
+
+    def run(self, x, prep, spec, bias):
+        return ops.fp8_linear(x, prep["w"], prep["scale"], spec.group_size, spec.fmt == "fp8_e5m2", bias)
+
+    def eager(self, x, prep, spec, bias):
+        return lowbit_cpu.fp8_linear(x, prep["w"], prep["scale"], spec.group_size, spec.fmt == "fp8_e5m2", bias)
+
+
+class LowbitFp8Gemm(LowbitFp8):
+    """lowbit_fp8's weight for many rows: decoded a slab of rows at a time (bf16 on CPUs with native bf16
+    arithmetic, the activations rounded to bf16; float32 elsewhere), then torch's GEMM."""
+
+    name = "lowbit_fp8_gemm"
+    form = "lowbit_fp8"
+    min_rows = 16
+    eager = None  # not lowbit_fp8's direct call: this kernel's own run is the computation
+
+    def __init__(self) -> None:
+        # Decided once here: a traced call must not read the CPU's features (a file) again.
+        self.bf16 = native_bf16()
+        self.act_dtype = torch.bfloat16 if self.bf16 else torch.float32
+
+    def run(self, x, prep, spec, bias):
+        return ops.fp8_gemm(x, prep["w"], prep["scale"], spec.group_size, spec.fmt == "fp8_e5m2", bias, self.bf16)
+
+
 KERNELS: dict[str, Kernel] = {k.name: k for k in (LowbitCPU(), TorchInt4(), TorchInt8(), OneDNNInt8(), BF16MM(),
                                                    Dequant(), ReferenceInt8(), LowbitGemm(), LowbitGemmBF16(),
                                                    BF16Gemm(), DequantBF16(), LowbitQ8(), LowbitCodebook(),
-                                                   LowbitCodebookGemm(), LowbitHalf())}
+                                                   LowbitCodebookGemm(), LowbitHalf(), LowbitFp8(),
+                                                   LowbitFp8Gemm())}
 # Preference when nothing is measured (backend="auto" measures these against each other where it can).
-AUTO_ORDER = ("lowbit_cpu", "lowbit_codebook", "lowbit_half", "torch_int4pack", "torch_int8pack", "onednn", "bf16_mm",
-              "dequant", "reference", "lowbit_gemm_bf16", "lowbit_gemm", "lowbit_codebook_gemm", "bf16_gemm",
-              "dequant_bf16")
+AUTO_ORDER = ("lowbit_cpu", "lowbit_codebook", "lowbit_half", "lowbit_fp8", "torch_int4pack", "torch_int8pack",
+              "onednn", "bf16_mm", "dequant", "reference", "lowbit_gemm_bf16", "lowbit_gemm", "lowbit_codebook_gemm",
+              "lowbit_fp8_gemm", "bf16_gemm", "dequant_bf16")
 
 
 def parse_route(text: str) -> list[tuple[int | None, str]]:
@@ -471,5 +532,7 @@ def available_kernels() -> dict[str, bool]:
         "lowbit_codebook": lowbit_cpu.available(),
         "lowbit_codebook_gemm": lowbit_cpu.available(),
         "lowbit_half": lowbit_cpu.available(),
+        "lowbit_fp8": lowbit_cpu.available(),
+        "lowbit_fp8_gemm": lowbit_cpu.available(),
     }
     return probe

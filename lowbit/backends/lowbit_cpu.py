@@ -219,6 +219,21 @@ def half_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
     return _C.half_linear(x, w, bias)
 
 
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, group_size: int, e5m2: bool,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ W.T (+ bias) for fp8 W [N, K] given as its uint8 bit patterns (e4m3, or e5m2 when `e5m2`)
+    with a float32 scale [N, K / group_size] (K and the group multiples of 64): each weight decoded exactly
+    and scaled in registers, a GEMV in float32 arithmetic for few rows. Result in x's dtype."""
+    return _C.fp8_linear(x, w, scale, group_size, e5m2, bias)
+
+
+def fp8_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, group_size: int, e5m2: bool,
+             bias: torch.Tensor | None, bf16: bool) -> torch.Tensor:
+    """fp8_linear for many rows: W decoded a slab of rows at a time (float32, or bf16 with the activations
+    rounded to bf16 when `bf16`), then torch's GEMM. Result in x's dtype."""
+    return _C.fp8_gemm(x, w, scale, group_size, e5m2, bias, bf16)
+
+
 def weight_bytes(nbytes: int) -> torch.Tensor:
     """A zeroed uint8 buffer as packed weights get theirs: from 2 MB up on a 2 MB boundary with Linux's
     transparent huge pages asked for (a streaming GEMV loses about a tenth of the memory's speed to 4 KB

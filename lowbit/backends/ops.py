@@ -10,6 +10,8 @@ alone), which both trace as one opaque node.
     lowbit::cb_linear(x, codes, book, bits, group_size, n, k, bias)        codebook weights, GEMV
     lowbit::cb_gemm(x, codes, book, bits, group_size, n, k, bias, bf16)    codebook weights, decode + GEMM
     lowbit::half_linear(x, w, bias)                                        float16 / bf16 weights, GEMV
+    lowbit::fp8_linear(x, w, scale, group_size, e5m2, bias)                fp8 weights (uint8 bits), GEMV
+    lowbit::fp8_gemm(x, w, scale, group_size, e5m2, bias, bf16)            fp8 weights, decode + GEMM
     lowbit::w8a8_linear_dynamic(x, codes, w_scale, csw, gemv, bias, relu)  uint8 per row x int8
     lowbit::w8a8_linear_static(x, codes, w_scale, bias, act_scale, act_zero, relu)
     lowbit::w8a8_conv(x, codes, w_scale, bias, act_scale, act_zero, stride, padding, dilation, groups, relu)
@@ -182,6 +184,42 @@ def half_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     if _eager(x):
         return lowbit_cpu.half_linear(x, w, bias)
     return _half_linear_op(x, w, bias)
+
+
+@torch.library.custom_op("lowbit::fp8_linear", mutates_args=())
+def _fp8_linear_op(x: Tensor, w: Tensor, scale: Tensor, group_size: int, e5m2: bool, bias: Tensor | None) -> Tensor:
+    return lowbit_cpu.fp8_linear(x, w, scale, group_size, e5m2, bias)
+
+
+@_fp8_linear_op.register_fake
+def _(x, w, scale, group_size, e5m2, bias):
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+def fp8_linear(x: Tensor, w: Tensor, scale: Tensor, group_size: int, e5m2: bool, bias: Tensor | None = None) -> Tensor:
+    """x [..., K] @ W.T (+ bias) for fp8 W [N, K] (uint8 bit patterns) with a float32 scale per row and group."""
+    if _eager(x):
+        return lowbit_cpu.fp8_linear(x, w, scale, group_size, e5m2, bias)
+    return _fp8_linear_op(x, w, scale, group_size, e5m2, bias)
+
+
+@torch.library.custom_op("lowbit::fp8_gemm", mutates_args=())
+def _fp8_gemm_op(x: Tensor, w: Tensor, scale: Tensor, group_size: int, e5m2: bool, bias: Tensor | None,
+                 bf16: bool) -> Tensor:
+    return lowbit_cpu.fp8_gemm(x, w, scale, group_size, e5m2, bias, bf16)
+
+
+@_fp8_gemm_op.register_fake
+def _(x, w, scale, group_size, e5m2, bias, bf16):
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+def fp8_gemm(x: Tensor, w: Tensor, scale: Tensor, group_size: int, e5m2: bool, bias: Tensor | None,
+             bf16: bool) -> Tensor:
+    """fp8_linear for many rows: W decoded a slab at a time (float32, or bf16 when `bf16`), then a GEMM."""
+    if _eager(x):
+        return lowbit_cpu.fp8_gemm(x, w, scale, group_size, e5m2, bias, bf16)
+    return _fp8_gemm_op(x, w, scale, group_size, e5m2, bias, bf16)
 
 
 def dequant(qweight: Tensor, bits: int, group_size: int, n: int, k: int) -> Tensor:

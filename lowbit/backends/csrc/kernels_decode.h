@@ -14,6 +14,13 @@
 //
 // 16-bit floats: the weight [N, K] as stored (float16 or bf16), widened to float32 8 or 16 at a time.
 //
+// fp8 (e4m3 or e5m2): the weight [N, K] as stored, one byte each, with a float32 scale per row and group of
+// columns. Each byte becomes a float16 bit pattern with F16C's vcvtph2ps behind it: e5m2 is float16's top
+// byte; e4m3's fields moved into float16's (bias 15 against 7) read as the value times 2^-8, subnormals
+// included, and the 2^8 goes into the group's scale (exact: a power of two). e4m3's NaN pattern (0x7F)
+// would read as 480: the kernel's prepare refuses weights that hold it. value * scale is then one float32
+// rounding, as the format's own dequantization gives.
+//
 // Lookups and widening are exact, so the GEMV differs from x @ W^T by float summation order only. The
 // bf16 decoder rounds each table once to bf16 (to nearest even); every decoded weight is then a table
 // entry's bf16 rounding, as W.to(bfloat16) would give.
@@ -133,6 +140,7 @@ struct Codebook8 {
     __m256 lo, hi;
   };
   int64_t group_cols() const { return g; }
+  LOWBIT_INLINE float row_scale(int64_t) const { return 1.0f; }
   LOWBIT_INLINE Group group(int64_t n, int64_t gi) const {
     Group t;
     table8<BITS, Book, false>(books + ((n * (k / g) + gi) << BITS), t.lo, t.hi);
@@ -151,6 +159,7 @@ struct Half8 {
   int64_t k;
   struct Group {};
   int64_t group_cols() const { return k; }
+  LOWBIT_INLINE float row_scale(int64_t) const { return 1.0f; }
   LOWBIT_INLINE Group group(int64_t, int64_t) const { return {}; }
   template <typename Fn>
   LOWBIT_INLINE void chunk(int64_t n, int64_t c, const Group&, Fn&& fn) const {
@@ -158,6 +167,45 @@ struct Half8 {
     for (int j = 0; j < CH / 8; ++j) {
       const __m128i h = _mm_loadu_si128((const __m128i*)(p + 8 * j));
       fn(8 * j, BF16W ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h));
+    }
+  }
+};
+
+// 8 fp8 bytes (zero-extended to 16-bit lanes) -> the float16 bit patterns described at the top.
+template <bool E5M2>
+LOWBIT_INLINE __m128i fp8_half8(__m128i v) {
+  if constexpr (E5M2) return _mm_slli_epi16(v, 8);
+  // v << 7 puts exponent and mantissa in place and the sign on bit 14; adding the sign there again carries
+  // it to bit 15 and clears bit 14.
+  const __m128i h = _mm_slli_epi16(v, 7);
+  return _mm_add_epi16(h, _mm_and_si128(h, _mm_set1_epi16(0x4000)));
+}
+
+// The factor a group's scale takes so that scale * (decoded float16) is the weight.
+constexpr float fp8_unit(bool e5m2) { return e5m2 ? 1.0f : 256.0f; }
+
+// PER_ROW: one scale per row (the group is the whole row): applied to the row's dot product once, instead of
+// to every weight.
+template <bool E5M2, bool PER_ROW>
+struct Fp8x8 {
+  const uint8_t* w;
+  const float* scale;  // [N, K / g]
+  int64_t k, g;
+  struct Group {
+    __m256 s;
+  };
+  int64_t group_cols() const { return g; }
+  LOWBIT_INLINE float row_scale(int64_t n) const { return PER_ROW ? scale[n] * fp8_unit(E5M2) : 1.0f; }
+  LOWBIT_INLINE Group group(int64_t n, int64_t gi) const {
+    if constexpr (PER_ROW) return {_mm256_setzero_ps()};
+    return {_mm256_set1_ps(scale[n * (k / g) + gi] * fp8_unit(E5M2))};
+  }
+  template <typename Fn>
+  LOWBIT_INLINE void chunk(int64_t n, int64_t c, const Group& t, Fn&& fn) const {
+    const uint8_t* p = w + n * k + c * CH;
+    for (int j = 0; j < CH / 8; ++j) {
+      const __m256 v = _mm256_cvtph_ps(fp8_half8<E5M2>(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)(p + 8 * j)))));
+      fn(8 * j, PER_ROW ? v : _mm256_mul_ps(v, t.s));
     }
   }
 };
@@ -190,7 +238,7 @@ void gemv_avx2_t(const Src& src, int64_t k, const float* x, int64_t ldx, const f
       __m128 r = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
       r = _mm_add_ps(r, _mm_movehl_ps(r, r));
       r = _mm_add_ss(r, _mm_movehdup_ps(r));
-      y[m * ldy + n] = _mm_cvtss_f32(r) + (bias ? bias[n] : 0.0f);
+      y[m * ldy + n] = _mm_cvtss_f32(r) * src.row_scale(n) + (bias ? bias[n] : 0.0f);
     }
   }
 }
@@ -210,6 +258,29 @@ void decode_avx2_t(const uint8_t* q, const Book* books, int64_t k, int64_t g, in
           if constexpr (BF16) {
             // The entries are bf16 values: their top 16 bits are the bf16 encoding.
             const __m256i u = _mm256_srli_epi32(_mm256_castps_si256(w), 16);
+            const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+            _mm_storeu_si128((__m128i*)(static_cast<uint16_t*>(out) + base + col), h);
+          } else {
+            _mm256_storeu_ps(static_cast<float*>(out) + base + col, w);
+          }
+        });
+      }
+    }
+}
+
+// Rows n0..n1 of a weight source (one whose chunk(...) gives each weight's value: fp8) into out [.., K],
+// row n at out row n - r0: float32, or bf16 rounded to nearest even.
+template <typename Src, bool BF16>
+void decode_src_avx2_t(const Src& src, int64_t k, int64_t n0, int64_t n1, int64_t r0, void* out) {
+  const int64_t gch = src.group_cols() / CH, ngrp = k / src.group_cols();
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t gi = 0; gi < ngrp; ++gi) {
+      const auto grp = src.group(n, gi);
+      for (int64_t c = gi * gch; c < (gi + 1) * gch; ++c) {
+        const int64_t base = (n - r0) * k + c * CH;
+        src.chunk(n, c, grp, [&](int col, __m256 w) {
+          if constexpr (BF16) {
+            const __m256i u = _mm256_srli_epi32(round_bf16_8(_mm256_castps_si256(w)), 16);
             const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
             _mm_storeu_si128((__m128i*)(static_cast<uint16_t*>(out) + base + col), h);
           } else {
@@ -284,6 +355,7 @@ struct Codebook16 {
   const Book* books;
   int64_t k, g;
   int64_t group_cols() const { return g; }
+  LOWBIT_INLINE float row_scale(int64_t) const { return 1.0f; }
   LOWBIT_INLINE __m512 group(int64_t n, int64_t gi) const {
     return table16<BITS, Book, false>(books + ((n * (k / g) + gi) << BITS));
   }
@@ -298,6 +370,7 @@ struct Half16 {
   const uint16_t* w;
   int64_t k;
   int64_t group_cols() const { return k; }
+  LOWBIT_INLINE float row_scale(int64_t) const { return 1.0f; }
   LOWBIT_INLINE int group(int64_t, int64_t) const { return 0; }
   template <typename Fn>
   LOWBIT_INLINE void chunk(int64_t n, int64_t c, int, Fn&& fn) const {
@@ -305,6 +378,38 @@ struct Half16 {
     for (int j = 0; j < CH / 16; ++j) {
       const __m256i h = _mm256_loadu_si256((const __m256i*)(p + 16 * j));
       fn(16 * j, BF16W ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h));
+    }
+  }
+};
+
+template <bool E5M2, bool PER_ROW>
+struct Fp8x16 {
+  const uint8_t* w;
+  const float* scale;  // [N, K / g]
+  int64_t k, g;
+  int64_t group_cols() const { return g; }
+  LOWBIT_INLINE float row_scale(int64_t n) const {
+    return PER_ROW ? scale[n] * lowbit::dec::fp8_unit(E5M2) : 1.0f;
+  }
+  LOWBIT_INLINE __m512 group(int64_t n, int64_t gi) const {
+    if constexpr (PER_ROW) return _mm512_setzero_ps();
+    return _mm512_set1_ps(scale[n * (k / g) + gi] * lowbit::dec::fp8_unit(E5M2));
+  }
+  template <typename Fn>
+  LOWBIT_INLINE void chunk(int64_t n, int64_t c, __m512 s, Fn&& fn) const {
+    const uint8_t* p = w + n * k + c * CH;
+    for (int j = 0; j < CH / 16; ++j) {
+      const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(p + 16 * j)));
+      __m256i h;
+      if constexpr (E5M2) {
+        h = _mm256_slli_epi16(v, 8);
+      } else {
+        // As lowbit::dec::fp8_half8: v << 7, and the sign moved from bit 14 to 15 by adding it again.
+        const __m256i a = _mm256_slli_epi16(v, 7);
+        h = _mm256_add_epi16(a, _mm256_and_si256(a, _mm256_set1_epi16(0x4000)));
+      }
+      const __m512 f = _mm512_cvtph_ps(h);
+      fn(16 * j, PER_ROW ? f : _mm512_mul_ps(f, s));
     }
   }
 };
@@ -333,7 +438,7 @@ void gemv_t(const Src& src, int64_t k, const float* x, int64_t ldx, const float*
     for (int m = 0; m < M; ++m) {
       __m512 a = acc[m][0];
       for (int i = 1; i < NA; ++i) a = _mm512_add_ps(a, acc[m][i]);
-      y[m * ldy + n] = _mm512_reduce_add_ps(a) + (bias ? bias[n] : 0.0f);
+      y[m * ldy + n] = _mm512_reduce_add_ps(a) * src.row_scale(n) + (bias ? bias[n] : 0.0f);
     }
   }
 }
@@ -353,6 +458,30 @@ void decode_t(const uint8_t* q, const Book* books, int64_t k, int64_t g, int64_t
                                 _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(w), 16)));
           else
             _mm512_storeu_ps(static_cast<float*>(out) + base + col, w);
+        });
+      }
+    }
+}
+
+// decode_src_avx2_t's AVX-512 form.
+template <typename Src, bool BF16>
+void decode_src_t(const Src& src, int64_t k, int64_t n0, int64_t n1, int64_t r0, void* out) {
+  const int64_t gch = src.group_cols() / CH, ngrp = k / src.group_cols();
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t gi = 0; gi < ngrp; ++gi) {
+      const auto grp = src.group(n, gi);
+      for (int64_t c = gi * gch; c < (gi + 1) * gch; ++c) {
+        const int64_t base = (n - r0) * k + c * CH;
+        src.chunk(n, c, grp, [&](int col, __m512 w) {
+          if constexpr (BF16) {
+            __m512i u = _mm512_castps_si512(w);
+            const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+            u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+            _mm256_storeu_si256((__m256i*)(static_cast<uint16_t*>(out) + base + col),
+                                _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+          } else {
+            _mm512_storeu_ps(static_cast<float*>(out) + base + col, w);
+          }
         });
       }
     }

@@ -15,6 +15,8 @@
 //     book[n, j / group_size, code[n, j]]: a GEMV, meant for few rows
 //   cb_decode(packed, book, bits, group_size, n, k, bf16) -> W [n, k] (float32, or bfloat16)
 //   cb_gemm(x, packed, book, bits, group_size, n, k, bias, bf16) -> the same product for many rows
+//   fp8_linear(x, w, scale, group_size, e5m2, bias=None) -> x @ W^T (+ bias) for fp8 W [n, k]: a GEMV
+//   fp8_gemm(x, w, scale, group_size, e5m2, bias, bf16) -> the same, W decoded a slab at a time, then a GEMM
 //   half_linear(x, w, bias=None) -> x @ W^T (+ bias) for float16 / bf16 W [n, k]: a GEMV
 //
 //   isa() -> "avx512" | "avx2": the kernel path that runs; isas() -> the paths this CPU can run;
@@ -28,6 +30,7 @@
 
 #include <array>
 #include <atomic>
+#include <type_traits>
 #include <unordered_map>
 #include <cstdint>
 #include <cstdlib>
@@ -799,9 +802,10 @@ at::Tensor cb_decode(at::Tensor packed, at::Tensor book, int64_t bits, int64_t g
 // Many rows: W decoded a slab of output rows at a time (about 2 MB, stays in cache; float32, or bf16 with
 // bf16 activations) and multiplied with torch's GEMM. One fresh [N, K] buffer per call would cost more in
 // page faults than the decoding itself on large layers.
-at::Tensor cb_gemm(at::Tensor x, at::Tensor packed, at::Tensor book, int64_t bits, int64_t group_size, int64_t n,
-                   int64_t k, c10::optional<at::Tensor> bias, bool bf16) {
-  check_cb(packed, book, bits, group_size, n, k);
+// decode(r0, a, c, out) writes rows r0 + a .. r0 + c of W into rows a .. c of out (float32, or bf16 when bf16).
+template <typename D>
+at::Tensor slab_gemm(at::Tensor x, int64_t n, int64_t k, const c10::optional<at::Tensor>& bias, bool bf16,
+                     const D& decode) {
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k && x.device().is_cpu(), "lowbit: x must be a CPU [..., K] tensor");
   const auto in_dtype = x.scalar_type();
   const auto dt = bf16 ? at::kBFloat16 : at::kFloat;
@@ -814,19 +818,10 @@ at::Tensor cb_gemm(at::Tensor x, at::Tensor packed, at::Tensor book, int64_t bit
   if (bias.has_value() && bias->defined()) b = bias->to(dt).contiguous();
   const int64_t slab = std::min<int64_t>(n, std::max<int64_t>(64, ((int64_t)1 << 20) / k / 16 * 16));
   auto w = at::empty({slab, k}, x.options());
-  const int isa = g_isa.load();
-  const uint8_t* q = packed.data_ptr<uint8_t>();
-  const int64_t per_row = (k / lowbit::dec::CH) * lowbit::dec::chunk_bytes((int)bits), books = (k / group_size) << bits;
   for (int64_t r0 = 0; r0 < n && x.size(0) > 0; r0 += slab) {
     const int64_t rows = std::min(slab, n - r0);
     void* out = w.data_ptr();
-    at::parallel_for(0, rows, 16, [&](int64_t a, int64_t c) {
-      // Rows r0 + a .. r0 + c of W into rows a .. c of the slab: shift the pointers by r0 rows.
-      const uint8_t* qs = q + r0 * per_row;
-      with_tables(book, bits, r0 * books, [&](auto b, const auto* bk) {
-        cb_decode_rows<decltype(b)::value>(isa, bf16, qs, bk, k, group_size, a, c, out);
-      });
-    });
+    at::parallel_for(0, rows, 16, [&](int64_t a, int64_t c) { decode(r0, a, c, out); });
     const auto wv = w.narrow(0, 0, rows);
     auto yv = y.narrow(1, r0, rows);
     if (b.defined())
@@ -836,6 +831,21 @@ at::Tensor cb_gemm(at::Tensor x, at::Tensor packed, at::Tensor book, int64_t bit
   }
   y = y.view(out_sizes);
   return y.scalar_type() == in_dtype ? y : y.to(in_dtype);
+}
+
+at::Tensor cb_gemm(at::Tensor x, at::Tensor packed, at::Tensor book, int64_t bits, int64_t group_size, int64_t n,
+                   int64_t k, c10::optional<at::Tensor> bias, bool bf16) {
+  check_cb(packed, book, bits, group_size, n, k);
+  const int isa = g_isa.load();
+  const uint8_t* q = packed.data_ptr<uint8_t>();
+  const int64_t per_row = (k / lowbit::dec::CH) * lowbit::dec::chunk_bytes((int)bits), books = (k / group_size) << bits;
+  return slab_gemm(x, n, k, bias, bf16, [&](int64_t r0, int64_t a, int64_t c, void* out) {
+    // Shift the pointers by r0 rows: rows r0 + a .. r0 + c of W land in rows a .. c of the slab.
+    const uint8_t* qs = q + r0 * per_row;
+    with_tables(book, bits, r0 * books, [&](auto b, const auto* bk) {
+      cb_decode_rows<decltype(b)::value>(isa, bf16, qs, bk, k, group_size, a, c, out);
+    });
+  });
 }
 
 // 16-bit float weights [n, k] (float16 or bf16) x float32 activations: the GEMV of kernels_decode.h.
@@ -862,6 +872,82 @@ at::Tensor half_linear(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bia
         gemv_rows(isa, lowbit::avx512::dec::Half16<false>{wp, k}, lowbit::dec::Half8<false>{wp, k}, k, xp, m, bp, yp, n, n0,
                   n1);
     });
+  });
+}
+
+void check_fp8(const at::Tensor& w, const at::Tensor& scale, int64_t group_size) {
+  TORCH_CHECK(w.dim() == 2 && w.device().is_cpu() && w.is_contiguous() && w.scalar_type() == at::kByte,
+              "lowbit: an fp8 weight must be a contiguous CPU uint8 [N, K] tensor (the fp8 bit patterns)");
+  const int64_t n = w.size(0), k = w.size(1);
+  const int64_t CH = lowbit::dec::CH;
+  TORCH_CHECK(n >= 1 && k >= CH && k % CH == 0 && group_size >= CH && group_size % CH == 0 && k % group_size == 0,
+              "lowbit: fp8 weights need K and the group size multiples of ", CH, ", got [", n, ", ", k, "] group ",
+              group_size);
+  TORCH_CHECK(scale.device().is_cpu() && scale.is_contiguous() && scale.scalar_type() == at::kFloat &&
+                  scale.numel() == n * (k / group_size),
+              "lowbit: an fp8 weight's scale must be a contiguous float32 [N, K / group_size] tensor");
+}
+
+// fp8 weights [n, k] (uint8 bit patterns, e4m3 or e5m2) with a float32 scale [n, k / group_size] x float32
+// activations: the GEMV of kernels_decode.h.
+at::Tensor fp8_linear(at::Tensor x, at::Tensor w, at::Tensor scale, int64_t group_size, bool e5m2,
+                      c10::optional<at::Tensor> bias) {
+  check_fp8(w, scale, group_size);
+  const int64_t n = w.size(0), k = w.size(1);
+  const auto* wp = w.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  return linear_rows(x, n, k, bias, [&](const at::Tensor& xr, const at::Tensor& b, at::Tensor& y) {
+    const int isa = g_isa.load();
+    const float* xp = xr.data_ptr<float>();
+    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+    float* yp = y.data_ptr<float>();
+    const int64_t m = xr.size(0);
+    const bool per_row = group_size == k;
+    parallel_chunks((n + 15) / 16, [&](int64_t b0, int64_t b1) {
+      const int64_t n0 = 16 * b0, n1 = std::min(n, 16 * b1);
+      auto run = [&](auto e5, auto row) {
+        constexpr bool E5 = decltype(e5)::value, ROW = decltype(row)::value;
+        gemv_rows(isa, lowbit::avx512::dec::Fp8x16<E5, ROW>{wp, sp, k, group_size},
+                  lowbit::dec::Fp8x8<E5, ROW>{wp, sp, k, group_size}, k, xp, m, bp, yp, n, n0, n1);
+      };
+      using T = std::true_type;
+      using F = std::false_type;
+      if (e5m2)
+        per_row ? run(T{}, T{}) : run(T{}, F{});
+      else
+        per_row ? run(F{}, T{}) : run(F{}, F{});
+    });
+  });
+}
+
+template <bool E5M2>
+void fp8_decode_rows(int isa, bool bf16, const uint8_t* w, const float* scale, int64_t k, int64_t g, int64_t n0,
+                     int64_t n1, int64_t r0, void* out) {
+  // Every weight scaled as it is decoded (not per row): the slab holds W itself.
+  const lowbit::avx512::dec::Fp8x16<E5M2, false> s16{w, scale, k, g};
+  const lowbit::dec::Fp8x8<E5M2, false> s8{w, scale, k, g};
+  if (isa == kAvx512) {
+    if (bf16) lowbit::avx512::dec::decode_src_t<decltype(s16), true>(s16, k, n0, n1, r0, out);
+    else lowbit::avx512::dec::decode_src_t<decltype(s16), false>(s16, k, n0, n1, r0, out);
+  } else {
+    if (bf16) lowbit::dec::decode_src_avx2_t<decltype(s8), true>(s8, k, n0, n1, r0, out);
+    else lowbit::dec::decode_src_avx2_t<decltype(s8), false>(s8, k, n0, n1, r0, out);
+  }
+}
+
+// Many rows of fp8 weights: decoded a slab at a time (float32, or bf16 with bf16 activations), then torch's GEMM.
+at::Tensor fp8_gemm(at::Tensor x, at::Tensor w, at::Tensor scale, int64_t group_size, bool e5m2,
+                    c10::optional<at::Tensor> bias, bool bf16) {
+  check_fp8(w, scale, group_size);
+  const int64_t n = w.size(0), k = w.size(1);
+  const int isa = g_isa.load();
+  const auto* wp = w.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  return slab_gemm(x, n, k, bias, bf16, [&](int64_t r0, int64_t a, int64_t c, void* out) {
+    if (e5m2)
+      fp8_decode_rows<true>(isa, bf16, wp, sp, k, group_size, r0 + a, r0 + c, r0, out);
+    else
+      fp8_decode_rows<false>(isa, bf16, wp, sp, k, group_size, r0 + a, r0 + c, r0, out);
   });
 }
 
@@ -938,6 +1024,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cb_gemm", &cb_gemm, "x @ W^T (+bias) for many rows: W decoded in slabs, then torch's GEMM (bf16 or float32)",
         py::arg("x"), py::arg("packed"), py::arg("book"), py::arg("bits"), py::arg("group_size"), py::arg("n"),
         py::arg("k"), py::arg("bias"), py::arg("bf16"));
+  m.def("fp8_linear", &fp8_linear, "x [..., K] @ W^T (+bias) for fp8 W [N, K] (uint8 bit patterns, e4m3 or e5m2) "
+        "with a float32 scale per row and group: a GEMV, meant for few rows",
+        py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("group_size"), py::arg("e5m2"),
+        py::arg("bias") = py::none());
+  m.def("fp8_gemm", &fp8_gemm, "x [..., K] @ W^T (+bias) for fp8 W [N, K]: decoded a slab at a time (float32, "
+        "or bf16 with bf16 activations), then a GEMM; for many rows",
+        py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("group_size"), py::arg("e5m2"), py::arg("bias"),
+        py::arg("bf16"));
   m.def("half_linear", &half_linear, "x [..., K] @ W^T (+bias) for float16/bf16 W [N, K]: a GEMV, meant for few rows",
         py::arg("x"), py::arg("w"), py::arg("bias") = py::none());
   m.def("cb_decode", &cb_decode, "packed codebook weight -> W [N, K], float32 or bf16", py::arg("packed"),
