@@ -155,11 +155,11 @@ def test_prefetch_of_the_next_weight_never_changes_results():
     def calls(order):
         return [lowbit_cpu.linear(x, layers[i][1], bits, g, layers[i][0], k) for i in order]
 
-    before = lowbit_cpu._C.set_prefetch_next(0)
+    before = lowbit_cpu.set_prefetch_next(0)
     try:
         plain = calls([0, 1, 2])
     finally:
-        lowbit_cpu._C.set_prefetch_next(before)
+        lowbit_cpu.set_prefetch_next(before)
     assert before > 0  # on by default
     for order in ([0, 1, 2, 0, 1, 2], [2, 1, 0, 2, 1, 0], [1, 1, 0, 2]):
         for i, y in zip(order, calls(order)):

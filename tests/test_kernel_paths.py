@@ -330,8 +330,9 @@ def fp8_weight(fmt, n, k, g, seed):
 
 
 @pytest.mark.parametrize("fmt", sorted(FP8))
-def test_fp8_kernels_decode_every_value_exactly(isa, fmt):
-    n, k, g = 37, 256, 128
+@pytest.mark.parametrize("g", [128, 256], ids=["groups", "per-row"])  # per row: the scale after the dot product
+def test_fp8_kernels_decode_every_value_exactly(isa, fmt, g):
+    n, k = 37, 256
     bits, scale, w = fp8_weight(fmt, n, k, g, seed=1)
     e5m2 = fmt == "fp8_e5m2"
     # One-hot activations pick single weights: each output is one decoded weight times 1, exactly.
@@ -361,6 +362,12 @@ def test_fp8_gemv_and_gemm_match_reference(isa, fmt):
     with pytest.raises(RuntimeError, match="scale"):
         lowbit_cpu.fp8_gemm(torch.randn(1, 64), torch.zeros(3, 64, dtype=torch.uint8), torch.ones(3, 2), 64, False,
                             None, False)
+    with pytest.raises(RuntimeError, match="scale"):  # the right count, transposed
+        lowbit_cpu.fp8_linear(torch.randn(1, 128), torch.zeros(3, 128, dtype=torch.uint8), torch.ones(2, 3), 64,
+                              False)
+    with pytest.raises(RuntimeError, match="bias"):
+        lowbit_cpu.fp8_gemm(torch.randn(1, 64), torch.zeros(3, 64, dtype=torch.uint8), torch.ones(3, 1), 64, False,
+                            torch.ones(4), False)
 
 
 @pytest.mark.parametrize("recipe", ["fp8", "fp8_e5m2"])

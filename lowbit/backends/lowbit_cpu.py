@@ -223,15 +223,24 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, group_size
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ W.T (+ bias) for fp8 W [N, K] given as its uint8 bit patterns (e4m3, or e5m2 when `e5m2`)
     with a float32 scale [N, K / group_size] (K and the group multiples of 64): each weight decoded exactly
-    and scaled in registers, a GEMV in float32 arithmetic for few rows. Result in x's dtype."""
+    and scaled in registers, a GEMV in float32 arithmetic for few rows. Result in x's dtype. e4m3's NaN byte
+    (0x7F, 0xFF) is not checked here (it would read as 480): the lowbit_fp8 kernel refuses such weights once,
+    when it prepares them."""
     return _C.fp8_linear(x, w, scale, group_size, e5m2, bias)
 
 
 def fp8_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, group_size: int, e5m2: bool,
              bias: torch.Tensor | None, bf16: bool) -> torch.Tensor:
     """fp8_linear for many rows: W decoded a slab of rows at a time (float32, or bf16 with the activations
-    rounded to bf16 when `bf16`), then torch's GEMM. Result in x's dtype."""
+    rounded to bf16 when `bf16`), then torch's GEMM. Result in x's dtype. NaN bytes: as fp8_linear."""
     return _C.fp8_gemm(x, w, scale, group_size, e5m2, bias, bf16)
+
+
+def set_prefetch_next(nbytes: int) -> int:
+    """How many bytes per thread a GEMV over a packed weight prefetches, once its own work is done, of the
+    packed weight that was called after it last time (decode calls layers in the same order every token).
+    0 turns it off. Returns the previous setting."""
+    return int(_C.set_prefetch_next(int(nbytes)))
 
 
 def weight_bytes(nbytes: int) -> torch.Tensor:

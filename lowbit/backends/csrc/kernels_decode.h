@@ -188,6 +188,7 @@ constexpr float fp8_unit(bool e5m2) { return e5m2 ? 1.0f : 256.0f; }
 // to every weight.
 template <bool E5M2, bool PER_ROW>
 struct Fp8x8 {
+  static constexpr bool per_row = PER_ROW;
   const uint8_t* w;
   const float* scale;  // [N, K / g]
   int64_t k, g;
@@ -272,6 +273,7 @@ void decode_avx2_t(const uint8_t* q, const Book* books, int64_t k, int64_t g, in
 // row n at out row n - r0: float32, or bf16 rounded to nearest even.
 template <typename Src, bool BF16>
 void decode_src_avx2_t(const Src& src, int64_t k, int64_t n0, int64_t n1, int64_t r0, void* out) {
+  static_assert(!Src::per_row, "a per-row source leaves its scale to the dot product: it cannot decode W");
   const int64_t gch = src.group_cols() / CH, ngrp = k / src.group_cols();
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t gi = 0; gi < ngrp; ++gi) {
@@ -384,6 +386,7 @@ struct Half16 {
 
 template <bool E5M2, bool PER_ROW>
 struct Fp8x16 {
+  static constexpr bool per_row = PER_ROW;
   const uint8_t* w;
   const float* scale;  // [N, K / g]
   int64_t k, g;
@@ -466,6 +469,7 @@ void decode_t(const uint8_t* q, const Book* books, int64_t k, int64_t g, int64_t
 // decode_src_avx2_t's AVX-512 form.
 template <typename Src, bool BF16>
 void decode_src_t(const Src& src, int64_t k, int64_t n0, int64_t n1, int64_t r0, void* out) {
+  static_assert(!Src::per_row, "a per-row source leaves its scale to the dot product: it cannot decode W");
   const int64_t gch = src.group_cols() / CH, ngrp = k / src.group_cols();
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t gi = 0; gi < ngrp; ++gi) {

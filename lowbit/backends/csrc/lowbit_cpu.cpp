@@ -172,6 +172,10 @@ void parallel_chunks(int64_t n, const F& fn, const NextHint* next = nullptr) {
     if (nth <= 1) prefetch_share(next, 0, 1);
     return;
   }
+  if (n > 0xffffffffLL) {  // the shares pack item indices in 32 bits
+    at::parallel_for(0, n, 1, fn);
+    return;
+  }
   if (n < 4 * nth) {  // too few items to share out: fixed shares
     at::parallel_for(0, nth, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
@@ -815,7 +819,10 @@ at::Tensor slab_gemm(at::Tensor x, int64_t n, int64_t k, const c10::optional<at:
   if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 64 != 0) x = x.clone();  // results independent of alignment
   auto y = at::empty({x.size(0), n}, x.options());
   at::Tensor b;
-  if (bias.has_value() && bias->defined()) b = bias->to(dt).contiguous();
+  if (bias.has_value() && bias->defined()) {
+    b = bias->to(dt).contiguous();
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == n, "lowbit: bias must be [N]");
+  }
   const int64_t slab = std::min<int64_t>(n, std::max<int64_t>(64, ((int64_t)1 << 20) / k / 16 * 16));
   auto w = at::empty({slab, k}, x.options());
   for (int64_t r0 = 0; r0 < n && x.size(0) > 0; r0 += slab) {
@@ -880,12 +887,14 @@ void check_fp8(const at::Tensor& w, const at::Tensor& scale, int64_t group_size)
               "lowbit: an fp8 weight must be a contiguous CPU uint8 [N, K] tensor (the fp8 bit patterns)");
   const int64_t n = w.size(0), k = w.size(1);
   const int64_t CH = lowbit::dec::CH;
-  TORCH_CHECK(n >= 1 && k >= CH && k % CH == 0 && group_size >= CH && group_size % CH == 0 && k % group_size == 0,
+  TORCH_CHECK(n >= 1, "lowbit: an fp8 weight needs at least one row");
+  TORCH_CHECK(k >= CH && k % CH == 0 && group_size >= CH && group_size % CH == 0 && k % group_size == 0,
               "lowbit: fp8 weights need K and the group size multiples of ", CH, ", got [", n, ", ", k, "] group ",
               group_size);
   TORCH_CHECK(scale.device().is_cpu() && scale.is_contiguous() && scale.scalar_type() == at::kFloat &&
-                  scale.numel() == n * (k / group_size),
-              "lowbit: an fp8 weight's scale must be a contiguous float32 [N, K / group_size] tensor");
+                  scale.dim() == 2 && scale.size(0) == n && scale.size(1) == k / group_size,
+              "lowbit: an fp8 weight's scale must be a contiguous float32 [N, K / group_size] = [", n, ", ",
+              k / group_size, "] tensor, got ", scale.sizes());
 }
 
 // fp8 weights [n, k] (uint8 bit patterns, e4m3 or e5m2) with a float32 scale [n, k / group_size] x float32
