@@ -279,8 +279,10 @@ def test_codebook_recipes_run_on_the_codebook_kernels(recipe):
         for inp in (x1, x):
             want = ref(inp).double()
             assert rel_err(q(inp), want) < tol, (kernel, inp.shape)
-    auto = lowbit.quantize(copy.deepcopy(model), recipe)
-    assert all(m.kernel_name.startswith("lowbit_codebook") for m in auto.modules() if isinstance(m, QuantLinear))
+    # backend="auto" times its candidates (a choice benchmarks judge, not tests): the codebook kernels must be
+    # among them, and the first preference when nothing is measured.
+    for m in layers:
+        assert m.candidate_kernels()[0] == "lowbit_codebook" and "lowbit_codebook_gemm" in m.candidate_kernels()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -387,8 +389,10 @@ def test_fp8_recipes_run_on_the_fp8_kernels(recipe):
         tol = 1e-2 if layers[0].act_dtype == torch.bfloat16 else TOL
         for inp in (torch.randn(3, 192), torch.randn(2, 40, 192)):
             assert rel_err(q(inp), ref(inp).double()) < tol, (kernel, inp.shape)
-    auto = lowbit.quantize(copy.deepcopy(model), recipe)
-    assert all(m.kernel_name.startswith("lowbit_fp8") for m in auto.modules() if isinstance(m, QuantLinear))
+    # backend="auto" times its candidates (a choice benchmarks judge, not tests): the fp8 kernels must be among
+    # them, and the first preference when nothing is measured.
+    for m in layers:
+        assert m.candidate_kernels()[0] == "lowbit_fp8" and "lowbit_fp8_gemm" in m.candidate_kernels()
 
 
 def test_fp8_kernel_refuses_a_stored_nan():
