@@ -177,13 +177,14 @@ class QuantLinear(QuantModule):
         # (most rows, kernel, prepared form), in increasing bounds; the last takes every larger call.
         self._route = tuple(route)
         self._kernel, self._prep = route[-1][1], route[-1][2]
-        # (most input elements, kernel, form) of the first kernel when it has a direct eager call: decode-sized
-        # calls skip the reshapes and casts below (they cost as much as a small layer's GEMV moves bytes).
+        # (most input elements, its call bound to this layer (Kernel.bind), form) of the first kernel when it
+        # has a direct eager call: decode-sized calls skip the reshapes and casts below (they cost as much as a
+        # small layer's GEMV moves bytes).
         rows, first, prep = route[0]
         self._fast = None
         if first.eager is not None and self.spec.k == self.in_features:
             limit = rows * self.in_features if len(route) > 1 else float("inf")
-            self._fast = (limit, first, prep)
+            self._fast = (limit, first.bind(prep, self.spec), prep)
         self.kernel_name = format_route([(rows, kernel.name) for rows, kernel, _ in route])
 
     def __getstate__(self) -> dict:
@@ -225,7 +226,7 @@ class QuantLinear(QuantModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fast = self._fast
         if fast is not None and x.numel() <= fast[0] and "input_scale" not in self._buffers and ops.is_eager(x):
-            return fast[1].eager(x, fast[2], self.spec, self.bias)
+            return fast[1](x, self.bias)
         if "input_scale" in self._buffers:
             x = x * self.input_scale
         lead = x.shape[:-1]

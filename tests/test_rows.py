@@ -10,7 +10,7 @@ from torch import nn
 
 import lowbit
 from lowbit import autotune
-from lowbit.backends import KERNELS, format_route, lowbit_cpu, onednn, parse_route
+from lowbit.backends import KERNELS, Kernel, format_route, lowbit_cpu, onednn, parse_route
 from lowbit.modules import QuantLinear
 from lowbit.recipes import parse_recipe
 from lowbit_workbench.demo import kernel_note
@@ -36,15 +36,22 @@ def fake_rows(fast_below: str, fast_above: str, switch_after: int):
     return time_rows, calls
 
 
-def record_runs(monkeypatch, names):
+def record_runs(monkeypatch, names, model):
+    """Record (kernel, rows) for every call the named kernels get; the layers of `model` re-derive their
+    forms afterwards, so that the calls they bound (Kernel.bind) are the recording ones."""
     ran = []
     for name in names:
         kernel = KERNELS[name]
         monkeypatch.setattr(kernel, "run", lambda x, *a, _run=kernel.run, _n=name: ran.append((_n, x.shape[0]))
                             or _run(x, *a))
         if kernel.eager is not None:  # the direct call eager layers make (rows: all but the last dimension)
-            monkeypatch.setattr(kernel, "eager", lambda x, *a, _run=kernel.eager, _n=name:
-                                ran.append((_n, x.numel() // x.shape[-1])) or _run(x, *a))
+            def bind(prep, spec, _bind=kernel.bind, _n=name):
+                call = _bind(prep, spec)
+                return lambda x, bias: ran.append((_n, x.numel() // x.shape[-1])) or call(x, bias)
+            monkeypatch.setattr(kernel, "bind", bind)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.set_kernel(m.kernel_name)
     return ran
 
 
@@ -62,7 +69,7 @@ def test_calls_take_the_kernel_measured_fastest_for_their_row_count(monkeypatch,
     assert layer.kernel_name == "lowbit_cpu<=45,dequant"
     assert lowbit.summary(q)[0]["kernel"] == "lowbit_cpu<=45,dequant"
     assert kernel_note(q) == "lowbit_cpu<=45,dequant (simulated) x1"  # the demo's kernel column
-    ran = record_runs(monkeypatch, ["lowbit_cpu", "dequant"])
+    ran = record_runs(monkeypatch, ["lowbit_cpu", "dequant"], q)
     for rows in (8, 45, 46, 512):
         x = torch.randn(rows, 64)
         y = layer(x)
@@ -213,6 +220,9 @@ def test_direct_eager_calls_belong_to_the_kernel_that_runs():
         owner_run = next(c for c in type(kernel).__mro__ if "run" in vars(c))
         owner_eager = next(c for c in type(kernel).__mro__ if "eager" in vars(c))
         assert owner_run is owner_eager, f"{kernel.name}: eager from {owner_eager.__name__}, run from {owner_run.__name__}"
+        # The call a layer binds (Kernel.bind) is the base class's, which calls `eager`, or the eager's owner's.
+        owner_bind = next(c for c in type(kernel).__mro__ if "bind" in vars(c))
+        assert owner_bind in (Kernel, owner_eager), f"{kernel.name}: bind from {owner_bind.__name__}"
 
 
 @needs_kernel
@@ -220,7 +230,7 @@ def test_layers_run_the_kernel_they_name(monkeypatch):
     torch.manual_seed(0)
     for name in ("lowbit_gemm", "lowbit_cpu"):
         q = lowbit.quantize(nn.Sequential(nn.Linear(64, 48)), "int4-g32", backend=name)
-        ran = record_runs(monkeypatch, [name])
+        ran = record_runs(monkeypatch, [name], q)
         q(torch.randn(1, 64))
         q(torch.randn(2, 70, 64))
         assert ran == [(name, 1), (name, 140)], (name, ran)

@@ -194,6 +194,10 @@ class LowbitCPU(WeightOnlyKernel):
     def eager(self, x, prep, spec, bias):
         return lowbit_cpu.linear(x, prep, spec.bits, spec.group_size, spec.n, spec.k, bias)
 
+    def bind(self, prep, spec):
+        call, qweight, bits, group, n, k = lowbit_cpu._C.linear, prep["qweight"], spec.bits, spec.group_size, spec.n, spec.k
+        return lambda x, bias: call(x, qweight, bits, group, n, k, bias)
+
 
 class LowbitQ8(LowbitCPU):
     """lowbit_cpu's packed weight with the activations rounded to int8 per call, per block of 32 columns
@@ -223,6 +227,12 @@ class LowbitQ8(LowbitCPU):
 
     def eager(self, x, prep, spec, bias):
         return lowbit_cpu.linear_q8(x, prep, spec.bits, spec.group_size, spec.n, spec.k, bias)
+
+    def bind(self, prep, spec):
+        if spec.bits not in lowbit_cpu.Q8_BITS:  # what lowbit_cpu.linear_q8 checks on every call
+            return super().bind(prep, spec)
+        call, qweight, bits, group, n, k = lowbit_cpu._C.linear_q8, prep["qweight"], spec.bits, spec.group_size, spec.n, spec.k
+        return lambda x, bias: call(x, qweight, bits, group, n, k, bias)
 
 
 # Kernels for many rows (compute-bound): the whole weight is dequantized on every call, from the packed form

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,3 +116,10 @@ class Kernel:
     # with no Python-side reshapes or casts. A decode call of a small layer takes ~20-50 us, and each torch
     # call made from Python ~1 us; layers call this when it exists and nothing is being traced.
     eager: Any = None
+
+    def bind(self, prep: dict[str, Any], spec: LayerSpec) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+        """`eager` for one layer, every argument but x and the bias fixed: f(x, bias). In decode each Python
+        object a call touches is likely a cache miss, since the layer before streamed its weights through the
+        caches; kernels whose eager call is a C++ function return a closure straight to it."""
+        eager = self.eager
+        return lambda x, bias: eager(x, prep, spec, bias)
