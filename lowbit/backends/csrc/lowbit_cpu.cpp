@@ -756,22 +756,31 @@ void cb_gemv_rows(int isa, const uint8_t* q, const Book* b, int64_t k, int64_t g
             k, x, m, bias, y, n, n0, n1);
 }
 
-at::Tensor cb_linear(at::Tensor x, at::Tensor packed, at::Tensor book, int64_t bits, int64_t group_size, int64_t n,
-                     int64_t k, c10::optional<at::Tensor> bias) {
-  check_cb(packed, book, bits, group_size, n, k);
+// The plumbing of the GEMVs over decoded weights (codebooks, 16-bit floats, fp8): x as float32 rows, W's rows in
+// blocks of 16 shared out to threads; rows(isa, x, m, bias, y, n0, n1) computes y's columns n0..n1. Each output
+// is summed by one thread in a fixed order: the same bits for any thread count.
+template <typename F>
+at::Tensor decoded_gemv(at::Tensor x, int64_t n, int64_t k, const c10::optional<at::Tensor>& bias, const F& rows) {
   return linear_rows(x, n, k, bias, [&](const at::Tensor& xr, const at::Tensor& b, at::Tensor& y) {
     const int isa = g_isa.load();
-    const uint8_t* q = packed.data_ptr<uint8_t>();
     const float* xp = xr.data_ptr<float>();
     const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
     float* yp = y.data_ptr<float>();
     const int64_t m = xr.size(0);
-    // Each output is summed by one thread in a fixed order: the same bits for any thread count.
     parallel_chunks((n + 15) / 16, [&](int64_t b0, int64_t b1) {
-      const int64_t n0 = 16 * b0, n1 = std::min(n, 16 * b1);
-      with_tables(book, bits, 0, [&](auto b, const auto* bk) {
-        cb_gemv_rows<decltype(b)::value>(isa, q, bk, k, group_size, xp, m, bp, yp, n, n0, n1);
-      });
+      rows(isa, xp, m, bp, yp, 16 * b0, std::min(n, 16 * b1));
+    });
+  });
+}
+
+at::Tensor cb_linear(at::Tensor x, at::Tensor packed, at::Tensor book, int64_t bits, int64_t group_size, int64_t n,
+                     int64_t k, c10::optional<at::Tensor> bias) {
+  check_cb(packed, book, bits, group_size, n, k);
+  const uint8_t* q = packed.data_ptr<uint8_t>();
+  return decoded_gemv(x, n, k, bias, [&](int isa, const float* xp, int64_t m, const float* bp, float* yp, int64_t n0,
+                                         int64_t n1) {
+    with_tables(book, bits, 0, [&](auto b, const auto* bk) {
+      cb_gemv_rows<decltype(b)::value>(isa, q, bk, k, group_size, xp, m, bp, yp, n, n0, n1);
     });
   });
 }
@@ -865,20 +874,13 @@ at::Tensor half_linear(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bia
               lowbit::dec::CH, ", got [", n, ", ", k, "]");
   const bool bf = w.scalar_type() == at::kBFloat16;
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
-  return linear_rows(x, n, k, bias, [&](const at::Tensor& xr, const at::Tensor& b, at::Tensor& y) {
-    const int isa = g_isa.load();
-    const float* xp = xr.data_ptr<float>();
-    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-    float* yp = y.data_ptr<float>();
-    const int64_t m = xr.size(0);
-    parallel_chunks((n + 15) / 16, [&](int64_t b0, int64_t b1) {
-      const int64_t n0 = 16 * b0, n1 = std::min(n, 16 * b1);
-      if (bf)
-        gemv_rows(isa, lowbit::avx512::dec::Half16<true>{wp, k}, lowbit::dec::Half8<true>{wp, k}, k, xp, m, bp, yp, n, n0, n1);
-      else
-        gemv_rows(isa, lowbit::avx512::dec::Half16<false>{wp, k}, lowbit::dec::Half8<false>{wp, k}, k, xp, m, bp, yp, n, n0,
-                  n1);
-    });
+  return decoded_gemv(x, n, k, bias, [&](int isa, const float* xp, int64_t m, const float* bp, float* yp, int64_t n0,
+                                         int64_t n1) {
+    if (bf)
+      gemv_rows(isa, lowbit::avx512::dec::Half16<true>{wp, k}, lowbit::dec::Half8<true>{wp, k}, k, xp, m, bp, yp, n, n0, n1);
+    else
+      gemv_rows(isa, lowbit::avx512::dec::Half16<false>{wp, k}, lowbit::dec::Half8<false>{wp, k}, k, xp, m, bp, yp, n, n0,
+                n1);
   });
 }
 
@@ -905,27 +907,20 @@ at::Tensor fp8_linear(at::Tensor x, at::Tensor w, at::Tensor scale, int64_t grou
   const int64_t n = w.size(0), k = w.size(1);
   const auto* wp = w.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
-  return linear_rows(x, n, k, bias, [&](const at::Tensor& xr, const at::Tensor& b, at::Tensor& y) {
-    const int isa = g_isa.load();
-    const float* xp = xr.data_ptr<float>();
-    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-    float* yp = y.data_ptr<float>();
-    const int64_t m = xr.size(0);
-    const bool per_row = group_size == k;
-    parallel_chunks((n + 15) / 16, [&](int64_t b0, int64_t b1) {
-      const int64_t n0 = 16 * b0, n1 = std::min(n, 16 * b1);
-      auto run = [&](auto e5, auto row) {
-        constexpr bool E5 = decltype(e5)::value, ROW = decltype(row)::value;
-        gemv_rows(isa, lowbit::avx512::dec::Fp8x16<E5, ROW>{wp, sp, k, group_size},
-                  lowbit::dec::Fp8x8<E5, ROW>{wp, sp, k, group_size}, k, xp, m, bp, yp, n, n0, n1);
-      };
-      using T = std::true_type;
-      using F = std::false_type;
-      if (e5m2)
-        per_row ? run(T{}, T{}) : run(T{}, F{});
-      else
-        per_row ? run(F{}, T{}) : run(F{}, F{});
-    });
+  const bool per_row = group_size == k;
+  return decoded_gemv(x, n, k, bias, [&](int isa, const float* xp, int64_t m, const float* bp, float* yp, int64_t n0,
+                                         int64_t n1) {
+    auto run = [&](auto e5, auto row) {
+      constexpr bool E5 = decltype(e5)::value, ROW = decltype(row)::value;
+      gemv_rows(isa, lowbit::avx512::dec::Fp8x16<E5, ROW>{wp, sp, k, group_size},
+                lowbit::dec::Fp8x8<E5, ROW>{wp, sp, k, group_size}, k, xp, m, bp, yp, n, n0, n1);
+    };
+    using T = std::true_type;
+    using F = std::false_type;
+    if (e5m2)
+      per_row ? run(T{}, T{}) : run(T{}, F{});
+    else
+      per_row ? run(F{}, T{}) : run(F{}, F{});
   });
 }
 
