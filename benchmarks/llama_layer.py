@@ -1,9 +1,6 @@
 """Decode (batch 1) through the linear layers of one Llama-3.2-1B-shaped decoder layer.
 
 Shapes: hidden 2048, intermediate 8192, 32 query / 8 key-value heads of 64 -> q, k, v, o, gate, up, down.
-The linears get the inputs a decoder gives them: q, k and v one tensor, gate and up another, o and down their
-own, so lowbit runs q/k/v and gate/up as one call each (lowbit.batching); --alone adds each lowbit row once
-more with that off, on copies of its own.
 Each variant is timed round-robin with the others in this one run; four copies of the layer are cycled so
 the weights do not sit in the 32 MiB L3 cache. Prints time per token, speed-up against fp32 F.linear,
 the bytes of weights read per token, the GB/s achieved, and the machine's read bandwidth measured now.
@@ -21,11 +18,11 @@ round-robin, its buffer on the same kind of pages as lowbit's packed weights (2 
 them; lowbit asks for them for packed weights of 2 MB and more; the memory on 2 MB pages is printed): kernels
 and bandwidth share the time window and the statistic (median), so a neighbour's load on the memory system
 moves both. The best of separate measurements is printed too. One more row, "torch.sum per layer", reads
-int4-g128's bytes of each layer as a torch.sum per layer, seven calls per token: the share of the 1 GiB read
-that any kernel called once per layer can expect (each call starts and drains its streams, and the caller
-runs between calls).
+int4-g128's bytes of each layer as a torch.sum per layer, seven calls per token like the kernels make: the
+share of the 1 GiB read that any kernel called once per layer can expect (each call starts and drains its
+streams, and the caller runs between calls).
 
-    python benchmarks/llama_layer.py [--iters 30] [--recipes int8 int4-g128 ...] [--isas avx2] [--alone]
+    python benchmarks/llama_layer.py [--iters 30] [--recipes int8 int4-g128 ...] [--isas avx2]
 """
 
 from __future__ import annotations
@@ -37,7 +34,6 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit import batching
 from lowbit.backends import lowbit_cpu
 from lowbit.bench import time_interleaved
 from lowbit.hw import cpu_features, cpu_name, measure_read_bandwidth, read_buffer
@@ -65,11 +61,9 @@ def layer() -> nn.ModuleDict:
     return nn.ModuleDict({n: nn.Linear(i, o, bias=False) for n, (o, i) in SHAPES.items()})
 
 
-def run_layer(m: nn.ModuleDict, x_h: torch.Tensor, x_i: torch.Tensor, x_o: torch.Tensor) -> None:
-    """The seven linears on the inputs a decoder gives them: q, k, v and gate, up each on one tensor, o and
-    down on their own (lowbit runs q/k/v and gate/up as one call each, see lowbit.batching)."""
+def run_layer(m: nn.ModuleDict, x_h: torch.Tensor, x_i: torch.Tensor) -> None:
     for name, lin in m.items():
-        lin(x_i if name == "down" else x_o if name == "o" else x_h)
+        lin(x_i if name == "down" else x_h)
 
 
 def weight_bytes(m: nn.Module) -> int:
@@ -116,8 +110,6 @@ def main() -> None:
     ap.add_argument("--isas", nargs="*", default=None,
                     help="lowbit kernel paths to time (default: every path this CPU can run)")
     ap.add_argument("--f32-scales", action="store_true", help="keep float32 scales (no rounding to float16)")
-    ap.add_argument("--alone", action="store_true",
-                    help="also time lowbit's kernels with q/k/v and gate/up called one by one (lowbit.batching off)")
     ap.add_argument("--per-layer", action="store_true",
                     help="also time every layer of each backend=auto variant against its float layer")
     args = ap.parse_args()
@@ -139,7 +131,6 @@ def main() -> None:
             nn.init.normal_(lin.weight, std=0.02)
     variants: dict[str, tuple[list[nn.Module], torch.dtype, str]] = {"fp32 F.linear": (base, torch.float32, "")}
     autos: dict[str, nn.ModuleDict] = {}
-    alone: set[str] = set()  # variants timed with lowbit.batching off
     variants["bf16 F.linear"] = ([copy.deepcopy(m).to(torch.bfloat16) for m in base], torch.bfloat16, "")
     for recipe in args.recipes:
         for kernel in args.kernels:
@@ -160,24 +151,13 @@ def main() -> None:
                 label = f"{recipe} [{kname}{' ' + isa if isa else ''}{q8_paths.get(isa, '') if kname == 'lowbit_q8' else ''}]"
                 if label not in variants:
                     variants[label] = (copies, torch.float32, isa)
-                    if args.alone and kname.split("<=")[0] in ("lowbit_cpu", "lowbit_q8"):
-                        # copies of its own: each kernel call learns which weight comes next (lowbit._C's
-                        # prefetch), and the two call orders would spoil each other's lessons
-                        alone.add(label + ", alone")
-                        variants[label + ", alone"] = ([copy.deepcopy(c) for c in copies], torch.float32, isa)
-    x = {torch.float32: (torch.randn(1, 2048), torch.randn(1, 8192), torch.randn(1, 2048))}
+    x = {torch.float32: (torch.randn(1, 2048), torch.randn(1, 8192))}
     x[torch.bfloat16] = tuple(t.to(torch.bfloat16) for t in x[torch.float32])
 
-    def make(ms, dt, batch=True):
-        def run():
-            before = batching.set_enabled(batch)
-            for m in ms:
-                run_layer(m, *x[dt])
-            batching.set_enabled(before)
-        return run
+    def make(ms, dt):
+        return lambda: [run_layer(m, *x[dt]) for m in ms]
 
-    fns = {name: with_isa(isa, make(ms, dt, name not in alone)) if isa else make(ms, dt)
-           for name, (ms, dt, isa) in variants.items()}
+    fns = {name: with_isa(isa, make(ms, dt)) if isa else make(ms, dt) for name, (ms, dt, isa) in variants.items()}
     best_bw = measure_read_bandwidth()
     big = read_buffer(1 << 30)  # 1 GiB of float32, every page written, on the pages packed weights get
     fns[READ] = lambda: torch.sum(big)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from . import batching, core
+from . import core
 from .backends import StoredWeight, candidates, format_route, ops, parse_route, select_kernel
 from .formats import Scheme, scheme_for
 from .recipes import QuantConfig
@@ -180,21 +180,12 @@ class QuantLinear(QuantModule):
         # (most input elements, its call bound to this layer (Kernel.bind), form) of the first kernel when it
         # has a direct eager call: decode-sized calls skip the reshapes and casts below (they cost as much as a
         # small layer's GEMV moves bytes).
-        self._rebind()
-        # Decode calls of layers that read one input in turn share one kernel call (lowbit.batching): this
-        # layer's part in that (watched, leader or follower of a group, or None: runs alone). A group's call
-        # holds its members' forms, so a new kernel here ends the group.
-        batching.leave(self)
-        self._batch = batching.Watching()
-        self.kernel_name = format_route([(rows, kernel.name) for rows, kernel, _ in route])
-
-    def _rebind(self) -> None:
-        """(Re)bind the fast path's call to the first kernel's form as it is now."""
-        rows, first, prep = self._route[0]
+        rows, first, prep = route[0]
         self._fast = None
         if first.eager is not None and self.spec.k == self.in_features:
-            limit = rows * self.in_features if len(self._route) > 1 else float("inf")
-            self._fast = (limit, first.bind(prep, self.spec), prep, first)
+            limit = rows * self.in_features if len(route) > 1 else float("inf")
+            self._fast = (limit, first.bind(prep, self.spec), prep)
+        self.kernel_name = format_route([(rows, kernel.name) for rows, kernel, _ in route])
 
     def __getstate__(self) -> dict:
         # The kernels' forms are derived from the canonical buffers: a copy (copy.deepcopy goes through here)
@@ -202,7 +193,6 @@ class QuantLinear(QuantModule):
         # weights on huge pages, say) instead of a byte copy in ordinary memory.
         state = self.__dict__.copy()
         state["_route"], state["_prep"], state["_fast"], state["_kernel"] = (), None, None, None
-        state["_batch"] = None  # __setstate__ sets the kernel up, and the watch, afresh
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -236,8 +226,7 @@ class QuantLinear(QuantModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fast = self._fast
         if fast is not None and x.numel() <= fast[0] and "input_scale" not in self._buffers and ops.is_eager(x):
-            batch = self._batch
-            return fast[1](x, self.bias) if batch is None else batch.call(self, x, fast)
+            return fast[1](x, self.bias)
         if "input_scale" in self._buffers:
             x = x * self.input_scale
         lead = x.shape[:-1]

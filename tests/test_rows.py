@@ -49,12 +49,6 @@ def record_runs(monkeypatch, names, model):
                 call = _bind(prep, spec)
                 return lambda x, bias: ran.append((_n, x.numel() // x.shape[-1])) or call(x, bias)
             monkeypatch.setattr(kernel, "bind", bind)
-
-            def bind_many(preps, specs, _bind=kernel.bind_many, _n=name):  # layers sharing one call
-                call = _bind(preps, specs)
-                return None if call is None else lambda x, biases: ran.extend(
-                    [(_n, x.numel() // x.shape[-1])] * len(biases)) or call(x, biases)
-            monkeypatch.setattr(kernel, "bind_many", bind_many)
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.set_kernel(m.kernel_name)
@@ -229,9 +223,6 @@ def test_direct_eager_calls_belong_to_the_kernel_that_runs():
         # The call a layer binds (Kernel.bind) is the base class's, which calls `eager`, or the eager's owner's.
         owner_bind = next(c for c in type(kernel).__mro__ if "bind" in vars(c))
         assert owner_bind in (Kernel, owner_eager), f"{kernel.name}: bind from {owner_bind.__name__}"
-        # Likewise the call that runs several layers at once (Kernel.bind_many; the base class has none).
-        owner_many = next(c for c in type(kernel).__mro__ if "bind_many" in vars(c))
-        assert owner_many in (Kernel, owner_eager), f"{kernel.name}: bind_many from {owner_many.__name__}"
 
 
 @needs_kernel

@@ -198,22 +198,6 @@ class LowbitCPU(WeightOnlyKernel):
         call, qweight, bits, group, n, k = lowbit_cpu._C.linear, prep["qweight"], spec.bits, spec.group_size, spec.n, spec.k
         return lambda x, bias: call(x, qweight, bits, group, n, k, bias)
 
-    def bind_many(self, preps, specs):
-        return _bind_many(lowbit_cpu._C.linear_many, preps, specs)
-
-    def pack_together(self, preps, specs):
-        # One allocation (2 MB pages when large, see lowbit_cpu.weight_bytes), each weight 64-byte aligned as
-        # its layout needs: measured on a 2-core Zen 4 (Llama-3.2-1B-shaped q/k/v and gate/up, int4-g128),
-        # a call over separate buffers ran no faster than the calls one by one, over one buffer 6-8% faster.
-        sizes = [(p["qweight"].numel() + 63) // 64 * 64 for p in preps]
-        whole = lowbit_cpu.weight_bytes(sum(sizes))
-        offset = 0
-        for prep, size in zip(preps, sizes):
-            view = whole[offset:offset + prep["qweight"].numel()]
-            view.copy_(prep["qweight"])
-            prep["qweight"] = view
-            offset += size
-
 
 class LowbitQ8(LowbitCPU):
     """lowbit_cpu's packed weight with the activations rounded to int8 per call, per block of 32 columns
@@ -249,21 +233,6 @@ class LowbitQ8(LowbitCPU):
             return super().bind(prep, spec)
         call, qweight, bits, group, n, k = lowbit_cpu._C.linear_q8, prep["qweight"], spec.bits, spec.group_size, spec.n, spec.k
         return lambda x, bias: call(x, qweight, bits, group, n, k, bias)
-
-    def bind_many(self, preps, specs):
-        if specs[0].bits not in lowbit_cpu.Q8_BITS:  # as bind: lowbit_cpu's own call
-            return super().bind_many(preps, specs)
-        return _bind_many(lowbit_cpu._C.linear_q8_many, preps, specs)
-
-
-def _bind_many(call, preps, specs):
-    """One of lowbit._C's calls over several packed weights with the same K, bits and group size."""
-    first = specs[0]
-    if any((s.bits, s.group_size, s.k) != (first.bits, first.group_size, first.k) for s in specs):
-        return None
-    qweights, ns = [p["qweight"] for p in preps], [s.n for s in specs]
-    bits, group, k = first.bits, first.group_size, first.k
-    return lambda x, biases: call(x, qweights, bits, group, ns, k, biases)
 
 
 # Kernels for many rows (compute-bound): the whole weight is dequantized on every call, from the packed form

@@ -123,15 +123,3 @@ class Kernel:
         caches; kernels whose eager call is a C++ function return a closure straight to it."""
         eager = self.eager
         return lambda x, bias: eager(x, prep, spec, bias)
-
-    def bind_many(self, preps: list[dict[str, Any]], specs: list[LayerSpec]
-                  ) -> Callable[[torch.Tensor, list[torch.Tensor | None]], list[torch.Tensor]] | None:
-        """Several layers of this kernel that read one input, in one call: f(x, biases) -> their outputs, each
-        exactly as its own `bind` call computes it (see lowbit.batching); None where the kernel has no such
-        call or these layers cannot share one."""
-        return None
-
-    def pack_together(self, preps: list[dict[str, Any]], specs: list[LayerSpec]) -> None:
-        """Before bind_many: move the layers' prepared weights into one buffer, back to back in the order
-        given, changing each form in place (the layers bind their own calls again after). A call over
-        several weights then reads one stream; nothing to do for kernels without bind_many."""

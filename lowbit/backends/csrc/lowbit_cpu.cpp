@@ -135,63 +135,32 @@ thread_local Scratch t_scratch;
 // fault, so a successor freed since is harmless. Measured on a 2-core Zen 4 (a decode token of a
 // Llama-3.2-1B-shaped layer, int4-g128, module calls): +1 to +3 points of the read bandwidth with 128 KB
 // per thread, no better with 256 or 512 KB. The amount per thread is lowbit._C.set_prefetch_next (0: off).
-// The weights of one call, in the order their tiles are numbered (a call over several weights reading one
-// input, see linear_q8_many, counts its tiles across them).
 struct NextHint {
-  static constexpr int kParts = 4;
-  struct Part {
-    const uint8_t* base = nullptr;
-    int64_t tile_bytes = 0, ntile = 0;
-  };
-  Part parts[kParts];
-  int count = 0;
-  int64_t ntile = 0;  // over all parts
-  void add(const Layout& L, const uint8_t* qw) {
-    if (count < kParts) parts[count++] = {qw, L.tile_bytes(), L.ntile};
-    ntile += L.ntile;
-  }
+  const uint8_t* base = nullptr;
+  int64_t tile_bytes = 0, ntile = 0;
 };
 std::atomic<int64_t> g_prefetch_next{128 << 10};
 thread_local std::unordered_map<const void*, NextHint> t_next;
 thread_local const void* t_last = nullptr;
 
-// Records this call (its weights in `self`, keyed by the first) as the successor of the calling thread's
-// previous one; returns the hint recorded for this call's own successor.
-NextHint successor_hint(const NextHint& self) {
-  const void* key = self.parts[0].base;
+// Records this call as the successor of the calling thread's previous one; returns this weight's own.
+NextHint successor_hint(const Layout& L, const uint8_t* qw) {
   if (t_last != nullptr) {
     if (t_next.size() > 4096) t_next.clear();  // many models made and dropped: forget them all
-    t_next[t_last] = self;
+    t_next[t_last] = {qw, L.tile_bytes(), L.ntile};
   }
-  t_last = key;
+  t_last = qw;
   if (g_prefetch_next.load(std::memory_order_relaxed) <= 0) return {};
-  const auto it = t_next.find(key);
+  const auto it = t_next.find(qw);
   return it == t_next.end() ? NextHint{} : it->second;
 }
 
-NextHint successor_hint(const Layout& L, const uint8_t* qw) {
-  NextHint self;
-  self.add(L, qw);
-  return successor_hint(self);
-}
-
-// Thread t's share of the next call's tiles (as parallel_chunks will hand them out), its first `budget` bytes.
 void prefetch_share(const NextHint* h, int64_t t, int64_t nth) {
-  if (h == nullptr || h->count == 0) return;
-  int64_t budget = g_prefetch_next.load(std::memory_order_relaxed);
-  int64_t a = h->ntile * t / nth;
-  const int64_t b = h->ntile * (t + 1) / nth;
-  int64_t first = 0;  // tile index where the current part starts
-  for (int i = 0; i < h->count && a < b && budget > 0; first += h->parts[i].ntile, ++i) {
-    const NextHint::Part& part = h->parts[i];
-    if (a >= first + part.ntile) continue;
-    const int64_t lo = a - first, hi = std::min(b - first, part.ntile);
-    const uint8_t* p = part.base + Layout::kPad + part.tile_bytes * lo;
-    const int64_t bytes = std::min(budget, part.tile_bytes * (hi - lo));
-    for (const uint8_t* e = p + bytes; p < e; p += 64) _mm_prefetch((const char*)p, _MM_HINT_T1);
-    budget -= bytes;
-    a = first + hi;
-  }
+  if (h == nullptr || h->base == nullptr) return;
+  const int64_t budget = g_prefetch_next.load(std::memory_order_relaxed);
+  const uint8_t* p = h->base + Layout::kPad + h->tile_bytes * (h->ntile * t / nth);
+  const uint8_t* e = std::min(h->base + Layout::kPad + h->tile_bytes * (h->ntile * (t + 1) / nth), p + budget);
+  for (; p < e; p += 64) _mm_prefetch((const char*)p, _MM_HINT_T1);
 }
 
 template <typename F>
@@ -436,17 +405,18 @@ void run_linear(const Layout& L, const at::Tensor& x, const at::Tensor& qw, cons
 bool q8_vnni(int isa) { return isa == kAvx512 && g_vnni; }
 std::string q8_path(int isa) { return q8_vnni(isa) ? "vnni" : "avx2"; }
 
-// x's rows rounded to int8 per block of 32 columns (with their steps and group sums): the input of the
-// int8-activation GEMV, shared by every weight with the same K, bits and group size.
-struct Q8Rows {
-  at::Tensor xq, sx, xs, x16;  // more rows than the scratch takes
-  int8_t* qp;
-  float *sp, *gp;
-  const int8_t* xa;  // what the tile loop reads, xstride bytes per row
-  int64_t M, nb, xstride;
-  bool vnni;
-
-  Q8Rows(const Layout& L, const at::Tensor& xr, bool vnni_) : M(xr.size(0)), nb(lowbit::q8::nblocks(L)), vnni(vnni_) {
+at::Tensor linear_q8(at::Tensor x, at::Tensor qw, int64_t bits, int64_t group_size, int64_t n, int64_t k,
+                     c10::optional<at::Tensor> bias) {
+  const Layout L = checked_qweight(qw, n, k, bits, group_size);
+  TORCH_CHECK(lowbit::q8::bits_ok((int)bits), "lowbit: the int8-activation GEMV takes 8/4/3/2-bit weights, not ",
+              bits);
+  const bool vnni = q8_vnni(g_isa.load());
+  return linear_rows(x, n, k, bias, [&](const at::Tensor& xr, const at::Tensor& b, at::Tensor& y) {
+    const int64_t M = xr.size(0);
+    const int64_t nb = lowbit::q8::nblocks(L);
+    at::Tensor xq, sx, xs;  // more rows than the scratch takes
+    int8_t* qp;
+    float *sp, *gp;
     if (M <= kScratchRows) {
       const auto mem = t_scratch.take<3>({M * L.kp, M * nb * 4, M * L.ngp * 4});
       qp = reinterpret_cast<int8_t*>(mem[0]);
@@ -461,162 +431,38 @@ struct Q8Rows {
       gp = xs.data_ptr<float>();
     }
     const float* xp = xr.data_ptr<float>();
-    const int64_t k = L.k;
     at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) lowbit::q8::prep_row(L, xp + r * k, qp + r * L.kp, sp + r * nb, gp + r * L.ngp);
     });
-    // int3 on AVX2 multiplies 16-bit words (vpmaddwd): the codes widened and reordered once per row (int3_row).
-    xa = qp;
-    xstride = L.kp;
-    if (!vnni && L.bits == 3) {
+    // int3 on AVX2 multiplies 16-bit words (vpmaddwd): the codes widened and reordered once per row
+    // (int3_row). xa is what the tile loop reads, at xstride bytes per row.
+    const bool wide = !vnni && bits == 3;
+    at::Tensor x16;
+    const int8_t* xa = qp;
+    int64_t xstride = L.kp;
+    if (wide) {
       x16 = at::empty({M, L.kp}, xr.options().dtype(at::kShort));
       int16_t* wp = x16.data_ptr<int16_t>();
       for (int64_t r = 0; r < M; ++r) lowbit::q8::int3_row(L, qp + r * L.kp, wp + r * L.kp);
       xa = reinterpret_cast<const int8_t*>(wp);
       xstride = 2 * L.kp;
     }
-  }
-
-  // Tiles [t0, t1) of one weight; every row of x against a tile while it is in cache.
-  void run(const Layout& L, const uint8_t* q, const float* bp, float* yp, int64_t t0, int64_t t1) const {
-    for (int64_t t = t0; t < t1; ++t)
-      for (int64_t r = 0; r < M; ++r) {
-        if (vnni)
-          lowbit::avx512::q8::gemv_tiles_vnni(L, q, qp + r * L.kp, sp + r * nb, gp + r * L.ngp, bp, yp + r * L.n, t, t + 1);
-        else
-          lowbit::q8::gemv_tiles_avx2(L, q, xa + r * xstride, sp + r * nb, gp + r * L.ngp, bp, yp + r * L.n, t, t + 1);
-      }
-  }
-};
-
-at::Tensor linear_q8(at::Tensor x, at::Tensor qw, int64_t bits, int64_t group_size, int64_t n, int64_t k,
-                     c10::optional<at::Tensor> bias) {
-  const Layout L = checked_qweight(qw, n, k, bits, group_size);
-  TORCH_CHECK(lowbit::q8::bits_ok((int)bits), "lowbit: the int8-activation GEMV takes 8/4/3/2-bit weights, not ",
-              bits);
-  const bool vnni = q8_vnni(g_isa.load());
-  return linear_rows(x, n, k, bias, [&](const at::Tensor& xr, const at::Tensor& b, at::Tensor& y) {
-    const Q8Rows rows(L, xr, vnni);
     const uint8_t* q = qw.data_ptr<uint8_t>();
     const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
     float* yp = y.data_ptr<float>();
+    // Tiles split across threads; every row of x against a tile while it is in cache.
+    auto run_tiles = [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t r = 0; r < M; ++r) {
+          if (vnni)
+            lowbit::avx512::q8::gemv_tiles_vnni(L, q, qp + r * L.kp, sp + r * nb, gp + r * L.ngp, bp, yp + r * n, t, t + 1);
+          else
+            lowbit::q8::gemv_tiles_avx2(L, q, xa + r * xstride, sp + r * nb, gp + r * L.ngp, bp, yp + r * n, t, t + 1);
+        }
+    };
     const NextHint next = successor_hint(L, q);
-    parallel_chunks(L.ntile, [&](int64_t t0, int64_t t1) { rows.run(L, q, bp, yp, t0, t1); }, &next);
+    parallel_chunks(L.ntile, run_tiles, &next);
   });
-}
-
-// Several weights that read the same input (a decoder layer's q, k and v; gate and up), in one call: x is
-// prepared once, and the threads share out the tiles of all the weights as if they were one, so the call
-// streams the weights back to back with no return to the caller between them (see lowbit/batching.py).
-// Each output is computed exactly as the weight's own call computes it. ManyCall holds the checked
-// arguments and the outputs; for_tiles runs fn(weight, tile0, tile1) over a thread's tiles.
-struct ManyCall {
-  std::vector<Layout> Ls;
-  std::vector<at::Tensor> qws, bs, ys;
-  std::vector<int64_t> first;  // tile numbers where each weight starts, and the total
-  at::Tensor xr;               // x as float32 rows [M, K]
-  int64_t M = 0;
-  at::ScalarType in_dtype;
-  std::vector<int64_t> sizes;
-
-  ManyCall(const char* op, const at::Tensor& x, std::vector<at::Tensor> qweights, int64_t bits, int64_t group_size,
-           const std::vector<int64_t>& ns, int64_t k, const std::vector<c10::optional<at::Tensor>>& biases)
-      : qws(std::move(qweights)) {
-    const size_t count = qws.size();
-    TORCH_CHECK(count >= 1 && ns.size() == count && biases.size() == count, "lowbit: ", op,
-                " takes as many weights, n and biases (got ", count, ", ", ns.size(), ", ", biases.size(), ")");
-    TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k && x.device().is_cpu(), "lowbit: x must be a CPU [..., K] tensor");
-    bs.resize(count);
-    first.assign(count + 1, 0);
-    for (size_t i = 0; i < count; ++i) {
-      Ls.push_back(checked_qweight(qws[i], ns[i], k, bits, group_size));
-      first[i + 1] = first[i] + Ls[i].ntile;
-      if (biases[i].has_value() && biases[i]->defined()) {
-        bs[i] = biases[i]->to(at::kFloat).contiguous();
-        TORCH_CHECK(bs[i].dim() == 1 && bs[i].size(0) == ns[i], "lowbit: bias ", i, " must be [N] with N = ", ns[i]);
-      }
-    }
-    in_dtype = x.scalar_type();
-    sizes = x.sizes().vec();
-    xr = x.reshape({-1, k}).to(at::kFloat).contiguous();
-    M = xr.size(0);
-    for (size_t i = 0; i < count; ++i) ys.push_back(at::empty({M, ns[i]}, xr.options()));
-  }
-
-  size_t count() const { return Ls.size(); }
-  const uint8_t* q(size_t i) const { return qws[i].data_ptr<uint8_t>(); }
-  const float* bias(size_t i) const { return bs[i].defined() ? bs[i].data_ptr<float>() : nullptr; }
-  float* y(size_t i) { return ys[i].data_ptr<float>(); }
-
-  template <typename F>
-  void for_tiles(const F& fn) {
-    NextHint self;
-    for (size_t i = 0; i < count(); ++i) self.add(Ls[i], q(i));
-    const NextHint next = successor_hint(self);
-    parallel_chunks(first[count()], [&](int64_t t0, int64_t t1) {
-      for (size_t i = 0; i < count(); ++i) {
-        const int64_t a = std::max(t0, first[i]), b = std::min(t1, first[i + 1]);
-        if (a < b) fn(i, a - first[i], b - first[i]);
-      }
-    }, &next);
-  }
-
-  std::vector<at::Tensor> finish() {
-    for (size_t i = 0; i < count(); ++i) {
-      sizes.back() = Ls[i].n;
-      ys[i] = ys[i].view(sizes);
-      if (in_dtype != at::kFloat) ys[i] = ys[i].to(in_dtype);
-    }
-    return ys;
-  }
-};
-
-std::vector<at::Tensor> linear_q8_many(at::Tensor x, std::vector<at::Tensor> qws, int64_t bits, int64_t group_size,
-                                       std::vector<int64_t> ns, int64_t k,
-                                       std::vector<c10::optional<at::Tensor>> biases) {
-  TORCH_CHECK(lowbit::q8::bits_ok((int)bits), "lowbit: the int8-activation GEMV takes 8/4/3/2-bit weights, not ",
-              bits);
-  ManyCall c("linear_q8_many", x, std::move(qws), bits, group_size, ns, k, biases);
-  if (c.M > 0) {
-    const Q8Rows rows(c.Ls[0], c.xr, q8_vnni(g_isa.load()));
-    c.for_tiles([&](size_t i, int64_t t0, int64_t t1) { rows.run(c.Ls[i], c.q(i), c.bias(i), c.y(i), t0, t1); });
-  }
-  return c.finish();
-}
-
-// linear's GEMV (float activations) over several weights; calls of more rows than the scratch takes run
-// each weight's own call in turn.
-std::vector<at::Tensor> linear_many(at::Tensor x, std::vector<at::Tensor> qws, int64_t bits, int64_t group_size,
-                                    std::vector<int64_t> ns, int64_t k, std::vector<c10::optional<at::Tensor>> biases) {
-  ManyCall c("linear_many", x, std::move(qws), bits, group_size, ns, k, biases);
-  const int64_t M = c.M;
-  if (M > kScratchRows || M > g_gemv_max_m.load()) {
-    for (size_t i = 0; i < c.count(); ++i) run_linear(c.Ls[i], c.xr, c.qws[i], c.bs[i], 0, c.ys[i]);
-    return c.finish();
-  }
-  if (M == 0) return c.finish();
-  const Layout& L = c.Ls[0];
-  const auto mem = t_scratch.take<2>({M * L.kp * 4, M * L.ngp * 4});
-  float* xpp = reinterpret_cast<float*>(mem[0]);
-  float* xsp = reinterpret_cast<float*>(mem[1]);
-  const float* xptr = c.xr.data_ptr<float>();
-  const int isa = g_isa.load();
-  if (isa == kAvx512 && lowbit::avx512::by_lut(L.bits) && M <= lowbit::MT_MAX) {  // as run_linear
-    lowbit::prep_x_rows(L, xptr, M, 0, M, xpp, xsp, true);
-    auto lut = at::empty({lowbit::avx512::lut_floats(L, M)}, c.xr.options());
-    float* lp = lut.data_ptr<float>();
-    lowbit::avx512::prep_lut(L, xpp, M, lp);
-    c.for_tiles([&](size_t i, int64_t t0, int64_t t1) {
-      lowbit::avx512::gemv_tiles_lut(c.Ls[i], c.q(i), lp, xsp, M, c.bias(i), c.y(i), t0, t1);
-    });
-    return c.finish();
-  }
-  const bool raw = isa == kAvx512 && lowbit::avx512::by_table(L.bits);
-  at::parallel_for(0, M, 32, [&](int64_t r0, int64_t r1) { lowbit::prep_x_rows(L, xptr, M, r0, r1, xpp, xsp, raw); });
-  c.for_tiles([&](size_t i, int64_t t0, int64_t t1) {
-    run_gemv_tiles(isa, c.Ls[i], c.q(i), xpp, xsp, M, c.bias(i), c.y(i), t0, t1);
-  });
-  return c.finish();
 }
 
 at::Tensor dequant(at::Tensor qw, int64_t bits, int64_t group_size, int64_t n, int64_t k) {
@@ -1197,12 +1043,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_q8", &linear_q8, "x [..., K] @ W^T (+bias) with x rounded to int8 per 32 columns, integer dot products",
         py::arg("x"), py::arg("qweight"), py::arg("bits"), py::arg("group_size"), py::arg("n"), py::arg("k"),
         py::arg("bias") = py::none());
-  m.def("linear_many", &linear_many, "linear (the GEMV path) of one x through several weights with the same K, bits "
-        "and group size, in one call -> one output per weight", py::arg("x"), py::arg("qweights"), py::arg("bits"),
-        py::arg("group_size"), py::arg("ns"), py::arg("k"), py::arg("biases"));
-  m.def("linear_q8_many", &linear_q8_many, "linear_q8 of one x through several weights with the same K, bits and "
-        "group size, in one call -> one output per weight", py::arg("x"), py::arg("qweights"), py::arg("bits"),
-        py::arg("group_size"), py::arg("ns"), py::arg("k"), py::arg("biases"));
   m.def("attention_bf16", &attention_bf16, "softmax(q k^T * scale + mask) v with bf16 matmuls -> [B, Sq, H, D]",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"), py::arg("scale"), py::arg("causal"));
   m.def("has_attention_bf16", []() { return g_attn_bf16; }, "whether this CPU runs attention_bf16 (AVX-512 BF16)");
