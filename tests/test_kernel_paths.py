@@ -5,6 +5,8 @@ both the GEMV and the dequantize + GEMM route; a path this CPU cannot run is ski
 form with float16 scale and zero gives the same bits as the float32 form holding the same values.
 """
 
+import sys
+
 import pytest
 import torch
 
@@ -420,6 +422,31 @@ def test_packed_weights_buffer_zeroed_and_aligned_for_huge_pages():
     x = torch.randn(2, k)
     assert packed["qweight"].numel() > (2 << 20)
     assert torch.equal(lowbit_cpu.linear(x, packed, 4, g, n, k), lowbit_cpu.linear(x, {"qweight": packed["qweight"].clone()}, 4, g, n, k))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mappings are read from Linux's /proc/self/smaps")
+def test_packed_weights_over_2mb_get_fresh_mappings_not_the_heap():
+    # glibc serves blocks below its mmap threshold (which rises to 32 MB once large blocks are freed) from its
+    # heap, whose pages were often touched before: too late to ask for huge pages. So lowbit maps them itself.
+    import re
+
+    for _ in range(3):  # free large blocks, as quantizing a model frees float weights
+        torch.empty(24 << 20, dtype=torch.uint8).fill_(1)
+    bufs = [lowbit_cpu.weight_bytes((9 << 20) + 77) for _ in range(3)]
+    regions = {}
+    current = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            m = re.match(r"([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ \S+\s*(.*)", line)
+            if m:
+                current = (int(m.group(1), 16), int(m.group(2), 16), m.group(3).strip())
+                regions[current] = 0
+    for b in bufs:
+        start = b.data_ptr()
+        (lo, hi, name), _ = next((r, h) for r, h in regions.items() if r[0] <= start < r[1])
+        # a mapping of its own (advised in part for huge pages, so Linux may list it as two), 2 MB aligned
+        assert name != "[heap]" and lo == start and start % (2 << 20) == 0, (hex(lo), hex(hi), name)
+        assert not b.any()
 
 
 def test_copied_layer_derives_its_own_kernel_form():
