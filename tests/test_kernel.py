@@ -5,7 +5,6 @@ The kernel works in float32 and sums per group, so it is held to ||y - y_ref|| /
 (a float32 matmul of these sizes lands around 1e-7).
 """
 
-import gc
 
 import pytest
 import torch
@@ -140,37 +139,6 @@ def test_gemv_independent_of_thread_count(n, q8):
         torch.set_num_threads(threads)
     assert all(torch.equal(outs[0], y) for y in outs[1:])
     assert rel_err(outs[0], reference(x, codes, scale, zero, g)) < (2e-2 if q8 else TOL)
-
-
-def test_prefetch_of_the_next_weight_never_changes_results():
-    """Each GEMV prefetches the weight called after it last time (a hint kept by address): results are the
-    same with it on or off, when the order of calls changes, and when that next weight has been freed."""
-    k, g, bits = 512, 128, 4
-    layers = []
-    for seed, n in enumerate((64, 700, 96)):
-        codes, scale, zero = canonical(n, k, bits, g, seed=seed)
-        layers.append((n, lowbit_cpu.prepack(codes, scale, zero, bits, g)))
-    x = torch.randn(1, k)
-
-    def calls(order):
-        return [lowbit_cpu.linear(x, layers[i][1], bits, g, layers[i][0], k) for i in order]
-
-    before = lowbit_cpu.set_prefetch_next(0)
-    try:
-        plain = calls([0, 1, 2])
-    finally:
-        lowbit_cpu.set_prefetch_next(before)
-    assert before > 0  # on by default
-    for order in ([0, 1, 2, 0, 1, 2], [2, 1, 0, 2, 1, 0], [1, 1, 0, 2]):
-        for i, y in zip(order, calls(order)):
-            assert torch.equal(y, plain[i])
-    # Layer 1 last ran after layer 0: free it, so layer 0's hint points at released memory.
-    calls([0, 1])
-    del layers[1]
-    gc.collect()
-    junk = [torch.randn(700 * k) for _ in range(4)]  # reuse the freed pages for something else
-    y0 = lowbit_cpu.linear(x, layers[0][1], bits, g, layers[0][0], k)
-    assert torch.equal(y0, plain[0]) and len(junk) == 4
 
 
 @pytest.mark.parametrize("bits", BITS)

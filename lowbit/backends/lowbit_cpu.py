@@ -236,13 +236,6 @@ def fp8_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, group_size: 
     return _C.fp8_gemm(x, w, scale, group_size, e5m2, bias, bf16)
 
 
-def set_prefetch_next(nbytes: int) -> int:
-    """How many bytes per thread a GEMV over a packed weight prefetches, once its own work is done, of the
-    packed weight that was called after it last time (decode calls layers in the same order every token).
-    0 turns it off. Returns the previous setting."""
-    return int(_C.set_prefetch_next(int(nbytes)))
-
-
 def weight_bytes(nbytes: int) -> torch.Tensor:
     """A zeroed uint8 buffer as packed weights get theirs: from 2 MB up on a 2 MB boundary with Linux's
     transparent huge pages asked for (a streaming GEMV loses about a tenth of the memory's speed to 4 KB

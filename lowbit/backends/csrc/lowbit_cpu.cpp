@@ -31,7 +31,6 @@
 #include <array>
 #include <atomic>
 #include <type_traits>
-#include <unordered_map>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -127,49 +126,12 @@ thread_local Scratch t_scratch;
 // shared counter 93%. Against that counter (whose chunks are one 33 KB tile for the 512-row k and v
 // layers: every chunk a new stream to start), owned shares with stealing ran the token 11-14% faster in
 // a C++ loop over its seven layers (no Python between the calls).
-// Decode calls a model's layers in the same order token after token, and between two layers' calls the
-// memory system idles: the call returns, the caller runs, the next call starts its streams cold. So each
-// GEMV over a packed weight learns (per calling thread) which packed weight was called after it last time,
-// and a thread with no work left in the call prefetches into L2 the start of the share of that weight it
-// will own in the next call (see parallel_chunks). A wrong guess costs some wasted reads; prefetches never
-// fault, so a successor freed since is harmless. Measured on a 2-core Zen 4 (a decode token of a
-// Llama-3.2-1B-shaped layer, int4-g128, module calls): +1 to +3 points of the read bandwidth with 128 KB
-// per thread, no better with 256 or 512 KB. The amount per thread is lowbit._C.set_prefetch_next (0: off).
-struct NextHint {
-  const uint8_t* base = nullptr;
-  int64_t tile_bytes = 0, ntile = 0;
-};
-std::atomic<int64_t> g_prefetch_next{128 << 10};
-thread_local std::unordered_map<const void*, NextHint> t_next;
-thread_local const void* t_last = nullptr;
-
-// Records this call as the successor of the calling thread's previous one; returns this weight's own.
-NextHint successor_hint(const Layout& L, const uint8_t* qw) {
-  if (t_last != nullptr) {
-    if (t_next.size() > 4096) t_next.clear();  // many models made and dropped: forget them all
-    t_next[t_last] = {qw, L.tile_bytes(), L.ntile};
-  }
-  t_last = qw;
-  if (g_prefetch_next.load(std::memory_order_relaxed) <= 0) return {};
-  const auto it = t_next.find(qw);
-  return it == t_next.end() ? NextHint{} : it->second;
-}
-
-void prefetch_share(const NextHint* h, int64_t t, int64_t nth) {
-  if (h == nullptr || h->base == nullptr) return;
-  const int64_t budget = g_prefetch_next.load(std::memory_order_relaxed);
-  const uint8_t* p = h->base + Layout::kPad + h->tile_bytes * (h->ntile * t / nth);
-  const uint8_t* e = std::min(h->base + Layout::kPad + h->tile_bytes * (h->ntile * (t + 1) / nth), p + budget);
-  for (; p < e; p += 64) _mm_prefetch((const char*)p, _MM_HINT_T1);
-}
-
 template <typename F>
-void parallel_chunks(int64_t n, const F& fn, const NextHint* next = nullptr) {
+void parallel_chunks(int64_t n, const F& fn) {
   const int nth = at::get_num_threads();
   if (n <= 0) return;
   if (nth <= 1 || at::in_parallel_region()) {
     fn(0, n);
-    if (nth <= 1) prefetch_share(next, 0, 1);
     return;
   }
   if (n > 0xffffffffLL) {  // the shares pack item indices in 32 bits
@@ -180,7 +142,6 @@ void parallel_chunks(int64_t n, const F& fn, const NextHint* next = nullptr) {
     at::parallel_for(0, nth, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
         if (n * t / nth < n * (t + 1) / nth) fn(n * t / nth, n * (t + 1) / nth);
-      prefetch_share(next, t0, nth);
     });
     return;
   }
@@ -210,7 +171,6 @@ void parallel_chunks(int64_t n, const F& fn, const NextHint* next = nullptr) {
   at::parallel_for(0, nth, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) take((int)t, true);
     for (int d = 1; d < nth; ++d) take((int)((t0 + d) % nth), false);
-    prefetch_share(next, t0, nth);
   });
 }
 
@@ -238,7 +198,7 @@ void run_dequant_t_tiles(const Layout& L, const uint8_t* qw, int64_t t0, int64_t
 // pages, 94-98% on 2 MB pages; a plain sum over 4 x 18 MB: 27.5 against 37 GB/s). Why mmap, not malloc:
 // glibc serves requests below its mmap threshold, which rises to 32 MB once large blocks are freed (as
 // quantizing frees float weights), from its heap, whose pages were often touched before; there the advice
-// comes too late, and in a quantized 4-layer Llama-1B-shaped model all but 4 MB of the layers' 330 MB of
+// comes too late, and in a quantized 4-layer Llama-1B-shaped model all but 4 MB of the layers' 130 MB of
 // packed weights sat on 4 KB pages. Only whole 2 MB pages inside the buffer are advised, so no memory is
 // added; elsewhere, or if the OS refuses, plain pages.
 at::Tensor alloc_weight_bytes(int64_t n) {
@@ -389,13 +349,11 @@ void run_linear(const Layout& L, const at::Tensor& x, const at::Tensor& qw, cons
       float* lp = lut.data_ptr<float>();
       lowbit::avx512::prep_lut(L, xpp, M, lp);
       float* yp = y.data_ptr<float>();
-      const NextHint next = successor_hint(L, q);
       parallel_chunks(L.ntile, [&](int64_t t0, int64_t t1) {
         lowbit::avx512::gemv_tiles_lut(L, q, lp, xsp, M, bp, yp, t0, t1);
-      }, &next);
+      });
       return;
     }
-    const NextHint next = successor_hint(L, q);
     for (int64_t m0 = 0; m0 < M; m0 += mb) {
       const int64_t rows = std::min(mb, M - m0);
       const float* xptr = x.data_ptr<float>() + m0 * L.k;
@@ -406,7 +364,7 @@ void run_linear(const Layout& L, const at::Tensor& x, const at::Tensor& qw, cons
       // Each output comes from one thread in a fixed order: results do not depend on the thread count.
       parallel_chunks(L.ntile, [&](int64_t t0, int64_t t1) {
         run_gemv_tiles(isa, L, q, xpp, xsp, rows, bp, yp, t0, t1);
-      }, m0 + mb >= M ? &next : nullptr);
+      });
     }
   } else {
     dequant_mm(L, x, q, b, y);
@@ -473,8 +431,7 @@ at::Tensor linear_q8(at::Tensor x, at::Tensor qw, int64_t bits, int64_t group_si
             lowbit::q8::gemv_tiles_avx2(L, q, xa + r * xstride, sp + r * nb, gp + r * L.ngp, bp, yp + r * n, t, t + 1);
         }
     };
-    const NextHint next = successor_hint(L, q);
-    parallel_chunks(L.ntile, run_tiles, &next);
+    parallel_chunks(L.ntile, run_tiles);
   });
 }
 
@@ -1059,9 +1016,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_bf16", &attention_bf16, "softmax(q k^T * scale + mask) v with bf16 matmuls -> [B, Sq, H, D]",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"), py::arg("scale"), py::arg("causal"));
   m.def("has_attention_bf16", []() { return g_attn_bf16; }, "whether this CPU runs attention_bf16 (AVX-512 BF16)");
-  m.def("set_prefetch_next", [](int64_t bytes) { return g_prefetch_next.exchange(std::max<int64_t>(0, bytes)); },
-        "bytes per thread a packed-weight GEMV prefetches of the weight called after it last time (0: none); "
-        "returns the previous setting");
   m.def("q8_path", []() { return q8_path(g_isa.load()); }, "the int8-activation GEMV's instructions: vnni or avx2");
   m.def("quantize_rows_u8", &quantize_rows_u8, "per-row asymmetric uint8 quantization of float32 [M, K]");
   m.def("quantize_u8", &quantize_u8, "per-tensor uint8 quantization, layout kept");
