@@ -215,7 +215,7 @@ at::Tensor alloc_weight_bytes(int64_t n) {
       const uintptr_t r = reinterpret_cast<uintptr_t>(raw);
       const uintptr_t start = (r + kHuge - 1) / kHuge * kHuge;
       if (start > r) munmap(raw, start - r);
-      if (r + len + kHuge > start + len) munmap(reinterpret_cast<void*>(start + len), r + kHuge - start);
+      munmap(reinterpret_cast<void*>(start + len), r + kHuge - start);  // start < r + kHuge: never empty
       void* p = reinterpret_cast<void*>(start);
       madvise(p, (size_t)n / kHuge * kHuge, MADV_HUGEPAGE);  // a hint: the memory is valid either way
       // Fresh anonymous pages read as zeros; touching them now faults them in (as huge pages where granted).
