@@ -36,7 +36,7 @@ from torch import nn
 import lowbit
 from lowbit.backends import lowbit_cpu
 from lowbit.bench import time_interleaved
-from lowbit.hw import cpu_features, cpu_name, measure_read_bandwidth, read_buffer
+from lowbit.hw import cpu_features, cpu_name, huge_pages_mode, measure_read_bandwidth, read_buffer
 
 SHAPES = {"q": (2048, 2048), "k": (512, 2048), "v": (512, 2048), "o": (2048, 2048),
           "gate": (8192, 2048), "up": (8192, 2048), "down": (2048, 8192)}
@@ -170,7 +170,7 @@ def main() -> None:
     ref = times["fp32 F.linear"] / COPIES
     print(f"threads {torch.get_num_threads()}, read bandwidth in the round-robin {bw:.1f} GB/s (median; best of "
           f"separate measurements {best_bw:.1f} GB/s): shares below are of {bw:.1f}; memory on 2 MB pages: "
-          f"{huge_pages_mb()}")
+          f"{huge_pages_mb()} (transparent huge pages: {huge_pages_mode() or 'unknown'})")
     print("Counted MB: codes + 4 bytes per group (16-bit scale and zero point); int8 per-channel 4 per row.")
     print("| variant | ms/token | speed-up vs fp32 | weight MB stored | GB/s | % of read bandwidth | counted MB "
           "| % of read bandwidth (counted) |")

@@ -40,6 +40,7 @@ def test_info_lists_kernels_and_simulated_formats():
     r = CliRunner().invoke(main, ["info"])
     assert r.exit_code == 0, r.output
     assert "avx2=" in r.output and "torch_int4pack" in r.output
+    assert re.search(r"memory: transparent huge pages (always|madvise|never|unknown)", r.output), r.output
     # fp8 and codebooks have kernels of their own; a route through a decode-per-call kernel says it is simulated
     assert re.search(r"fp8          -> lowbit_fp8(<=\d+,lowbit_fp8_gemm)*: (float32|bfloat16) act", r.output), r.output
     fp16 = re.search(r"fp16         -> (\S+): (.*)", r.output)

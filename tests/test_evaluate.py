@@ -186,6 +186,17 @@ def test_cpu_features_fallback(monkeypatch):
     assert not any(hw.cpu_features().values())
 
 
+def test_huge_pages_mode_reads_the_bracketed_word():
+    assert hw.huge_pages_mode("always [madvise] never\n") == "madvise"
+    assert hw.huge_pages_mode("[always] madvise never") == "always"
+    assert hw.huge_pages_mode("always madvise [never]") == "never"
+    assert hw.huge_pages_mode("") is None
+    mode = hw.huge_pages_mode()
+    if Path("/sys/kernel/mm/transparent_hugepage/enabled").exists():
+        assert mode in ("always", "madvise", "never")
+    assert hw.hardware_info()["huge_pages"] == mode
+
+
 def test_hardware_info_and_bandwidth():
     info = hw.hardware_info()
     assert info["cores"] >= 1 and info["torch"] == torch.__version__ and info["cpu"]
