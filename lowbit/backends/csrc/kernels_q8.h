@@ -229,12 +229,20 @@ void gemv_tile_avx2(const Layout& L, const uint8_t* tile, const int8_t* xq, cons
     }
     const __m256 xsg = _mm256_set1_ps(xs[g]);
     for (int v = 0; v < NV; ++v) {
-      __m256 sc, bz;
-      load_scales(L, p, (v0 + v) * VR, sc, bz);
-      // int8 summed code - 128: the zero point moves by -128 (bz + 128 * sc, one rounding).
-      if constexpr (BITS == 8) bz = _mm256_fmadd_ps(sc, _mm256_set1_ps(128.f), bz);
-      tot[v] = _mm256_fmadd_ps(fac[v], sc, tot[v]);
-      tot[v] = _mm256_fmadd_ps(bz, xsg, tot[v]);
+      // int8 summed code - 128: the zero point moves by -128.
+      if (L.sb == 2) {  // tot += (fac - zero * xs) * scale, as the AVX-512 kernel below
+        const uint16_t* h = (const uint16_t*)p;
+        const __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + (v0 + v) * VR)));
+        __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + TR + (v0 + v) * VR)));
+        if constexpr (BITS == 8) z = _mm256_sub_ps(z, _mm256_set1_ps(128.f));  // exact: z is a float16
+        tot[v] = _mm256_fmadd_ps(_mm256_fnmadd_ps(z, xsg, fac[v]), sc, tot[v]);
+      } else {
+        __m256 sc, bz;
+        load_scales(L, p, (v0 + v) * VR, sc, bz);
+        if constexpr (BITS == 8) bz = _mm256_fmadd_ps(sc, _mm256_set1_ps(128.f), bz);  // bz + 128 * sc, one rounding
+        tot[v] = _mm256_fmadd_ps(fac[v], sc, tot[v]);
+        tot[v] = _mm256_fmadd_ps(bz, xsg, tot[v]);
+      }
     }
     p += L.scale_bytes();
   }
@@ -314,7 +322,10 @@ void gemv_tile_vnni(const Layout& L, const uint8_t* tile, const int8_t* xq, cons
       __m512i acc[NZ][NP];
       for (int u = 0; u < NZ; ++u)
         for (int i = 0; i < NP; ++i) acc[u][i] = _mm512_setzero_si512();
-      for (int64_t j = 0; j < nc; ++j, p += NVT * VB, xk += P) {
+      // One chunk; int8 alternates its two accumulators by chunk (I), a compile-time index: with a run-time
+      // one the compiler kept the accumulators in memory and stored them after every chunk.
+      auto chunk = [&](auto par) LOWBIT_LAMBDA_INLINE {
+        constexpr int I = decltype(par)::value;
         if constexpr (LOWBIT_PF > 0) {
           _mm_prefetch((const char*)(p + LOWBIT_PF), _MM_HINT_T0);
           if constexpr (NVT * VB > 64) _mm_prefetch((const char*)(p + LOWBIT_PF + 64), _MM_HINT_T0);
@@ -322,8 +333,7 @@ void gemv_tile_vnni(const Layout& L, const uint8_t* tile, const int8_t* xq, cons
         for (int u = 0; u < NZ; ++u) {
           const __m512i w = avx512::load_zvec<BITS>(p + u * 2 * VB);
           if constexpr (BITS == 8) {
-            const int i = (int)(j & 1);
-            acc[u][i] = _mm512_dpbusd_epi32(acc[u][i], w, _mm512_set1_epi32(*(const int32_t*)xk));
+            acc[u][I] = _mm512_dpbusd_epi32(acc[u][I], w, _mm512_set1_epi32(*(const int32_t*)xk));
           } else if constexpr (BITS == 4) {
             acc[u][0] = _mm512_dpbusd_epi32(acc[u][0], _mm512_and_si512(w, _mm512_set1_epi8(0x0F)),
                                             _mm512_set1_epi32(*(const int32_t*)xk));
@@ -341,7 +351,16 @@ void gemv_tile_vnni(const Layout& L, const uint8_t* tile, const int8_t* xq, cons
                                               _mm512_set1_epi32(*(const int32_t*)(xk + 4 * i)));
           }
         }
-      }
+        p += NVT * VB;
+        xk += P;
+      };
+      int64_t j = 0;
+      if constexpr (BITS == 8)
+        for (; j + 2 <= nc; j += 2) {
+          chunk(std::integral_constant<int, 0>{});
+          chunk(std::integral_constant<int, 1>{});
+        }
+      for (; j < nc; ++j) chunk(std::integral_constant<int, 0>{});
       c += nc;
       const __m512 s = _mm512_set1_ps(*sb++);
       for (int u = 0; u < NZ; ++u) {
@@ -359,10 +378,19 @@ void gemv_tile_vnni(const Layout& L, const uint8_t* tile, const int8_t* xq, cons
     }
     const __m512 xsg = _mm512_set1_ps(xs[g]);
     for (int u = 0; u < NZ; ++u) {
-      __m512 sc, bz;
-      avx512::load_scales(L, p, u * ZR, sc, bz);
-      tot[u] = _mm512_fmadd_ps(fac[u], sc, tot[u]);
-      tot[u] = _mm512_fmadd_ps(bz, xsg, tot[u]);
+      if (L.sb == 2) {
+        // 16-bit scale and zero point: tot += (fac - zero * xs) * scale, two operations where forming
+        // -scale * zero first takes four (g32 groups spend a tenth of their work here).
+        const uint16_t* h = (const uint16_t*)p;
+        const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(h + u * ZR)));
+        const __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(h + TR + u * ZR)));
+        tot[u] = _mm512_fmadd_ps(_mm512_fnmadd_ps(z, xsg, fac[u]), sc, tot[u]);
+      } else {
+        __m512 sc, bz;
+        avx512::load_scales(L, p, u * ZR, sc, bz);
+        tot[u] = _mm512_fmadd_ps(fac[u], sc, tot[u]);
+        tot[u] = _mm512_fmadd_ps(bz, xsg, tot[u]);
+      }
     }
     p += L.scale_bytes();
   }
